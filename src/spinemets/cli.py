@@ -1,0 +1,185 @@
+"""The ``spinemets`` command: one subcommand per pipeline step, each a thin layer over one function.
+
+The parser only converts arguments; the work is done by the function named in each
+subcommand's help, which the tests and notebooks call directly. Choices (stages, presets,
+profiles) come from the data tables of the modules, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import SpinemetsError
+from .labels import STAGE_NAMES
+
+
+def _call(target: str, **kwargs):
+    module, name = target.rsplit(".", 1)
+    return getattr(importlib.import_module(f"spinemets.{module}"), name)(**kwargs)
+
+
+def _parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
+    result = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpinemetsError(f"{what} {item!r} must look like NAME=VALUE")
+        result[key] = value
+    return result
+
+
+def _cmd_synth(a):
+    path = _call("synth.synthesize_cohort", out_dir=a.out, cases=a.cases, seed=a.seed, preset=a.preset, jobs=a.jobs)
+    print(f"wrote {path}")
+
+
+def _cmd_scan(a):
+    segs = _parse_assignments(a.segmentation, "--segmentation") or None
+    manifest = _call("dataset.scan", root=a.root, out_csv=a.out, image=a.image, segmentations=segs,
+                     holdout=a.holdout)
+    print(f"wrote {a.out}: {manifest['case_id'].nunique()} case(s), {len(manifest)} row(s)")
+
+
+def _cmd_import(a):
+    folder = _call("dataset.import_dataset", manifest=a.manifest, stage=a.stage, raw_dir=a.out,
+                   dataset_id=a.dataset_id, mapping=a.mapping, jobs=a.jobs)
+    print(f"wrote {folder}")
+
+
+def _cmd_evaluate(a):
+    _call("metrics.evaluate_folders", ref_dir=a.ref, pred_dir=a.pred, stage=a.stage, out_dir=a.out,
+          beta=a.beta, match=a.match, jobs=a.jobs)
+    print(f"wrote {Path(a.out) / 'summary.csv'}")
+
+
+def _cmd_train(a):
+    _call("nnunet.train", stage=a.stage, profile=a.profile, configurations=a.configurations, folds=a.folds,
+          device=a.device, workspace=a.workspace)
+
+
+def _cmd_predict(a):
+    _call("inference.predict", input=a.input, out_dir=a.out, profile=a.profile, roi=a.roi,
+          workspace=a.workspace, device=a.device)
+    print(f"wrote {a.out}")
+
+
+def _cmd_run(a):
+    params = {name: value for name, value in (a.parameter or [])}
+    _call("runner.run", profile=a.profile, parameters=params)
+
+
+def _cmd_fetch(a):
+    path = _call("fetch.fetch_record", record=a.record, out_dir=a.out, api_url=a.api_url)
+    print(f"wrote {path}")
+
+
+def _cmd_convert(a):
+    path = _call("dicom.convert", input=a.input, out=a.out, series_uid=a.series_uid)
+    print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spinemets", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"spinemets {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic cohort of CTs and 3D Slicer masks (synth.synthesize_cohort)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--cases", type=int, default=24, help="number of cases (default 24)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; one seed gives byte-identical files")
+    p.add_argument("--preset", default="demo", help="size preset: demo (CPU-sized) or full (clinical size)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel processes")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("scan", help="list the cases of a folder in a manifest CSV (dataset.scan)")
+    p.add_argument("root", type=Path, help="folder holding the cases")
+    p.add_argument("--out", required=True, type=Path, help="manifest CSV to write")
+    p.add_argument("--image", default="{case}/ct.nrrd", help="image path pattern with {case} (default %(default)s)")
+    p.add_argument("--segmentation", action="append", metavar="STAGE=PATTERN",
+                   help="mask pattern per stage, e.g. metastases={case}/metastases.seg.nrrd (repeatable; "
+                        "default: the synthetic layout, both stages)")
+    p.add_argument("--holdout", type=int, default=0, help="mark the last N cases as the test split")
+    p.set_defaults(func=_cmd_scan)
+
+    p = sub.add_parser("import", help="write an nnU-Net raw dataset from a manifest (dataset.import_dataset)")
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--stage", required=True, choices=STAGE_NAMES)
+    p.add_argument("--out", required=True, type=Path, help="nnU-Net raw folder (nnUNet_raw)")
+    p.add_argument("--dataset-id", type=int, default=None, help="nnU-Net dataset id (default: 501 vertebrae, 502 metastases)")
+    p.add_argument("--mapping", type=Path, default=None, help="YAML/JSON file mapping segment names to labels (or null)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel processes")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("evaluate", help="score predictions against references (metrics.evaluate_folders)")
+    p.add_argument("--ref", required=True, type=Path, help="folder of reference label maps")
+    p.add_argument("--pred", required=True, type=Path, help="folder of predicted label maps")
+    p.add_argument("--stage", required=True, choices=STAGE_NAMES)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--beta", type=float, default=2.0, help="F-beta weight of recall (default 2, as the paper)")
+    p.add_argument("--match", choices=("iou", "overlap"), default="iou",
+                   help="lesion matching: IoU > 0.5 (default) or any overlap")
+    p.add_argument("--jobs", type=int, default=1)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("train", help="plan, preprocess and train a stage with nnU-Net (nnunet.train)")
+    p.add_argument("--stage", required=True, choices=STAGE_NAMES)
+    p.add_argument("--profile", default="demo", help="training profile: demo, paper or ci")
+    p.add_argument("--configurations", nargs="+", default=None, help="nnU-Net configurations (default: the profile's)")
+    p.add_argument("--folds", nargs="+", default=None, help="folds, e.g. 0 1 2 3 4 or all (default: the profile's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the profile's")
+    p.add_argument("--workspace", type=Path, default=None, help="workspace folder (default: ./workspace)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="two-stage inference and lesion localization (inference.predict)")
+    p.add_argument("--input", required=True, type=Path, help="a CT file or a folder of CTs")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--profile", default="demo")
+    p.add_argument("--roi", choices=("none", "spine"), default="none",
+                   help="lesion stage on the whole CT (none, as the paper) or on the spine's box (spine)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--workspace", type=Path, default=None)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("run", help="execute the notebooks of a profile with papermill and build the book (runner.run)")
+    p.add_argument("--profile", default="demo", help="demo, paper, ci, or a path to a profile YAML")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="override a notebook parameter (repeatable)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("fetch", help="download a Zenodo record with checksums and resume (fetch.fetch_record)")
+    p.add_argument("--record", required=True, help="Zenodo record id, e.g. 13645871")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--api-url", default="https://zenodo.org/api", help="API base URL (a mirror or test server)")
+    p.set_defaults(func=_cmd_fetch)
+
+    p = sub.add_parser("convert", help="convert a DICOM series, NRRD or NIfTI image (dicom.convert)")
+    p.add_argument("input", type=Path, help="DICOM series folder or image file")
+    p.add_argument("--out", required=True, type=Path, help="output image, e.g. ct.nii.gz")
+    p.add_argument("--series-uid", default=None, help="series to take when the folder holds several")
+    p.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except SpinemetsError as exc:
+        print(f"spinemets: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spinemets: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""From a folder of CTs and 3D Slicer masks to nnU-Net v2 raw datasets.
+
+Two steps, each a plain function behind one command:
+
+* :func:`scan` finds the cases of a folder and writes a **manifest**: one row per case and stage
+  with the columns ``case_id, image, stage, segmentation, split``. File patterns name the case
+  with ``{case}``; the default is the synthetic cohort's layout
+  (``{case}/ct.nrrd``, ``{case}/vertebrae.seg.nrrd``, ``{case}/metastases.seg.nrrd``).
+* :func:`import_dataset` turns the manifest rows of one stage into
+  ``DatasetNNN_Name/imagesTr/{case}_0000.nii.gz``, ``labelsTr/{case}.nii.gz`` and
+  ``dataset.json`` (rows with ``split == "test"`` go to ``imagesTs``/``labelsTs``).
+
+The import is all-or-nothing: cases are converted into a staging folder beside the dataset and
+the finished folder replaces the old one by renaming, so a failure or a killed run leaves the
+previous dataset as it was (a rerun clears what a killed run left). A rerun reuses the files of
+cases whose inputs are unchanged (same SHA-256 of the image, mask, stage and mapping). Sources
+are only read. Empty masks: an error for the vertebra stage (every CT of that dataset must show
+vertebrae); allowed for the metastasis stage (a lesion-free case), and listed as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from tqdm.auto import tqdm
+
+from . import __version__
+from . import labels as labels_mod
+from .errors import SpinemetsError
+from .io import (PARTIAL_PREFIX, check_same_geometry, image_from_array, read_image, remove_partials, write_csv,
+                 write_image, write_json)
+from .slicer import labelmap_from_segmentation
+
+MANIFEST_COLUMNS = ["case_id", "image", "stage", "segmentation", "split"]
+DEFAULT_IMAGE_PATTERN = "{case}/ct.nrrd"
+DEFAULT_SEGMENTATION_PATTERNS = {
+    "vertebrae": "{case}/vertebrae.seg.nrrd",
+    "metastases": "{case}/metastases.seg.nrrd",
+}
+IMPORT_RECORD = ".spinemets-import.json"
+#: Bumped when the conversion changes, so that a rerun converts every case again.
+IMPORT_FORMAT = 1
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _pattern_regex(pattern: str) -> tuple[str, re.Pattern]:
+    if pattern.count("{case}") != 1:
+        raise SpinemetsError(f"file pattern {pattern!r} must contain {{case}} exactly once")
+    glob = pattern.replace("{case}", "*")
+    parts = [re.escape(p).replace(r"\*", "[^/]*").replace(r"\?", "[^/]") for p in pattern.split("{case}")]
+    return glob, re.compile("^" + "(?P<case>[^/]+)".join(parts) + "$")
+
+
+def _find(root: Path, pattern: str) -> dict[str, Path]:
+    glob, regex = _pattern_regex(pattern)
+    found: dict[str, Path] = {}
+    for path in sorted(root.glob(glob)):
+        match = regex.match(path.relative_to(root).as_posix())
+        if not match or PARTIAL_PREFIX in path.name:
+            continue
+        case = match.group("case")
+        if case in found:
+            raise SpinemetsError(f"duplicate case ID {case!r}: {found[case]} and {path} (pattern {pattern!r})")
+        found[case] = path
+    return found
+
+
+def scan(
+    root: str | Path,
+    out_csv: str | Path | None = None,
+    image: str = DEFAULT_IMAGE_PATTERN,
+    segmentations: Mapping[str, str] | None = None,
+    holdout: int = 0,
+) -> pd.DataFrame:
+    """Build the manifest of a folder; write it to ``out_csv`` when given.
+
+    ``image`` and each of ``segmentations`` (stage -> pattern) are paths relative to ``root``
+    with ``{case}`` where the case ID stands and optional ``*`` wildcards. ``holdout`` marks the
+    last N case IDs (sorted) as ``split = test``. A mask without its image, a case ID matched twice
+    and a folder without any image are errors.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise SpinemetsError(f"{root}: folder not found")
+    segmentations = dict(DEFAULT_SEGMENTATION_PATTERNS if segmentations is None else segmentations)
+    for stage in segmentations:
+        labels_mod.labels(stage)  # unknown stage -> clear error
+    images = _find(root, image)
+    if not images:
+        raise SpinemetsError(f"{root}: no image matches {image!r}")
+    bad_ids = [c for c in images if not _CASE_ID.match(c)]
+    if bad_ids:
+        raise SpinemetsError(f"{root}: case IDs must be letters, digits, '.', '_' or '-': {bad_ids[:5]}")
+    cases = sorted(images)
+    if not 0 <= holdout < len(cases):
+        raise SpinemetsError(f"holdout {holdout} must be between 0 and {len(cases) - 1} (the folder has {len(cases)} cases)")
+    test_cases = set(cases[len(cases) - holdout:]) if holdout else set()
+    rows = []
+    for stage, pattern in segmentations.items():
+        masks = _find(root, pattern)
+        orphans = sorted(set(masks) - set(images))
+        if orphans:
+            raise SpinemetsError(f"{masks[orphans[0]]}: mask has no image matching {image!r} (case {orphans[0]!r})")
+        for case in cases:
+            if case in masks:
+                rows.append({"case_id": case, "image": str(images[case].resolve()), "stage": stage,
+                             "segmentation": str(masks[case].resolve()),
+                             "split": "test" if case in test_cases else "train"})
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    if out_csv is not None:
+        write_csv(out_csv, manifest.to_dict("records"), MANIFEST_COLUMNS)
+    return manifest
+
+
+def read_manifest(manifest: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """A manifest as a DataFrame, checked for its columns."""
+    if isinstance(manifest, pd.DataFrame):
+        frame, source = manifest.copy(), "manifest"
+    else:
+        source = str(manifest)
+        try:
+            frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        except FileNotFoundError:
+            raise SpinemetsError(f"{manifest}: manifest not found") from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise SpinemetsError(f"{manifest}: not a readable CSV manifest ({exc})") from None
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns and c != "split"]
+    if missing:
+        raise SpinemetsError(f"{source}: manifest lacks column(s) {missing}; expected {MANIFEST_COLUMNS}")
+    if "split" not in frame.columns:
+        frame["split"] = "train"
+    bad_split = sorted(set(frame["split"]) - {"train", "test"})
+    if bad_split:
+        raise SpinemetsError(f"{source}: split must be 'train' or 'test', found {bad_split}")
+    return frame
+
+
+def dataset_folder_name(stage: str, dataset_id: int) -> str:
+    if not 1 <= int(dataset_id) <= 999:
+        raise SpinemetsError(f"dataset id {dataset_id} must be between 1 and 999")
+    return f"Dataset{int(dataset_id):03d}_{labels_mod.STAGES[stage]['dataset_name']}"
+
+
+def _sha256(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _case_key(task: dict) -> str:
+    parts = [f"format={IMPORT_FORMAT}", f"stage={task['stage']}",
+             "mapping=" + json.dumps(task["mapping"], sort_keys=True),
+             _sha256(Path(task["image"])), _sha256(Path(task["segmentation"]))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _outputs(case: str, split: str) -> tuple[str, str]:
+    images, labels = ("imagesTs", "labelsTs") if split == "test" else ("imagesTr", "labelsTr")
+    return f"{images}/{case}_0000.nii.gz", f"{labels}/{case}.nii.gz"
+
+
+def _import_case(task: dict) -> dict:
+    """Convert one case into the staging folder (or reuse the previous files); return its record."""
+    case, staging = task["case_id"], Path(task["staging"])
+    image_rel, label_rel = _outputs(case, task["split"])
+    key = _case_key(task)
+    previous = task.get("previous")
+    if previous and previous.get("key") == key and previous.get("split") == task["split"]:
+        old = Path(task["existing"])
+        if (old / image_rel).exists() and (old / label_rel).exists():
+            for rel in (image_rel, label_rel):
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(old / rel, staging / rel)
+            return {**previous, "reused": True}
+    ct = read_image(task["image"], "CT")
+    labelmap, report = read_mask(task["segmentation"], ct, task["stage"], task["mapping"], ct_path=task["image"])
+    voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(labelmap)))
+    if voxels == 0 and task["stage"] == "vertebrae":
+        raise SpinemetsError(
+            f"{task['segmentation']}: mask is empty after mapping its segments; "
+            "every CT of the vertebra dataset must show vertebrae"
+        )
+    write_image(ct, staging / image_rel)
+    write_image(labelmap, staging / label_rel)
+    present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labelmap)) if v)
+    return {"case_id": case, "split": task["split"], "key": key, "labels": present,
+            "empty": voxels == 0, "ignored_segments": report["ignored"],
+            "contested_voxels": report["contested_voxels"], "reused": False}
+
+
+def read_mask(path, ct: sitk.Image, stage: str, mapping=None, ct_path="the CT") -> tuple[sitk.Image, dict]:
+    """A mask on the CT's grid as a label map of ``stage``, with the report of what was mapped.
+
+    ``.seg.nrrd`` files go through :func:`spinemets.slicer.labelmap_from_segmentation`; any
+    other image is a label map on the CT's grid, whose values are translated by
+    :func:`spinemets.labels.map_label_values` (e.g. ``mapping="totalsegmentator"``).
+    """
+    if str(path).endswith(".seg.nrrd"):
+        return labelmap_from_segmentation(path, ct, stage, mapping, ct_path=ct_path)
+    mask = read_image(path, "mask")
+    check_same_geometry(ct, mask, ct_path, path)
+    values = sitk.GetArrayFromImage(mask)
+    if not np.issubdtype(values.dtype, np.integer):
+        if not np.array_equal(values, np.round(values)):
+            raise SpinemetsError(f"{path}: mask holds non-integer values; expected a label map")
+        values = values.astype(np.int64)
+    if values.min() < 0:
+        raise SpinemetsError(f"{path}: mask holds negative values; expected a label map")
+    present = [int(v) for v in np.unique(values) if v != 0]
+    table = labels_mod.map_label_values(present, stage, mapping, str(path))
+    lut = np.zeros(max(present, default=0) + 1, dtype=np.uint8)
+    for value, label in table.items():
+        lut[value] = label
+    labelmap = image_from_array(lut[values], ct)
+    report = {"segments": [{"name": str(v), "label": table[v]} for v in present if table[v]],
+              "ignored": [str(v) for v in present if not table[v]], "contested_voxels": 0}
+    return labelmap, report
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def import_dataset(
+    manifest: str | Path | pd.DataFrame,
+    stage: str,
+    raw_dir: str | Path,
+    dataset_id: int | None = None,
+    mapping: str | Path | Mapping[str, str | None] | None = None,
+    jobs: int = 1,
+) -> Path:
+    """Write the nnU-Net raw dataset of ``stage`` from the manifest; return its folder."""
+    labels_mod.labels(stage)
+    frame = read_manifest(manifest)
+    frame = frame[frame["stage"] == stage]
+    source = "manifest" if isinstance(manifest, pd.DataFrame) else str(manifest)
+    if frame.empty:
+        raise SpinemetsError(f"{source}: no rows for the {stage} stage")
+    duplicated = sorted(frame.loc[frame["case_id"].duplicated(), "case_id"].unique())
+    if duplicated:
+        raise SpinemetsError(f"{source}: duplicate case ID(s) for the {stage} stage: {duplicated}")
+    for column in ("image", "segmentation"):
+        for path in frame[column]:
+            if not Path(path).exists():
+                raise SpinemetsError(f"{path}: {column} file listed in {source} not found")
+    mapping_dict = labels_mod.load_mapping(mapping)
+    dataset_id = labels_mod.STAGES[stage]["dataset_id"] if dataset_id is None else int(dataset_id)
+    raw_dir = Path(raw_dir)
+    name = dataset_folder_name(stage, dataset_id)
+    final = raw_dir / name
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    remove_partials(raw_dir)
+    previous_cases = _read_record(final).get("cases", {})
+    staging = raw_dir / f"{PARTIAL_PREFIX}{name}"
+    for sub in ("imagesTr", "labelsTr"):
+        (staging / sub).mkdir(parents=True)
+    if (frame["split"] == "test").any():
+        for sub in ("imagesTs", "labelsTs"):
+            (staging / sub).mkdir(parents=True)
+
+    tasks = [{"case_id": r.case_id, "image": r.image, "segmentation": r.segmentation, "split": r.split,
+              "stage": stage, "mapping": mapping_dict, "staging": str(staging), "existing": str(final),
+              "previous": previous_cases.get(r.case_id)} for r in frame.itertuples()]
+    try:
+        records = _run_tasks(tasks, jobs, f"import {stage}")
+        n_train = int((frame["split"] == "train").sum())
+        write_json(staging / "dataset.json", {
+            "channel_names": {"0": "CT"},
+            "labels": labels_mod.dataset_json_labels(stage),
+            "numTraining": n_train,
+            "file_ending": ".nii.gz",
+            "name": name,
+            "description": f"spinemets {stage} stage, imported from 3D Slicer segmentations",
+        })
+        write_json(staging / IMPORT_RECORD, {
+            "spinemets_version": __version__, "format": IMPORT_FORMAT, "stage": stage,
+            "mapping": mapping_dict,
+            "cases": {r["case_id"]: {k: v for k, v in r.items() if k != "reused"} for r in records},
+        })
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_into_place(staging, final)
+    return final
+
+
+def _run_tasks(tasks: list[dict], jobs: int, what: str) -> list[dict]:
+    """Run :func:`_import_case` over the tasks (in processes when ``jobs > 1``); gather every error."""
+    errors: list[str] = []
+    records: list[dict] = []
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks))) if jobs > 1 and len(tasks) > 1 else None
+    try:
+        calls = [pool.submit(_import_case, t).result if pool else (lambda t=t: _import_case(t)) for t in tasks]
+        for call in tqdm(calls, desc=what, unit="case"):
+            try:
+                records.append(call())
+            except SpinemetsError as exc:
+                errors.append(str(exc))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    if errors:
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise SpinemetsError(f"{len(errors)} case(s) could not be imported; nothing was written:\n  "
+                             + "\n  ".join(errors[:5]) + more)
+    return sorted(records, key=lambda r: r["case_id"])
+
+
+def _read_record(folder: Path) -> dict:
+    try:
+        return json.loads((folder / IMPORT_RECORD).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    """Replace ``final`` with ``staging`` by renames; the old folder is removed after."""
+    old = final.with_name(f"{PARTIAL_PREFIX}old-{final.name}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(old)

@@ -1,0 +1,241 @@
+"""Label tables of the two stages, kept as plain data.
+
+Everything that names or colours a label (``dataset.json``, 3D Slicer segment names and
+colours, figure legends, command-line choices) comes from the tables here, so they cannot drift.
+
+Vertebra stage: 0 background, 1-25 = C1...C7, T1...T12, L1...L5, Sacrum, in cranio-caudal order.
+Metastasis stage: 0 background, 1 lytic, 2 sclerotic.
+
+Segment names found in real files vary (``L5``, ``vertebrae_L5``, ``Vertebra L5``,
+``osteolytic``, ``blastic`` ...). :func:`resolve_segment_name` maps them to our labels,
+case-insensitively, and a user mapping file (YAML or JSON, ``{segment name: label name or
+null}``) adds names or tells the importer to ignore a segment.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping
+
+import yaml
+
+from .errors import SpinemetsError
+
+VERTEBRAE: tuple[str, ...] = (
+    *(f"C{i}" for i in range(1, 8)),
+    *(f"T{i}" for i in range(1, 13)),
+    *(f"L{i}" for i in range(1, 6)),
+    "Sacrum",
+)
+LESION_TYPES: tuple[str, ...] = ("lytic", "sclerotic")
+
+#: The two stages: nnU-Net dataset name, default dataset id, and label name -> value.
+STAGES: dict[str, dict] = {
+    "vertebrae": {
+        "dataset_name": "Vertebrae",
+        "dataset_id": 501,
+        "labels": {"background": 0, **{name: i + 1 for i, name in enumerate(VERTEBRAE)}},
+    },
+    "metastases": {
+        "dataset_name": "Metastases",
+        "dataset_id": 502,
+        "labels": {"background": 0, "lytic": 1, "sclerotic": 2},
+    },
+}
+STAGE_NAMES: tuple[str, ...] = tuple(STAGES)
+
+#: Spine regions by vertebra, used for colours, figures and the SINS location component.
+REGION_OF_VERTEBRA: dict[str, str] = {
+    name: {"C": "cervical", "T": "thoracic", "L": "lumbar"}.get(name[0], "sacral") for name in VERTEBRAE
+}
+
+#: Base colours (RGB 0-1) of the regions; vertebrae alternate light and dark within a region so
+#: that neighbours stay apart in overlays and in 3D Slicer.
+_REGION_COLOURS = {
+    "cervical": (0.40, 0.76, 0.65),
+    "thoracic": (0.99, 0.55, 0.38),
+    "lumbar": (0.55, 0.63, 0.80),
+    "sacral": (0.91, 0.54, 0.76),
+}
+LESION_COLOURS = {"lytic": (0.89, 0.10, 0.11), "sclerotic": (0.22, 0.49, 0.72)}
+
+#: TotalSegmentator "total" task label -> our vertebra label (its 26 vertebrae_S1 joins the sacrum).
+TOTALSEGMENTATOR_TOTAL_TO_VERTEBRAE: dict[int, int] = {
+    25: STAGES["vertebrae"]["labels"]["Sacrum"],
+    26: STAGES["vertebrae"]["labels"]["Sacrum"],
+    **{ts: 51 - ts for ts in range(27, 51)},  # 27 L5 ... 31 L1, 32 T12 ... 43 T1, 44 C7 ... 50 C1
+}
+
+
+def _check_stage(stage: str) -> dict:
+    if stage not in STAGES:
+        raise SpinemetsError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_NAMES)}")
+    return STAGES[stage]
+
+
+def labels(stage: str) -> dict[str, int]:
+    """Label name -> value of a stage, background included."""
+    return dict(_check_stage(stage)["labels"])
+
+
+def foreground_labels(stage: str) -> dict[str, int]:
+    """Label name -> value of a stage, without background."""
+    return {k: v for k, v in labels(stage).items() if v != 0}
+
+
+def label_names(stage: str) -> dict[int, str]:
+    """Label value -> name of a stage, background included."""
+    return {v: k for k, v in labels(stage).items()}
+
+
+def colour(stage: str, name: str) -> tuple[float, float, float]:
+    """Display colour (RGB in 0-1) of a foreground label."""
+    _check_stage(stage)
+    if stage == "metastases":
+        return LESION_COLOURS[name]
+    base = _REGION_COLOURS[REGION_OF_VERTEBRA[name]]
+    shade = 0.82 if VERTEBRAE.index(name) % 2 else 1.0
+    return tuple(round(c * shade, 4) for c in base)
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
+def _builtin_aliases(stage: str) -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    if stage == "vertebrae":
+        for name in VERTEBRAE:
+            key = name.lower()
+            forms = [key, f"vertebra {key}", f"vertebrae {key}", f"{key} vertebra", f"{key} vertebral body"]
+            if name == "Sacrum":
+                forms += ["s1", "vertebrae s1", "vertebra s1", "os sacrum"]
+            for form in forms:
+                aliases[form] = name
+    else:
+        for form in ["lytic", "osteolytic", "lysis", "lytic lesion", "lytic metastasis", "osteolytic metastasis",
+                     "osteolytic lesion", "lytic metastases"]:
+            aliases[form] = "lytic"
+        for form in ["sclerotic", "blastic", "osteoblastic", "osteosclerotic", "sclerotic lesion",
+                     "sclerotic metastasis", "blastic metastasis", "osteoblastic metastasis", "osteoblastic lesion",
+                     "sclerotic metastases"]:
+            aliases[form] = "sclerotic"
+    return aliases
+
+
+def read_mapping_file(path: str | Path) -> dict[str | int, str | None]:
+    """Read a user mapping file: ``{segment name or label value: label name, or null to ignore}``.
+
+    YAML and JSON are accepted (JSON is YAML). Names serve 3D Slicer segmentations, integer
+    keys serve plain label-map files (NIfTI/NRRD). Example for the segments of a Slicer file::
+
+        "overlapping sphere": lytic
+        ribs: null
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpinemetsError(f"{path}: mapping file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SpinemetsError(f"{path}: mapping file is not valid YAML/JSON ({exc})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, (str, int)) for k in data):
+        raise SpinemetsError(f"{path}: mapping file must map segment names or label values to label names or null")
+    for key, value in data.items():
+        if value is not None and not isinstance(value, str):
+            raise SpinemetsError(f"{path}: {key!r} maps to {value!r}; expected a label name or null")
+    return data
+
+
+#: Mappings known by name (``--mapping totalsegmentator``).
+NAMED_MAPPINGS: dict[str, dict[int, str]] = {
+    "totalsegmentator": {ts: VERTEBRAE[ours - 1] for ts, ours in TOTALSEGMENTATOR_TOTAL_TO_VERTEBRAE.items()},
+}
+
+
+def resolve_segment_name(name: str, stage: str, mapping: Mapping[str, str | None] | None = None) -> int | None:
+    """Label value of a segment name, or ``None`` when the mapping says to ignore it.
+
+    The user mapping is tried first (exact names, then case-insensitively), then the built-in
+    aliases. Raises :class:`KeyError` for a name that matches nothing; callers collect the
+    unknown names of a file and report them together (see :func:`resolve_segment_names`).
+    """
+    table = labels(stage)
+    if mapping:
+        normalised_mapping = {_normalise(k): v for k, v in mapping.items() if isinstance(k, str)}
+        for key, source in ((name, mapping), (_normalise(name), normalised_mapping)):
+            if key in source:
+                target = source[key]
+                if target is None:
+                    return None
+                return _label_of(target, stage, table, f"mapping of segment {name!r}")
+    alias = _builtin_aliases(stage).get(_normalise(name))
+    if alias is None:
+        raise KeyError(name)
+    return table[alias]
+
+
+def _label_of(target: str, stage: str, table: dict[str, int], what: str) -> int:
+    alias = _builtin_aliases(stage).get(_normalise(target))
+    if alias is None:
+        raise SpinemetsError(
+            f"{what}: {target!r} is not a label of the {stage} stage; known: {', '.join(foreground_labels(stage))}"
+        )
+    return table[alias]
+
+
+def resolve_segment_names(
+    names: list[str], stage: str, mapping: Mapping[str, str | None] | None = None, source: str = "segmentation"
+) -> dict[str, int | None]:
+    """Resolve every segment name of one file; unknown names are reported together, with the known ones."""
+    resolved, unknown = {}, []
+    for name in names:
+        try:
+            resolved[name] = resolve_segment_name(name, stage, mapping)
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        raise SpinemetsError(
+            f"{source}: unknown segment name(s) {', '.join(repr(n) for n in unknown)} for the {stage} stage; "
+            f"known names: {', '.join(foreground_labels(stage))} (and aliases such as "
+            f"{'vertebrae_L1, Vertebra L1' if stage == 'vertebrae' else 'osteolytic, blastic'}); "
+            "add the names to a mapping file (--mapping) to import them or ignore them"
+        )
+    return resolved
+
+
+def dataset_json_labels(stage: str) -> dict[str, int]:
+    """The ``labels`` entry of nnU-Net's ``dataset.json`` for a stage."""
+    return labels(stage)
+
+
+def load_mapping(mapping) -> dict | None:
+    """A mapping given as a dict, the name of a built-in mapping, a path to a mapping file, or nothing."""
+    if mapping is None or isinstance(mapping, Mapping):
+        return dict(mapping) if mapping else None
+    if str(mapping) in NAMED_MAPPINGS:
+        return dict(NAMED_MAPPINGS[str(mapping)])
+    return read_mapping_file(mapping)
+
+
+def map_label_values(values, stage: str, mapping: Mapping | None, source: str) -> dict[int, int]:
+    """Value in a label-map file -> our label value (0 to ignore), for the values present.
+
+    Without a mapping the values must already be labels of the stage. With one, integer keys
+    name the file's values; values the mapping leaves out are ignored (set to background).
+    """
+    table = labels(stage)
+    result = {}
+    if not mapping:
+        unknown = sorted(int(v) for v in values if int(v) not in table.values())
+        if unknown:
+            raise SpinemetsError(
+                f"{source}: label values {unknown} are not labels of the {stage} stage "
+                f"(0-{max(table.values())}); give a mapping (--mapping) to translate them"
+            )
+        return {int(v): int(v) for v in values}
+    for value in values:
+        target = mapping.get(int(value), mapping.get(str(int(value))))
+        result[int(value)] = 0 if target is None else _label_of(target, stage, table, f"{source}: value {value}")
+    return result

@@ -1,0 +1,201 @@
+"""3D Slicer segmentation files (``.seg.nrrd``) to and from label maps on the CT's voxel grid.
+
+Reading and writing the files is slicerio's; this module places them on the CT grid and maps
+segment names to the labels of a stage (:mod:`spinemets.labels`).
+
+Import rules (documented in the book's data chapter):
+
+* **Placement.** 3D Slicer crops a segmentation to the extent of its segments when it saves it,
+  so its grid is usually a sub-block of the CT's. Voxels are placed by physical (LPS)
+  coordinates: the segmentation grid must have the CT's spacing and axis directions and sit on
+  the CT's lattice (an integer voxel offset). Anything else, and any segment voxel outside the
+  CT, is an error naming the file; nothing is resampled silently.
+* **Layers.** Overlapping segments are stored in several layers (a 4-D voxel array); a segment
+  is identified by its (layer, label value), never by the voxel value alone.
+* **Overlaps.** Where segments of different labels overlap, the *smaller* segment (fewer voxels)
+  wins, so a lesion or a small vertebra drawn over a larger structure keeps its voxels; on equal
+  size the higher label value wins. Segments that map to the same label are merged. The number
+  of contested voxels is reported.
+* **Names.** Segment names are resolved through :func:`spinemets.labels.resolve_segment_names`
+  (built-in aliases plus an optional user mapping, which may also ignore segments). Unknown
+  names are an error that lists them and the known names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import SimpleITK as sitk
+import slicerio
+
+from . import labels as labels_mod
+from .errors import SpinemetsError
+from .io import atomic_path, ijk_to_lps, image_from_array
+
+_TOL_MATRIX = 1e-3  # relative tolerance of spacing/direction agreement
+_TOL_OFFSET = 1e-2  # voxels: how far from the CT lattice a grid may sit
+
+
+def read_slicer_segmentation(path: str | Path) -> dict:
+    """slicerio's dict of a ``.seg.nrrd`` file, with a clear error when the file is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise SpinemetsError(f"{path}: segmentation file not found")
+    try:
+        seg = slicerio.read_segmentation(str(path))
+    except Exception as exc:  # pynrrd and slicerio raise several types for damaged files
+        raise SpinemetsError(
+            f"{path}: cannot read 3D Slicer segmentation (truncated, corrupt or not a .seg.nrrd): {exc}"
+        ) from None
+    voxels = seg.get("voxels")
+    if voxels is None or voxels.ndim not in (3, 4):
+        raise SpinemetsError(f"{path}: segmentation voxels must be 3-D, or 4-D with layers first")
+    return seg
+
+
+def segment_masks(seg: dict) -> list[tuple[dict, np.ndarray]]:
+    """(segment, boolean IJK mask) for each segment of a slicerio segmentation, by (layer, labelValue)."""
+    return [(segment, slicerio.segment_mask(seg, segment["id"])) for segment in seg["segments"]]
+
+
+def _grid_offset(seg_matrix: np.ndarray, ct: sitk.Image, path: Path, ct_path) -> np.ndarray:
+    """Integer IJK offset of the segmentation grid in the CT grid, or an error saying what differs."""
+    ct_matrix = ijk_to_lps(ct)
+    seg_axes, ct_axes = seg_matrix[:3, :3], ct_matrix[:3, :3]
+    seg_spacing, ct_spacing = np.linalg.norm(seg_axes, axis=0), np.linalg.norm(ct_axes, axis=0)
+    if not np.allclose(seg_spacing, ct_spacing, rtol=_TOL_MATRIX, atol=0):
+        raise SpinemetsError(
+            f"{path}: voxel spacing {np.round(seg_spacing, 4).tolist()} differs from the CT {ct_path} "
+            f"({np.round(ct_spacing, 4).tolist()}); the mask must be on the CT's voxel grid"
+        )
+    if not np.allclose(seg_axes / seg_spacing, ct_axes / ct_spacing, atol=_TOL_MATRIX):
+        raise SpinemetsError(
+            f"{path}: axis directions differ from the CT {ct_path}; the mask must be on the CT's voxel grid"
+        )
+    offset = np.linalg.solve(ct_axes, seg_matrix[:3, 3] - ct_matrix[:3, 3])
+    rounded = np.round(offset)
+    if not np.allclose(offset, rounded, atol=_TOL_OFFSET):
+        raise SpinemetsError(
+            f"{path}: origin lies between CT voxels (offset {np.round(offset, 3).tolist()} voxels from {ct_path}); "
+            "the mask must be on the CT's voxel grid"
+        )
+    return rounded.astype(int)
+
+
+def labelmap_from_segmentation(
+    path: str | Path,
+    ct: sitk.Image,
+    stage: str,
+    mapping: Mapping[str, str | None] | None = None,
+    ct_path: str | Path = "the CT",
+) -> tuple[sitk.Image, dict]:
+    """Import a ``.seg.nrrd`` as a label map (uint8) on the grid of ``ct``.
+
+    Returns the label map and a report: ``segments`` (name, label, voxels), ``ignored`` (names
+    the mapping ignores) and ``contested_voxels`` (voxels claimed by segments of different labels).
+    """
+    path = Path(path)
+    seg = read_slicer_segmentation(path)
+    names = [s.get("name", s["id"]) for s in seg["segments"]]
+    resolved = labels_mod.resolve_segment_names(names, stage, mapping, source=str(path))
+    offset = _grid_offset(np.asarray(seg["ijkToLPS"], dtype=float), ct, path, ct_path)
+    ct_size = np.array(ct.GetSize())  # i, j, k
+
+    per_label: dict[int, np.ndarray] = {}
+    report = {"segments": [], "ignored": [], "contested_voxels": 0}
+    for (segment, mask), name in zip(segment_masks(seg), names):
+        label = resolved[name]
+        if label is None:
+            report["ignored"].append(name)
+            continue
+        report["segments"].append({"name": name, "label": int(label), "voxels": int(mask.sum())})
+        per_label[label] = per_label[label] | mask if label in per_label else mask
+
+    labelmap = np.zeros(tuple(ct_size[::-1]), dtype=np.uint8)  # k, j, i
+    if per_label:
+        union = np.logical_or.reduce(list(per_label.values()))
+        if union.any():
+            lo = np.array([ax.min() for ax in np.nonzero(union)]) + offset
+            hi = np.array([ax.max() for ax in np.nonzero(union)]) + offset
+            if (lo < 0).any() or (hi >= ct_size).any():
+                raise SpinemetsError(
+                    f"{path}: segments reach voxels {lo.tolist()}..{hi.tolist()}, outside the CT {ct_path} "
+                    f"(size {ct_size.tolist()}); the mask does not belong to this CT"
+                )
+        coverage = np.sum([m.astype(np.uint8) for m in per_label.values()], axis=0)
+        report["contested_voxels"] = int((coverage > 1).sum())
+        # Paint large segments first so that the smallest wins; equal sizes: the higher label last.
+        order = sorted(per_label, key=lambda lab: (-int(per_label[lab].sum()), lab))
+        shape = np.array(union.shape)
+        target = np.zeros(tuple(ct_size), dtype=np.uint8)  # i, j, k
+        window = _clip_window(offset, shape, ct_size)
+        for lab in order:
+            mask = per_label[lab][window[1]]
+            target[window[0]][mask] = lab
+        labelmap = np.ascontiguousarray(target.transpose(2, 1, 0))
+    return image_from_array(labelmap, ct), report
+
+
+def _clip_window(offset: np.ndarray, shape: np.ndarray, ct_size: np.ndarray):
+    """Slices of the CT grid and of the segmentation grid where the two overlap."""
+    start = np.maximum(offset, 0)
+    stop = np.minimum(offset + shape, ct_size)
+    ct_slices = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    seg_slices = tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(start, stop, offset))
+    return ct_slices, seg_slices
+
+
+def write_segments(
+    path: str | Path,
+    reference: sitk.Image,
+    segments: list[dict],
+    crop: bool = True,
+) -> Path:
+    """Write named segments as a 3D Slicer ``.seg.nrrd`` on the grid of ``reference``.
+
+    Each item of ``segments`` holds ``name``, ``mask`` (bool, z-y-x like SimpleITK arrays) and
+    optionally ``color`` (RGB 0-1) and ``id``. Overlapping segments go to further layers, as
+    3D Slicer stores them. With ``crop`` (Slicer's default) the grid is cropped to the union of
+    the segments' extents and ``referenceImageExtentOffset`` records where it sits.
+    """
+    masks = [np.asarray(s["mask"], dtype=bool).transpose(2, 1, 0) for s in segments]  # to i, j, k
+    matrix = ijk_to_lps(reference)
+    size = np.array(reference.GetSize())
+    lo, hi = np.zeros(3, dtype=int), size - 1
+    union = np.logical_or.reduce(masks) if masks else np.zeros(tuple(size), dtype=bool)
+    if crop and union.any():
+        nz = np.nonzero(union)
+        lo = np.array([ax.min() for ax in nz])
+        hi = np.array([ax.max() for ax in nz])
+    window = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+    cropped_matrix = matrix.copy()
+    cropped_matrix[:3, 3] = (matrix @ np.append(lo, 1.0))[:3]
+    seg = slicerio.create_segmentation(hi - lo + 1, cropped_matrix)
+    for index, (item, mask) in enumerate(zip(segments, masks)):
+        fields = {"id": item.get("id", f"Segment_{index + 1}"), "name": item["name"]}
+        if "color" in item:
+            fields["color"] = [float(c) for c in item["color"]]
+        slicerio.add_segment(seg, mask[window], fields)
+    seg["referenceImageExtentOffset"] = [int(v) for v in lo]
+    seg["masterRepresentation"] = "Binary labelmap"
+    seg["containedRepresentationNames"] = ["Binary labelmap"]
+    with atomic_path(path) as tmp:
+        slicerio.write_segmentation(str(tmp), seg)
+    return Path(path)
+
+
+def segmentation_from_labelmap(labelmap: sitk.Image, path: str | Path, stage: str, crop: bool = True) -> Path:
+    """Write a label map of ``stage`` as a ``.seg.nrrd`` with one named, coloured segment per present label."""
+    array = sitk.GetArrayViewFromImage(labelmap)
+    names = labels_mod.label_names(stage)
+    unknown = sorted(set(np.unique(array).tolist()) - set(names))
+    if unknown:
+        raise SpinemetsError(f"{path}: label values {unknown} are not labels of the {stage} stage")
+    segments = []
+    for value in sorted(set(np.unique(array).tolist()) - {0}):
+        name = names[value]
+        segments.append({"id": f"{stage}_{name}", "name": name, "mask": array == value,
+                         "color": labels_mod.colour(stage, name)})
+    return write_segments(path, labelmap, segments, crop=crop)

@@ -1,0 +1,85 @@
+"""Shared fixtures: paths to the real test data, and a small case builder (CT + 3D Slicer masks)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from spinemets import labels
+from spinemets.slicer import write_segments
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def totalseg_dir() -> Path:
+    """Real CT and two TotalSegmentator segmentations of it (Apache-2.0), beside the checkout."""
+    folder = SHARED_DATA / "totalsegmentator"
+    if not (folder / "example_ct_sm.nii.gz").exists():
+        pytest.skip(f"real test data not found at {folder} (the shared/ folder beside the checkout)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def slicerio_data() -> Path:
+    """The real 3D Slicer files shipped in the slicerio wheel."""
+    return Path(os.path.dirname(slicerio.__file__)) / "data"
+
+
+def make_ct(shape=(24, 20, 16), spacing=(1.5, 1.2, 2.5), origin=(-10.0, 20.0, -300.0), seed=0) -> sitk.Image:
+    """A small int16 CT-like image; ``shape`` is (x, y, z) like SimpleITK sizes."""
+    rng = np.random.default_rng(seed)
+    array = rng.normal(40, 20, size=shape[::-1]).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    return image
+
+
+def vertebra_labelmap(ct: sitk.Image, names=("T12", "L1", "L2")) -> np.ndarray:
+    """Stacked boxes, one per vertebra, cranial at high z (LPS: z grows toward the head)."""
+    nz = ct.GetSize()[2]
+    lab = np.zeros(ct.GetSize()[::-1], dtype=np.uint8)
+    height = nz // len(names)
+    for i, name in enumerate(names):
+        z1 = nz - i * height
+        lab[z1 - height + 1 : z1 - 1, 5:15, 6:18] = labels.STAGES["vertebrae"]["labels"][name]
+    return lab
+
+
+def write_case(folder: Path, ct: sitk.Image, vert: np.ndarray, lesions: list[tuple[str, np.ndarray]]) -> Path:
+    """Write ct.nrrd, vertebrae.seg.nrrd and metastases.seg.nrrd the way the synthetic cohort lays them out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(ct, str(folder / "ct.nrrd"), True)
+    names = labels.label_names("vertebrae")
+    segs = [{"name": names[v], "mask": vert == v, "color": labels.colour("vertebrae", names[v])}
+            for v in sorted(set(np.unique(vert).tolist()) - {0})]
+    write_segments(folder / "vertebrae.seg.nrrd", ct, segs)
+    write_segments(folder / "metastases.seg.nrrd", ct, [{"name": n, "mask": m} for n, m in lesions])
+    return folder
+
+
+@pytest.fixture
+def small_cohort(tmp_path) -> Path:
+    """Three small cases in the synthetic layout; case_002 has no lesion, case_003 has overlapping lesions."""
+    root = tmp_path / "cohort"
+    for index in range(1, 4):
+        ct = make_ct(seed=index)
+        vert = vertebra_labelmap(ct)
+        lesions = []
+        if index != 2:
+            lytic = np.zeros_like(vert, dtype=bool)
+            lytic[3:6, 8:11, 8:12] = True
+            lesions.append(("Lytic", lytic))
+        if index == 3:
+            blastic = np.zeros_like(vert, dtype=bool)
+            blastic[5:7, 9:12, 10:14] = True  # overlaps the lytic lesion: a second layer
+            lesions.append(("blastic", blastic))
+        write_case(root / f"case_{index:03d}", ct, vert, lesions)
+    return root
