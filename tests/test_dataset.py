@@ -163,6 +163,19 @@ def _break(small_cohort, how):
         write_case(case, ct, vertebra_labelmap(ct), [])
         sitk.WriteImage(make_ct(seed=2), str(case / "ct.nrrd"), True)
         return case / "vertebrae.seg.nrrd", "voxel spacing"
+    if how == "mask outside the CT":
+        ct = make_ct(seed=2)
+        moved = make_ct(seed=2, origin=(-10.0, 20.0, -300.0 + 2.5 * 10))
+        write_case(case, moved, vertebra_labelmap(moved), [])
+        sitk.WriteImage(ct, str(case / "ct.nrrd"), True)
+        return case / "vertebrae.seg.nrrd", "outside the CT"
+    if how == "different direction":
+        ct = make_ct(seed=2)
+        turned = make_ct(seed=2)
+        turned.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+        write_case(case, turned, vertebra_labelmap(turned), [])
+        sitk.WriteImage(ct, str(case / "ct.nrrd"), True)
+        return case / "vertebrae.seg.nrrd", "axis directions differ"
     if how == "unknown segment names":
         ct = make_ct(seed=2)
         from spinemets.slicer import write_segments
@@ -191,7 +204,7 @@ def _break(small_cohort, how):
     raise AssertionError(how)
 
 
-BAD = ["truncated CT", "corrupt mask", "different spacing", "unknown segment names", "empty vertebra mask",
+BAD = ["truncated CT", "corrupt mask", "different spacing", "mask outside the CT", "different direction", "unknown segment names", "empty vertebra mask",
        "NaN voxels", "4-D CT", "missing file"]
 
 
