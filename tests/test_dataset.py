@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -147,84 +148,22 @@ def test_real_slicer_files_through_the_importer(slicerio_data, tmp_path):
     assert np.bincount(lab.ravel()).tolist() == [535205, 19139, 2712]
 
 
-# ---- bad input: each names the file, exits non-zero through the CLI, and leaves no dataset behind ----
+# ---- bad input: the cases are in tests/badinput/import.yaml; here, what a failure does to an existing dataset ----
 
-def _break(small_cohort, how):
-    case = small_cohort / "case_002"
-    if how == "truncated CT":
-        data = (case / "ct.nrrd").read_bytes()
-        (case / "ct.nrrd").write_bytes(data[: len(data) // 2])
-        return case / "ct.nrrd", "cannot read CT"
-    if how == "corrupt mask":
-        (case / "vertebrae.seg.nrrd").write_bytes(b"NRRD0004\nnonsense\n")
-        return case / "vertebrae.seg.nrrd", "cannot read 3D Slicer segmentation"
-    if how == "different spacing":
-        ct = make_ct(seed=2, spacing=(1.0, 1.2, 2.5))
-        write_case(case, ct, vertebra_labelmap(ct), [])
-        sitk.WriteImage(make_ct(seed=2), str(case / "ct.nrrd"), True)
-        return case / "vertebrae.seg.nrrd", "voxel spacing"
-    if how == "mask outside the CT":
-        ct = make_ct(seed=2)
-        moved = make_ct(seed=2, origin=(-10.0, 20.0, -300.0 + 2.5 * 10))
-        write_case(case, moved, vertebra_labelmap(moved), [])
-        sitk.WriteImage(ct, str(case / "ct.nrrd"), True)
-        return case / "vertebrae.seg.nrrd", "outside the CT"
-    if how == "different direction":
-        ct = make_ct(seed=2)
-        turned = make_ct(seed=2)
-        turned.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
-        write_case(case, turned, vertebra_labelmap(turned), [])
-        sitk.WriteImage(ct, str(case / "ct.nrrd"), True)
-        return case / "vertebrae.seg.nrrd", "axis directions differ"
-    if how == "unknown segment names":
-        ct = make_ct(seed=2)
-        from spinemets.slicer import write_segments
-        mask = vertebra_labelmap(ct) > 0
-        write_segments(case / "vertebrae.seg.nrrd", ct, [{"name": "kidney", "mask": mask}])
-        return case / "vertebrae.seg.nrrd", "unknown segment name(s) 'kidney'"
-    if how == "empty vertebra mask":
-        ct = make_ct(seed=2)
-        write_case(case, ct, np.zeros(ct.GetSize()[::-1], dtype=np.uint8), [])
-        return case / "vertebrae.seg.nrrd", "mask is empty"
-    if how == "NaN voxels":
-        ct = make_ct(seed=2)
-        array = sitk.GetArrayFromImage(ct).astype(np.float32)
-        array[1, 2, 3] = np.nan
-        bad = sitk.GetImageFromArray(array)
-        bad.CopyInformation(ct)
-        sitk.WriteImage(bad, str(case / "ct.nrrd"), True)
-        return case / "ct.nrrd", "1 NaN voxel"
-    if how == "4-D CT":
-        ct4 = sitk.JoinSeries([make_ct(seed=2), make_ct(seed=3)])
-        sitk.WriteImage(ct4, str(case / "ct.nrrd"), True)
-        return case / "ct.nrrd", "is 4-D"
-    if how == "missing file":
-        (case / "ct.nrrd").unlink()
-        return case / "ct.nrrd", "not found"
-    raise AssertionError(how)
+@pytest.mark.parametrize("defect", ["truncated CT", "unknown segment names"])
+def test_failed_import_keeps_the_previous_dataset(small_cohort, tmp_path, defect):
+    from badinput.builders import break_case
 
-
-BAD = ["truncated CT", "corrupt mask", "different spacing", "mask outside the CT", "different direction", "unknown segment names", "empty vertebra mask",
-       "NaN voxels", "4-D CT", "missing file"]
-
-
-@pytest.mark.parametrize("how", BAD)
-def test_bad_input_is_rejected_and_leaves_nothing(small_cohort, tmp_path, capsys, how):
     manifest_csv = tmp_path / "m.csv"
     dataset.scan(small_cohort, manifest_csv)
     raw = tmp_path / "raw"
     good = dataset.import_dataset(manifest_csv, "vertebrae", raw)
     good_digests = _digests(good)
-    path, message = _break(small_cohort, how)
-    code = main(["import", "--manifest", str(manifest_csv), "--stage", "vertebrae", "--out", str(raw)])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert message in err and str(path) in err
-    assert _digests(good) == good_digests  # the previous dataset is untouched
+    path, message = break_case(small_cohort / "case_002", defect)
+    with pytest.raises(SpinemetsError, match=re.escape(message)):
+        dataset.import_dataset(manifest_csv, "vertebrae", raw)
+    assert _digests(good) == good_digests
     assert not list(raw.glob(".partial-*"))
-    fresh = tmp_path / "fresh"
-    assert main(["import", "--manifest", str(manifest_csv), "--stage", "vertebrae", "--out", str(fresh)]) == 2
-    assert not fresh.exists() or not any(fresh.iterdir())  # no partial dataset
 
 
 def test_duplicate_case_ids_in_a_manifest(small_cohort, tmp_path, capsys):
@@ -243,3 +182,26 @@ def test_manifest_errors(tmp_path):
         dataset.import_dataset(tmp_path / "m.csv", "vertebrae", tmp_path / "raw")
     with pytest.raises(SpinemetsError, match="manifest not found"):
         dataset.import_dataset(tmp_path / "none.csv", "vertebrae", tmp_path / "raw")
+
+
+def test_pseudonymized_scan_keeps_identifiers_out_of_the_dataset(tmp_path):
+    root = tmp_path / "export"
+    names = ["DOE_JOHN_1957", "ROE_JANE_1962"]
+    for name in names:
+        ct = make_ct(seed=len(name))
+        write_case(root / name, ct, vertebra_labelmap(ct), [])
+    manifest = dataset.scan(root, tmp_path / "m.csv", pseudonymize=True)
+    assert sorted(manifest["case_id"].unique()) == ["sm-0001", "sm-0002"]
+    mapping = (root / ".spinemets-pseudonyms.csv").read_text()
+    assert all(name in mapping for name in names)
+    again = dataset.scan(root, pseudonymize=True)  # stable across reruns
+    assert again["case_id"].tolist() == manifest["case_id"].tolist()
+    out = dataset.import_dataset(tmp_path / "m.csv", "vertebrae", tmp_path / "raw")
+    for path in out.rglob("*"):
+        assert not any(name in str(path) for name in names)
+        if path.is_file():
+            data = path.read_bytes()
+            if path.suffix == ".gz":
+                import gzip
+                data = gzip.decompress(data)
+            assert not any(name.encode() in data for name in names), path

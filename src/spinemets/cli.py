@@ -41,7 +41,7 @@ def _cmd_synth(a):
 def _cmd_scan(a):
     segs = _parse_assignments(a.segmentation, "--segmentation") or None
     manifest = _call("dataset.scan", root=a.root, out_csv=a.out, image=a.image, segmentations=segs,
-                     holdout=a.holdout)
+                     holdout=a.holdout, pseudonymize=a.pseudonymize)
     print(f"wrote {a.out}: {manifest['case_id'].nunique()} case(s), {len(manifest)} row(s)")
 
 
@@ -74,7 +74,8 @@ def _cmd_run(a):
 
 
 def _cmd_fetch(a):
-    path = _call("fetch.fetch_record", record=a.record, out_dir=a.out, api_url=a.api_url)
+    path = _call("fetch.fetch_record", record=a.record, out_dir=a.out, api_url=a.api_url, retries=a.retries,
+                 backoff=a.backoff)
     print(f"wrote {path}")
 
 
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask pattern per stage, e.g. metastases={case}/metastases.seg.nrrd (repeatable; "
                         "default: the synthetic layout, both stages)")
     p.add_argument("--holdout", type=int, default=0, help="mark the last N cases as the test split")
+    p.add_argument("--pseudonymize", action="store_true",
+                   help="replace case IDs by pseudonyms; the private mapping stays beside the source data")
     p.set_defaults(func=_cmd_scan)
 
     p = sub.add_parser("import", help="write an nnU-Net raw dataset from a manifest (dataset.import_dataset)")
@@ -156,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", required=True, help="Zenodo record id, e.g. 13645871")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--api-url", default="https://zenodo.org/api", help="API base URL (a mirror or test server)")
+    p.add_argument("--retries", type=int, default=4, help="further tries of a failed request (default 4)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="seconds before the first retry, doubling after each (default 1)")
     p.set_defaults(func=_cmd_fetch)
 
     p = sub.add_parser("convert", help="convert a DICOM series, NRRD or NIfTI image (dicom.convert)")

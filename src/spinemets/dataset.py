@@ -82,6 +82,7 @@ def scan(
     image: str = DEFAULT_IMAGE_PATTERN,
     segmentations: Mapping[str, str] | None = None,
     holdout: int = 0,
+    pseudonymize: bool = False,
 ) -> pd.DataFrame:
     """Build the manifest of a folder; write it to ``out_csv`` when given.
 
@@ -89,6 +90,12 @@ def scan(
     with ``{case}`` where the case ID stands and optional ``*`` wildcards. ``holdout`` marks the
     last N case IDs (sorted) as ``split = test``. A mask without its image, a case ID matched twice
     and a folder without any image are errors.
+
+    With ``pseudonymize`` the case IDs (folder or file names, which may carry identifiers in
+    clinical exports) are replaced by stable pseudonyms (``sm-0001`` ...); the private mapping
+    stays beside the source data in ``root`` (:func:`spinemets.dicom.pseudonymize`). Everything
+    written from the manifest then carries only the pseudonyms; the manifest itself still points
+    at the source files and belongs with them.
     """
     root = Path(root)
     if not root.is_dir():
@@ -106,6 +113,11 @@ def scan(
     if not 0 <= holdout < len(cases):
         raise SpinemetsError(f"holdout {holdout} must be between 0 and {len(cases) - 1} (the folder has {len(cases)} cases)")
     test_cases = set(cases[len(cases) - holdout:]) if holdout else set()
+    names = {case: case for case in cases}
+    if pseudonymize:
+        from .dicom import mapping_path, pseudonymize as make_pseudonyms
+
+        names = make_pseudonyms(cases, mapping_path(root))
     rows = []
     for stage, pattern in segmentations.items():
         masks = _find(root, pattern)
@@ -114,7 +126,7 @@ def scan(
             raise SpinemetsError(f"{masks[orphans[0]]}: mask has no image matching {image!r} (case {orphans[0]!r})")
         for case in cases:
             if case in masks:
-                rows.append({"case_id": case, "image": str(images[case].resolve()), "stage": stage,
+                rows.append({"case_id": names[case], "image": str(images[case].resolve()), "stage": stage,
                              "segmentation": str(masks[case].resolve()),
                              "split": "test" if case in test_cases else "train"})
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)

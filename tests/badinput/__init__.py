@@ -1,0 +1,1 @@
+"""Bad-input corpus: cases in ``*.yaml`` beside this file, builders in :mod:`badinput.builders`."""

@@ -1,0 +1,246 @@
+"""spinemets.dicom: DICOM series reading, conversion, and no identifier leaking into outputs."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from fakes import IDENTIFIERS, ORIGIN, SPACING, synthetic_volume, write_dicom_series
+from spinemets.dicom import convert, list_series, mapping_path, pseudonymize, read_dicom_series, read_mapping
+from spinemets.errors import SpinemetsError
+from spinemets.io import PARTIAL_PREFIX, read_image
+
+UID_A = "1.2.826.0.1.3680043.9.7433.2.1"
+UID_B = "1.2.826.0.1.3680043.9.7433.2.2"
+
+
+@pytest.fixture
+def series(tmp_path):
+    folder = tmp_path / "dicom"
+    array = synthetic_volume()
+    write_dicom_series(folder, UID_A, array)
+    return folder, array
+
+
+def _identifier_strings() -> list[bytes]:
+    values = set(IDENTIFIERS.values())
+    values |= {v.split("^")[0] for v in values if "^" in v}  # family name on its own
+    return sorted(v.encode() for v in values)
+
+
+def _leaks(data: bytes) -> list[bytes]:
+    return [s for s in _identifier_strings() if s in data]
+
+
+def test_identifiers_are_in_the_source(series):
+    """Positive control: the search below would find the identifiers if they were copied."""
+    folder, _ = series
+    data = b"".join(p.read_bytes() for p in folder.iterdir())
+    assert _leaks(data) == _identifier_strings()
+
+
+def test_read_dicom_series_voxels_and_geometry(series):
+    folder, array = series
+    image = read_dicom_series(folder)
+    assert image.GetSize() == (array.shape[2], array.shape[1], array.shape[0])
+    np.testing.assert_allclose(image.GetSpacing(), SPACING, atol=1e-4)
+    np.testing.assert_allclose(image.GetOrigin(), ORIGIN, atol=1e-4)
+    np.testing.assert_allclose(image.GetDirection(), np.eye(3).ravel(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), array)
+    assert image.GetMetaDataKeys() == ()
+
+
+def test_io_read_image_accepts_a_dicom_folder(series):
+    folder, array = series
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(folder)), array)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha", ".nii"])
+def test_convert_keeps_voxels_and_geometry_and_leaks_nothing(series, tmp_path, suffix, caplog, capfd):
+    folder, array = series
+    out_dir = tmp_path / "out"
+    caplog.set_level(logging.DEBUG)
+    out = convert(folder, out_dir / f"case{suffix}")
+    assert out == out_dir / f"case{suffix}"
+    back = sitk.ReadImage(str(out))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
+    np.testing.assert_allclose(back.GetSpacing(), SPACING, atol=1e-4)
+    np.testing.assert_allclose(back.GetOrigin(), ORIGIN, atol=1e-4)
+    assert back.GetPixelID() == sitk.sitkInt16
+    # search every output byte (decompressed), every log record and everything printed
+    files = sorted(out_dir.rglob("*"))
+    assert [p.name for p in files] == [out.name]
+    for path in files:
+        data = path.read_bytes()
+        if path.name.endswith(".gz"):
+            data = gzip.decompress(data)
+        assert _leaks(data) == [], path
+    captured = capfd.readouterr()
+    assert _leaks((captured.out + captured.err + caplog.text).encode()) == []
+    assert all(_leaks(str(v).encode()) == [] for k in back.GetMetaDataKeys() for v in [back.GetMetaData(k)])
+
+
+def test_convert_command_line_leaks_nothing(series, tmp_path):
+    folder, array = series
+    exe = Path(sys.executable).with_name("spinemets")
+    if not exe.exists():
+        pytest.skip("the spinemets command is not installed in this environment")
+    out = tmp_path / "cli" / "case.nii.gz"
+    done = subprocess.run(
+        [str(exe), "--verbose", "convert", str(folder), "--out", str(out)], capture_output=True, timeout=120
+    )
+    if done.returncode == 2 and b"invalid choice" in done.stderr:
+        pytest.skip("the spinemets command line has no 'convert' command")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), array)
+    assert _leaks(done.stdout + done.stderr) == []
+    assert _leaks(gzip.decompress(out.read_bytes())) == []
+
+
+def test_two_series_need_a_uid(tmp_path, caplog):
+    folder = tmp_path / "two"
+    a = synthetic_volume(seed=1)
+    b = synthetic_volume(n_slices=4, seed=2)
+    write_dicom_series(folder, UID_A, a, prefix="a")
+    write_dicom_series(folder, UID_B, b, prefix="b")
+    with pytest.raises(SpinemetsError, match="holds 2 DICOM series") as err:
+        read_dicom_series(folder)
+    message = str(err.value)
+    assert UID_A in message and UID_B in message
+    assert "6 file(s)" in message and "4 file(s)" in message and "CT" in message
+    assert _leaks(message.encode()) == []
+    assert "synthetic test series" not in message  # free-text description stays out
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_dicom_series(folder, UID_B)), b)
+    out = convert(folder, tmp_path / "b.nii.gz", series_uid=UID_A)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), a)
+    summaries = sorted(list_series(folder), key=lambda s: s["uid"])
+    assert [(s["uid"], s["files"], s["modality"]) for s in summaries] == [(UID_A, 6, "CT"), (UID_B, 4, "CT")]
+    assert _leaks(caplog.text.encode()) == []
+
+
+def test_unknown_uid(series):
+    folder, _ = series
+    with pytest.raises(SpinemetsError, match=r"no DICOM series with UID 1\.2\.3; the folder holds") as err:
+        read_dicom_series(folder, "1.2.3")
+    assert UID_A in str(err.value)
+
+
+def test_missing_empty_and_non_dicom_folders(tmp_path):
+    with pytest.raises(SpinemetsError, match="DICOM folder not found"):
+        read_dicom_series(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpinemetsError, match="DICOM folder is empty"):
+        read_dicom_series(tmp_path / "empty")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("not an image")
+    with pytest.raises(SpinemetsError, match=r"no DICOM series found \(1 file"):
+        read_dicom_series(tmp_path / "text")
+    with pytest.raises(SpinemetsError, match="not a folder"):
+        read_dicom_series(tmp_path / "text" / "notes.txt")
+
+
+def test_non_dicom_files_beside_a_series_are_ignored(series):
+    folder, array = series
+    (folder / "README.txt").write_text("exported by a scanner")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_dicom_series(folder)), array)
+
+
+@pytest.mark.parametrize("keep", [200, 0.5])
+def test_truncated_slice_is_an_error_naming_the_file(series, keep):
+    folder, _ = series
+    victim = folder / "slice002.dcm"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(SpinemetsError, match="slice002.dcm") as err:
+        read_dicom_series(folder)
+    assert "cannot be read" in str(err.value) or "not evenly spaced" in str(err.value)
+
+
+def test_missing_slice_is_an_error(series):
+    folder, _ = series
+    (folder / "slice003.dcm").unlink()
+    with pytest.raises(SpinemetsError, match="not evenly spaced.*slice may be missing"):
+        read_dicom_series(folder)
+
+
+def test_convert_nrrd_and_nifti_inputs(tmp_path):
+    array = synthetic_volume(seed=3).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.5, 2.0))
+    image.SetOrigin((3.0, -4.0, 5.0))
+    image.SetMetaData("PatientName", IDENTIFIERS["0010|0010"])
+    src = tmp_path / "in.nrrd"
+    sitk.WriteImage(image, str(src))
+    before = src.read_bytes()
+    assert IDENTIFIERS["0010|0010"].encode() in before  # the source header holds it
+    out = convert(src, tmp_path / "out" / "a.nii.gz")
+    nifti = convert(out, tmp_path / "out" / "b.nrrd")
+    back = sitk.ReadImage(str(nifti))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
+    np.testing.assert_allclose(back.GetOrigin(), (3.0, -4.0, 5.0))
+    assert _leaks(nifti.read_bytes()) == [] and _leaks(gzip.decompress(out.read_bytes())) == []
+    assert src.read_bytes() == before  # source untouched
+
+
+def test_convert_errors_leave_nothing(series, tmp_path):
+    folder, _ = series
+    with pytest.raises(SpinemetsError, match="unsupported output format"):
+        convert(folder, tmp_path / "x.png")
+    with pytest.raises(SpinemetsError, match="file not found"):
+        convert(tmp_path / "missing.nrrd", tmp_path / "x.nii.gz")
+    with pytest.raises(SpinemetsError, match="inside the DICOM folder"):
+        convert(folder, folder / "x.nii.gz")
+    nrrd = convert(folder, tmp_path / "a.nrrd")
+    with pytest.raises(SpinemetsError, match="series UID applies to DICOM folders only"):
+        convert(nrrd, tmp_path / "b.nii.gz", series_uid=UID_A)
+    with pytest.raises(SpinemetsError, match="would overwrite the input"):
+        convert(nrrd, nrrd)
+    four_d = sitk.Image([3, 3, 3, 2], sitk.sitkInt16)
+    sitk.WriteImage(four_d, str(tmp_path / "4d.nii"))
+    with pytest.raises(SpinemetsError, match="4-D"):
+        convert(tmp_path / "4d.nii", tmp_path / "c.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["4d.nii", "a.nrrd", "dicom"]
+    assert not list(tmp_path.rglob(f"{PARTIAL_PREFIX}*"))
+
+
+def test_pseudonyms_are_stable_and_private(tmp_path):
+    source, out = tmp_path / "source", tmp_path / "out"
+    source.mkdir()
+    mapping = mapping_path(source)
+    assert mapping.parent == source
+    first = pseudonymize(["patient-b", "patient-a", "patient-b"], mapping, out_dir=out)
+    assert first == {"patient-b": "sm-0002", "patient-a": "sm-0001"}
+    assert pseudonymize(["patient-a"], mapping) == {"patient-a": "sm-0001"}
+    text = mapping.read_bytes()
+    assert pseudonymize(["patient-a", "patient-b"], mapping) and mapping.read_bytes() == text  # no rewrite
+    later = pseudonymize(["patient-0", "patient-a"], mapping)
+    assert later == {"patient-0": "sm-0003", "patient-a": "sm-0001"}
+    with open(mapping, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows == [
+        {"original": "patient-a", "pseudonym": "sm-0001"},
+        {"original": "patient-b", "pseudonym": "sm-0002"},
+        {"original": "patient-0", "pseudonym": "sm-0003"},
+    ]
+    assert not out.exists()
+
+
+def test_pseudonym_mapping_errors(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SpinemetsError, match="must stay beside the source data"):
+        pseudonymize(["a"], out / "map.csv", out_dir=out)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,name\n1,2\n")
+    with pytest.raises(SpinemetsError, match="not a pseudonym mapping"):
+        read_mapping(bad)
+    bad.write_text("original,pseudonym\na,sm-0001\nb,sm-0001\n")
+    with pytest.raises(SpinemetsError, match="one pseudonym to several identifiers"):
+        pseudonymize(["c"], bad)
