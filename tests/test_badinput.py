@@ -44,7 +44,7 @@ def test_corpus_is_well_formed():
         assert case["builder"] in BUILDERS, f"{case['id']}: unknown builder {case['builder']!r}"
         assert isinstance(case["error"], str) and case["error"].strip(), f"{case['id']}: empty error"
     areas = {c["area"] for c in CASES}
-    assert {"fetch", "dicom"} <= areas
+    assert {"fetch", "dicom", "import", "evaluate"} <= areas
     assert sum(c["area"] in ("fetch", "dicom") for c in CASES) >= 12
 
 

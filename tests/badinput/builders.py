@@ -262,3 +262,55 @@ def import_cohort(ctx: Context, defect: str, stage: str = "vertebrae", duplicate
         argv += ["--mapping", str(mapping)]
     return Prepared(lambda: import_dataset(manifest, stage, raw, mapping=mapping), argv,
                     absent=[raw / "Dataset501_Vertebrae", raw / "Dataset502_Metastases"])
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate (spinemets.metrics.evaluate_folders / spinemets evaluate)
+
+
+@builder("evaluate")
+def evaluate_folders_case(ctx: Context, defect: str, stage: str = "metastases") -> Prepared:
+    """Two folders of small label maps (case_a, case_b) with one ``defect``."""
+    from spinemets.metrics import evaluate_folders
+
+    ref_dir, pred_dir, out = ctx.tmp_path / "ref", ctx.tmp_path / "pred", ctx.tmp_path / "out"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+
+    def label_map(shape=(8, 10, 12), spacing=(1.0, 1.0, 2.0), value=1, dtype=np.uint8):
+        array = np.zeros(shape, dtype=dtype)
+        array[2:5, 3:6, 4:8] = value
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(spacing)
+        return image
+
+    for case in ("case_a", "case_b"):
+        sitk.WriteImage(label_map(), str(ref_dir / f"{case}.nii.gz"))
+        sitk.WriteImage(label_map(), str(pred_dir / f"{case}.nii.gz"))
+    if defect == "missing prediction":
+        (pred_dir / "case_b.nii.gz").unlink()
+    elif defect == "extra prediction":
+        sitk.WriteImage(label_map(), str(pred_dir / "case_c.nii.gz"))
+    elif defect == "different shape":
+        sitk.WriteImage(label_map(shape=(8, 10, 13)), str(pred_dir / "case_b.nii.gz"))
+    elif defect == "different spacing":
+        sitk.WriteImage(label_map(spacing=(1.0, 1.0, 3.0)), str(pred_dir / "case_b.nii.gz"))
+    elif defect == "label outside the stage":
+        sitk.WriteImage(label_map(value=7), str(pred_dir / "case_b.nii.gz"))
+    elif defect == "non-integer labels":
+        image = label_map(dtype=np.float32)
+        array = sitk.GetArrayFromImage(image)
+        array[2, 3, 4] = 0.5
+        bad = sitk.GetImageFromArray(array)
+        bad.CopyInformation(image)
+        sitk.WriteImage(bad, str(pred_dir / "case_b.nii.gz"))
+    elif defect == "corrupt file":
+        (pred_dir / "case_b.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    elif defect == "empty folder":
+        for path in pred_dir.iterdir():
+            path.unlink()
+    elif defect != "none":
+        raise ValueError(f"unknown defect {defect!r}")
+    argv = ["evaluate", "--ref", str(ref_dir), "--pred", str(pred_dir), "--stage", stage, "--out", str(out)]
+    return Prepared(lambda: evaluate_folders(ref_dir, pred_dir, stage, out), argv,
+                    absent=[out / "per_case.csv", out / "summary.csv", out / "summary.json"])
