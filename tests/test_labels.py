@@ -86,3 +86,10 @@ def test_colours_distinguish_neighbours():
 def test_unknown_stage():
     with pytest.raises(SpinemetsError, match="unknown stage 'ribs'"):
         labels.labels("ribs")
+
+
+def test_numbered_lesion_segments():
+    assert labels.resolve_segment_name("Lytic 2", "metastases") == 1
+    assert labels.resolve_segment_name("sclerotic_13", "metastases") == 2
+    with pytest.raises(KeyError):
+        labels.resolve_segment_name("L1 2", "vertebrae")

@@ -16,6 +16,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -60,6 +61,21 @@ def remove_partials(folder: str | Path) -> int:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
     return len(stale)
+
+
+_NRRD_WRITE_DATE = re.compile(rb"# on \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\(GMT\)\.\n")
+
+
+def drop_nrrd_write_date(path: str | Path) -> None:
+    """Blank the write-date comment pynrrd puts in an NRRD header, so that equal data give equal bytes.
+
+    The comment is overwritten in place by one of the same length; the header stays valid NRRD.
+    """
+    with open(path, "r+b") as fh:
+        match = _NRRD_WRITE_DATE.search(fh.read(1024))
+        if match:
+            fh.seek(match.start())
+            fh.write(b"# write date omitted".ljust(len(match.group()) - 1) + b"\n")
 
 
 def write_text(path: str | Path, text: str) -> Path:

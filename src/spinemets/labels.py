@@ -170,7 +170,11 @@ def resolve_segment_name(name: str, stage: str, mapping: Mapping[str, str | None
                 if target is None:
                     return None
                 return _label_of(target, stage, table, f"mapping of segment {name!r}")
-    alias = _builtin_aliases(stage).get(_normalise(name))
+    aliases = _builtin_aliases(stage)
+    alias = aliases.get(_normalise(name))
+    if alias is None and stage == "metastases":
+        # one segment per lesion is common: "Lytic 2", "sclerotic_3"
+        alias = aliases.get(re.sub(r"\s*\d+$", "", _normalise(name)))
     if alias is None:
         raise KeyError(name)
     return table[alias]

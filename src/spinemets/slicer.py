@@ -32,7 +32,7 @@ import slicerio
 
 from . import labels as labels_mod
 from .errors import SpinemetsError
-from .io import atomic_path, ijk_to_lps, image_from_array
+from .io import atomic_path, drop_nrrd_write_date, ijk_to_lps, image_from_array
 
 _TOL_MATRIX = 1e-3  # relative tolerance of spacing/direction agreement
 _TOL_OFFSET = 1e-2  # voxels: how far from the CT lattice a grid may sit
@@ -147,6 +147,17 @@ def _clip_window(offset: np.ndarray, shape: np.ndarray, ct_size: np.ndarray):
     return ct_slices, seg_slices
 
 
+def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """First and last index of the True voxels along each axis, or None for an empty mask."""
+    ranges = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        ranges.append((hit[0], hit[-1]))
+    return np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges])
+
+
 def write_segments(
     path: str | Path,
     reference: sitk.Image,
@@ -156,33 +167,46 @@ def write_segments(
     """Write named segments as a 3D Slicer ``.seg.nrrd`` on the grid of ``reference``.
 
     Each item of ``segments`` holds ``name``, ``mask`` (bool, z-y-x like SimpleITK arrays) and
-    optionally ``color`` (RGB 0-1) and ``id``. Overlapping segments go to further layers, as
-    3D Slicer stores them. With ``crop`` (Slicer's default) the grid is cropped to the union of
-    the segments' extents and ``referenceImageExtentOffset`` records where it sits.
+    optionally ``offset`` (z-y-x index of ``mask[0, 0, 0]`` in ``reference``, for a mask cropped
+    to its structure), ``color`` (RGB 0-1) and ``id``. Overlapping segments go to further
+    layers, as 3D Slicer stores them. With ``crop`` (Slicer's default) the grid is cropped to the
+    union of the segments' extents and ``referenceImageExtentOffset`` records where it sits.
     """
-    masks = [np.asarray(s["mask"], dtype=bool).transpose(2, 1, 0) for s in segments]  # to i, j, k
+    size_zyx = np.array(reference.GetSize()[::-1])
+    placed = []  # (item, mask, offset, bbox lo, bbox hi) in reference z-y-x indices
+    for item in segments:
+        mask = np.asarray(item["mask"], dtype=bool)
+        offset = np.asarray(item.get("offset", (0, 0, 0)), dtype=int)
+        if (offset < 0).any() or (offset + mask.shape > size_zyx).any():
+            raise SpinemetsError(f"{path}: segment {item['name']!r} lies outside the reference image")
+        box = _bbox(mask)
+        placed.append((item, mask, offset, None if box is None else (box[0] + offset, box[1] + offset)))
+    boxes = [b for *_, b in placed if b is not None]
+    if crop and boxes:
+        lo = np.min([b[0] for b in boxes], axis=0)
+        hi = np.max([b[1] for b in boxes], axis=0)
+    else:
+        lo, hi = np.zeros(3, dtype=int), size_zyx - 1
+    shape = hi - lo + 1
     matrix = ijk_to_lps(reference)
-    size = np.array(reference.GetSize())
-    lo, hi = np.zeros(3, dtype=int), size - 1
-    union = np.logical_or.reduce(masks) if masks else np.zeros(tuple(size), dtype=bool)
-    if crop and union.any():
-        nz = np.nonzero(union)
-        lo = np.array([ax.min() for ax in nz])
-        hi = np.array([ax.max() for ax in nz])
-    window = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
     cropped_matrix = matrix.copy()
-    cropped_matrix[:3, 3] = (matrix @ np.append(lo, 1.0))[:3]
-    seg = slicerio.create_segmentation(hi - lo + 1, cropped_matrix)
-    for index, (item, mask) in enumerate(zip(segments, masks)):
+    cropped_matrix[:3, 3] = (matrix @ np.append(lo[::-1], 1.0))[:3]
+    seg = slicerio.create_segmentation(shape[::-1], cropped_matrix)
+    for index, (item, mask, offset, _) in enumerate(placed):
+        grid = np.zeros(tuple(shape), dtype=bool)
+        src = tuple(slice(max(0, l - o), min(m, h + 1 - o)) for l, h, o, m in zip(lo, hi, offset, mask.shape))
+        dst = tuple(slice(s.start + o - l, s.stop + o - l) for s, o, l in zip(src, offset, lo))
+        grid[dst] = mask[src]
         fields = {"id": item.get("id", f"Segment_{index + 1}"), "name": item["name"]}
         if "color" in item:
             fields["color"] = [float(c) for c in item["color"]]
-        slicerio.add_segment(seg, mask[window], fields)
-    seg["referenceImageExtentOffset"] = [int(v) for v in lo]
+        slicerio.add_segment(seg, grid.transpose(2, 1, 0), fields)
+    seg["referenceImageExtentOffset"] = [int(v) for v in lo[::-1]]
     seg["masterRepresentation"] = "Binary labelmap"
     seg["containedRepresentationNames"] = ["Binary labelmap"]
     with atomic_path(path) as tmp:
         slicerio.write_segmentation(str(tmp), seg)
+        drop_nrrd_write_date(tmp)
     return Path(path)
 
 
