@@ -6,11 +6,10 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: demo test clean
 
+# The demo: the notebooks of profiles/demo.yaml executed with papermill into build/executed/,
+# then the book in _build/html (open _build/html/index.html).
 demo: $(STAMP)
-	$(VENV)/bin/spinemets synth --out build/demo/cohort --cases 24 --seed 0 --preset demo
-	$(VENV)/bin/spinemets scan build/demo/cohort --out build/demo/manifest.csv --holdout 4
-	$(VENV)/bin/spinemets import --manifest build/demo/manifest.csv --stage vertebrae --out build/demo/nnUNet_raw
-	$(VENV)/bin/spinemets import --manifest build/demo/manifest.csv --stage metastases --out build/demo/nnUNet_raw
+	$(VENV)/bin/spinemets run --profile demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

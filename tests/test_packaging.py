@@ -38,5 +38,5 @@ def test_readme_gives_two_commands_and_ci_runs_the_test_one():
 
 def test_console_script_answers():
     out = subprocess.run([sys.executable, "-m", "spinemets.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("synth", "scan", "import", "evaluate", "train", "predict", "run", "fetch", "convert"):
+    for command in ("synth", "scan", "import", "evaluate", "train", "predict", "run", "fetch", "convert", "jobs"):
         assert command in out.stdout

@@ -58,8 +58,25 @@ def _cmd_evaluate(a):
 
 
 def _cmd_train(a):
-    _call("nnunet.train", stage=a.stage, profile=a.profile, configurations=a.configurations, folds=a.folds,
-          device=a.device, workspace=a.workspace)
+    if a.executor:
+        record = _call("cluster.submit", stages=a.stage, profile=a.profile, executor=a.executor,
+                       folder=a.run_folder, workspace=a.workspace, configurations=a.configurations, folds=a.folds,
+                       device=a.device, partition=a.partition, gpus_per_job=a.gpus_per_job, time_min=a.time_min,
+                       mem_gb=a.mem_gb, cpus_per_task=a.cpus_per_task, num_gpus=a.num_gpus)
+        print(f"run folder: {record['folder']}\nwatch with: spinemets jobs {record['folder']}")
+        return
+    if a.run_folder or a.num_gpus:
+        raise SpinemetsError("--run-folder and --num-gpus go with --executor local|slurm")
+    for stage in a.stage:
+        _call("nnunet.train", stage=stage, profile=a.profile, configurations=a.configurations, folds=a.folds,
+              device=a.device, workspace=a.workspace)
+
+
+def _cmd_jobs(a):
+    if a.resubmit:
+        _call("cluster.resubmit", run_folder=a.run_folder)
+    table = _call("cluster.status", run_folder=a.run_folder)
+    print(table.to_string(index=False))
 
 
 def _cmd_predict(a):
@@ -130,14 +147,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("train", help="plan, preprocess and train a stage with nnU-Net (nnunet.train)")
-    p.add_argument("--stage", required=True, choices=STAGE_NAMES)
+    p = sub.add_parser("train", help="plan, preprocess and train stages with nnU-Net (nnunet.train; "
+                                     "with --executor, as jobs: cluster.submit)")
+    p.add_argument("--stage", required=True, nargs="+", choices=STAGE_NAMES)
     p.add_argument("--profile", default="demo", help="training profile: demo, paper or ci")
     p.add_argument("--configurations", nargs="+", default=None, help="nnU-Net configurations (default: the profile's)")
     p.add_argument("--folds", nargs="+", default=None, help="folds, e.g. 0 1 2 3 4 or all (default: the profile's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the profile's")
     p.add_argument("--workspace", type=Path, default=None, help="workspace folder (default: ./workspace)")
+    jobs = p.add_argument_group("jobs", "one job per (stage, configuration, fold), chained by afterok dependencies")
+    jobs.add_argument("--executor", choices=("local", "slurm"), default=None,
+                      help="submit the protocol as jobs (default: train here, in this process)")
+    jobs.add_argument("--run-folder", type=Path, default=None, help="where the run record and logs go")
+    jobs.add_argument("--partition", default=None)
+    jobs.add_argument("--gpus-per-job", type=int, default=None)
+    jobs.add_argument("--time-min", type=int, default=None, help="time limit per job, minutes")
+    jobs.add_argument("--mem-gb", type=float, default=None)
+    jobs.add_argument("--cpus-per-task", type=int, default=None)
+    jobs.add_argument("--num-gpus", type=int, default=None, help="GPUs per training (nnU-Net's own DDP)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("jobs", help="state of every job of a run, from SLURM's accounting (cluster.status)")
+    p.add_argument("run_folder", type=Path)
+    p.add_argument("--resubmit", action="store_true",
+                   help="first send again the failed or cancelled steps and their dependents (cluster.resubmit)")
+    p.set_defaults(func=_cmd_jobs)
 
     p = sub.add_parser("predict", help="two-stage inference and lesion localization (inference.predict)")
     p.add_argument("--input", required=True, type=Path, help="a CT file or a folder of CTs")

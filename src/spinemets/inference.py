@@ -1,0 +1,369 @@
+"""Two-stage inference and vertebra-level localization of the predicted lesions.
+
+:func:`predict` runs, per CT:
+
+1. **Stage 1** (vertebrae): nnU-Net segments C1...Sacrum (labels 1-25) on the whole CT.
+2. **Stage 2** (metastases, lytic 1 / sclerotic 2): on the whole CT (``roi="none"``, as in the
+   paper, which also found sternal lesions), or on the bounding box of the stage-1 vertebrae
+   grown by ``margin_mm`` on every side (``roi="spine"``), pasted back into an empty map of the
+   CT's size. With ``roi="spine"`` and no vertebra found, stage 2 runs on the whole CT (noted in
+   the provenance).
+3. **Localization** (:func:`localize`): each lesion is a connected component (26-connectivity) of
+   the lesion mask, lytic and sclerotic voxels together, so a component with both is *mixed*.
+   Its level is the vertebra label with the largest overlap; without overlap, the vertebra of the
+   nearest vertebra voxel when that lies within ``near_mm`` millimetres of the lesion (Euclidean
+   distance in mm); otherwise ``outside spine``. Volume in mL = voxels x voxel volume (mm^3) / 1000;
+   mean and max HU over the component's CT voxels.
+4. **Partial SINS** (:func:`partial_sins`): of the six components of the Spinal Instability
+   Neoplastic Score (Fisher et al., Spine 2010;35(22):E1221-9), the two that imaging of the lesion
+   and its level alone fix: *location* (junctional C0-C2, C7-T2, T11-L1, L5-S1 = 3; mobile C3-C6,
+   L2-L4 = 2; semi-rigid T3-T10 = 1; rigid S2-S5 = 0) and *bone lesion quality* (lytic 2, mixed 1,
+   blastic 0). Pain, alignment, vertebral body collapse and posterolateral involvement are not
+   assessed, so the sum is **not a SINS score**. Our "Sacrum" label holds S1 (junctional, 3) and
+   S2-S5 (rigid, 0): its location points are left empty.
+
+Outputs in ``out_dir``: per case ``CASE/vertebrae.nii.gz``, ``CASE/metastases.nii.gz`` (label
+maps on the CT grid), ``CASE/vertebrae.seg.nrrd`` and ``CASE/metastases.seg.nrrd`` (named,
+coloured segments for 3D Slicer), ``CASE/lesions.csv``, ``CASE/vertebrae.csv``; for the cohort
+``lesions.csv``, ``vertebrae.csv`` and ``provenance.json`` (command, parameters, versions, model
+folders, per-case timings). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import cc3d
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from . import __version__
+from . import labels as labels_mod
+from . import nnunet
+from .errors import SpinemetsError
+from .io import ijk_to_lps, image_from_array, read_image, write_csv, write_image, write_json
+from .slicer import segmentation_from_labelmap
+
+ROI_MODES = ("none", "spine")
+OUTSIDE = "outside spine"
+#: Default margin around the spine's bounding box for ``roi="spine"`` (mm).
+MARGIN_MM = 20.0
+#: Default largest distance (mm) from a lesion to a vertebra for a lesion without overlap.
+NEAR_MM = 10.0
+PARTIAL_SINS_LABEL = "partial SINS (location + bone lesion quality only; not a SINS score)"
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+#: SINS location points by our vertebra label (Fisher et al. 2010). None: not determined by the label.
+SINS_LOCATION: dict[str, tuple[str, int | None]] = {
+    **{v: ("junctional", 3) for v in ("C1", "C2", "C7", "T1", "T2", "T11", "T12", "L1", "L5")},
+    **{v: ("mobile", 2) for v in ("C3", "C4", "C5", "C6", "L2", "L3", "L4")},
+    **{f"T{i}": ("semi-rigid", 1) for i in range(3, 11)},
+    "Sacrum": ("sacrum: S1 junctional (3), S2-S5 rigid (0); not separated by the label", None),
+}
+#: SINS bone lesion quality points by lesion type.
+SINS_QUALITY: dict[str, int] = {"lytic": 2, "mixed": 1, "blastic": 0}
+
+LESION_COLUMNS = ["case_id", "lesion", "type", "level", "assignment", "distance_mm", "volume_ml", "voxels",
+                  "lytic_fraction", "mean_hu", "max_hu", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
+VERTEBRA_COLUMNS = ["case_id", "vertebra", "volume_ml", "lesions", "lesion_ids", "involved_fraction",
+                    "lesion_quality", "sins_location_class", "sins_location_points", "sins_bone_quality_points",
+                    "partial_sins_points", "partial_sins_note"]
+
+
+# --------------------------------------------------------------------------------------------
+# Localization and partial SINS (pure functions on arrays; tested on hand-made label maps)
+# --------------------------------------------------------------------------------------------
+
+
+def lesion_type(lytic_voxels: int, sclerotic_voxels: int) -> str:
+    """``lytic`` or ``sclerotic`` when a component holds one class only, ``mixed`` when it holds both."""
+    if lytic_voxels and sclerotic_voxels:
+        return "mixed"
+    return "lytic" if lytic_voxels else "sclerotic"
+
+
+def localize(lesions: np.ndarray, vertebrae: np.ndarray, ct: np.ndarray, spacing: Sequence[float],
+             near_mm: float = NEAR_MM, ijk_to_lps_matrix: np.ndarray | None = None) -> list[dict]:
+    """One row per lesion component (see the module docstring for the rules).
+
+    ``lesions`` (0/1 lytic/2 sclerotic), ``vertebrae`` (0-25) and ``ct`` (HU) are arrays of one
+    shape in (z, y, x) order; ``spacing`` is (z, y, x) in mm. Centroids are in LPS mm when
+    ``ijk_to_lps_matrix`` is given (voxel (i, j, k) = array index (x, y, z)), else in voxel units.
+    """
+    if not (lesions.shape == vertebrae.shape == ct.shape):
+        raise SpinemetsError(f"lesion {lesions.shape}, vertebra {vertebrae.shape} and CT {ct.shape} arrays differ in shape")
+    spacing = np.asarray(spacing, dtype=float)
+    names = labels_mod.label_names("vertebrae")
+    components, n = cc3d.connected_components(lesions > 0, connectivity=26, return_N=True)
+    if n == 0:
+        return []
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    distance = indices = None
+    rows = []
+    stats = cc3d.statistics(components)
+    for cid in range(1, n + 1):
+        box = stats["bounding_boxes"][cid]
+        comp = components[box] == cid
+        kinds = lesions[box][comp]
+        levels = vertebrae[box][comp]
+        hu = ct[box][comp].astype(float)
+        n_lytic, n_scl = int((kinds == 1).sum()), int((kinds == 2).sum())
+        overlap = np.bincount(levels, minlength=len(names))[1:]
+        if overlap.any():
+            level, assignment, dist = names[int(np.argmax(overlap)) + 1], "overlap", 0.0
+        else:
+            if distance is None:
+                distance, indices = _nearest_vertebra(vertebrae, spacing)
+            level, assignment, dist = OUTSIDE, "none", float("nan")
+            if distance is not None:
+                where = np.nonzero(components == cid)
+                d = distance[where]
+                k = int(np.argmin(d))
+                dist = float(d[k])
+                if dist <= near_mm:
+                    nearest = tuple(idx[where][k] for idx in indices)
+                    level, assignment = names[int(vertebrae[nearest])], "nearest"
+        centroid = np.array([s.start for s in box], float) + np.argwhere(comp).mean(axis=0)
+        if ijk_to_lps_matrix is not None:
+            centroid = (ijk_to_lps_matrix @ np.r_[centroid[::-1], 1.0])[:3]
+        else:
+            centroid = centroid[::-1]
+        rows.append({
+            "lesion": cid, "type": lesion_type(n_lytic, n_scl), "level": level, "assignment": assignment,
+            "distance_mm": round(dist, 2), "volume_ml": round(comp.sum() * voxel_ml, 4), "voxels": int(comp.sum()),
+            "lytic_fraction": round(n_lytic / (n_lytic + n_scl), 4), "mean_hu": round(float(hu.mean()), 1),
+            "max_hu": round(float(hu.max()), 1), "centroid_x_mm": round(float(centroid[0]), 2),
+            "centroid_y_mm": round(float(centroid[1]), 2), "centroid_z_mm": round(float(centroid[2]), 2),
+        })
+    return rows
+
+
+def _nearest_vertebra(vertebrae: np.ndarray, spacing: np.ndarray):
+    """Distance (mm) from every voxel to the nearest vertebra voxel and that voxel's index; (None, None) without vertebrae."""
+    if not vertebrae.any():
+        return None, None
+    return ndimage.distance_transform_edt(vertebrae == 0, sampling=spacing, return_indices=True)
+
+
+def partial_sins(level: str, lesion_types: Sequence[str]) -> dict:
+    """Location and bone-lesion-quality points of one affected vertebra (``level``), and their sum.
+
+    Bone lesion quality of the vertebra: ``lytic`` when all its lesions are lytic, ``blastic``
+    when all are sclerotic, ``mixed`` otherwise (a mixed lesion, or lytic and sclerotic ones).
+    The sum is empty when the location is not determined (the sacrum).
+    """
+    if level not in SINS_LOCATION:
+        raise SpinemetsError(f"{level!r} is not a vertebra label; known: {', '.join(SINS_LOCATION)}")
+    if not lesion_types:
+        raise SpinemetsError(f"partial SINS of {level}: no lesions")
+    kinds = set(lesion_types)
+    unknown = kinds - {"lytic", "sclerotic", "mixed"}
+    if unknown:
+        raise SpinemetsError(f"unknown lesion type(s) {sorted(unknown)}; expected lytic, sclerotic or mixed")
+    quality = "lytic" if kinds == {"lytic"} else "blastic" if kinds == {"sclerotic"} else "mixed"
+    location_class, location_points = SINS_LOCATION[level]
+    quality_points = SINS_QUALITY[quality]
+    total = None if location_points is None else location_points + quality_points
+    return {"lesion_quality": quality, "sins_location_class": location_class, "sins_location_points": location_points,
+            "sins_bone_quality_points": quality_points, "partial_sins_points": total,
+            "partial_sins_note": PARTIAL_SINS_LABEL}
+
+
+def vertebra_table(lesion_rows: list[dict], lesions: np.ndarray, vertebrae: np.ndarray,
+                   spacing: Sequence[float]) -> list[dict]:
+    """One row per vertebra present in the stage-1 map: volume, its lesions, involved volume fraction, partial SINS.
+
+    Involved volume fraction = lesion voxels inside the vertebra's label / the label's voxels.
+    """
+    names = labels_mod.label_names("vertebrae")
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    sizes = np.bincount(vertebrae.ravel(), minlength=len(names))
+    involved = np.bincount(vertebrae[lesions > 0].ravel(), minlength=len(names))
+    rows = []
+    for value in range(1, len(names)):
+        name = names[value]
+        here = [r for r in lesion_rows if r["level"] == name]
+        if sizes[value] == 0 and not here:
+            continue
+        row = {"vertebra": name, "volume_ml": round(sizes[value] * voxel_ml, 3), "lesions": len(here),
+               "lesion_ids": " ".join(str(r["lesion"]) for r in here),
+               "involved_fraction": round(involved[value] / sizes[value], 4) if sizes[value] else float("nan")}
+        if here:
+            row.update(partial_sins(name, [r["type"] for r in here]))
+        else:
+            row.update({k: "" for k in VERTEBRA_COLUMNS[6:]})
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and the two stages
+# --------------------------------------------------------------------------------------------
+
+
+def find_inputs(input: str | Path) -> dict[str, Path]:
+    """Case ID -> CT path: one image file, a folder of image files (case = name without suffix), or a
+    folder of case folders holding ``ct.nrrd`` (the synthetic cohort's layout). ``.seg.nrrd`` files are skipped."""
+    input = Path(input)
+    if not input.exists():
+        raise SpinemetsError(f"{input}: input not found")
+    if input.is_file():
+        return {_case_of(input): input}
+    cases = {}
+    for path in sorted(input.iterdir()):
+        if path.is_file() and path.name.endswith(IMAGE_SUFFIXES) and not path.name.endswith(".seg.nrrd"):
+            cases[_case_of(path)] = path
+        elif path.is_dir() and (path / "ct.nrrd").exists():
+            cases[path.name] = path / "ct.nrrd"
+    if not cases:
+        raise SpinemetsError(f"{input}: no CT images ({', '.join(IMAGE_SUFFIXES)}) or case folders with ct.nrrd")
+    return cases
+
+
+def _case_of(path: Path) -> str:
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name[:-5] if name.endswith("_0000") else name
+
+
+class _Stage:
+    """The predictor(s) of one stage; an ensemble averages the probabilities of its members.
+
+    A cascade member (``3d_cascade_fullres``) first runs its previous stage (``3d_lowres`` of the
+    same trainer and folds) and is given that segmentation, as nnU-Net's own prediction does.
+    """
+
+    def __init__(self, stage: str, profile: str, workspace, device: str, tta: bool, threads: int | None = None):
+        self.models = nnunet.trained_models(stage, profile, workspace)
+        self.members = []
+        for model in self.models:
+            predictor = nnunet.load_predictor(model, device=device, tta=tta, workspace=workspace, threads=threads)
+            previous = predictor.configuration_manager.previous_stage_name
+            first = None
+            if previous:
+                folder = Path(model["folder"]).with_name(Path(model["folder"]).name.replace(model["configuration"], previous))
+                first = nnunet.load_predictor({**model, "folder": str(folder), "configuration": previous},
+                                              device=device, tta=tta, workspace=workspace, threads=threads)
+            self.members.append((first, predictor))
+
+    def __call__(self, array: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+        props = {"spacing": [float(s) for s in spacing_zyx]}
+        data = array[None].astype(np.float32)
+        probs = None
+        for first, predictor in self.members:
+            previous = None if first is None else first.predict_single_npy_array(data, dict(props))
+            if len(self.members) == 1:
+                return np.asarray(predictor.predict_single_npy_array(data, dict(props), previous), dtype=np.uint8)
+            _, p = predictor.predict_single_npy_array(data, dict(props), previous, save_or_return_probabilities=True)
+            probs = p if probs is None else probs + p
+        return np.argmax(probs, axis=0).astype(np.uint8)
+
+
+def spine_box(vertebrae: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float) -> tuple[slice, ...] | None:
+    """Bounding box of the vertebra voxels grown by ``margin_mm`` per side, clipped to the array; None when empty."""
+    where = np.nonzero(vertebrae)
+    if not where[0].size:
+        return None
+    box = []
+    for axis, idx in enumerate(where):
+        pad = int(np.ceil(margin_mm / float(spacing_zyx[axis])))
+        box.append(slice(max(0, idx.min() - pad), min(vertebrae.shape[axis], idx.max() + 1 + pad)))
+    return tuple(box)
+
+
+def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: str = "none",
+            workspace=None, device: str | None = None, margin_mm: float = MARGIN_MM, near_mm: float = NEAR_MM,
+            tta: bool = False, threads: int | None = None) -> list[dict]:
+    """Two-stage prediction, localization and partial SINS for one CT or a folder; return the cohort's lesion rows.
+
+    ``profile`` picks the trained models (:func:`spinemets.nnunet.trained_models`); ``device``
+    defaults to the profile's; ``tta`` turns on nnU-Net's mirroring (where the trainer allows it);
+    ``threads`` sets torch's CPU threads for this process (default: torch's own choice; 1 is
+    faster on a CPU that other processes keep busy).
+    """
+    if roi not in ROI_MODES:
+        raise SpinemetsError(f"roi must be one of {', '.join(ROI_MODES)}, not {roi!r}")
+    cases = find_inputs(input)
+    out_dir = Path(out_dir)
+    device = device or nnunet.get_profile(profile)["device"]
+    started = time.perf_counter()
+    stage1 = _Stage("vertebrae", profile, workspace, device, tta, threads)
+    stage2 = _Stage("metastases", profile, workspace, device, tta, threads)
+    all_lesions, all_vertebrae, timings, notes = [], [], {}, {}
+    for case, path in tqdm(cases.items(), desc="predict", unit="case"):
+        t0 = time.perf_counter()
+        lesion_rows, vertebra_rows, note, times = predict_case(path, out_dir / case, case, stage1, stage2, roi,
+                                                               margin_mm, near_mm)
+        timings[case] = {**times, "total_s": round(time.perf_counter() - t0, 3)}
+        if note:
+            notes[case] = note
+        all_lesions += lesion_rows
+        all_vertebrae += vertebra_rows
+    write_csv(out_dir / "lesions.csv", all_lesions, LESION_COLUMNS)
+    write_csv(out_dir / "vertebrae.csv", all_vertebrae, VERTEBRA_COLUMNS)
+    write_json(out_dir / "provenance.json", _provenance(locals_=dict(
+        input=str(input), out_dir=str(out_dir), profile=profile, roi=roi, device=device, margin_mm=margin_mm,
+        near_mm=near_mm, tta=tta, threads=threads), models={"vertebrae": stage1.models, "metastases": stage2.models},
+        timings=timings, notes=notes, seconds=time.perf_counter() - started))
+    return all_lesions
+
+
+def predict_case(path: Path, case_dir: Path, case: str, stage1, stage2, roi: str, margin_mm: float,
+                 near_mm: float) -> tuple[list[dict], list[dict], str, dict]:
+    """Both stages and localization for one CT; writes the case folder. Returns (lesions, vertebrae, note, timings)."""
+    image = read_image(path, "CT")
+    ct = sitk.GetArrayFromImage(image)
+    spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
+    t0 = time.perf_counter()
+    vertebrae = stage1(ct, spacing)
+    t1 = time.perf_counter()
+    lesions, note = np.zeros_like(vertebrae), ""
+    box = spine_box(vertebrae, spacing, margin_mm) if roi == "spine" else None
+    if roi == "spine" and box is None:
+        note = "no vertebra found: stage 2 ran on the whole CT"
+    if box is None:
+        lesions = stage2(ct, spacing)
+    else:
+        lesions[box] = stage2(np.ascontiguousarray(ct[box]), spacing)
+    t2 = time.perf_counter()
+    lesion_rows = [{"case_id": case, **r} for r in localize(lesions, vertebrae, ct, spacing, near_mm, ijk_to_lps(image))]
+    vertebra_rows = [{"case_id": case, **r} for r in vertebra_table(lesion_rows, lesions, vertebrae, spacing)]
+    for stage, array in (("vertebrae", vertebrae), ("metastases", lesions)):
+        labelmap = image_from_array(array.astype(np.uint8), image)
+        write_image(labelmap, case_dir / f"{stage}.nii.gz")
+        segmentation_from_labelmap(labelmap, case_dir / f"{stage}.seg.nrrd", stage)
+    write_csv(case_dir / "lesions.csv", lesion_rows, LESION_COLUMNS)
+    write_csv(case_dir / "vertebrae.csv", vertebra_rows, VERTEBRA_COLUMNS)
+    return lesion_rows, vertebra_rows, note, {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3)}
+
+
+def _provenance(locals_: dict, models: dict, timings: dict, notes: dict, seconds: float) -> dict:
+    import nnunetv2
+    import torch
+
+    from importlib.metadata import version
+
+    return {
+        "produced_by": "spinemets.inference.predict",
+        "command": " ".join(sys.argv),
+        "parameters": locals_,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"spinemets": __version__, "nnunetv2": version("nnunetv2"), "torch": torch.__version__,
+                     "SimpleITK": sitk.Version_VersionString(), "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "models": models,
+        "partial_sins": PARTIAL_SINS_LABEL,
+        "notes": notes,
+        "timings_s": timings,
+        "total_seconds": round(seconds, 3),
+    }

@@ -1,0 +1,611 @@
+"""nnU-Net v2 for the two stages: a workspace, training profiles, and thin wrappers over nnU-Net's commands.
+
+**Workspace.** nnU-Net reads three folders from environment variables (``nnUNet_raw``,
+``nnUNet_preprocessed``, ``nnUNet_results``) and finds trainers outside its package through
+``nnUNet_extTrainer``. :class:`Workspace` derives them from one root folder
+(``root/raw``, ``root/preprocessed``, ``root/results``); a variable the user has already set
+wins. The variables are handed to the nnU-Net commands this module starts
+(:meth:`Workspace.environment`) or set for the duration of a ``with`` block
+(:meth:`Workspace.activated`) and restored afterwards; nothing is written to ``os.environ``
+otherwise. ``nnUNet_extTrainer`` lists :data:`TRAINER_DIR` (the project's trainers) before any
+folders the user listed.
+
+**Profiles** (:data:`PROFILES`) are plain data: per stage, the nnU-Net configurations, folds,
+trainer, device, and, for the short profiles, the extra plans configurations that
+:func:`add_configuration` writes into the plans after planning:
+
+* ``paper``: the protocol of the paper: ``2d``, ``3d_lowres``, ``3d_fullres`` and
+  ``3d_cascade_fullres``, five folds, ``nnUNetTrainer_250epochs`` on CUDA, then
+  ``nnUNetv2_find_best_configuration`` (which also picks the best ensemble of two configurations).
+  When the planner drops ``3d_lowres`` (the image is already small enough for ``3d_fullres``),
+  the cascade goes with it; this is logged and training continues with the rest.
+* ``demo``: a design for 2 CPU cores (see the book's training chapter): each stage gets its own
+  configuration inheriting from ``3d_fullres`` (coarser spacing and a long thin patch for the
+  vertebrae, so the patch sees the anatomical anchors that fix vertebra identity; a small patch at
+  native spacing for the lesions), a small U-Net, and a short-schedule trainer from
+  :mod:`spinemets.trainers.spinemets_trainers`; fold ``all``.
+* ``gpu_check``: nnU-Net's own ``3d_fullres`` plan and training for a few epochs on CUDA
+  (``scripts/gpu_check.sh``).
+* ``ci``: the demo's configurations with a few iterations, for the tests.
+
+**Wrappers**: :func:`plan_and_preprocess`, :func:`train`, :func:`find_best_configuration`,
+:func:`ensemble` and :func:`predict_folder` run nnU-Net's own command-line programs (which start
+their own worker pools) with the workspace environment; :func:`load_predictor` returns an
+initialised ``nnUNetPredictor`` for in-process inference (:mod:`spinemets.inference`).
+Training resumes from the latest checkpoint (``--c``) when one exists and skips a fold whose
+final checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+from . import labels as labels_mod
+from .errors import SpinemetsError
+from .io import write_json
+
+log = logging.getLogger(__name__)
+
+#: The project's nnU-Net trainers, found by nnU-Net through ``nnUNet_extTrainer``.
+TRAINER_DIR = Path(__file__).resolve().parent / "trainers"
+DEFAULT_WORKSPACE = Path("workspace")
+PLANS = "nnUNetPlans"
+PAPER_CONFIGURATIONS = ("2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres")
+_STRIDES_5 = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 1, 1]]
+_STRIDES_4 = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+
+#: Extra plans configurations, added to ``nnUNetPlans.json`` after planning. ``spacing`` and
+#: ``patch_size`` are in the plans' axis order (after nnU-Net's ``transpose_forward``; for CTs
+#: with thicker slices than pixels that is z, y, x). See :func:`add_configuration`.
+DEMO_CONFIGURATIONS: dict[str, dict] = {
+    # 6 x 3.75 x 3.75 mm; the 64 x 32 x 32 patch spans 384 mm of spine and the whole 120 mm field
+    # of view in-plane, so it nearly always holds an anchor (ribs, sacrum and iliac wings, skull base).
+    "demo_vertebrae": {
+        "spacing": [6.0, 3.75, 3.75],
+        "patch_size": [64, 32, 32],
+        "features_per_stage": [16, 32, 64, 128, 256],
+        "strides": _STRIDES_5,
+        "batch_size": 2,
+    },
+    # Native spacing; lesions are small and need no long-range context.
+    "demo_metastases": {
+        "patch_size": [32, 32, 32],
+        "features_per_stage": [8, 16, 32, 64],
+        "strides": _STRIDES_4,
+        "batch_size": 2,
+    },
+}
+
+#: Training profiles: per stage, what :func:`train` runs. Plain data; the CLI's choices come from it.
+PROFILES: dict[str, dict] = {
+    "paper": {
+        "description": "the paper's protocol: four configurations x 5 folds, 250 epochs, CUDA, best configuration",
+        "device": "cuda",
+        "find_best": True,
+        "stages": {
+            stage: {"configurations": list(PAPER_CONFIGURATIONS), "folds": [0, 1, 2, 3, 4],
+                    "trainer": "nnUNetTrainer_250epochs", "extra_configurations": {}}
+            for stage in labels_mod.STAGE_NAMES
+        },
+    },
+    "demo": {
+        "description": "CPU demo: one small configuration per stage, short AdamW schedule, fold 'all'",
+        "device": "cpu",
+        "find_best": False,
+        "stages": {
+            "vertebrae": {"configurations": ["demo_vertebrae"], "folds": ["all"],
+                          "trainer": "SpinemetsVertebraeDemoTrainer",
+                          "extra_configurations": {"demo_vertebrae": DEMO_CONFIGURATIONS["demo_vertebrae"]}},
+            "metastases": {"configurations": ["demo_metastases"], "folds": ["all"],
+                           "trainer": "SpinemetsMetastasesDemoTrainer",
+                           "extra_configurations": {"demo_metastases": DEMO_CONFIGURATIONS["demo_metastases"]}},
+        },
+    },
+    "gpu_check": {
+        "description": "scripts/gpu_check.sh: nnU-Net's own 3d_fullres plan and training, a few epochs, fold 'all', CUDA",
+        "device": "cuda",
+        "find_best": False,
+        "stages": {
+            stage: {"configurations": ["3d_fullres"], "folds": ["all"], "trainer": "SpinemetsGPUCheckTrainer",
+                    "extra_configurations": {}}
+            for stage in labels_mod.STAGE_NAMES
+        },
+    },
+    "ci": {
+        "description": "tests: the demo's configurations, a few iterations",
+        "device": "cpu",
+        "find_best": False,
+        "stages": {
+            stage: {"configurations": [f"demo_{stage}"], "folds": ["all"], "trainer": "SpinemetsCITrainer",
+                    "extra_configurations": {f"demo_{stage}": DEMO_CONFIGURATIONS[f"demo_{stage}"]}}
+            for stage in labels_mod.STAGE_NAMES
+        },
+    },
+}
+
+
+def profile_names() -> tuple[str, ...]:
+    return tuple(PROFILES)
+
+
+def get_profile(profile: str) -> dict:
+    if profile not in PROFILES:
+        raise SpinemetsError(f"unknown training profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return PROFILES[profile]
+
+
+def stage_plan(stage: str, profile: str) -> dict:
+    """The profile's entry for one stage (configurations, folds, trainer, extra configurations)."""
+    labels_mod.labels(stage)
+    return get_profile(profile)["stages"][stage]
+
+
+# --------------------------------------------------------------------------------------------
+# Workspace
+# --------------------------------------------------------------------------------------------
+
+_FOLDER_VARS = {"nnUNet_raw": "raw", "nnUNet_preprocessed": "preprocessed", "nnUNet_results": "results"}
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The three nnU-Net folders under one root; environment variables the user set take precedence."""
+
+    root: Path = DEFAULT_WORKSPACE
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    def _folder(self, var: str) -> Path:
+        value = os.environ.get(var)
+        return Path(value).resolve() if value else self.root / _FOLDER_VARS[var]
+
+    @property
+    def raw(self) -> Path:
+        return self._folder("nnUNet_raw")
+
+    @property
+    def preprocessed(self) -> Path:
+        return self._folder("nnUNet_preprocessed")
+
+    @property
+    def results(self) -> Path:
+        return self._folder("nnUNet_results")
+
+    def variables(self, extra_trainer_dirs: Sequence[str | Path] = ()) -> dict[str, str]:
+        """The nnU-Net variables only: the three folders and ``nnUNet_extTrainer``."""
+        trainer_dirs = [str(TRAINER_DIR), *map(str, extra_trainer_dirs)]
+        user = os.environ.get("nnUNet_extTrainer")
+        if user:
+            trainer_dirs += [p for p in user.split(os.pathsep) if p and p not in trainer_dirs]
+        return {
+            "nnUNet_raw": str(self.raw),
+            "nnUNet_preprocessed": str(self.preprocessed),
+            "nnUNet_results": str(self.results),
+            "nnUNet_extTrainer": os.pathsep.join(trainer_dirs),
+        }
+
+    def environment(self, extra_trainer_dirs: Sequence[str | Path] = (), **overrides: str) -> dict[str, str]:
+        """A full environment for a child process: the current one plus :meth:`variables` and ``overrides``."""
+        env = dict(os.environ)
+        env.update(self.variables(extra_trainer_dirs))
+        env.update({k: str(v) for k, v in overrides.items()})
+        return env
+
+    @contextlib.contextmanager
+    def activated(self, extra_trainer_dirs: Sequence[str | Path] = ()) -> Iterator["Workspace"]:
+        """Set the nnU-Net variables in ``os.environ`` for the ``with`` block; restore them afterwards."""
+        new = self.variables(extra_trainer_dirs)
+        old = {k: os.environ.get(k) for k in new}
+        os.environ.update(new)
+        try:
+            yield self
+        finally:
+            for key, value in old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def dataset_name(self, stage: str, dataset_id: int | None = None) -> str:
+        """``DatasetNNN_Name`` of a stage (default id from :data:`spinemets.labels.STAGES`)."""
+        info = labels_mod.STAGES[stage] if stage in labels_mod.STAGES else labels_mod.labels(stage)
+        dataset_id = info["dataset_id"] if dataset_id is None else int(dataset_id)
+        return f"Dataset{dataset_id:03d}_{info['dataset_name']}"
+
+    def plans_file(self, stage: str, dataset_id: int | None = None, plans: str = PLANS) -> Path:
+        return self.preprocessed / self.dataset_name(stage, dataset_id) / f"{plans}.json"
+
+    def model_folder(self, stage: str, configuration: str, trainer: str, dataset_id: int | None = None,
+                     plans: str = PLANS) -> Path:
+        """nnU-Net's training output folder ``results/DatasetNNN/TRAINER__PLANS__CONFIGURATION``."""
+        return self.results / self.dataset_name(stage, dataset_id) / f"{trainer}__{plans}__{configuration}"
+
+
+def _workspace(workspace: Workspace | str | Path | None) -> Workspace:
+    if isinstance(workspace, Workspace):
+        return workspace
+    return Workspace(DEFAULT_WORKSPACE if workspace is None else Path(workspace))
+
+
+# --------------------------------------------------------------------------------------------
+# Running nnU-Net's commands
+# --------------------------------------------------------------------------------------------
+
+
+def _program(name: str) -> str:
+    """Path of an nnU-Net console script: beside this Python first, then on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise SpinemetsError(f"nnU-Net program {name} not found beside {sys.executable} or on PATH; is nnunetv2 installed?")
+    return found
+
+
+def run_nnunet(program: str, args: Sequence[str], workspace: Workspace, log_file: Path | None = None,
+               extra_trainer_dirs: Sequence[str | Path] = (), env: Mapping[str, str] | None = None) -> None:
+    """Run one nnU-Net program with the workspace environment; its output goes to the console (and ``log_file``).
+
+    The program runs in its own process group: when it ends (or this call is interrupted), what
+    is left of that group (data-loading workers of a killed training hold its output open) is
+    terminated. A non-zero exit raises :class:`SpinemetsError` with the command and the last lines of its output.
+    """
+    cmd = [_program(program), *map(str, args)]
+    log.info("running %s", " ".join(cmd))
+    environment = workspace.environment(extra_trainer_dirs, **dict(env or {}))
+    tail: list[str] = []
+    handle = open(log_file, "a", encoding="utf-8") if log_file else contextlib.nullcontext()
+    with handle as fh:
+        proc = subprocess.Popen(cmd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, start_new_session=True)
+
+        def relay():
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                if fh:
+                    fh.write(line)
+                tail[:] = (tail + [line.rstrip()])[-15:]
+
+        reader = threading.Thread(target=relay, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait()
+        finally:
+            _end_group(proc.pid)
+            reader.join(timeout=10)
+    if code != 0:
+        raise SpinemetsError(f"{program} failed (exit {code}): {' '.join(cmd)}\n" + "\n".join(tail))
+
+
+def _end_group(pgid: int) -> None:
+    """Terminate what is left of a finished program's process group (its orphaned workers)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+
+
+# --------------------------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------------------------
+
+
+def add_configuration(plans_file: str | Path, name: str, spec: Mapping, base: str = "3d_fullres") -> dict:
+    """Add (or replace) a configuration ``name`` inheriting from ``base`` in an nnU-Net plans file.
+
+    ``spec`` keys: ``patch_size``, ``features_per_stage`` (one entry per U-Net stage),
+    ``strides`` (per stage, per axis), optional ``batch_size`` and ``spacing``. Kernels are 3 and
+    two convolutions per stage, as nnU-Net plans them. When ``spacing`` differs from the base's,
+    the configuration gets its own ``data_identifier`` (``PLANS_name_SPACING``) and must be preprocessed
+    (``nnUNetv2_preprocess -c name``); otherwise it reuses the base's preprocessed data. The
+    patch must be divisible by the product of the strides on each axis. Returns the new entry.
+    """
+    plans_file = Path(plans_file)
+    try:
+        plans = json.loads(plans_file.read_text(encoding="utf-8"))
+        parent = plans["configurations"][base]
+    except FileNotFoundError:
+        raise SpinemetsError(f"{plans_file}: plans file not found; plan the dataset first") from None
+    except KeyError:
+        raise SpinemetsError(f"{plans_file}: no configuration {base!r} to inherit from") from None
+    features, strides, patch = list(spec["features_per_stage"]), [list(s) for s in spec["strides"]], list(spec["patch_size"])
+    if len(features) != len(strides):
+        raise SpinemetsError(f"configuration {name!r}: {len(features)} feature sizes but {len(strides)} strides")
+    for axis, size in enumerate(patch):
+        factor = 1
+        for s in strides:
+            factor *= s[axis]
+        if size % factor:
+            raise SpinemetsError(f"configuration {name!r}: patch {patch} axis {axis} is not divisible by {factor}")
+    architecture = copy.deepcopy(parent["architecture"])
+    n = len(features)
+    architecture["arch_kwargs"].update(
+        n_stages=n, features_per_stage=features, strides=strides, kernel_sizes=[[3, 3, 3]] * n,
+        n_conv_per_stage=[2] * n, n_conv_per_stage_decoder=[2] * (n - 1))
+    entry = {"inherits_from": base, "patch_size": patch, "batch_size": int(spec.get("batch_size", parent["batch_size"])),
+             "architecture": architecture}
+    spacing = spec.get("spacing")
+    if spacing is not None and [float(v) for v in spacing] != [float(v) for v in parent["spacing"]]:
+        entry["spacing"] = [float(v) for v in spacing]
+        # the spacing is part of the identifier, so changing it never reuses stale preprocessed data
+        tag = "x".join(f"{v:g}" for v in entry["spacing"])
+        entry["data_identifier"] = f"{plans.get('plans_name', PLANS)}_{name}_{tag}"
+    plans["configurations"][name] = entry
+    write_json(plans_file, plans)
+    return entry
+
+
+def planned_configurations(plans_file: str | Path) -> list[str]:
+    plans = json.loads(Path(plans_file).read_text(encoding="utf-8"))
+    return list(plans["configurations"])
+
+
+def plan_and_preprocess(stage: str, profile: str = "demo", configurations: Sequence[str] | None = None,
+                        workspace: Workspace | str | Path | None = None, dataset_id: int | None = None,
+                        processes: int = 2, force: bool = False) -> list[str]:
+    """Plan a stage's raw dataset, add the profile's extra configurations, preprocess what training needs.
+
+    Runs ``nnUNetv2_plan_and_preprocess --no_pp --verify_dataset_integrity`` (fingerprint and plans),
+    :func:`add_configuration` for each of the profile's extra configurations, then
+    ``nnUNetv2_preprocess -c ...`` for the configurations to train (once per distinct data
+    identifier; the cascade reuses 3d_fullres data). Skipped when the plans and the preprocessed
+    folders exist, unless ``force``. Returns the configurations that can be trained: the requested
+    ones minus ``3d_lowres``/``3d_cascade_fullres`` when the planner dropped them (logged).
+    """
+    ws = _workspace(workspace)
+    entry = stage_plan(stage, profile)
+    wanted = list(configurations or entry["configurations"])
+    name = ws.dataset_name(stage, dataset_id)
+    if not (ws.raw / name / "dataset.json").exists():
+        raise SpinemetsError(f"{ws.raw / name}: raw dataset not found; import it first (spinemets import --stage {stage})")
+    plans_file = ws.plans_file(stage, dataset_id)
+    if force or not plans_file.exists():
+        run_nnunet("nnUNetv2_plan_and_preprocess", ["-d", name.split("_")[0][7:], "--no_pp", "-npfp", str(processes),
+                                                    "--verify_dataset_integrity"], ws)
+    for cfg_name, spec in entry["extra_configurations"].items():
+        add_configuration(plans_file, cfg_name, spec)
+    available = planned_configurations(plans_file)
+    usable = []
+    for cfg in wanted:
+        if cfg in available:
+            usable.append(cfg)
+        elif cfg in ("3d_lowres", "3d_cascade_fullres"):
+            log.warning("nnU-Net's planner dropped 3d_lowres for %s (the 3d_fullres patch already covers enough of "
+                        "the image): training continues without %s", name, cfg)
+            print(f"NOTE: {cfg} is not in the plans of {name} (the planner dropped 3d_lowres); continuing without it.")
+        else:
+            raise SpinemetsError(f"{plans_file}: configuration {cfg!r} not planned; planned: {', '.join(available)}")
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    todo = {}
+    for cfg in usable:
+        if cfg == "3d_cascade_fullres":
+            continue  # trains on 3d_fullres data plus the lowres predictions
+        ident = _data_identifier(plans, cfg)
+        if force or not (ws.preprocessed / name / ident).is_dir():
+            todo.setdefault(ident, cfg)
+    if todo:
+        run_nnunet("nnUNetv2_preprocess", ["-d", name.split("_")[0][7:], "-c", *todo.values(),
+                                           "-np", *[str(processes)] * len(todo)], ws)
+    return usable
+
+
+def _data_identifier(plans: dict, configuration: str) -> str:
+    cfg = plans["configurations"][configuration]
+    while "data_identifier" not in cfg and "inherits_from" in cfg:
+        cfg = plans["configurations"][cfg["inherits_from"]]
+    return cfg.get("data_identifier", f"{plans.get('plans_name', PLANS)}_{configuration}")
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _fold_arg(fold) -> str:
+    return str(fold)
+
+
+def train(stage: str, profile: str = "demo", configurations: Sequence[str] | None = None,
+          folds: Sequence[int | str] | None = None, device: str | None = None,
+          workspace: Workspace | str | Path | None = None, dataset_id: int | None = None,
+          trainer: str | None = None, extra_trainer_dirs: Sequence[str | Path] = (),
+          find_best: bool | None = None, threads: int | None = None, num_gpus: int = 1,
+          npz: bool | None = None) -> dict:
+    """Plan, preprocess and train one stage as the profile says; return where the models are.
+
+    For each configuration and fold (progress bars): skip it when ``checkpoint_final.pth``
+    exists, resume it (``nnUNetv2_train ... --c``) when a latest/best checkpoint exists, train it
+    from scratch otherwise. The paper profile saves validation probabilities (``--npz``) and
+    finally runs :func:`find_best_configuration`. ``threads`` limits torch's CPU threads in the
+    project's trainers (e.g. 1 to train two stages side by side on two cores); ``num_gpus`` > 1
+    is nnU-Net's own multi-GPU training (``-num_gpus``). Returns ``{"dataset", "trainer", "plans",
+    "configurations", "folds", "model_folders": {configuration: path}, "best": ... or None,
+    "train_wall_s", "train_cpu_s"}`` (wall-clock and CPU seconds of the training commands; on a
+    shared machine CPU seconds are the steadier measure).
+    """
+    ws = _workspace(workspace)
+    prof = get_profile(profile)
+    entry = stage_plan(stage, profile)
+    trainer = trainer or entry["trainer"]
+    folds = [_parse_fold(f) for f in (folds or entry["folds"])]
+    device = device or prof["device"]
+    if device not in ("cpu", "cuda"):
+        raise SpinemetsError(f"device must be cpu or cuda, not {device!r}")
+    if int(num_gpus) < 1 or (int(num_gpus) > 1 and device != "cuda"):
+        raise SpinemetsError(f"num_gpus {num_gpus}: must be 1, or more with device cuda")
+    find_best = prof["find_best"] if find_best is None else find_best
+    npz = find_best if npz is None else npz  # the selection ensembles the folds' validation probabilities
+    usable = plan_and_preprocess(stage, profile, configurations, ws, dataset_id)
+    name = ws.dataset_name(stage, dataset_id)
+    log_file = ws.results / name / "spinemets_train.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = _cpu_environment() if device == "cpu" else {}
+    if threads:
+        env["SPINEMETS_TORCH_THREADS"] = str(int(threads))  # honoured by the project's trainers
+    wall0, cpu0 = time.perf_counter(), _children_cpu_seconds()
+    for cfg in tqdm(usable, desc=f"{stage}: configurations", unit="config"):
+        for fold in tqdm(folds, desc=f"{stage} {cfg}: folds", unit="fold", leave=False):
+            out = ws.model_folder(stage, cfg, trainer, dataset_id) / f"fold_{fold}"
+            if (out / "checkpoint_final.pth").exists():
+                log.info("%s: already trained, skipped", out)
+                continue
+            args = [name.split("_")[0][7:], cfg, _fold_arg(fold), "-tr", trainer, "-p", PLANS, "-device", device]
+            if any((out / f).exists() for f in ("checkpoint_latest.pth", "checkpoint_best.pth")):
+                args.append("--c")
+            if npz:
+                args.append("--npz")
+            if num_gpus > 1:
+                args += ["-num_gpus", str(int(num_gpus))]  # nnU-Net's own multi-GPU (DDP) training
+            run_nnunet("nnUNetv2_train", args, ws, log_file, extra_trainer_dirs, env)
+    seconds = {"train_wall_s": round(time.perf_counter() - wall0, 1),
+               "train_cpu_s": round(_children_cpu_seconds() - cpu0, 1)}
+    best = find_best_configuration(stage, usable, folds, trainer, ws, dataset_id) if find_best else None
+    return {"dataset": name, "trainer": trainer, "plans": PLANS, "configurations": usable, "folds": folds,
+            "model_folders": {cfg: str(ws.model_folder(stage, cfg, trainer, dataset_id)) for cfg in usable},
+            "best": best, **seconds}
+
+
+def _cpu_environment() -> dict[str, str]:
+    """Settings for training on a CPU, unless the user set them.
+
+    * ``OMP_WAIT_POLICY=PASSIVE``: nnU-Net runs torch with one thread per core; with OpenMP's
+      default busy-waiting, a core taken by any other process stalls every parallel region (we
+      measured 2 threads at 3.5x the time of 1 thread on a busy 2-core machine; passive waiting
+      removed the loss).
+    * ``nnUNet_n_proc_DA=1``: one data-loading worker; without augmentation it is idle most of the time.
+    """
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "1")}
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of the finished child processes (nnU-Net's programs and their workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _parse_fold(fold) -> int | str:
+    if str(fold) == "all":
+        return "all"
+    try:
+        return int(fold)
+    except ValueError:
+        raise SpinemetsError(f"fold must be 0-4 or 'all', not {fold!r}") from None
+
+
+def find_best_configuration(stage: str, configurations: Sequence[str], folds: Sequence[int | str], trainer: str,
+                            workspace: Workspace | str | Path | None = None, dataset_id: int | None = None) -> dict:
+    """Run ``nnUNetv2_find_best_configuration`` (cross-validation Dice of each configuration and of
+    the ensembles of two) and return its ``inference_information.json``."""
+    ws = _workspace(workspace)
+    name = ws.dataset_name(stage, dataset_id)
+    run_nnunet("nnUNetv2_find_best_configuration",
+               [name.split("_")[0][7:], "-c", *configurations, "-tr", trainer, "-p", PLANS,
+                "-f", *map(str, folds)], ws)
+    info = ws.results / name / "inference_information.json"
+    return json.loads(info.read_text(encoding="utf-8")) if info.exists() else {}
+
+
+def ensemble(input_folders: Sequence[str | Path], output_folder: str | Path,
+             workspace: Workspace | str | Path | None = None, processes: int = 2) -> Path:
+    """Average the softmax outputs of several predictions (``nnUNetv2_ensemble``); folders hold ``.npz`` files."""
+    ws = _workspace(workspace)
+    run_nnunet("nnUNetv2_ensemble", ["-i", *map(str, input_folders), "-o", str(output_folder), "-np", str(processes)], ws)
+    return Path(output_folder)
+
+
+def predict_folder(input_folder: str | Path, output_folder: str | Path, stage: str, configuration: str,
+                   trainer: str, folds: Sequence[int | str], workspace: Workspace | str | Path | None = None,
+                   dataset_id: int | None = None, device: str = "cuda", save_probabilities: bool = False,
+                   tta: bool = True) -> Path:
+    """Predict a folder of ``CASE_0000.nii.gz`` images with ``nnUNetv2_predict``."""
+    ws = _workspace(workspace)
+    name = ws.dataset_name(stage, dataset_id)
+    args = ["-i", str(input_folder), "-o", str(output_folder), "-d", name.split("_")[0][7:], "-c", configuration,
+            "-tr", trainer, "-p", PLANS, "-f", *map(str, folds), "-device", device]
+    if save_probabilities:
+        args.append("--save_probabilities")
+    if not tta:
+        args.append("--disable_tta")
+    run_nnunet("nnUNetv2_predict", args, ws)
+    return Path(output_folder)
+
+
+def trained_models(stage: str, profile: str, workspace: Workspace | str | Path | None = None,
+                   dataset_id: int | None = None) -> list[dict]:
+    """The model(s) inference uses for a stage: ``[{"folder", "configuration", "folds", "trainer"}]``.
+
+    With several entries (an ensemble chosen by find_best_configuration) their probabilities are
+    averaged. Raises :class:`SpinemetsError` naming the missing folder when a stage is not trained.
+    """
+    ws = _workspace(workspace)
+    entry = stage_plan(stage, profile)
+    trainer = entry["trainer"]
+    name = ws.dataset_name(stage, dataset_id)
+    info_file = ws.results / name / "inference_information.json"
+    chosen: list[tuple[str, str]] = []
+    if get_profile(profile)["find_best"] and info_file.exists():
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+        for model in info.get("best_model_or_ensemble", {}).get("selected_model_or_models", []):
+            chosen.append((model["configuration"], model["trainer"]))
+    if not chosen:
+        cfgs = [c for c in entry["configurations"] if (ws.model_folder(stage, c, trainer, dataset_id)).is_dir()]
+        preferred = [c for c in ("3d_fullres", *entry["configurations"]) if c in cfgs]
+        if not preferred:
+            first = ws.model_folder(stage, entry["configurations"][0], trainer, dataset_id)
+            raise SpinemetsError(f"{first}: no trained {stage} model of profile {profile!r}; "
+                                 f"train it first (spinemets train --stage {stage} --profile {profile})")
+        chosen = [(preferred[0], trainer)]
+    models = []
+    for cfg, tr in chosen:
+        folder = ws.model_folder(stage, cfg, tr, dataset_id)
+        folds = sorted(p.name[5:] for p in folder.glob("fold_*")
+                       if (p / "checkpoint_final.pth").exists() or (p / "checkpoint_best.pth").exists())
+        if not folds:
+            raise SpinemetsError(f"{folder}: no fold with a checkpoint; training did not finish")
+        models.append({"folder": str(folder), "configuration": cfg, "trainer": tr,
+                       "folds": [f if f == "all" else int(f) for f in folds]})
+    return models
+
+
+def load_predictor(model: Mapping, device: str = "cpu", tta: bool = False, workspace: Workspace | str | Path | None = None,
+                   threads: int | None = None):
+    """nnU-Net's three-step predictor: construct, initialise from the model folder; ready for ``predict_*``.
+
+    ``model`` is one entry of :func:`trained_models`. The final checkpoint is used where present,
+    the best one otherwise. ``tta`` enables mirroring (where the trainer allows it).
+    """
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpinemetsError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    folder = Path(model["folder"])
+    checkpoint = "checkpoint_final.pth"
+    if not all((folder / f"fold_{f}" / checkpoint).exists() for f in model["folds"]):
+        checkpoint = "checkpoint_best.pth"
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
+                                perform_everything_on_device=device == "cuda", device=torch.device(device),
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    with _workspace(workspace).activated():
+        predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(model["folds"]),
+                                                       checkpoint_name=checkpoint)
+    return predictor

@@ -1,0 +1,524 @@
+"""The batch runner: execute the notebooks of a profile with papermill, then build the book.
+
+``run("demo")`` (the command ``spinemets run --profile demo``) does, in order:
+
+1. loads the profile (:mod:`spinemets.profiles`) and works out each notebook's parameters:
+   shared profile parameters, the notebook's own, then the overrides given to :func:`run`, each
+   kept only where the notebook declares it in its cell tagged ``parameters``;
+2. executes the notebooks one after the other with papermill, in the project root as working
+   directory, into ``build/executed/<same name>.ipynb``. A failing notebook stops the run with a
+   :class:`SpinemetsError` (a non-zero exit on the command line); its executed copy, with the
+   error in it, is kept;
+3. writes ``build/executed/provenance.json`` (command, profile, parameters, status and duration
+   of every notebook, package versions), after every notebook, so a failed run has one too;
+4. builds the book with ``jupyter-book build -n -W --keep-going --all`` from a copy of
+   ``_toc.yml`` (``build/executed/_toc.yml``) in which each executed notebook replaces its
+   committed original. The committed ``_toc.yml`` names the committed notebooks, so a fresh
+   clone builds a complete book without any run. The results page (``book/results.md``) finds the
+   run through the environment variable :data:`RUN_DIR_ENV`, which is set for the book build only.
+
+The second half of the module serves that results page: the run's provenance, the paper's values
+(``book/data/paper_results.csv``) and the table that sets them side by side with ours.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+import yaml
+
+from .errors import SpinemetsError
+from .io import write_json, write_text
+from .profiles import NotebookStep, Profile, find_project_root, load_profile, notebook_parameters
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT_DIR = "build/executed"
+PROVENANCE = "provenance.json"
+RUN_TOC = "_toc.yml"
+#: Environment variable naming the run folder, set for the book build (read by book/results.md).
+RUN_DIR_ENV = "SPINEMETS_RUN_DIR"
+PAPER_RESULTS = "book/data/paper_results.csv"
+#: Packages whose versions go into the provenance.
+VERSIONED = ("spinemets", "nnunetv2", "torch", "papermill", "jupyter-book", "SimpleITK", "numpy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the notebooks
+# ---------------------------------------------------------------------------------------------
+
+
+def run(
+    profile: str | Path | Profile,
+    parameters: Mapping[str, Any] | None = None,
+    notebooks: Iterable[str | Path] | None = None,
+    out_dir: str | Path = DEFAULT_OUT_DIR,
+    build_book: bool = True,
+    root: str | Path | None = None,
+) -> Path:
+    """Execute the notebooks of ``profile`` in order and build the book; return the run folder.
+
+    ``parameters`` override notebook parameters for every notebook that declares them; string
+    values are read as YAML (``"8"`` -> 8, ``"[0, 1]"`` -> a list, ``"true"`` -> True), as they
+    come from ``-p NAME VALUE`` on the command line. An override that no selected notebook declares
+    is an error. ``notebooks`` selects a subset of the profile's notebooks (by stem, e.g.
+    ``"01_data_curation"``, or path) or, for paths not in the profile, adds notebooks that get the
+    shared parameters. ``out_dir`` (relative to the project root) receives the executed notebooks
+    and ``provenance.json``; ``root`` is the project root (default: :func:`find_project_root`).
+    """
+    root = find_project_root(root)
+    prof = profile if isinstance(profile, Profile) else load_profile(profile, root)
+    out = _inside(root, out_dir)
+    if build_book:
+        _relative_to_root(root, out)  # fail now, not after hours of notebooks
+    plans = plan_run(prof, root, notebooks, parameters)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_run(out)
+    record = _provenance(root, prof, {k: parse_value(v) for k, v in dict(parameters or {}).items()}, plans, out)
+    write_json(out / PROVENANCE, record)
+    for entry, (source, params) in zip(record["notebooks"], plans):
+        started = time.monotonic()
+        try:
+            execute_notebook(source, out / source.name, params, cwd=root)
+        except SpinemetsError as exc:
+            entry.update(status="failed", seconds=round(time.monotonic() - started, 1), error=str(exc))
+            _finish(out, record, "failed")
+            raise
+        entry.update(status="ok", seconds=round(time.monotonic() - started, 1))
+        write_json(out / PROVENANCE, record)
+    _finish(out, record, "executed")
+    if build_book:
+        try:
+            record["book"] = _rel(root, build(root, out))
+        except SpinemetsError:
+            _finish(out, record, "book build failed")
+            raise
+        _finish(out, record, "ok")
+    return out
+
+
+def plan_run(
+    profile: Profile, root: Path, notebooks: Iterable[str | Path] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+) -> list[tuple[Path, dict[str, Any]]]:
+    """(notebook file, papermill parameters) of each notebook to run, checked before anything runs.
+
+    Raises :class:`SpinemetsError` for a missing notebook, one without a ``parameters`` cell, a
+    profile parameter the notebook does not declare, and an override no notebook declares.
+    """
+    overrides = {name: parse_value(value) for name, value in dict(parameters or {}).items()}
+    steps = select_steps(profile, notebooks)
+    sources = [_source(root, step) for step in steps]
+    declared = [declared_parameters(src) for src in sources]
+    known = set().union(*declared)
+    unused = sorted(set(overrides) - known)
+    if unused:
+        raise SpinemetsError(
+            f"parameter(s) {unused} are not declared by any notebook of profile {profile.name!r}; "
+            f"declared: {sorted(known)}"
+        )
+    return [(src, notebook_parameters(profile, step, names, overrides))
+            for step, src, names in zip(steps, sources, declared)]
+
+
+def _finish(out: Path, record: dict, status: str) -> None:
+    record.update(status=status, finished=_now())
+    write_json(out / PROVENANCE, record)
+
+
+def parse_value(value: Any) -> Any:
+    """A command-line parameter value: strings are read as YAML, other values pass unchanged.
+
+    Only ``true``/``false`` (any case) become booleans; YAML 1.1's ``yes``/``no``/``on``/``off``
+    stay strings.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+        return value
+    return value if parsed is None and value.strip().lower() not in ("null", "none", "~") else parsed
+
+
+def select_steps(profile: Profile, notebooks: Iterable[str | Path] | None) -> list[NotebookStep]:
+    """The profile's notebooks, or the ones named in ``notebooks`` (by stem or path), in the given order."""
+    if notebooks is None:
+        return list(profile.notebooks)
+    known = {key: step for step in profile.notebooks for key in (step.stem, Path(step.path).as_posix())}
+    chosen = []
+    for item in notebooks:
+        key = Path(str(item)).as_posix() if str(item).endswith(".ipynb") else str(item)
+        if key in known:
+            chosen.append(known[key])
+        elif key.endswith(".ipynb"):
+            chosen.append(NotebookStep(key))
+        else:
+            raise SpinemetsError(
+                f"notebook {str(item)!r} is not in profile {profile.name!r} "
+                f"({', '.join(s.stem for s in profile.notebooks)}) and is not a path to a .ipynb file"
+            )
+    if not chosen:
+        raise SpinemetsError("no notebooks selected")
+    return chosen
+
+
+def _source(root: Path, step: NotebookStep) -> Path:
+    path = Path(step.path)
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise SpinemetsError(f"{path}: notebook not found")
+    return path
+
+
+def _inside(root: Path, folder: str | Path) -> Path:
+    folder = Path(folder)
+    return (folder if folder.is_absolute() else root / folder).resolve()
+
+
+def declared_parameters(notebook: str | Path) -> set[str]:
+    """Names assigned in the notebook's cell tagged ``parameters`` (papermill's own parser).
+
+    A notebook without such a cell is an error: papermill could not inject anything into it.
+    """
+    import nbformat
+    import papermill
+
+    path = Path(notebook)
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception as exc:  # nbformat raises several types for damaged files
+        raise SpinemetsError(f"{path}: not a readable notebook ({exc})") from None
+    if not any("parameters" in cell.get("metadata", {}).get("tags", []) for cell in nb.cells):
+        raise SpinemetsError(f"{path}: no cell tagged 'parameters'; papermill cannot pass parameters to it")
+    return set(papermill.inspect_notebook(str(path)))
+
+
+def execute_notebook(source: Path, target: Path, parameters: Mapping[str, Any], cwd: Path) -> Path:
+    """Execute one notebook with papermill into ``target``; a failure raises :class:`SpinemetsError`.
+
+    The executed notebook is written as it runs and kept when a cell fails, with the error output
+    in the failing cell.
+    """
+    import nbformat
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    kernel = nbformat.read(source, as_version=4).metadata.get("kernelspec", {}).get("name", "python3")
+    log.info("executing %s -> %s", source.name, target)
+    try:
+        papermill.execute_notebook(
+            str(source), str(target), parameters=dict(parameters), cwd=str(cwd), kernel_name=kernel,
+            progress_bar=True, log_output=False, report_mode=False,
+        )
+    except PapermillExecutionError as exc:
+        raise SpinemetsError(
+            f"{source}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue}; "
+            f"the executed notebook, with the error, is {target}"
+        ) from None
+    except Exception as exc:  # kernel died, could not start, ...
+        raise SpinemetsError(
+            f"{source}: execution failed ({type(exc).__name__}: {exc}); what ran is in {target}"
+        ) from None
+    return target
+
+
+def clear_run(out: Path) -> list[Path]:
+    """Remove what an earlier run left in ``out``: executed notebooks (those papermill wrote),
+    the generated table of contents and the provenance. Other files are left alone."""
+    import nbformat
+
+    removed = []
+    for path in sorted(out.glob("*.ipynb")):
+        try:
+            is_ours = "papermill" in nbformat.read(path, as_version=4).metadata
+        except Exception:
+            is_ours = False
+        if is_ours:
+            path.unlink()
+            removed.append(path)
+    for name in (RUN_TOC, PROVENANCE):
+        if (out / name).exists():
+            (out / name).unlink()
+            removed.append(out / name)
+    return removed
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python and of the packages in :data:`VERSIONED` (None when not installed)."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _relative_to_root(root: Path, folder: Path) -> Path:
+    """``folder`` relative to the project root; an error when it lies outside (Sphinx reads only the root)."""
+    try:
+        return Path(folder).resolve().relative_to(root)
+    except ValueError:
+        raise SpinemetsError(
+            f"{folder}: the run folder must lie inside the project root {root} for the book to include it"
+        ) from None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _rel(root: Path, path: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _command() -> str:
+    argv = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _provenance(root: Path, prof: Profile, overrides: dict, plans: list, out: Path) -> dict:
+    return {
+        "command": _command(),
+        "profile": {"name": prof.name, "file": _rel(root, prof.source), "cohort": prof.cohort,
+                    "description": prof.description},
+        "overrides": overrides,
+        "notebooks": [{"notebook": _rel(root, src), "executed": _rel(root, out / src.name), "parameters": params,
+                       "status": "pending"} for src, params in plans],
+        "versions": versions(),
+        "started": _now(),
+        "finished": None,
+        "status": "running",
+        "book": None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the book
+# ---------------------------------------------------------------------------------------------
+
+
+def run_toc(root: Path, out: Path) -> Path:
+    """Write ``out/_toc.yml``: the project's ``_toc.yml`` with every notebook that has an executed
+    copy in ``out`` pointing at that copy. Returns the file written."""
+    toc_path = root / "_toc.yml"
+    try:
+        toc = yaml.safe_load(toc_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpinemetsError(f"{toc_path}: cannot read the table of contents ({exc})") from None
+    out_rel = _relative_to_root(root, out)
+    executed = {p.stem: (out_rel / p.stem).as_posix() for p in out.glob("*.ipynb")}
+
+    def swap(node):
+        if isinstance(node, dict):
+            node = {k: swap(v) for k, v in node.items()}
+            target = node.get("file") or node.get("root")
+            key = "file" if "file" in node else "root"
+            if isinstance(target, str) and Path(target).stem in executed:
+                node[key] = executed[Path(target).stem]
+            return node
+        if isinstance(node, list):
+            return [swap(v) for v in node]
+        return node
+
+    path = out / RUN_TOC
+    write_text(path, "# Generated by spinemets.runner from _toc.yml; do not edit.\n"
+               + yaml.safe_dump(swap(toc), sort_keys=False))
+    return path
+
+
+def jupyter_book_command() -> list[str]:
+    """The ``jupyter-book`` executable of this environment."""
+    beside = Path(sys.executable).with_name("jupyter-book")
+    found = str(beside) if beside.exists() else shutil.which("jupyter-book")
+    if not found:
+        raise SpinemetsError("jupyter-book is not installed in this environment (pip install jupyter-book==1.0.4.post1)")
+    return [found]
+
+
+def build(root: str | Path | None = None, run_dir: str | Path | None = None) -> Path:
+    """Build the book with ``-n -W --keep-going --all``; return ``_build/html/index.html``.
+
+    With ``run_dir``, the book is built from that run's table of contents (:func:`run_toc`) and
+    the results page reads that run. Without it, the committed ``_toc.yml`` is used. A failed
+    build raises :class:`SpinemetsError` with the end of jupyter-book's output.
+    """
+    root = find_project_root(root)
+    command = [*jupyter_book_command(), "build", str(root), "-n", "-W", "--keep-going", "--all"]
+    env = dict(os.environ)
+    if run_dir is not None:
+        out = _inside(root, run_dir)
+        command += ["--toc", str(run_toc(root, out))]
+        env[RUN_DIR_ENV] = str(out)
+    log.info("building the book: %s", " ".join(command))
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-30:])
+        raise SpinemetsError(f"the book build failed (jupyter-book exit {result.returncode}):\n{tail}")
+    return root / "_build" / "html" / "index.html"
+
+
+# ---------------------------------------------------------------------------------------------
+# The results page
+# ---------------------------------------------------------------------------------------------
+
+
+def run_dir(root: str | Path | None = None) -> Path:
+    """The run the book shows: :data:`RUN_DIR_ENV` when set, else ``build/executed`` of the project."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    return find_project_root(root) / DEFAULT_OUT_DIR
+
+
+def read_provenance(folder: str | Path) -> dict | None:
+    """The ``provenance.json`` of a run folder, or None when the folder holds no run."""
+    path = Path(folder) / PROVENANCE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpinemetsError(f"{path}: unreadable run provenance ({exc})") from None
+
+
+def run_parameter(provenance: Mapping, name: str) -> Any:
+    """The value of parameter ``name`` in the last notebook of a run that was given it (None if none)."""
+    value = None
+    for entry in provenance.get("notebooks", []):
+        if name in entry.get("parameters", {}):
+            value = entry["parameters"][name]
+    return value
+
+
+def evaluation_dir(workspace: str | Path, stage: str) -> Path:
+    """Where the evaluation notebook writes a stage's tables: ``<workspace>/evaluation/<stage>``."""
+    return Path(workspace) / "evaluation" / stage
+
+
+def run_workspace(provenance: Mapping | None, root: str | Path | None = None) -> Path | None:
+    """The ``workspace`` parameter of a run as a path (relative ones are relative to the project root)."""
+    workspace = run_parameter(provenance, "workspace") if provenance else None
+    if workspace is None:
+        return None
+    return Path(workspace) if Path(workspace).is_absolute() else find_project_root(root) / workspace
+
+
+def run_summaries(provenance: Mapping | None, root: str | Path | None = None) -> dict[str, pd.DataFrame | None]:
+    """The evaluation summaries of a run per stage (None where the run has none). The run's
+    ``workspace`` parameter is relative to the project root unless absolute."""
+    workspace = run_workspace(provenance, root)
+    return {stage: None if workspace is None else read_summary(evaluation_dir(workspace, stage))
+            for stage in ("vertebrae", "metastases")}
+
+
+def run_per_case(provenance: Mapping | None, stage: str, root: str | Path | None = None) -> pd.DataFrame | None:
+    """A stage's ``per_case.csv`` (case, class, metric, value) of a run, or None."""
+    workspace = run_workspace(provenance, root)
+    if workspace is None:
+        return None
+    path = evaluation_dir(workspace, stage) / "per_case.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def provenance_statement(provenance: Mapping | None) -> str:
+    """One Markdown paragraph saying which profile produced the book's numbers and what they mean."""
+    if not provenance:
+        return ("**No pipeline run is included in this build.** The table shows the paper's published "
+                "values only. Run `spinemets run --profile demo` (synthetic cohort, CPU) or "
+                "`spinemets run --profile paper` (public cohort, GPU) to add ours.")
+    prof = provenance.get("profile", {})
+    device = run_parameter(provenance, "device") or "unknown device"
+    finished = provenance.get("finished") or provenance.get("started") or "unknown time"
+    status = provenance.get("status", "?")
+    text = (f"These numbers were produced by the **{prof.get('name', '?')}** profile "
+            f"(`{prof.get('file', '?')}`) on **{str(device).upper()}**, run finished {finished}"
+            + ("." if status in ("executed", "ok") else f", **status: {status}**.")
+            + (f" Command: `{provenance['command']}`." if provenance.get("command") else ""))
+    if prof.get("cohort") == "synthetic":
+        text += (" **They come from a synthetic cohort"
+                 + (" on a CPU" if str(device).lower() == "cpu" else "")
+                 + ": they show that the pipeline runs end to end and learns, and say nothing about "
+                 "performance on patients. They are not comparable with the paper's values.**")
+    else:
+        text += " They come from the public cohort of the paper."
+    return text
+
+
+def read_paper_results(path: str | Path | None = None) -> pd.DataFrame:
+    """The paper's reported values (``book/data/paper_results.csv``): one row per stage, class and
+    metric with either a ``value`` or a ``low``-``high`` range, and its ``source``."""
+    path = Path(path) if path is not None else find_project_root() / PAPER_RESULTS
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise SpinemetsError(f"{path}: paper results file not found") from None
+    missing = {"stage", "configuration", "class", "metric", "value", "low", "high", "source"} - set(frame.columns)
+    if missing:
+        raise SpinemetsError(f"{path}: missing column(s) {sorted(missing)}")
+    return frame
+
+
+#: Our metric (in ``summary.csv`` of :func:`spinemets.metrics.evaluate_folders`) for each paper metric.
+OUR_METRIC = {"dice": "dice", "f2": "fbeta", "pq": "pq"}
+
+
+def read_summary(folder: str | Path) -> pd.DataFrame | None:
+    """A stage's ``summary.csv`` (columns class, metric, aggregate, value, ci_low, ci_high, n, n_nan),
+    or None when the folder has none."""
+    path = Path(folder) / "summary.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def compare_with_paper(paper: pd.DataFrame, summaries: Mapping[str, pd.DataFrame | None]) -> pd.DataFrame:
+    """The paper's values beside ours, as display strings.
+
+    For a paper value of one class, ours is the mean over cases of the matching metric
+    (:data:`OUR_METRIC`; the paper's F2 is compared with our voxel-level F-beta, beta = 2) with its
+    bootstrap 95 % interval. For a paper range over all vertebrae, ours is the range of the
+    per-vertebra means (vertebrae present in at least one reference) and their mean. Missing runs
+    or classes show "–".
+    """
+    rows = []
+    for rec in paper.to_dict("records"):
+        summary = summaries.get(rec["stage"])
+        ours, n = "–", "–"
+        metric = OUR_METRIC.get(rec["metric"], rec["metric"])
+        if summary is not None:
+            means = summary[(summary["aggregate"] == "mean") & (summary["metric"] == metric)]
+            if pd.notna(rec["value"]):
+                hit = means[(means["class"] == rec["class"]) & means["value"].notna()]
+                if not hit.empty:
+                    h = hit.iloc[0]
+                    ours, n = f"{h['value']:.2f} ({h['ci_low']:.2f}–{h['ci_high']:.2f})", str(int(h["n"]))
+            else:
+                per_class = means[(means["class"] != "all") & (means["n"] > 0)].dropna(subset=["value"])
+                if not per_class.empty:
+                    ours = (f"{per_class['value'].min():.2f}–{per_class['value'].max():.2f} "
+                            f"(mean {per_class['value'].mean():.2f})")
+                    n = f"{len(per_class)} vertebrae"
+        paper_text = f"{rec['value']:.2f}" if pd.notna(rec["value"]) else f"{rec['low']:.2f}–{rec['high']:.2f}"
+        rows.append({"stage": rec["stage"], "class": rec["class"], "metric": _METRIC_LABEL.get(rec["metric"], rec["metric"]),
+                     "paper": paper_text, "paper configuration": rec["configuration"], "ours": ours, "n": n})
+    return pd.DataFrame(rows, columns=["stage", "class", "metric", "paper", "paper configuration", "ours", "n"])
+
+
+_METRIC_LABEL = {"dice": "Dice", "f2": "F2", "pq": "PQ"}

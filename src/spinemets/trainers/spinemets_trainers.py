@@ -1,0 +1,122 @@
+"""Short-schedule nnU-Net trainers for the CPU demo and the tests.
+
+The demo trains on 2 CPU cores in minutes, so these trainers change nnU-Net's defaults
+(1000 epochs x 250 iterations, SGD lr 1e-2, full augmentation) to:
+
+* **few iterations**: ``EPOCHS x ITERATIONS`` set per class; a handful of validation iterations
+  per epoch, enough for the pseudo-Dice curve in the checkpoint logging;
+* **AdamW with a polynomial decay** (lr ``LR``, nnU-Net's weight decay): with few iterations SGD
+  at 1e-2 learned nothing in our measurements;
+* **no data augmentation and no test-time mirroring** (nnU-Net's ``nnUNetTrainerNoDA``): the
+  default scaling by 0.7-1.4 destroys the size cue that helps tell vertebrae apart, and mirroring
+  multiplies prediction time;
+* **foreground oversampling** ``OVERSAMPLE`` (fraction of each batch centred on a labelled
+  voxel): small lesions are rare in a random patch;
+* **no end-of-training validation on fold 'all'**, where the "validation" cases are the
+  training cases (nnU-Net would predict them all with its sliding window);
+* **CPU threads** from ``SPINEMETS_TORCH_THREADS`` when set (nnU-Net itself uses one per core):
+  these small networks gain little from a second thread, so two stages can train side by side
+  with one thread each (:func:`spinemets.nnunet.train` ``threads=``).
+
+Hyperparameters are class attributes, so a variant is a three-line subclass.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
+
+
+class SpinemetsTrainer(nnUNetTrainerNoDA):
+    """Base of the short-schedule trainers (see the module docstring)."""
+
+    EPOCHS = 20
+    ITERATIONS = 25
+    VAL_ITERATIONS = 3
+    LR = 3e-3
+    OVERSAMPLE = 0.33
+    SAVE_EVERY = 5
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        threads = os.environ.get("SPINEMETS_TORCH_THREADS")
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(int(threads))  # nnU-Net sets one thread per core before this
+        self.num_epochs = self.EPOCHS
+        self.num_iterations_per_epoch = self.ITERATIONS
+        self.num_val_iterations_per_epoch = self.VAL_ITERATIONS
+        self.initial_lr = self.LR
+        self.oversample_foreground_percent = self.OVERSAMPLE
+        self.save_every = self.SAVE_EVERY
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return optimizer, scheduler
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.fold == "all":
+            self.print_to_log_file("Final validation skipped: on fold 'all' the validation cases are the training cases.")
+            return
+        super().perform_actual_validation(save_probabilities)
+
+
+class SpinemetsVertebraeDemoTrainer(SpinemetsTrainer):
+    """Vertebra stage of the CPU demo: 25 classes whose identity needs many iterations (1000 here)."""
+
+    EPOCHS = 20
+    ITERATIONS = 50
+    LR = 3e-3
+    OVERSAMPLE = 0.33
+
+
+class SpinemetsMetastasesDemoTrainer(SpinemetsTrainer):
+    """Metastasis stage of the CPU demo: half of each batch centred on a lesion voxel.
+
+    With every patch centred on a lesion (oversampling 1.0) the network saw too little lesion-free
+    bone and predicted many small false positives on held-out cases; 0.5 roughly halved them.
+    """
+
+    EPOCHS = 24
+    ITERATIONS = 25
+    LR = 3e-3
+    OVERSAMPLE = 0.5
+
+
+class SpinemetsCITrainer(SpinemetsTrainer):
+    """A few iterations, a checkpoint every epoch: exercises the whole pipeline in seconds (tests)."""
+
+    EPOCHS = 3
+    ITERATIONS = 2
+    VAL_ITERATIONS = 1
+    LR = 3e-3
+    OVERSAMPLE = 0.5
+    SAVE_EVERY = 1
+
+
+class SpinemetsGPUCheckTrainer(nnUNetTrainer):
+    """nnU-Net's default training (SGD, augmentation, 250 iterations per epoch) for a few epochs.
+
+    The number of epochs and of iterations per epoch come from ``SPINEMETS_GPU_CHECK_EPOCHS``
+    (default 3) and ``SPINEMETS_GPU_CHECK_ITERATIONS`` (default 250), so that
+    ``scripts/gpu_check.sh`` can fit its time budget and be dry-run on a CPU with 2 iterations.
+    The final validation on fold 'all' is skipped, as in :class:`SpinemetsTrainer`.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = int(os.environ.get("SPINEMETS_GPU_CHECK_EPOCHS", "3"))
+        self.num_iterations_per_epoch = int(os.environ.get("SPINEMETS_GPU_CHECK_ITERATIONS", "250"))
+        self.num_val_iterations_per_epoch = max(1, self.num_iterations_per_epoch // 10)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.fold == "all":
+            self.print_to_log_file("Final validation skipped: on fold 'all' the validation cases are the training cases.")
+            return
+        super().perform_actual_validation(save_probabilities)

@@ -1,0 +1,217 @@
+"""The notebooks' shape, the book's configuration and references, and a real book build."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from spinemets import labels, metrics, runner
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+STEPS = ["01_data_curation", "02_slicer_import", "03_train_vertebrae", "04_train_metastases", "05_inference",
+         "06_evaluation"]
+COMMON_PARAMETERS = {"data_dir", "workspace", "profile", "device", "seed", "interactive"}
+
+
+def _headings(nb) -> list[str]:
+    found = []
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        in_fence = False
+        for line in cell.source.splitlines():
+            if line.startswith("```"):
+                in_fence = not in_fence
+            elif not in_fence and re.match(r"^#{1,6} ", line):
+                found.append(line.strip())
+    return found
+
+
+def test_every_step_has_its_notebook():
+    assert [p.stem for p in NOTEBOOKS] == STEPS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_has_one_parameters_cell_and_no_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].cell_type == "code"
+    declared = set(runner.declared_parameters(path))
+    assert COMMON_PARAMETERS <= declared, f"missing {COMMON_PARAMETERS - declared}"
+    assert re.search(r"^interactive = False\b", tagged[0].source, re.M)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, "commit notebooks without outputs"
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_follows_the_cookbook_structure(path):
+    nb = nbformat.read(path, as_version=4)
+    heads = _headings(nb)
+    assert heads[0].startswith("# ") and sum(h.startswith("# ") for h in heads) == 1, "one title"
+    h2 = [h[3:] for h in heads if h.startswith("## ")]
+    assert h2[:3] == ["Overview", "Prerequisites", "Imports"]
+    assert h2[-2:] == ["Summary", "Resources and references"]
+    assert len(h2) >= 7, "content sections between Imports and Summary"
+    assert "### What's next?" in heads and heads.index("### What's next?") > heads.index("## Summary")
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "Time to learn" in text
+    # the Imports section is a code cell with imports only, right after its heading
+    imports_at = next(i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "## Imports" in c.source)
+    imports = nb.cells[imports_at + 1]
+    assert imports.cell_type == "code"
+    assert all(line.startswith(("import ", "from ")) or not line.strip() for line in imports.source.splitlines())
+    # every Overview item names a section of the notebook
+    overview = next(c.source for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("## Overview"))
+    for item in re.findall(r"^\d+\. \*\*(.+?)\*\*", overview, re.M):
+        assert f"## {item}" in heads, f"Overview item {item!r} has no section"
+    # a label the chapters can reference wherever the notebook lies (committed or executed copy)
+    assert re.match(r"^\(nb-[a-z-]+\)=\n# ", nb.cells[0].source)
+
+
+def _toc_files(node) -> list[str]:
+    if isinstance(node, dict):
+        own = [node[k] for k in ("root", "file") if k in node]
+        return own + [f for v in node.values() for f in _toc_files(v)]
+    if isinstance(node, list):
+        return [f for v in node for f in _toc_files(v)]
+    return []
+
+
+def test_toc_lists_every_chapter_and_notebook():
+    toc = yaml.safe_load((REPO / "_toc.yml").read_text())
+    files = _toc_files(toc)
+    for step in STEPS:
+        assert f"notebooks/{step}" in files
+    for chapter in ["intro", "data", "methods", "metrics", "results", "reproducing", "cluster", "references"]:
+        assert f"book/{chapter}" in files
+    for name in files:
+        assert any((REPO / f"{name}{suffix}").exists() for suffix in (".md", ".ipynb")), f"{name} missing"
+
+
+def test_config_turns_notebook_execution_off_and_fails_on_errors():
+    config = yaml.safe_load((REPO / "_config.yml").read_text())
+    assert config["execute"]["execute_notebooks"] == "off"
+    assert config["sphinx"]["config"]["nb_execution_raise_on_error"] is True
+    assert config["bibtex_bibfiles"] == ["book/references.bib"]
+    assert config["only_build_toc_files"] is True
+    assert not config["launch_buttons"].get("binderhub_url") and not config["launch_buttons"].get("thebe")
+    results = (REPO / "book" / "results.md").read_text()
+    assert "execution_mode: force" in results.split("---")[1], "the results page computes at build time"
+
+
+def _bib_keys() -> set[str]:
+    return set(re.findall(r"^@\w+\{([^,]+),", (REPO / "book" / "references.bib").read_text(), re.M))
+
+
+def test_bibliography_has_the_works_the_book_builds_on():
+    keys = _bib_keys()
+    assert {"edelmers2024", "isensee2021nnunet", "maierhein2024metricsreloaded", "sekuboyina2021verse",
+            "fedorov2012slicer", "foucart2023", "kirillov2019panoptic", "fisher2010sins",
+            "wasserthal2023totalsegmentator"} <= keys
+    bib = (REPO / "book" / "references.bib").read_text()
+    assert "10.3390/diagnostics14212458" in bib and "10.20944/preprints202409.0633.v1" in bib
+
+
+def test_every_citation_is_in_the_bibliography():
+    texts = [p.read_text() for p in (REPO / "book").glob("*.md")]
+    texts += [c.source for p in NOTEBOOKS for c in nbformat.read(p, as_version=4).cells]
+    cited = {k.strip() for t in texts for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", t)
+             for k in group.split(",")}
+    assert cited, "the book cites its sources"
+    assert cited <= _bib_keys(), f"unknown keys: {cited - _bib_keys()}"
+
+
+def test_paper_results_are_cited_values():
+    paper = runner.read_paper_results(REPO / "book" / "data" / "paper_results.csv")
+    assert paper["source"].str.contains("Edelmers et al. 2024").all()
+    values = pd.concat([paper["value"], paper["low"], paper["high"]]).dropna()
+    assert ((values > 0) & (values <= 1)).all()
+    lytic = paper[(paper["class"] == "lytic")].set_index("metric")["value"]
+    assert lytic.to_dict() == {"dice": 0.71, "f2": 0.68, "pq": 0.45}
+    assert set(paper["metric"]) <= set(runner.OUR_METRIC)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real build: the repository's book, with a run whose evaluation tables the metrics module wrote
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_labels(folder: Path, case: str, array: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(image, str(folder / f"{case}.nii.gz"))
+
+
+def _fake_evaluated_run(root: Path) -> Path:
+    """Reference and predicted label maps of three tiny cases, scored by spinemets.metrics."""
+    rng = np.random.default_rng(0)
+    workspace = root / "workspace" / "test"
+    vert_ids = labels.foreground_labels("vertebrae")
+    for i in range(3):
+        case = f"case{i}"
+        vert = np.zeros((30, 12, 12), np.uint8)
+        for j, name in enumerate(["T12", "L1", "L2"]):
+            vert[j * 10 + 1: j * 10 + 9, 3:9, 3:9] = vert_ids[name]
+        pred = vert.copy()
+        pred[rng.integers(0, 30), :, :] = 0
+        _write_labels(workspace / "ref" / "vertebrae", case, vert)
+        _write_labels(workspace / "pred" / "vertebrae", case, pred)
+        met = np.zeros((30, 12, 12), np.uint8)
+        met[3:6, 4:7, 4:7] = 1
+        met[20:22, 5:7, 5:7] = 2
+        pmet = np.roll(met, i, axis=1)
+        _write_labels(workspace / "ref" / "metastases", case, met)
+        _write_labels(workspace / "pred" / "metastases", case, pmet)
+    for stage in ("vertebrae", "metastases"):
+        metrics.evaluate_folders(workspace / "ref" / stage, workspace / "pred" / stage, stage,
+                                 runner.evaluation_dir(workspace, stage))
+    out = root / "build" / "executed"
+    out.mkdir(parents=True)
+    (out / "provenance.json").write_text(json.dumps({
+        "command": "spinemets run --profile demo", "status": "ok", "finished": "2026-01-01T00:00:00+00:00",
+        "profile": {"name": "demo", "file": "profiles/demo.yaml", "cohort": "synthetic"},
+        "notebooks": [{"notebook": "notebooks/06_evaluation.ipynb",
+                       "parameters": {"workspace": "workspace/test", "device": "cpu"}, "status": "ok"}],
+    }))
+    return out
+
+
+def test_book_builds_with_results_table_and_figures(tmp_path):
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for folder in ("book", "notebooks", "profiles"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    out = _fake_evaluated_run(tmp_path)
+    index = runner.build(tmp_path, out)  # -n -W --keep-going: any warning fails the build
+    assert index == tmp_path / "_build" / "html" / "index.html" and index.exists()
+    html = tmp_path / "_build" / "html"
+    results = (html / "book" / "results.html").read_text()
+    assert "<strong>demo</strong> profile" in results
+    assert "synthetic cohort on a CPU" in results
+    assert "<table" in results and "0.87–0.96" in results and "0.71" in results
+    ours = runner.compare_with_paper(runner.read_paper_results(tmp_path / "book/data/paper_results.csv"),
+                                     runner.run_summaries(json.loads((out / "provenance.json").read_text()),
+                                                          tmp_path))
+    lytic_dice = ours.set_index(["class", "metric"]).loc[("lytic", "Dice"), "ours"]
+    assert lytic_dice != "–" and lytic_dice in results
+    assert len(re.findall(r"<img [^>]*src=\"\.\./_images/", results)) == 2, "two box-plot figures"
+    for page in ["intro", "data", "methods", "reproducing", "references"]:
+        assert (html / "book" / f"{page}.html").exists()
+    for step in STEPS:
+        assert (html / "notebooks" / f"{step}.html").exists()
+    references = (html / "book" / "references.html").read_text()
+    assert "Diagnostics" in references and "Panoptic quality should be avoided" in references

@@ -1,0 +1,266 @@
+"""Localization, partial SINS and the two-stage prediction pipeline (with stand-in stages: no nnU-Net here).
+
+The label maps are built by hand, so every expected level, volume and score is known exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from spinemets import inference
+from spinemets.errors import SpinemetsError
+from spinemets.labels import labels
+
+V = labels("vertebrae")
+SPACING = (3.0, 2.0, 2.0)  # z, y, x mm
+
+
+def _spine(shape=(40, 20, 20)):
+    """Vertebrae T5, T6, T7 as 8-slice blocks (x, y 5..14), separated by 2-slice gaps (discs)."""
+    vert = np.zeros(shape, np.uint8)
+    for k, name in enumerate(("T5", "T6", "T7")):
+        z0 = 5 + 10 * k
+        vert[z0:z0 + 8, 5:15, 5:15] = V[name]
+    return vert
+
+
+def _ball(shape, centre, radius):
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= radius ** 2
+
+
+def test_lesion_planted_in_a_vertebra_is_localized_to_that_level():
+    vert = _spine()
+    les = np.zeros_like(vert)
+    ball = _ball(vert.shape, (18, 10, 10), 2)  # inside T6 (slices 15..22)
+    les[ball] = 1
+    ct = np.full(vert.shape, 100, np.int16)
+    ct[ball] = 20
+    ct[18, 10, 10] = 55
+    rows = inference.localize(les, vert, ct, SPACING)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["level"] == "T6" and row["assignment"] == "overlap" and row["type"] == "lytic"
+    n = int(ball.sum())
+    assert row["voxels"] == n
+    assert row["volume_ml"] == pytest.approx(n * 3.0 * 2.0 * 2.0 / 1000, abs=1e-4)
+    assert row["max_hu"] == 55
+    assert row["mean_hu"] == pytest.approx(round((20 * (n - 1) + 55) / n, 1))
+    assert (row["centroid_x_mm"], row["centroid_y_mm"], row["centroid_z_mm"]) == (10.0, 10.0, 18.0)
+
+
+def test_largest_overlap_wins_across_two_vertebrae():
+    vert = _spine()
+    les = np.zeros_like(vert)
+    les[20:27, 8:12, 8:12] = 2  # 3 slices in T6 (20..22), 2 in the gap, 2 in T7 (25..26)
+    rows = inference.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
+    assert [(r["level"], r["type"]) for r in rows] == [("T6", "sclerotic")]
+
+
+def test_lesion_without_overlap_goes_to_the_nearest_vertebra_within_the_distance_else_outside():
+    vert = _spine()
+    les = np.zeros_like(vert)
+    les[8, 10, 17:19] = 1  # beside T5, x = 17..18; T5 ends at x = 14: 3 voxels = 6 mm away
+    les[30, 0, 0] = 2  # far corner: nearest vertebra voxel (30, 5, 5) at sqrt(50 + 50) = 10 voxels -> 14.1 mm
+    ct = np.zeros(vert.shape, np.int16)
+    near, far = sorted(inference.localize(les, vert, ct, SPACING, near_mm=10.0), key=lambda r: r["voxels"], reverse=True)
+    assert (near["level"], near["assignment"], near["distance_mm"]) == ("T5", "nearest", 6.0)
+    assert (far["level"], far["assignment"]) == (inference.OUTSIDE, "none")
+    assert far["distance_mm"] == pytest.approx(np.hypot(5 * 2.0, 5 * 2.0), abs=0.01)
+    # a larger allowed distance takes the far lesion in as well
+    rows = inference.localize(les, vert, ct, SPACING, near_mm=15.0)
+    assert sorted(r["level"] for r in rows) == ["T5", "T7"]
+
+
+def test_no_vertebrae_means_outside_spine_and_no_lesions_means_no_rows():
+    vert = np.zeros((10, 10, 10), np.uint8)
+    les = np.zeros_like(vert)
+    assert inference.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING) == []
+    les[5, 5, 5] = 1
+    rows = inference.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
+    assert rows[0]["level"] == inference.OUTSIDE and np.isnan(rows[0]["distance_mm"])
+
+
+def test_a_component_with_both_classes_is_mixed():
+    vert = _spine()
+    les = np.zeros_like(vert)
+    les[16:19, 9:12, 9:12] = 1
+    les[19:21, 9:12, 9:12] = 2  # touching: one component
+    (row,) = inference.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
+    assert row["type"] == "mixed" and row["lytic_fraction"] == pytest.approx(27 / 45, abs=1e-4)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(SpinemetsError, match="differ in shape"):
+        inference.localize(np.zeros((2, 2, 2), np.uint8), np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 2)), SPACING)
+
+
+@pytest.mark.parametrize("level, types, location, quality, total", [
+    ("T5", ["lytic"], ("semi-rigid", 1), ("lytic", 2), 3),
+    ("L5", ["sclerotic"], ("junctional", 3), ("blastic", 0), 3),
+    ("C4", ["mixed"], ("mobile", 2), ("mixed", 1), 3),
+    ("T12", ["lytic", "sclerotic"], ("junctional", 3), ("mixed", 1), 4),
+    ("C1", ["lytic", "lytic"], ("junctional", 3), ("lytic", 2), 5),
+    ("L3", ["sclerotic", "sclerotic"], ("mobile", 2), ("blastic", 0), 2),
+    ("T2", ["sclerotic"], ("junctional", 3), ("blastic", 0), 3),
+    ("T3", ["sclerotic"], ("semi-rigid", 1), ("blastic", 0), 1),
+])
+def test_partial_sins_hand_cases(level, types, location, quality, total):
+    s = inference.partial_sins(level, types)
+    assert (s["sins_location_class"], s["sins_location_points"]) == location
+    assert (s["lesion_quality"], s["sins_bone_quality_points"]) == quality
+    assert s["partial_sins_points"] == total
+    assert "not a SINS score" in s["partial_sins_note"]
+
+
+def test_partial_sins_of_the_sacrum_has_no_location_points_and_bad_input_is_refused():
+    s = inference.partial_sins("Sacrum", ["lytic"])
+    assert s["sins_location_points"] is None and s["partial_sins_points"] is None and s["sins_bone_quality_points"] == 2
+    with pytest.raises(SpinemetsError, match="not a vertebra"):
+        inference.partial_sins("S3", ["lytic"])
+    with pytest.raises(SpinemetsError, match="no lesions"):
+        inference.partial_sins("T5", [])
+    with pytest.raises(SpinemetsError, match="unknown lesion type"):
+        inference.partial_sins("T5", ["benign"])
+
+
+def test_every_vertebra_has_a_sins_location():
+    assert set(inference.SINS_LOCATION) == set(V) - {"background"}
+
+
+def test_vertebra_table_counts_lesions_and_involved_fraction():
+    vert = _spine()
+    les = np.zeros_like(vert)
+    les[16:18, 8:10, 8:10] = 1  # 8 voxels in T6 (800 voxels)
+    rows = inference.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
+    table = {r["vertebra"]: r for r in inference.vertebra_table(rows, les, vert, SPACING)}
+    assert set(table) == {"T5", "T6", "T7"}
+    assert table["T6"]["lesions"] == 1 and table["T6"]["involved_fraction"] == pytest.approx(8 / 800)
+    assert table["T6"]["partial_sins_points"] == 3 and table["T5"]["lesions"] == 0
+    assert table["T5"]["partial_sins_points"] == "" and table["T5"]["volume_ml"] == pytest.approx(800 * 12 / 1000)
+
+
+def test_spine_box_adds_the_margin_in_millimetres_and_clips():
+    vert = _spine()
+    box = inference.spine_box(vert, SPACING, margin_mm=6.0)
+    assert box == (slice(3, 35), slice(2, 18), slice(2, 18))
+    assert inference.spine_box(vert, SPACING, margin_mm=100.0) == (slice(0, 40), slice(0, 20), slice(0, 20))
+    assert inference.spine_box(np.zeros((3, 3, 3), np.uint8), SPACING, 5.0) is None
+
+
+def test_find_inputs_layouts(tmp_path):
+    img = sitk.Image(4, 4, 4, sitk.sitkInt16)
+    sitk.WriteImage(img, str(tmp_path / "a_0000.nii.gz"))
+    sitk.WriteImage(img, str(tmp_path / "b.nrrd"))
+    (tmp_path / "c").mkdir()
+    sitk.WriteImage(img, str(tmp_path / "c" / "ct.nrrd"))
+    (tmp_path / "x.seg.nrrd").write_text("not an image")
+    assert set(inference.find_inputs(tmp_path)) == {"a", "b", "c"}
+    assert inference.find_inputs(tmp_path / "b.nrrd") == {"b": tmp_path / "b.nrrd"}
+    with pytest.raises(SpinemetsError, match="input not found"):
+        inference.find_inputs(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SpinemetsError, match="no CT images"):
+        inference.find_inputs(empty)
+
+
+class _ThresholdVertebrae:
+    """Stand-in for stage 1: every voxel above 300 HU is T6."""
+
+    models = [{"folder": "stand-in", "configuration": "none", "trainer": "none", "folds": ["all"]}]
+
+    def __call__(self, array, spacing):
+        return np.where(array > 300, V["T6"], 0).astype(np.uint8)
+
+
+class _RecordingLesions:
+    """Stand-in for stage 2: voxels below -500 HU are lytic; records the shapes it was given."""
+
+    models = _ThresholdVertebrae.models
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, array, spacing):
+        self.shapes.append(array.shape)
+        return np.where(array < -500, 1, 0).astype(np.uint8)
+
+
+def _ct(tmp_path):
+    ct = np.zeros((30, 30, 30), np.int16)
+    ct[10:20, 10:20, 10:20] = 600  # the "vertebra"
+    ct[13:15, 13:15, 13:15] = -800  # a lesion inside it
+    ct[1:3, 1:3, 1:3] = -800  # a lesion far away (outside the spine box)
+    image = sitk.GetImageFromArray(ct)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    image.SetOrigin((-5.0, 3.0, 7.0))
+    image.SetMetaData("PatientName", "Doe^Jane")
+    path = tmp_path / "inputs" / "case_a.nrrd"
+    path.parent.mkdir()
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("roi, lesions_found", [("none", 2), ("spine", 1)])
+def test_predict_writes_case_and_cohort_outputs(tmp_path, monkeypatch, roi, lesions_found):
+    path = _ct(tmp_path)
+    stage2 = _RecordingLesions()
+    stages = {"vertebrae": _ThresholdVertebrae(), "metastases": stage2}
+    monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
+    out = tmp_path / "out"
+    rows = inference.predict(path.parent, out, profile="demo", roi=roi, margin_mm=4.0, device="cpu")
+    assert len(rows) == lesions_found
+    inside = [r for r in rows if r["level"] == "T6"]
+    assert len(inside) == 1 and inside[0]["voxels"] == 8
+    # the spine box: 10..19 grown by 4 mm (2 slices in z at 2 mm, 4 voxels in y and x at 1 mm)
+    assert stage2.shapes == ([(30, 30, 30)] if roi == "none" else [(14, 18, 18)])
+    case = out / "case_a"
+    for name in ("vertebrae.nii.gz", "metastases.nii.gz", "vertebrae.seg.nrrd", "metastases.seg.nrrd",
+                 "lesions.csv", "vertebrae.csv"):
+        assert (case / name).exists(), name
+    lesion_map = sitk.ReadImage(str(case / "metastases.nii.gz"))
+    assert lesion_map.GetSpacing() == (1.0, 1.0, 2.0) and lesion_map.GetOrigin() == (-5.0, 3.0, 7.0)
+    assert int(sitk.GetArrayFromImage(lesion_map)[13:15, 13:15, 13:15].sum()) == 8  # pasted back in place
+    seg = slicerio.read_segmentation(str(case / "vertebrae.seg.nrrd"))
+    assert [s["name"] for s in seg["segments"]] == ["T6"]
+    with open(out / "lesions.csv", newline="") as fh:
+        cohort = list(csv.DictReader(fh))
+    assert [r["case_id"] for r in cohort] == ["case_a"] * lesions_found
+    with open(case / "vertebrae.csv", newline="") as fh:
+        (vrow,) = list(csv.DictReader(fh))
+    assert (vrow["vertebra"], vrow["partial_sins_points"], vrow["lesion_quality"]) == ("T6", "3", "lytic")
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["parameters"]["roi"] == roi and "nnunetv2" in prov["versions"]
+    everything = "".join(p.read_bytes().decode("latin-1") for p in out.rglob("*") if p.is_file())
+    assert "Doe^Jane" not in everything
+
+
+def test_figures_of_predictions(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from spinemets import figures
+
+    path = _ct(tmp_path)
+    stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _RecordingLesions()}
+    monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
+    inference.predict(path.parent, tmp_path / "out", roi="none", device="cpu")
+    fig = figures.prediction_overlays(tmp_path / "out", images=path.parent)
+    assert len(fig.axes) == 2 and len(fig.axes[0].images) == 3  # CT, vertebrae, lesions
+    sagittal = fig.axes[0].images[2].get_array()  # lesion overlay through the spine centre (x = 14)
+    assert sagittal.shape == (30, 30, 4) and sagittal[13:15, 13:15, 3].min() > 0
+    assert len(figures.render_3d(tmp_path / "out").axes) == 2
+    with pytest.raises(SpinemetsError, match="no predicted cases"):
+        figures.prediction_overlays(tmp_path)
+
+
+def test_predict_refuses_an_unknown_roi(tmp_path):
+    with pytest.raises(SpinemetsError, match="roi must be"):
+        inference.predict(tmp_path, tmp_path / "out", roi="box")

@@ -1,0 +1,289 @@
+"""nnU-Net workspace, plans configurations, trainer discovery, training with resume, end to end on CPU.
+
+The slow tests share one tiny synthetic workspace (5 cases, built once per module by a fixture):
+planning, a few training iterations of both stages, two-stage prediction, and an interrupted
+training that resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import textwrap
+
+import pytest
+import torch
+
+from spinemets import figures, inference, nnunet
+from spinemets.errors import SpinemetsError
+
+NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in (*NNUNET_VARS, "OMP_WAIT_POLICY", "nnUNet_n_proc_DA"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_workspace_folders_and_environment(tmp_path, clean_env):
+    ws = nnunet.Workspace(tmp_path / "ws")
+    before = dict(os.environ)
+    env = ws.environment(extra_trainer_dirs=[tmp_path / "mine"])
+    assert dict(os.environ) == before  # nothing written behind the user's back
+    assert env["nnUNet_raw"] == str(tmp_path / "ws" / "raw")
+    assert env["nnUNet_preprocessed"] == str(tmp_path / "ws" / "preprocessed")
+    assert env["nnUNet_results"] == str(tmp_path / "ws" / "results")
+    assert env["nnUNet_extTrainer"].split(os.pathsep) == [str(nnunet.TRAINER_DIR), str(tmp_path / "mine")]
+    assert (nnunet.TRAINER_DIR / "spinemets_trainers.py").exists()
+
+
+def test_user_settings_win(tmp_path, clean_env):
+    clean_env.setenv("nnUNet_results", str(tmp_path / "elsewhere"))
+    clean_env.setenv("nnUNet_extTrainer", str(tmp_path / "theirs"))
+    clean_env.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    ws = nnunet.Workspace(tmp_path / "ws")
+    assert ws.results == tmp_path / "elsewhere" and ws.raw == tmp_path / "ws" / "raw"
+    assert ws.environment()["nnUNet_extTrainer"].split(os.pathsep) == [str(nnunet.TRAINER_DIR), str(tmp_path / "theirs")]
+    assert nnunet._cpu_environment() == {"OMP_WAIT_POLICY": "ACTIVE", "nnUNet_n_proc_DA": "1"}
+
+
+def test_activated_sets_and_restores(tmp_path, clean_env):
+    clean_env.setenv("nnUNet_raw", "/user/raw")
+    ws = nnunet.Workspace(tmp_path)
+    with ws.activated():
+        assert os.environ["nnUNet_raw"] == "/user/raw"
+        assert os.environ["nnUNet_results"] == str(tmp_path / "results")
+    assert os.environ["nnUNet_raw"] == "/user/raw" and "nnUNet_results" not in os.environ
+    with pytest.raises(RuntimeError), ws.activated():
+        raise RuntimeError("boom")
+    assert "nnUNet_preprocessed" not in os.environ
+
+
+def test_trainers_are_found_through_nnunet_ext_trainer(tmp_path, clean_env):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    with pytest.raises(RuntimeError, match="Could not find"):
+        recursive_find_trainer_class_by_name("SpinemetsCITrainer")
+    with nnunet.Workspace(tmp_path).activated():
+        for profile in ("demo", "ci"):
+            for stage in ("vertebrae", "metastases"):
+                trainer = recursive_find_trainer_class_by_name(nnunet.stage_plan(stage, profile)["trainer"])
+                assert issubclass(trainer, nnUNetTrainer)
+        ci = recursive_find_trainer_class_by_name("SpinemetsCITrainer")
+    assert (ci.EPOCHS, ci.ITERATIONS, ci.SAVE_EVERY) == (3, 2, 1)
+
+
+def test_profiles_are_plain_data():
+    paper = nnunet.get_profile("paper")
+    for stage in ("vertebrae", "metastases"):
+        entry = nnunet.stage_plan(stage, "paper")
+        assert entry["configurations"] == ["2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres"]
+        assert entry["folds"] == [0, 1, 2, 3, 4] and entry["trainer"] == "nnUNetTrainer_250epochs"
+    assert paper["device"] == "cuda" and paper["find_best"] is True
+    assert nnunet.get_profile("demo")["device"] == "cpu"
+    json.dumps(nnunet.PROFILES)  # plain data
+    with pytest.raises(SpinemetsError, match="unknown training profile"):
+        nnunet.get_profile("fast")
+
+
+def _plans(tmp_path):
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": 5, "features_per_stage": [32, 64, 128, 256, 320],
+                            "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": [[3, 3, 3]] * 5,
+                            "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 1, 1]],
+                            "n_conv_per_stage": [2] * 5, "n_conv_per_stage_decoder": [2] * 4, "conv_bias": True,
+                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    plans = {"dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans", "transpose_forward": [0, 1, 2],
+             "transpose_backward": [0, 1, 2], "configurations": {"3d_fullres": {
+                 "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+                 "batch_size": 2, "patch_size": [144, 48, 48], "spacing": [3.0, 2.5, 2.5],
+                 "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+                 "architecture": arch, "batch_dice": False}}}
+    path = tmp_path / "nnUNetPlans.json"
+    path.write_text(json.dumps(plans))
+    return path
+
+
+def test_add_configuration_inherits_and_nnunet_resolves_it(tmp_path):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    path = _plans(tmp_path)
+    spec = nnunet.DEMO_CONFIGURATIONS["demo_vertebrae"]
+    nnunet.add_configuration(path, "demo_vertebrae", spec)
+    nnunet.add_configuration(path, "demo_metastases", nnunet.DEMO_CONFIGURATIONS["demo_metastases"])
+    plans = json.loads(path.read_text())
+    cfg = PlansManager(plans).get_configuration("demo_vertebrae")
+    assert list(cfg.patch_size) == spec["patch_size"] and list(cfg.spacing) == spec["spacing"]
+    assert cfg.data_identifier == "nnUNetPlans_demo_vertebrae_6x3.75x3.75"
+    assert cfg.normalization_schemes == ["CTNormalization"]  # inherited
+    assert cfg.network_arch_init_kwargs["features_per_stage"] == spec["features_per_stage"]
+    same_spacing = PlansManager(plans).get_configuration("demo_metastases")
+    assert same_spacing.data_identifier == "nnUNetPlans_3d_fullres"  # reuses 3d_fullres data
+    assert list(same_spacing.spacing) == [3.0, 2.5, 2.5]
+    # the network it describes builds and maps a patch to a patch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    net = get_network_from_plans(cfg.network_arch_class_name, cfg.network_arch_init_kwargs,
+                                 cfg.network_arch_init_kwargs_req_import, 1, 26, deep_supervision=False)
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, *spec["patch_size"]))
+    assert tuple(out.shape) == (1, 26, *spec["patch_size"])
+
+
+def test_add_configuration_refuses_inconsistent_specs(tmp_path):
+    path = _plans(tmp_path)
+    with pytest.raises(SpinemetsError, match="not divisible"):
+        nnunet.add_configuration(path, "bad", {"patch_size": [30, 32, 32], "features_per_stage": [8, 16, 32, 64],
+                                               "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]})
+    with pytest.raises(SpinemetsError, match="feature sizes"):
+        nnunet.add_configuration(path, "bad", {"patch_size": [32, 32, 32], "features_per_stage": [8, 16],
+                                               "strides": [[1, 1, 1]]})
+    with pytest.raises(SpinemetsError, match="plans file not found"):
+        nnunet.add_configuration(tmp_path / "missing.json", "x", nnunet.DEMO_CONFIGURATIONS["demo_metastases"])
+
+
+def test_train_refuses_bad_requests(tmp_path):
+    with pytest.raises(SpinemetsError, match="unknown training profile"):
+        nnunet.train("vertebrae", profile="nope", workspace=tmp_path)
+    with pytest.raises(SpinemetsError, match="device"):
+        nnunet.train("vertebrae", profile="ci", device="tpu", workspace=tmp_path)
+    with pytest.raises(SpinemetsError, match="num_gpus"):
+        nnunet.train("vertebrae", profile="ci", device="cpu", num_gpus=2, workspace=tmp_path)
+    with pytest.raises(SpinemetsError, match="fold"):
+        nnunet.train("vertebrae", profile="ci", folds=["x"], workspace=tmp_path)
+    with pytest.raises(SpinemetsError, match="raw dataset not found"):
+        nnunet.train("vertebrae", profile="ci", workspace=tmp_path)
+    with pytest.raises(SpinemetsError, match="unknown stage"):
+        nnunet.train("ribs", profile="ci", workspace=tmp_path)
+    with pytest.raises(SpinemetsError, match="no trained vertebrae model"):
+        nnunet.trained_models("vertebrae", "ci", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------
+# Slow: a tiny synthetic workspace, trained for a few iterations
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_workspace(tmp_path_factory):
+    from spinemets.dataset import import_dataset, scan
+    from spinemets.synth import synthesize_cohort
+
+    root = tmp_path_factory.mktemp("nnunet")
+    synthesize_cohort(root / "cohort", cases=5, seed=3, preset="demo")
+    manifest = scan(root / "cohort", holdout=1)
+    ws = nnunet.Workspace(root / "ws")
+    for stage in ("vertebrae", "metastases"):
+        import_dataset(manifest, stage, ws.raw)
+    return ws
+
+
+@pytest.mark.slow
+def test_end_to_end_train_predict_localize(tiny_workspace, tmp_path, clean_env):
+    ws = tiny_workspace
+    for stage in ("vertebrae", "metastases"):
+        result = nnunet.train(stage, profile="ci", workspace=ws)
+        fold = ws.model_folder(stage, f"demo_{stage}", "SpinemetsCITrainer") / "fold_all"
+        assert (fold / "checkpoint_final.pth").exists(), stage
+        assert result["configurations"] == [f"demo_{stage}"] and result["best"] is None
+        log = figures.read_logging(fold)
+        assert len(log["train_losses"]) == 3 and len(log["epoch_seconds"]) == 3
+    assert "nnUNet_results" not in os.environ
+    images = ws.raw / ws.dataset_name("vertebrae") / "imagesTs"
+    out = tmp_path / "pred"
+    inference.predict(images, out, profile="ci", roi="spine", workspace=ws, device="cpu")
+    (case,) = [p.name for p in out.iterdir() if p.is_dir()]
+    with open(out / "lesions.csv", newline="") as fh:
+        assert csv.DictReader(fh).fieldnames == inference.LESION_COLUMNS
+    for name in ("vertebrae.nii.gz", "metastases.nii.gz", "vertebrae.seg.nrrd", "metastases.seg.nrrd", "vertebrae.csv"):
+        assert (out / case / name).exists()
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["models"]["vertebrae"][0]["trainer"] == "SpinemetsCITrainer"
+    fig = figures.training_curves("metastases", workspace=ws, profile="ci")
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
+    assert len(fig.axes[0].lines[0].get_xdata()) == 3
+
+
+INTERRUPTING_TRAINER = textwrap.dedent('''
+    import os
+    from spinemets.trainers.spinemets_trainers import SpinemetsCITrainer
+
+
+    class SpinemetsInterruptOnceTrainer(SpinemetsCITrainer):
+        """Trains 4 epochs; the first run dies abruptly after epoch 1 (checkpoint written), as a killed job."""
+
+        EPOCHS = 4
+
+        def on_epoch_end(self):
+            super().on_epoch_end()
+            marker = os.path.join(self.output_folder, "interrupted_once")
+            if self.current_epoch == 2 and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(3)
+''')
+
+
+@pytest.mark.slow
+def test_training_resumes_after_interruption(tiny_workspace, tmp_path, clean_env):
+    ws = tiny_workspace
+    (tmp_path / "interrupting_trainer.py").write_text(INTERRUPTING_TRAINER)
+    kwargs = dict(profile="ci", workspace=ws, trainer="SpinemetsInterruptOnceTrainer", extra_trainer_dirs=[tmp_path])
+    fold = ws.model_folder("metastases", "demo_metastases", "SpinemetsInterruptOnceTrainer") / "fold_all"
+    with pytest.raises(SpinemetsError, match="exit 3"):
+        nnunet.train("metastases", **kwargs)
+    assert (fold / "interrupted_once").exists() and not (fold / "checkpoint_final.pth").exists()
+    saved = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert saved["current_epoch"] == 2
+    first_logs = set(fold.glob("training_log_*.txt"))
+    nnunet.train("metastases", **kwargs)  # finds the checkpoint and continues with --c
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 4 and len(final["logging"]["train_losses"]) == 4
+    resumed_text = "".join(p.read_text() for p in set(fold.glob("training_log_*.txt")) - first_logs)
+    epochs = [int(m) for m in re.findall(r": Epoch (\d+)\s*$", resumed_text, flags=re.MULTILINE)]
+    assert epochs == [2, 3]
+    nnunet.train("metastases", **kwargs)  # finished folds are skipped, not retrained
+    assert torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["current_epoch"] == 4
+
+
+@pytest.mark.slow
+def test_dropped_lowres_is_reported_and_skipped(tiny_workspace, capsys, clean_env):
+    usable = nnunet.plan_and_preprocess("metastases", "paper", ["3d_lowres", "3d_fullres", "3d_cascade_fullres"],
+                                        workspace=tiny_workspace)
+    assert usable == ["3d_fullres"]
+    out = capsys.readouterr().out
+    assert "3d_lowres is not in the plans" in out and "3d_cascade_fullres is not in the plans" in out
+
+
+def test_project_trainer_applies_its_schedule_and_thread_setting(tmp_path, clean_env):
+    from spinemets.trainers.spinemets_trainers import SpinemetsCITrainer, SpinemetsMetastasesDemoTrainer
+
+    plans = json.loads(_plans(tmp_path).read_text())
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lytic": 1, "sclerotic": 2},
+                    "numTraining": 1, "file_ending": ".nii.gz"}
+    before = torch.get_num_threads()
+    clean_env.setenv("SPINEMETS_TORCH_THREADS", "1")
+    try:
+        with nnunet.Workspace(tmp_path / "ws").activated():
+            trainer = SpinemetsCITrainer(dict(plans, continue_training=False), "3d_fullres", "all", dataset_json,
+                                         device=torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.save_every) == (3, 2, 1)
+    assert trainer.oversample_foreground_percent == SpinemetsCITrainer.OVERSAMPLE
+    trainer.network = torch.nn.Conv3d(1, 3, 3)
+    optimizer, scheduler = trainer.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(SpinemetsCITrainer.LR)
+    scheduler.step(2)  # polynomial decay over the trainer's epochs: lr (1 - 2/3)^0.9
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(SpinemetsCITrainer.LR * (1 / 3) ** 0.9)
+    assert SpinemetsMetastasesDemoTrainer.OVERSAMPLE == 0.5

@@ -1,0 +1,289 @@
+"""The batch runner and its profiles: throwaway notebooks in a temporary project, executed for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from spinemets import cli, runner
+from spinemets.errors import SpinemetsError
+from spinemets.profiles import find_project_root, load_profile, notebook_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _notebook(path: Path, parameters: str | None, body: str) -> Path:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells.append(new_markdown_cell("# A throwaway notebook"))
+    if parameters is not None:
+        cell = new_code_cell(parameters)
+        cell.metadata["tags"] = ["parameters"]
+        nb.cells.append(cell)
+    nb.cells.append(new_code_cell(body))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A tiny project: _toc.yml, profiles/tiny.yaml and two notebooks that pass a value along."""
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: intro\nchapters:\n  - file: notebooks/a_write\n  - file: notebooks/b_read\n"
+    )
+    _notebook(tmp_path / "notebooks" / "a_write.ipynb", 'x = 1\nout = "result.txt"\nunused = 0',
+              "from pathlib import Path\nPath(out).write_text(str(x * 2))\nprint('wrote', x * 2)")
+    _notebook(tmp_path / "notebooks" / "b_read.ipynb", 'out = "result.txt"',
+              "from pathlib import Path\nvalue = int(Path(out).read_text())\nassert value > 0\nprint('read', value)")
+    profile = {
+        "description": "two throwaway notebooks",
+        "cohort": "synthetic",
+        "parameters": {"out": "shared.txt", "device": "cpu"},
+        "notebooks": [{"path": "notebooks/a_write.ipynb", "parameters": {"x": 3}}, "notebooks/b_read.ipynb"],
+    }
+    (tmp_path / "profiles" / "tiny.yaml").write_text(yaml.safe_dump(profile))
+    return tmp_path
+
+
+def _outputs(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return "\n".join(str(o.get("text", "")) + str(o.get("evalue", "")) for c in nb.cells for o in c.get("outputs", []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["demo", "ci", "paper"])
+def test_repository_profiles_load_and_match_their_notebooks(name):
+    profile = load_profile(name, REPO)
+    assert profile.name == name and profile.source == REPO / "profiles" / f"{name}.yaml"
+    assert profile.notebooks, "a profile lists notebooks"
+    for step in profile.notebooks:
+        declared = runner.declared_parameters(REPO / step.path)
+        # raises when the profile gives a notebook a parameter it does not declare
+        params = notebook_parameters(profile, step, declared)
+        assert params["profile"] == name
+    assert profile.cohort == ("real" if name == "paper" else "synthetic")
+
+
+def test_paper_profile_is_the_paper_protocol():
+    profile = load_profile("paper", REPO)
+    assert profile.parameters["device"] == "cuda"
+    assert profile.parameters["configurations"] == ["2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres"]
+    assert profile.parameters["folds"] == [0, 1, 2, 3, 4]
+    demo = load_profile("demo", REPO)
+    assert demo.parameters["device"] == "cpu"
+
+
+def test_load_profile_by_path_and_errors(project, tmp_path):
+    by_path = load_profile(project / "profiles" / "tiny.yaml")
+    assert by_path.name == "tiny" and [s.stem for s in by_path.notebooks] == ["a_write", "b_read"]
+    assert load_profile("tiny", project).notebooks == by_path.notebooks
+    with pytest.raises(SpinemetsError, match=r"unknown profile 'nope'.*available profiles: tiny"):
+        load_profile("nope", project)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cohort: synthetic\nnotebooks: [a.ipynb]\nextra: 1\n")
+    with pytest.raises(SpinemetsError, match=r"bad.yaml: unknown profile key\(s\) \['extra'\]"):
+        load_profile(bad)
+    bad.write_text("cohort: imaginary\nnotebooks: [a.ipynb]\n")
+    with pytest.raises(SpinemetsError, match="'cohort' must be one of"):
+        load_profile(bad)
+    bad.write_text("cohort: real\nnotebooks: [\n")
+    with pytest.raises(SpinemetsError, match="not valid YAML"):
+        load_profile(bad)
+    with pytest.raises(SpinemetsError, match="profile file not found"):
+        load_profile(tmp_path / "missing.yaml")
+
+
+def test_find_project_root_walks_up(project):
+    assert find_project_root(project / "notebooks") == project.resolve()
+
+
+@pytest.mark.parametrize("text, value", [
+    ("8", 8), ("0.5", 0.5), ("[0, 1]", [0, 1]), ("true", True), ("False", False), ("yes", "yes"),
+    ("data/zenodo", "data/zenodo"), ("null", None), ("", ""), ("3d_fullres", "3d_fullres"),
+])
+def test_parse_value_reads_yaml(text, value):
+    assert runner.parse_value(text) == value
+
+
+def test_parse_value_passes_non_strings():
+    assert runner.parse_value([1, 2]) == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running notebooks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_executes_notebooks_in_order_with_parameters(project):
+    out = runner.run("tiny", parameters={"x": "5"}, build_book=False, root=project)
+    assert out == (project / "build" / "executed").resolve()
+    a, b = out / "a_write.ipynb", out / "b_read.ipynb"
+    # the override (5) beats the step parameter (3); the shared "out" reaches both notebooks
+    assert (project / "shared.txt").read_text() == "10"
+    assert "wrote 10" in _outputs(a) and "read 10" in _outputs(b)
+    tags = [c.metadata.get("tags", []) for c in nbformat.read(a, as_version=4).cells]
+    assert ["injected-parameters"] in tags
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["status"] == "executed" and record["profile"]["name"] == "tiny"
+    assert record["profile"]["cohort"] == "synthetic"
+    assert [n["status"] for n in record["notebooks"]] == ["ok", "ok"]
+    assert record["notebooks"][0]["parameters"] == {"x": 5, "out": "shared.txt"}
+    assert record["notebooks"][1]["parameters"] == {"out": "shared.txt"}
+    assert record["overrides"] == {"x": 5}
+    assert {"python", "spinemets", "nnunetv2", "torch"} <= set(record["versions"])
+    # the source notebooks are untouched: no outputs
+    assert not _outputs(project / "notebooks" / "a_write.ipynb")
+
+
+def test_run_selects_notebooks_by_name(project):
+    out = runner.run("tiny", notebooks=["a_write"], build_book=False, root=project)
+    assert sorted(p.name for p in out.glob("*.ipynb")) == ["a_write.ipynb"]
+    with pytest.raises(SpinemetsError, match="is not in profile 'tiny'"):
+        runner.run("tiny", notebooks=["zz"], build_book=False, root=project)
+
+
+def test_failing_notebook_stops_the_run_and_keeps_its_executed_copy(project):
+    _notebook(project / "notebooks" / "b_read.ipynb", 'out = "result.txt"',
+              "raise ValueError('boom: the reference folder is empty')")
+    _notebook(project / "notebooks" / "c_never.ipynb", "y = 0", "print('should not run')")
+    with pytest.raises(SpinemetsError, match=r"b_read.ipynb: cell \d+ failed with ValueError: boom"):
+        runner.run("tiny", notebooks=["a_write", "b_read", "notebooks/c_never.ipynb"], build_book=False,
+                   root=project)
+    out = project / "build" / "executed"
+    assert "boom: the reference folder is empty" in _outputs(out / "b_read.ipynb")
+    assert not (out / "c_never.ipynb").exists()
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["status"] == "failed"
+    assert [n["status"] for n in record["notebooks"]] == ["ok", "failed", "pending"]
+    assert "boom" in record["notebooks"][1]["error"]
+
+
+def test_cli_run_exits_non_zero_on_a_failing_notebook(project, monkeypatch, capsys):
+    _notebook(project / "notebooks" / "a_write.ipynb", "x = 1\nout = 'r.txt'", "1 / 0")
+    monkeypatch.chdir(project)
+    assert cli.main(["run", "--profile", "tiny"]) == 2
+    assert "ZeroDivisionError" in capsys.readouterr().err
+    assert (project / "build" / "executed" / "a_write.ipynb").exists()
+
+
+def test_undeclared_override_and_missing_parameters_cell_are_errors(project):
+    with pytest.raises(SpinemetsError, match=r"\['nope'\] are not declared by any notebook"):
+        runner.run("tiny", parameters={"nope": "1"}, build_book=False, root=project)
+    assert not (project / "build" / "executed" / "a_write.ipynb").exists(), "nothing ran"
+    _notebook(project / "notebooks" / "b_read.ipynb", None, "print(1)")
+    with pytest.raises(SpinemetsError, match="b_read.ipynb: no cell tagged 'parameters'"):
+        runner.run("tiny", build_book=False, root=project)
+
+
+def test_undeclared_step_parameter_is_an_error(project):
+    text = (project / "profiles" / "tiny.yaml").read_text().replace("x: 3", "typo: 3")
+    (project / "profiles" / "tiny.yaml").write_text(text)
+    with pytest.raises(SpinemetsError, match=r"parameter\(s\) \['typo'\] given for notebooks/a_write.ipynb"):
+        runner.run("tiny", build_book=False, root=project)
+
+
+def test_rerun_clears_executed_notebooks_of_the_previous_run(project):
+    out = runner.run("tiny", build_book=False, root=project)
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    runner.run("tiny", notebooks=["b_read"], build_book=False, root=project)
+    assert sorted(p.name for p in out.glob("*.ipynb")) == ["b_read.ipynb"]
+    assert keep.read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# Book plumbing and the results page helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_toc_points_at_executed_copies(project):
+    out = project / "build" / "executed"
+    out.mkdir(parents=True)
+    nbformat.write(nbformat.read(project / "notebooks" / "a_write.ipynb", as_version=4), out / "a_write.ipynb")
+    toc = yaml.safe_load(runner.run_toc(project.resolve(), out).read_text())
+    assert toc["chapters"] == [{"file": "build/executed/a_write"}, {"file": "notebooks/b_read"}]
+    assert toc["root"] == "intro"
+    with pytest.raises(SpinemetsError, match="must lie inside the project root"):
+        runner.run_toc(project.resolve(), project.parent / "elsewhere")
+
+
+def _summary(rows):
+    return pd.DataFrame(rows, columns=["class", "metric", "aggregate", "value", "ci_low", "ci_high", "n", "n_nan"])
+
+
+def test_compare_with_paper():
+    paper = runner.read_paper_results(REPO / "book" / "data" / "paper_results.csv")
+    mets = _summary([
+        ("lytic", "dice", "mean", 0.654, 0.5, 0.7, 4, 0),
+        ("lytic", "dice", "pooled", 0.1, 0.1, 0.1, 4, 0),
+        ("lytic", "fbeta", "mean", 0.6, 0.55, 0.65, 4, 0),
+        ("sclerotic", "dice", "mean", float("nan"), float("nan"), float("nan"), 0, 4),
+    ])
+    vert = _summary([
+        ("L1", "dice", "mean", 0.8, 0.7, 0.9, 3, 0),
+        ("L2", "dice", "mean", 0.9, 0.8, 0.95, 2, 1),
+        ("C1", "dice", "mean", float("nan"), float("nan"), float("nan"), 0, 4),
+        ("all", "identification_rate", "mean", 0.5, 0.4, 0.6, 4, 0),
+    ])
+    table = runner.compare_with_paper(paper, {"metastases": mets, "vertebrae": vert}).set_index(
+        ["stage", "class", "metric"])
+    assert table.loc[("metastases", "lytic", "Dice"), "paper"] == "0.71"
+    assert table.loc[("metastases", "lytic", "Dice"), "ours"] == "0.65 (0.50–0.70)"
+    assert table.loc[("metastases", "lytic", "Dice"), "n"] == "4"
+    assert table.loc[("metastases", "lytic", "F2"), "ours"] == "0.60 (0.55–0.65)"
+    assert table.loc[("metastases", "lytic", "PQ"), "ours"] == "–"
+    assert table.loc[("metastases", "sclerotic", "Dice"), "ours"] == "–"
+    assert table.loc[("vertebrae", "all vertebrae", "Dice"), "paper"] == "0.87–0.96"
+    assert table.loc[("vertebrae", "all vertebrae", "Dice"), "ours"] == "0.80–0.90 (mean 0.85)"
+    assert table.loc[("metastases", "sclerotic", "PQ"), "paper"] == "0.30"
+    without_run = runner.compare_with_paper(paper, {})
+    assert (without_run["ours"] == "–").all() and len(without_run) == len(paper)
+
+
+def test_provenance_statement_says_where_numbers_come_from():
+    demo = {"profile": {"name": "demo", "file": "profiles/demo.yaml", "cohort": "synthetic"},
+            "notebooks": [{"parameters": {"device": "cpu"}}], "status": "ok", "finished": "2026-01-01T00:00:00+00:00"}
+    text = runner.provenance_statement(demo)
+    assert "**demo** profile" in text and "synthetic cohort on a CPU" in text and "not comparable" in text
+    paper = {"profile": {"name": "paper", "cohort": "real"}, "notebooks": [{"parameters": {"device": "cuda"}}]}
+    assert "public cohort" in runner.provenance_statement(paper) and "CUDA" in runner.provenance_statement(paper)
+    assert "No pipeline run" in runner.provenance_statement(None)
+    assert "**status: book build failed**" in runner.provenance_statement({**demo, "status": "book build failed"})
+    assert "status" not in text, "a finished run does not repeat its status"
+
+
+def test_run_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(runner.RUN_DIR_ENV, str(tmp_path))
+    assert runner.run_dir() == tmp_path
+    monkeypatch.delenv(runner.RUN_DIR_ENV)
+    assert runner.run_dir(REPO) == REPO / "build" / "executed"
+
+
+def test_run_folder_outside_the_project_is_refused_before_running(project, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    with pytest.raises(SpinemetsError, match="must lie inside the project root"):
+        runner.run("tiny", out_dir=elsewhere, root=project)
+    assert not list(elsewhere.iterdir())
+
+
+def test_failed_book_build_is_an_error_recorded_in_the_provenance(project):
+    # the tiny project's _toc.yml names a root page that does not exist: -W turns that into a failure
+    with pytest.raises(SpinemetsError, match="the book build failed"):
+        runner.run("tiny", root=project)
+    out = project / "build" / "executed"
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["status"] == "book build failed" and record["book"] is None
+    assert [n["status"] for n in record["notebooks"]] == ["ok", "ok"]
+    assert "build/executed/a_write" in (out / "_toc.yml").read_text()
