@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import locale
+
 import hashlib
 import io
 import json
@@ -283,5 +286,15 @@ def write_dicom_series(
         for key, value in tags.items():
             slice_.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
-        writer.Execute(slice_)
+        with _kept_locale():
+            writer.Execute(slice_)  # GDCM's DICOM writer resets the C locale (and so Python's default encoding)
     return volume
+
+
+@contextlib.contextmanager
+def _kept_locale():
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)

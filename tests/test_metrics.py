@@ -616,3 +616,23 @@ def test_summarize_means_pooled_counts_and_bootstrap():
     assert again == s  # seeded
     assert metrics.bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4))
     assert all(math.isnan(v) for v in metrics.bootstrap_ci([NAN, NAN]))
+
+
+def test_prediction_folders_per_case_as_predict_writes_them(tmp_path):
+    import SimpleITK as sitk
+
+    from spinemets.metrics import evaluate_folders
+
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    for case in ("case_a", "case_b"):
+        array = np.zeros((6, 8, 8), dtype=np.uint8)
+        array[1:4, 2:5, 2:6] = 1
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(ref / f"{case}.nii.gz"))
+        (pred / case).mkdir(parents=True)
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(pred / case / "metastases.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros_like(array)), str(pred / case / "vertebrae.nii.gz"))
+    summary = evaluate_folders(ref, pred, "metastases", tmp_path / "out")
+    assert summary["cases"] == ["case_a", "case_b"]
+    per_case = (tmp_path / "out" / "per_case.csv").read_text()
+    assert "case_a,lytic,dice,1.0" in per_case

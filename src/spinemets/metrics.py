@@ -565,14 +565,23 @@ def case_id(path: str | Path) -> str | None:
     return None
 
 
-def list_cases(folder: str | Path, what: str) -> dict[str, Path]:
-    """Case ID -> label-map file in ``folder`` (not recursive; hidden and partial files skipped)."""
+def list_cases(folder: str | Path, what: str, stage: str | None = None) -> dict[str, Path]:
+    """Case ID -> label-map file in ``folder`` (hidden and partial files skipped).
+
+    Two layouts: flat files ``CASE.nii.gz`` (nnU-Net's), or, given ``stage``, one folder per
+    case holding ``STAGE.nii.gz`` (what ``spinemets predict`` writes: ``CASE/metastases.nii.gz``).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise SpinemetsError(f"{folder}: {what} folder not found")
     cases: dict[str, Path] = {}
+    entries = []
     for path in sorted(folder.iterdir()):
-        cid = case_id(path)
+        if stage and path.is_dir() and not path.name.startswith("."):
+            entries += [(path.name, p) for p in sorted(path.iterdir()) if case_id(p) == stage and p.is_file()]
+        else:
+            entries.append((case_id(path), path))
+    for cid, path in entries:
         if cid is None or path.name.startswith(".") or not path.is_file():
             continue
         if cid in cases:
@@ -583,9 +592,9 @@ def list_cases(folder: str | Path, what: str) -> dict[str, Path]:
     return cases
 
 
-def pair_cases(ref_dir: str | Path, pred_dir: str | Path) -> dict[str, tuple[Path, Path]]:
+def pair_cases(ref_dir: str | Path, pred_dir: str | Path, stage: str | None = None) -> dict[str, tuple[Path, Path]]:
     """Case ID -> (reference file, prediction file); every case must be in both folders."""
-    refs, preds = list_cases(ref_dir, "reference"), list_cases(pred_dir, "prediction")
+    refs, preds = list_cases(ref_dir, "reference", stage), list_cases(pred_dir, "prediction", stage)
     no_pred = sorted(set(refs) - set(preds))
     no_ref = sorted(set(preds) - set(refs))
     if no_pred or no_ref:
@@ -774,7 +783,7 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
     jobs = int(jobs)
     if jobs < 1:
         raise SpinemetsError(f"jobs must be at least 1, not {jobs}")
-    pairs = pair_cases(ref_dir, pred_dir)
+    pairs = pair_cases(ref_dir, pred_dir, stage)
     items = [(cid, ref, pred, stage, beta, match, connectivity) for cid, (ref, pred) in pairs.items()]
     per_case = _run_cases(items, jobs)
     summary = summarize(per_case, stage, beta)

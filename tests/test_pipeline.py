@@ -1,0 +1,46 @@
+"""The whole product end to end: the ci profile of the same notebooks the demo runs, then the book.
+
+Every notebook executes with papermill (synthetic cohort -> import -> both trainings ->
+two-stage inference -> evaluation) in a copy of the project, and the book is built from the
+executed notebooks with ``-n -W --keep-going``. Minutes on two cores.
+"""
+
+import json
+import re
+import shutil
+
+import nbformat
+import pytest
+
+from spinemets import runner
+
+from conftest import REPO
+
+STEPS = ["01_data_curation", "02_slicer_import", "03_train_vertebrae", "04_train_metastases",
+         "05_inference", "06_evaluation"]
+
+
+@pytest.mark.slow
+def test_ci_profile_runs_every_notebook_and_builds_the_book(tmp_path):
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for folder in ("book", "notebooks", "profiles"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    out = runner.run("ci", root=tmp_path)
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert [n["status"] for n in provenance["notebooks"]] == ["ok"] * len(STEPS)
+    for step in STEPS:
+        executed = nbformat.read(out / f"{step}.ipynb", as_version=4)
+        code = [c for c in executed.cells if c.cell_type == "code"]
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in code)
+        assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
+    html = tmp_path / "_build" / "html"
+    results = (html / "book" / "results.html").read_text()
+    assert "<strong>ci</strong> profile" in results and "synthetic cohort on a CPU" in results
+    assert "<table" in results and "lytic" in results and "0.71" in results
+    assert re.findall(r"<img [^>]*src=\"\.\./_images/", results), "the results page shows figures"
+    for step in ("03_train_vertebrae", "05_inference", "06_evaluation"):
+        page = (html / "build" / "executed" / f"{step}.html").read_text()
+        assert re.findall(r"<img ", page), f"{step} shows its figures"
+    lesions = (tmp_path / "workspace" / "ci" / "predictions" / "lesions.csv").read_text().splitlines()
+    assert lesions[0].startswith("case_id")
