@@ -244,3 +244,32 @@ def test_pseudonym_mapping_errors(tmp_path):
     bad.write_text("original,pseudonym\na,sm-0001\nb,sm-0001\n")
     with pytest.raises(SpinemetsError, match="one pseudonym to several identifiers"):
         pseudonymize(["c"], bad)
+
+
+def test_dicom_series_through_scan_and_import_leaks_nothing(tmp_path):
+    """Curation accepts DICOM series folders; with pseudonyms, no identifier reaches the dataset."""
+    import gzip
+
+    from spinemets import dataset
+
+    export = tmp_path / "export"
+    patient_folder = "DOE^JANE_19570304"
+    volume = write_dicom_series(export / patient_folder / "dicom", UID_A)
+    mask = np.zeros(volume.GetSize()[::-1], dtype=np.uint8)
+    mask[1:3, 2:5, 2:5] = 1
+    labels = sitk.GetImageFromArray(mask)
+    labels.CopyInformation(volume)
+    sitk.WriteImage(labels, str(export / patient_folder / "lesions.nii.gz"))
+    manifest = dataset.scan(export, tmp_path / "manifest.csv", image="{case}/dicom",
+                            segmentations={"metastases": "{case}/lesions.nii.gz"}, pseudonymize=True)
+    assert manifest["case_id"].tolist() == ["sm-0001"]
+    out = dataset.import_dataset(tmp_path / "manifest.csv", "metastases", tmp_path / "raw")
+    image = sitk.ReadImage(str(out / "imagesTr" / "sm-0001_0000.nii.gz"))
+    assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(volume))
+    secrets = _identifier_strings() + [patient_folder.encode()]
+    for path in out.rglob("*"):
+        assert patient_folder not in str(path)
+        if path.is_file():
+            data = path.read_bytes()
+            data = gzip.decompress(data) if path.suffix == ".gz" else data
+            assert not [s for s in secrets if s in data], path

@@ -107,7 +107,7 @@ def scan(
     if not images:
         raise SpinemetsError(f"{root}: no image matches {image!r}")
     bad_ids = [c for c in images if not _CASE_ID.match(c)]
-    if bad_ids:
+    if bad_ids and not pseudonymize:  # pseudonyms replace them anyway
         raise SpinemetsError(f"{root}: case IDs must be letters, digits, '.', '_' or '-': {bad_ids[:5]}")
     cases = sorted(images)
     if not 0 <= holdout < len(cases):
@@ -165,10 +165,15 @@ def dataset_folder_name(stage: str, dataset_id: int) -> str:
 
 
 def _sha256(path: Path, block: int = 1 << 22) -> str:
+    """Content hash of a file, or of every file of a folder (a DICOM series) with its relative name."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as fh:
+            while chunk := fh.read(block):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
