@@ -214,7 +214,7 @@ def protocol_steps(stages: str | Sequence[str], profile: str, workspace: str | P
     for stage in stages:
         entry = nnunet.stage_plan(stage, profile)
         cfgs = list(configurations or entry["configurations"])
-        stage_folds = [_fold(f) for f in (folds or entry["folds"])]
+        stage_folds = [nnunet.parse_fold(f) for f in (folds or entry["folds"])]
         common = {"stage": stage, "profile": profile, "workspace": ws}
         plan = Step(f"{stage}/plan", "plan", stage, "spinemets.nnunet:plan_and_preprocess",
                     {**common, "configurations": cfgs})
@@ -233,15 +233,6 @@ def protocol_steps(stages: str | Sequence[str], profile: str, workspace: str | P
                           {**common, "configurations": cfgs, "folds": stage_folds, "device": device},
                           tuple(s.name for s in trains)))
     return steps
-
-
-def _fold(fold: int | str) -> int | str:
-    if str(fold) == "all":
-        return "all"
-    try:
-        return int(fold)
-    except ValueError:
-        raise SpinemetsError(f"fold must be a number or 'all', not {fold!r}") from None
 
 
 def _num_gpus_kwargs(num_gpus: int) -> dict:

@@ -443,7 +443,7 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     prof = get_profile(profile)
     entry = stage_plan(stage, profile)
     trainer = trainer or entry["trainer"]
-    folds = [_parse_fold(f) for f in (folds or entry["folds"])]
+    folds = [parse_fold(f) for f in (folds or entry["folds"])]
     device = device or prof["device"]
     if device not in ("cpu", "cuda"):
         raise SpinemetsError(f"device must be cpu or cuda, not {device!r}")
@@ -500,13 +500,14 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _parse_fold(fold) -> int | str:
+def parse_fold(fold) -> int | str:
+    """A fold as nnU-Net takes it: a number, or "all" (train on every case)."""
     if str(fold) == "all":
         return "all"
     try:
         return int(fold)
     except ValueError:
-        raise SpinemetsError(f"fold must be 0-4 or 'all', not {fold!r}") from None
+        raise SpinemetsError(f"fold must be a number or 'all', not {fold!r}") from None
 
 
 def find_best_configuration(stage: str, configurations: Sequence[str], folds: Sequence[int | str], trainer: str,
