@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -30,6 +31,12 @@ def totalseg_dir() -> Path:
 def slicerio_data() -> Path:
     """The real 3D Slicer files shipped in the slicerio wheel."""
     return Path(os.path.dirname(slicerio.__file__)) / "data"
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file below ``folder``, by relative path: equal trees give equal dicts."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def make_ct(shape=(24, 20, 16), spacing=(1.5, 1.2, 2.5), origin=(-10.0, 20.0, -300.0), seed=0) -> sitk.Image:

@@ -1,6 +1,5 @@
 """A killed import leaves nothing that the next run does not clear, and the rerun gives the same bytes."""
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -11,12 +10,7 @@ import numpy as np
 
 from spinemets import dataset
 
-from conftest import make_ct, vertebra_labelmap, write_case
-
-
-def _digests(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from conftest import digests, make_ct, vertebra_labelmap, write_case
 
 
 def test_sigkill_mid_import_then_rerun_is_byte_identical(tmp_path):
@@ -48,5 +42,5 @@ def test_sigkill_mid_import_then_rerun_is_byte_identical(tmp_path):
 
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    assert _digests(raw / "Dataset502_Metastases") == _digests(reference)
+    assert digests(raw / "Dataset502_Metastases") == digests(reference)
     assert not [p for p in raw.rglob("*") if p.name.startswith(".partial-")]

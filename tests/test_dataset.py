@@ -1,4 +1,3 @@
-import hashlib
 import json
 import re
 import shutil
@@ -13,12 +12,7 @@ from spinemets import dataset, labels
 from spinemets.cli import main
 from spinemets.errors import SpinemetsError
 
-from conftest import make_ct, vertebra_labelmap, write_case
-
-
-def _digests(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from conftest import digests, make_ct, vertebra_labelmap, write_case
 
 
 def test_scan_synthetic_layout(small_cohort, tmp_path):
@@ -92,11 +86,11 @@ def test_import_both_stages_passes_nnunet_integrity_check(small_cohort, tmp_path
 
 
 def test_import_is_deterministic_reuses_unchanged_cases_and_leaves_sources(small_cohort, tmp_path):
-    before = _digests(small_cohort)
+    before = digests(small_cohort)
     manifest = dataset.scan(small_cohort)
     first = dataset.import_dataset(manifest, "vertebrae", tmp_path / "a")
     other = dataset.import_dataset(manifest, "vertebrae", tmp_path / "b")
-    assert _digests(first) == _digests(other)
+    assert digests(first) == digests(other)
     inode = (first / "labelsTr" / "case_001.nii.gz").stat().st_ino
     # change one source: only that case is converted again, the others are reused as they were
     ct = make_ct(seed=99)
@@ -106,9 +100,9 @@ def test_import_is_deterministic_reuses_unchanged_cases_and_leaves_sources(small
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(again / "labelsTr" / "case_002.nii.gz")))
     assert set(np.unique(lab)) == {0, 22, 23, 24}
     assert not list((tmp_path / "a").glob(".partial-*"))
-    assert _digests(small_cohort) != before  # we changed case_002 ourselves...
+    assert digests(small_cohort) != before  # we changed case_002 ourselves...
     del before["case_002/ct.nrrd"], before["case_002/vertebrae.seg.nrrd"], before["case_002/metastases.seg.nrrd"]
-    after = _digests(small_cohort)
+    after = digests(small_cohort)
     assert all(after[k] == v for k, v in before.items())  # ...and the import changed nothing
 
 
@@ -116,7 +110,7 @@ def test_parallel_import_matches_serial(small_cohort, tmp_path):
     manifest = dataset.scan(small_cohort)
     serial = dataset.import_dataset(manifest, "metastases", tmp_path / "s", jobs=1)
     parallel = dataset.import_dataset(manifest, "metastases", tmp_path / "p", jobs=2)
-    assert _digests(serial) == _digests(parallel)
+    assert digests(serial) == digests(parallel)
 
 
 def test_real_ct_with_totalsegmentator_mask(totalseg_dir, tmp_path):
@@ -158,11 +152,11 @@ def test_failed_import_keeps_the_previous_dataset(small_cohort, tmp_path, defect
     dataset.scan(small_cohort, manifest_csv)
     raw = tmp_path / "raw"
     good = dataset.import_dataset(manifest_csv, "vertebrae", raw)
-    good_digests = _digests(good)
+    good_digests = digests(good)
     path, message = break_case(small_cohort / "case_002", defect)
     with pytest.raises(SpinemetsError, match=re.escape(message)):
         dataset.import_dataset(manifest_csv, "vertebrae", raw)
-    assert _digests(good) == good_digests
+    assert digests(good) == good_digests
     assert not list(raw.glob(".partial-*"))
 
 

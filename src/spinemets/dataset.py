@@ -102,7 +102,7 @@ def scan(
         raise SpinemetsError(f"{root}: folder not found")
     segmentations = dict(DEFAULT_SEGMENTATION_PATTERNS if segmentations is None else segmentations)
     for stage in segmentations:
-        labels_mod.labels(stage)  # unknown stage -> clear error
+        labels_mod.check_stage(stage)
     images = _find(root, image)
     if not images:
         raise SpinemetsError(f"{root}: no image matches {image!r}")
@@ -263,7 +263,7 @@ def import_dataset(
     jobs: int = 1,
 ) -> Path:
     """Write the nnU-Net raw dataset of ``stage`` from the manifest; return its folder."""
-    labels_mod.labels(stage)
+    labels_mod.check_stage(stage)
     frame = read_manifest(manifest)
     frame = frame[frame["stage"] == stage]
     source = "manifest" if isinstance(manifest, pd.DataFrame) else str(manifest)

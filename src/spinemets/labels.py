@@ -68,7 +68,8 @@ TOTALSEGMENTATOR_TOTAL_TO_VERTEBRAE: dict[int, int] = {
 }
 
 
-def _check_stage(stage: str) -> dict:
+def check_stage(stage: str) -> dict:
+    """The table of a stage; an unknown stage is an error naming the known ones."""
     if stage not in STAGES:
         raise SpinemetsError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_NAMES)}")
     return STAGES[stage]
@@ -76,7 +77,7 @@ def _check_stage(stage: str) -> dict:
 
 def labels(stage: str) -> dict[str, int]:
     """Label name -> value of a stage, background included."""
-    return dict(_check_stage(stage)["labels"])
+    return dict(check_stage(stage)["labels"])
 
 
 def foreground_labels(stage: str) -> dict[str, int]:
@@ -91,7 +92,7 @@ def label_names(stage: str) -> dict[int, str]:
 
 def colour(stage: str, name: str) -> tuple[float, float, float]:
     """Display colour (RGB in 0-1) of a foreground label."""
-    _check_stage(stage)
+    check_stage(stage)
     if stage == "metastases":
         return LESION_COLOURS[name]
     base = _REGION_COLOURS[REGION_OF_VERTEBRA[name]]

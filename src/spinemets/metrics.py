@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import SpinemetsError
-from .labels import STAGE_NAMES, foreground_labels
+from .labels import STAGE_NAMES, check_stage, foreground_labels
 
 #: Matching rules for instances: IoU above one half (unique), or any overlap (greedy by IoU).
 MATCH_RULES: tuple[str, ...] = ("iou", "overlap")
@@ -209,13 +209,8 @@ METRICS: dict[str, Metric] = _registry()
 
 def metric_names(stage: str) -> list[str]:
     """Keys of the metrics a stage reports, in output order."""
-    _check_stage(stage)
+    check_stage(stage)
     return [name for name, m in METRICS.items() if stage in m.stages]
-
-
-def _check_stage(stage: str) -> None:
-    if stage not in STAGE_NAMES:
-        raise SpinemetsError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_NAMES)}")
 
 
 def _check_match(match: str) -> None:
@@ -477,7 +472,7 @@ def evaluate_case(
     instance (each label one instance) and landmark metrics per vertebra, plus the case's
     identification rate under class ``"all"``. ``sources`` name the arrays in error messages.
     """
-    _check_stage(stage)
+    check_stage(stage)
     _check_match(match)
     if ref.shape != pred.shape:
         raise SpinemetsError(f"{sources[1]}: shape {pred.shape} differs from {sources[0]} ({ref.shape})")
@@ -775,7 +770,7 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
     from . import __version__
     from .io import write_csv, write_json
 
-    _check_stage(stage)
+    check_stage(stage)
     _check_match(match)
     beta = float(beta)
     if not (beta > 0 and math.isfinite(beta)):

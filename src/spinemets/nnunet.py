@@ -152,7 +152,7 @@ def get_profile(profile: str) -> dict:
 
 def stage_plan(stage: str, profile: str) -> dict:
     """The profile's entry for one stage (configurations, folds, trainer, extra configurations)."""
-    labels_mod.labels(stage)
+    labels_mod.check_stage(stage)
     return get_profile(profile)["stages"][stage]
 
 
