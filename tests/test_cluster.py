@@ -354,3 +354,124 @@ def test_status_of_a_missing_run_folder(tmp_path):
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(SpinemetsError, match="not valid JSON"):
         cluster.status(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run (notebooks, training jobs, report and book) as jobs
+# ---------------------------------------------------------------------------------------------
+
+
+def copy_project(root: Path) -> Path:
+    """The parts of the project a run needs (book, notebooks, profiles, book config) in ``root``."""
+    from conftest import REPO
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("book", "notebooks", "profiles"):
+        shutil.copytree(REPO / folder, root / folder)
+    return root
+
+
+def test_run_steps_of_the_paper_profile(tmp_path):
+    root = copy_project(tmp_path)
+    steps, trainer = cluster.run_steps("paper", {"folds": "[0, 1]", "workspace": "ws/paper"}, root)
+    assert trainer == "paper"
+    by_name = {s.name: s for s in steps}
+    names = [s.name for s in steps]
+    assert names[0] == "run/prepare" and names[-1] == "run/report"
+    assert len(steps) == 1 + 2 * (1 + 4 * 2 + 1) + 1
+    prepare = by_name["run/prepare"]
+    assert prepare.kwargs["notebooks"] == ["01_data_curation", "02_slicer_import"]
+    assert prepare.kwargs["build_book"] is False and prepare.kwargs["out_dir"] == "build/executed-prepare"
+    for stage in ("vertebrae", "metastases"):
+        assert by_name[f"{stage}/plan"].after == ("run/prepare",)
+        assert by_name[f"{stage}/plan"].kwargs["workspace"] == str(root / "ws" / "paper")
+        assert by_name[f"{stage}/finalize"].kwargs["folds"] == [0, 1]
+        assert by_name[f"{stage}/3d_fullres/fold_1"].kwargs["device"] == "cuda"
+    report = by_name["run/report"]
+    assert report.after == ("vertebrae/finalize", "metastases/finalize")
+    assert "notebooks" not in report.kwargs and report.kwargs["out_dir"] == "build/executed"
+    assert report.kwargs["parameters"] == {"folds": "[0, 1]", "workspace": "ws/paper"}
+    cluster._check_graph(steps)
+    import importlib
+    import inspect
+    for step in steps:
+        module, name = step.target.split(":")
+        inspect.signature(getattr(importlib.import_module(module), name)).bind(**step.kwargs)
+    resources = cluster.profile_resources(trainer)
+    assert resources["report"].gpus_per_job == 1 and resources["prepare"].gpus_per_job == 0
+
+
+def test_run_steps_refuse_what_cannot_run(tmp_path):
+    root = copy_project(tmp_path)
+    with pytest.raises(SpinemetsError, match=r"not declared by any notebook"):
+        cluster.run_steps("ci", {"no_such_parameter": "1"}, root)
+    (root / "profiles" / "nothing.yaml").write_text(
+        "description: curation only\ncohort: synthetic\nnotebooks:\n  - path: notebooks/01_data_curation.ipynb\n")
+    with pytest.raises(SpinemetsError, match=r"nothing\.yaml\) has no training notebook"):
+        cluster.run_steps("nothing", None, root)
+    assert not (root / "runs").exists()  # nothing submitted
+
+
+@pytest.mark.slow
+def test_ci_run_as_jobs_on_slurm_builds_the_book(slurm, tmp_path):
+    """``spinemets run --profile ci --executor slurm --wait``: every step a SLURM job, the book at the end."""
+    from spinemets import cli
+
+    root = copy_project(tmp_path / "project")
+    run = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            mp.delenv(var, raising=False)
+        mp.chdir(root)
+        code = cli.main(["run", "--profile", "ci", "--executor", "slurm", "--run-folder", str(run), "--wait",
+                         "--poll", "2"])
+    table = cluster.status(run)
+    assert code == 0, table.to_string()
+    assert list(table["step"]) == ["run/prepare", "vertebrae/plan", "vertebrae/demo_vertebrae/fold_all",
+                                   "vertebrae/finalize", "metastases/plan", "metastases/demo_metastases/fold_all",
+                                   "metastases/finalize", "run/report"]
+    assert all_done(table) and len(set(table["job"])) == len(table)  # one SLURM job each
+    provenance = json.loads((root / "build" / "executed" / "provenance.json").read_text())
+    assert provenance["status"] == "ok" and [n["status"] for n in provenance["notebooks"]] == ["ok"] * 6
+    assert (root / "_build" / "html" / "index.html").exists()
+    assert "<table" in (root / "_build" / "html" / "book" / "results.html").read_text()
+    # the training notebooks of the report found their folds trained by the jobs: trained once
+    ws = nnunet.Workspace(root / "workspace" / "ci")
+    for stage in ("vertebrae", "metastases"):
+        log_text = (ws.results / ws.dataset_name(stage) / "spinemets_train.log").read_text()
+        assert log_text.count("Training done.") == 1, stage
+    # the notebooks of the preparing job ran into their own folder
+    assert sorted(p.name for p in (root / "build" / "executed-prepare").glob("*.ipynb")) == [
+        "01_data_curation.ipynb", "02_slicer_import.ipynb"]
+
+
+def test_wait_reports_failed_steps_with_their_logs(tmp_path, monkeypatch):
+    rows = [{"step": "a/plan", "kind": "plan", "stage": "a", "configuration": "", "fold": "", "job": "3",
+             "attempt": 1, "state": "COMPLETED", "status": "done", "reason": "", "elapsed": "", "log": "/l/3.out"},
+            {"step": "a/x/fold_0", "kind": "train", "stage": "a", "configuration": "x", "fold": "0", "job": "4",
+             "attempt": 1, "state": "FAILED", "status": "failed", "reason": "FAILED; exit 1:0; ValueError: bad",
+             "log": "/l/4.err", "elapsed": ""}]
+    import pandas as pd
+    monkeypatch.setattr(cluster, "status", lambda folder: pd.DataFrame(rows, columns=cluster.STATUS_COLUMNS))
+    with pytest.raises(SpinemetsError, match=r"(?s)1 step\(s\) did not complete.*a/x/fold_0: failed "
+                                             r"\(FAILED; exit 1:0; ValueError: bad\); log: /l/4\.err.*--resubmit"):
+        cluster.wait(tmp_path, poll_s=0, progress=False)
+    rows[1].update(state="UNKNOWN", status="unknown", reason="not in SLURM's accounting")
+    with pytest.raises(SpinemetsError, match="a/x/fold_0: unknown"):
+        cluster.wait(tmp_path, poll_s=0.01, progress=False, unknown_grace_s=0.05)
+    rows[1].update(state="PENDING", status="pending", reason="Resources")
+    with pytest.raises(SpinemetsError, match=r"not done after 0\.05 s"):
+        cluster.wait(tmp_path, poll_s=0.01, timeout_s=0.05, progress=False)
+    rows[1].update(state="COMPLETED", status="done")
+    assert (cluster.wait(tmp_path, poll_s=0, progress=False)["status"] == "done").all()
+
+
+def test_job_options_need_an_executor(capsys):
+    from spinemets import cli
+
+    assert cli.main(["run", "--profile", "ci", "--wait"]) == 2
+    assert "--wait go(es) with --executor" in capsys.readouterr().err
+    assert cli.main(["train", "--stage", "vertebrae", "--partition", "gpu", "--num-gpus", "2"]) == 2
+    assert "--num-gpus, --partition go(es) with --executor" in capsys.readouterr().err

@@ -215,7 +215,7 @@ def test_predict_writes_case_and_cohort_outputs(tmp_path, monkeypatch, roi, lesi
     stages = {"vertebrae": _ThresholdVertebrae(), "metastases": stage2}
     monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
     out = tmp_path / "out"
-    rows = inference.predict(path.parent, out, profile="demo", roi=roi, margin_mm=4.0, device="cpu")
+    rows = inference.predict(path.parent, out, profile="demo", roi=roi, margin_mm=4.0, device="cpu", min_lesion_ml=0)
     assert len(rows) == lesions_found
     inside = [r for r in rows if r["level"] == "T6"]
     assert len(inside) == 1 and inside[0]["voxels"] == 8
@@ -251,7 +251,7 @@ def test_figures_of_predictions(tmp_path, monkeypatch):
     path = _ct(tmp_path)
     stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _RecordingLesions()}
     monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
-    inference.predict(path.parent, tmp_path / "out", roi="none", device="cpu")
+    inference.predict(path.parent, tmp_path / "out", roi="none", device="cpu", min_lesion_ml=0)
     fig = figures.prediction_overlays(tmp_path / "out", images=path.parent)
     assert len(fig.axes) == 2 and len(fig.axes[0].images) == 3  # CT, vertebrae, lesions
     sagittal = fig.axes[0].images[2].get_array()  # lesion overlay through the spine centre (x = 14)
@@ -264,3 +264,36 @@ def test_figures_of_predictions(tmp_path, monkeypatch):
 def test_predict_refuses_an_unknown_roi(tmp_path):
     with pytest.raises(SpinemetsError, match="roi must be"):
         inference.predict(tmp_path, tmp_path / "out", roi="box")
+
+
+def test_small_lesions_are_cleared_by_size_in_millilitres():
+    lesions = np.zeros((20, 20, 20), np.uint8)
+    lesions[2:4, 2:4, 2:4] = 1  # 8 voxels
+    lesions[10:13, 10:13, 10:13] = 2  # 27 voxels, touching a lytic voxel diagonally: one mixed component
+    lesions[13, 13, 13] = 1
+    lesions[18, 18, 18] = 2  # 1 voxel
+    spacing = (2.0, 1.0, 1.0)  # 2 mm^3 per voxel: 0.016, 0.056 and 0.002 mL
+    cleaned, removed = inference.remove_small_lesions(lesions, spacing, 0.02)
+    assert removed == 2 and cleaned[2:4, 2:4, 2:4].sum() == 0 and cleaned[18, 18, 18] == 0
+    assert (cleaned[10:14, 10:14, 10:14] == lesions[10:14, 10:14, 10:14]).all()  # kept whole, both classes
+    assert inference.remove_small_lesions(lesions, spacing, 0.016)[1] == 1  # exactly the size is kept
+    same, none = inference.remove_small_lesions(lesions, spacing, 0.0)
+    assert none == 0 and same is lesions
+    assert inference.remove_small_lesions(lesions, spacing, 1.0)[0].sum() == 0
+    assert lesions.sum() == 8 + 54 + 1 + 2  # the input is not modified
+    with pytest.raises(SpinemetsError, match="min_lesion_ml"):
+        inference.remove_small_lesions(lesions, spacing, -1)
+
+
+def test_predict_applies_the_profiles_minimum_lesion_size(tmp_path, monkeypatch):
+    path = _ct(tmp_path)  # two lytic lesions of 8 voxels x 2 mm^3 = 0.016 mL
+    stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _RecordingLesions()}
+    monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
+    monkeypatch.setitem(inference.nnunet.PROFILES["demo"], "min_lesion_ml", 0.01)
+    assert len(inference.predict(path.parent, tmp_path / "a", profile="demo", device="cpu")) == 2
+    monkeypatch.setitem(inference.nnunet.PROFILES["demo"], "min_lesion_ml", 0.02)
+    assert inference.predict(path.parent, tmp_path / "b", profile="demo", device="cpu") == []
+    prov = json.loads((tmp_path / "b" / "provenance.json").read_text())
+    assert prov["parameters"]["min_lesion_ml"] == 0.02 and prov["timings_s"]["case_a"]["small_lesions_removed"] == 2
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / "case_a" / "metastases.nii.gz"))).any()
+    assert len(inference.predict(path.parent, tmp_path / "c", profile="demo", device="cpu", min_lesion_ml=0)) == 2

@@ -596,9 +596,9 @@ def test_cli_evaluate(tmp_path):
 
 def test_summarize_means_pooled_counts_and_bootstrap():
     per_case = {
-        "a": {"lytic": {"dice": 0.5, "tp": 1, "fp": 1, "fn": 0, "sq": 0.6}},
-        "b": {"lytic": {"dice": NAN, "tp": 0, "fp": 0, "fn": 2, "sq": NAN}},
-        "c": {"lytic": {"dice": 0.9, "tp": 2, "fp": 0, "fn": 1, "sq": 0.8}},
+        "a": {"lytic": {"dice": 0.5, "tp": 1, "fp": 1, "fn": 0, "sq": 0.6, "voxel_tp": 10, "voxel_fp": 20, "voxel_fn": 0}},
+        "b": {"lytic": {"dice": NAN, "tp": 0, "fp": 0, "fn": 2, "sq": NAN, "voxel_tp": 0, "voxel_fp": 0, "voxel_fn": 20}},
+        "c": {"lytic": {"dice": 0.9, "tp": 2, "fp": 0, "fn": 1, "sq": 0.8, "voxel_tp": 45, "voxel_fp": 5, "voxel_fn": 5}},
     }
     s = metrics.summarize(per_case, "metastases", beta=2.0, n_boot=500, seed=1)
     dice = s["mean"]["lytic"]["dice"]
@@ -612,6 +612,11 @@ def test_summarize_means_pooled_counts_and_bootstrap():
     assert pooled["pq"]["value"] == pytest.approx(2.2 / (3 + 0.5 + 1.5))
     assert pooled["lesion_fbeta"]["value"] == pytest.approx(15 / (15 + 12 + 1))
     assert pooled["pq"]["ci_low"] <= pooled["pq"]["value"] <= pooled["pq"]["ci_high"]
+    # voxel counts pooled over cases: global Dice 2*55 / (2*55 + 25 + 25), F2 5*55 / (5*55 + 4*25 + 25)
+    assert pooled["dice"]["value"] == pytest.approx(110 / 160)
+    assert pooled["fbeta"]["value"] == pytest.approx(275 / 400)
+    assert pooled["recall"]["value"] == pytest.approx(55 / 80) and pooled["precision"]["value"] == pytest.approx(55 / 80)
+    assert pooled["dice"]["ci_low"] <= pooled["dice"]["value"] <= pooled["dice"]["ci_high"]
     again = metrics.summarize(per_case, "metastases", beta=2.0, n_boot=500, seed=1)
     assert again == s  # seeded
     assert metrics.bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4))

@@ -168,6 +168,35 @@ def test_train_refuses_bad_requests(tmp_path):
         nnunet.trained_models("vertebrae", "ci", tmp_path)
 
 
+def test_selection_is_reused_only_when_nothing_new_was_trained(tmp_path, monkeypatch, clean_env):
+    """A finished protocol run again (the report job of a cluster run) trains nothing and selects nothing."""
+    ws = nnunet.Workspace(tmp_path)
+    calls = []
+
+    def fake_nnunet(program, args, workspace, *rest, **kw):
+        calls.append(program)
+        results = ws.results / ws.dataset_name("metastases")
+        if program == "nnUNetv2_train":
+            folder = ws.model_folder("metastases", args[1], "nnUNetTrainer_250epochs") / f"fold_{args[2]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "checkpoint_final.pth").write_bytes(b"")
+        elif program == "nnUNetv2_find_best_configuration":
+            (results / "inference_information.json").write_text(json.dumps({"made": len(calls)}))
+
+    monkeypatch.setattr(nnunet, "run_nnunet", fake_nnunet)
+    monkeypatch.setattr(nnunet, "plan_and_preprocess", lambda stage, profile, cfgs, *a, **k: list(cfgs))
+    train = lambda cfgs: nnunet.train("metastases", "paper", configurations=cfgs, folds=[0, 1], workspace=ws)
+    first = train(["2d", "3d_fullres"])
+    assert calls.count("nnUNetv2_train") == 4 and calls[-1] == "nnUNetv2_find_best_configuration"
+    again = train(["2d", "3d_fullres"])
+    assert len(calls) == 5 and again["best"] == first["best"]  # nothing trained, the selection reused
+    other = train(["3d_fullres"])  # other models: select again, though nothing new was trained
+    assert len(calls) == 6 and other["best"] != first["best"]
+    (ws.results / ws.dataset_name("metastases") / nnunet.SELECTION_RECORD).unlink()
+    train(["3d_fullres"])
+    assert len(calls) == 7  # no record of what the selection was made for: made again
+
+
 # ------------------------------------------------------------------------------------------
 # Slow: a tiny synthetic workspace, trained for a few iterations
 # ------------------------------------------------------------------------------------------

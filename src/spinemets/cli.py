@@ -57,16 +57,33 @@ def _cmd_evaluate(a):
     print(f"wrote {Path(a.out) / 'summary.csv'}")
 
 
+def _job_options(a) -> dict:
+    return {"executor": a.executor, "folder": a.run_folder, "partition": a.partition, "gpus_per_job": a.gpus_per_job,
+            "time_min": a.time_min, "mem_gb": a.mem_gb, "cpus_per_task": a.cpus_per_task, "num_gpus": a.num_gpus}
+
+
+def _submitted(a, record: dict) -> None:
+    print(f"run folder: {record['folder']}\nwatch with: spinemets jobs {record['folder']}")
+    if a.wait and record["executor"] == "slurm":
+        table = _call("cluster.wait", run_folder=record["folder"], poll_s=a.poll)
+        print(table.to_string(index=False))
+
+
+def _no_job_options(a) -> None:
+    given = [flag for flag, value in (("--run-folder", a.run_folder), ("--num-gpus", a.num_gpus),
+                                      ("--partition", a.partition), ("--gpus-per-job", a.gpus_per_job),
+                                      ("--time-min", a.time_min), ("--mem-gb", a.mem_gb),
+                                      ("--cpus-per-task", a.cpus_per_task), ("--wait", a.wait)) if value]
+    if given:
+        raise SpinemetsError(f"{', '.join(given)} go(es) with --executor local|slurm")
+
+
 def _cmd_train(a):
     if a.executor:
-        record = _call("cluster.submit", stages=a.stage, profile=a.profile, executor=a.executor,
-                       folder=a.run_folder, workspace=a.workspace, configurations=a.configurations, folds=a.folds,
-                       device=a.device, partition=a.partition, gpus_per_job=a.gpus_per_job, time_min=a.time_min,
-                       mem_gb=a.mem_gb, cpus_per_task=a.cpus_per_task, num_gpus=a.num_gpus)
-        print(f"run folder: {record['folder']}\nwatch with: spinemets jobs {record['folder']}")
+        _submitted(a, _call("cluster.submit", stages=a.stage, profile=a.profile, workspace=a.workspace,
+                            configurations=a.configurations, folds=a.folds, device=a.device, **_job_options(a)))
         return
-    if a.run_folder or a.num_gpus:
-        raise SpinemetsError("--run-folder and --num-gpus go with --executor local|slurm")
+    _no_job_options(a)
     for stage in a.stage:
         _call("nnunet.train", stage=stage, profile=a.profile, configurations=a.configurations, folds=a.folds,
               device=a.device, workspace=a.workspace)
@@ -81,13 +98,33 @@ def _cmd_jobs(a):
 
 def _cmd_predict(a):
     _call("inference.predict", input=a.input, out_dir=a.out, profile=a.profile, roi=a.roi,
-          workspace=a.workspace, device=a.device)
+          workspace=a.workspace, device=a.device, min_lesion_ml=a.min_lesion_ml)
     print(f"wrote {a.out}")
 
 
 def _cmd_run(a):
     params = {name: value for name, value in (a.parameter or [])}
+    if a.executor:
+        _submitted(a, _call("cluster.submit_run", profile=a.profile, parameters=params, **_job_options(a)))
+        return
+    _no_job_options(a)
     _call("runner.run", profile=a.profile, parameters=params)
+
+
+def _add_job_options(p: argparse.ArgumentParser, what: str) -> None:
+    jobs = p.add_argument_group("jobs", what)
+    jobs.add_argument("--executor", choices=("local", "slurm"), default=None,
+                      help="submit the work as jobs: slurm (returns once queued) or local (one after the other, "
+                           "here); default: run it in this process")
+    jobs.add_argument("--run-folder", type=Path, default=None, help="where the run record and job logs go")
+    jobs.add_argument("--wait", action="store_true", help="with slurm: wait until every job is done (or one failed)")
+    jobs.add_argument("--poll", type=float, default=30.0, help="seconds between looks at the jobs with --wait")
+    jobs.add_argument("--partition", default=None)
+    jobs.add_argument("--gpus-per-job", type=int, default=None)
+    jobs.add_argument("--time-min", type=int, default=None, help="time limit per job, minutes")
+    jobs.add_argument("--mem-gb", type=float, default=None)
+    jobs.add_argument("--cpus-per-task", type=int, default=None)
+    jobs.add_argument("--num-gpus", type=int, default=None, help="GPUs per training (nnU-Net's own DDP)")
 
 
 def _cmd_fetch(a):
@@ -155,16 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", nargs="+", default=None, help="folds, e.g. 0 1 2 3 4 or all (default: the profile's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the profile's")
     p.add_argument("--workspace", type=Path, default=None, help="workspace folder (default: ./workspace)")
-    jobs = p.add_argument_group("jobs", "one job per (stage, configuration, fold), chained by afterok dependencies")
-    jobs.add_argument("--executor", choices=("local", "slurm"), default=None,
-                      help="submit the protocol as jobs (default: train here, in this process)")
-    jobs.add_argument("--run-folder", type=Path, default=None, help="where the run record and logs go")
-    jobs.add_argument("--partition", default=None)
-    jobs.add_argument("--gpus-per-job", type=int, default=None)
-    jobs.add_argument("--time-min", type=int, default=None, help="time limit per job, minutes")
-    jobs.add_argument("--mem-gb", type=float, default=None)
-    jobs.add_argument("--cpus-per-task", type=int, default=None)
-    jobs.add_argument("--num-gpus", type=int, default=None, help="GPUs per training (nnU-Net's own DDP)")
+    _add_job_options(p, "one job per (stage, configuration, fold), chained by afterok dependencies")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("jobs", help="state of every job of a run, from SLURM's accounting (cluster.status)")
@@ -181,12 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lesion stage on the whole CT (none, as the paper) or on the spine's box (spine)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--workspace", type=Path, default=None)
+    p.add_argument("--min-lesion-ml", type=float, default=None,
+                   help="clear predicted lesions smaller than this (mL); default: the profile's (paper: 0)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("run", help="execute the notebooks of a profile with papermill and build the book (runner.run)")
     p.add_argument("--profile", default="demo", help="demo, paper, ci, or a path to a profile YAML")
     p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="override a notebook parameter (repeatable)")
+    _add_job_options(p, "the notebooks before training as one job, one job per (stage, configuration, fold), "
+                        "then the remaining notebooks and the book as one job (cluster.submit_run)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("fetch", help="download a Zenodo record with checksums and resume (fetch.fetch_record)")

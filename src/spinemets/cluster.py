@@ -48,6 +48,7 @@ import logging
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 RECORD = "run.json"
 LOGS = "logs"
 EXECUTORS = ("slurm", "local")
-KINDS = ("plan", "train", "finalize")
+KINDS = ("prepare", "plan", "train", "finalize", "report")
 #: Times a job that timed out or was preempted is requeued automatically (submitit).
 MAX_REQUEUES = 3
 
@@ -102,26 +103,22 @@ class Resources:
 
 #: Default resources per training profile and step kind. The paper's 3d_fullres fold takes hours
 #: on one GPU at 250 epochs; nnU-Net's data augmentation wants many CPU workers per GPU.
+#: ``prepare`` and ``report`` are the notebook steps of :func:`run_steps`; the report predicts the
+#: held-out cases (a GPU for the paper profile) and builds the book.
 RESOURCES: dict[str, dict[str, Resources]] = {
     "paper": {
+        "prepare": Resources(time_min=240, mem_gb=32, cpus_per_task=8),
         "plan": Resources(time_min=240, mem_gb=64, cpus_per_task=16),
         "train": Resources(gpus_per_job=1, time_min=24 * 60, mem_gb=64, cpus_per_task=12),
         "finalize": Resources(time_min=240, mem_gb=64, cpus_per_task=16),
+        "report": Resources(gpus_per_job=1, time_min=8 * 60, mem_gb=64, cpus_per_task=12),
     },
-    "demo": {
-        "plan": Resources(time_min=30, mem_gb=8, cpus_per_task=2),
-        "train": Resources(time_min=60, mem_gb=8, cpus_per_task=2),
-        "finalize": Resources(time_min=30, mem_gb=8, cpus_per_task=2),
-    },
-    "ci": {
-        "plan": Resources(time_min=20, mem_gb=4, cpus_per_task=1),
-        "train": Resources(time_min=20, mem_gb=4, cpus_per_task=1),
-        "finalize": Resources(time_min=20, mem_gb=4, cpus_per_task=1),
-    },
+    "demo": {kind: Resources(time_min=60, mem_gb=8, cpus_per_task=2) for kind in KINDS},
+    "ci": {kind: Resources(time_min=20, mem_gb=4, cpus_per_task=1) for kind in KINDS},
 }
-#: Step kinds that get GPUs when the command line asks for GPUs per job (planning, and the
-#: selection and ensembling of ``nnUNetv2_find_best_configuration``, run on CPUs).
-GPU_KINDS = ("train",)
+#: Step kinds that get GPUs when the command line asks for GPUs per job (preparing the data,
+#: planning, and the selection and ensembling of ``nnUNetv2_find_best_configuration`` run on CPUs).
+GPU_KINDS = ("train", "report")
 
 
 @dataclass(frozen=True)
@@ -295,6 +292,85 @@ def submit(stages: str | Sequence[str], profile: str = "paper", executor: str = 
     folder = Path(folder) if folder is not None else Path("runs") / f"{profile}-{stamp}"
     meta = {"profile": profile, "stages": list(dict.fromkeys(s.stage for s in steps)),
             "workspace": steps[0].kwargs["workspace"]}
+    return submit_steps(steps, folder, executor, resources, meta)
+
+
+def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, root: str | Path | None = None,
+              out_dir: str | Path | None = None, num_gpus: int = 1) -> tuple[list[Step], str]:
+    """The steps of ``spinemets run --profile PROFILE`` as jobs; returns ``(steps, training profile)``.
+
+    * ``run/prepare``: :func:`spinemets.runner.run` of the notebooks before the first training
+      notebook (:data:`spinemets.runner.TRAINING_NOTEBOOKS`): the cohort and the nnU-Net raw
+      datasets. Executed into ``<out_dir>-prepare``; no book;
+    * per training notebook, its stage's :func:`protocol_steps` with the notebook's own
+      parameters (training profile, workspace, configurations, folds, device), planning after
+      ``run/prepare``;
+    * ``run/report``: :func:`spinemets.runner.run` of every notebook and the book, after every
+      stage's ``finalize``. The training notebooks find their folds trained and the selection
+      made, so they only show the curves; inference and evaluation run there.
+
+    The profile's parameters and notebooks are checked here, before anything is submitted.
+    """
+    from . import nnunet, runner
+    from .profiles import find_project_root, load_profile
+
+    root = find_project_root(root)
+    prof = load_profile(profile, root)
+    out_dir = str(out_dir or runner.DEFAULT_OUT_DIR)
+    plans = runner.plan_run(prof, root, None, parameters)
+    stems = [source.stem for source, _ in plans]
+    training = [i for i, stem in enumerate(stems) if stem in runner.TRAINING_NOTEBOOKS]
+    if not training:
+        raise SpinemetsError(f"profile {prof.name!r} ({prof.source}) has no training notebook "
+                             f"({', '.join(runner.TRAINING_NOTEBOOKS)}); nothing to submit as jobs")
+    common = {"profile": str(prof.source), "parameters": dict(parameters or {}), "root": str(root)}
+    prepare = Step("run/prepare", "prepare", "run", "spinemets.runner:run",
+                   {**common, "notebooks": stems[:training[0]], "out_dir": f"{out_dir}-prepare", "build_book": False})
+    has_prepare = training[0] > 0
+    steps = [prepare] if has_prepare else []
+    trainers: list[str] = []
+    finals = []
+    for index in training:
+        params = plans[index][1]
+        stage = runner.TRAINING_NOTEBOOKS[stems[index]]
+        trainers.append(params.get("profile", "demo"))
+        workspace = Path(params.get("workspace") or nnunet.DEFAULT_WORKSPACE)
+        stage_steps = protocol_steps(stage, trainers[-1], workspace if workspace.is_absolute() else root / workspace,
+                                     params.get("configurations"), params.get("folds"), params.get("device"),
+                                     num_gpus)
+        steps += [replace(s, after=(*s.after, prepare.name)) if s.kind == "plan" and has_prepare else s
+                  for s in stage_steps]
+        finals.append(stage_steps[-1].name)
+    if len(set(trainers)) > 1:
+        raise SpinemetsError(f"profile {prof.name!r}: the training notebooks use different training profiles "
+                             f"{sorted(set(trainers))}; one run submits one")
+    steps.append(Step("run/report", "report", "run", "spinemets.runner:run", {**common, "out_dir": out_dir},
+                      tuple(finals)))
+    return steps, trainers[0]
+
+
+def submit_run(profile: str | Path, parameters: Mapping[str, Any] | None = None, executor: str = "slurm",
+               folder: str | Path | None = None, root: str | Path | None = None,
+               partition: str | None = None, gpus_per_job: int | None = None, time_min: int | None = None,
+               mem_gb: float | None = None, cpus_per_task: int | None = None, num_gpus: int | None = None) -> dict:
+    """Submit a whole ``spinemets run`` (notebooks, training as one job per fold, report and book); return the record.
+
+    The steps are :func:`run_steps`; resources come from the training profile's
+    :data:`RESOURCES` with the overrides (as :func:`submit`). ``folder`` defaults to
+    ``<root>/runs/<profile>-<UTC time>``. With ``slurm`` this returns once all is queued (watch it
+    with :func:`status` or :func:`wait`); with ``local`` once it has run.
+    """
+    from .profiles import find_project_root
+
+    root = find_project_root(root)
+    requested = int(num_gpus) if num_gpus is not None else 1
+    steps, trainer = run_steps(profile, parameters, root, num_gpus=requested)
+    resources = profile_resources(trainer, partition, gpus_per_job, time_min, mem_gb, cpus_per_task, num_gpus)
+    name = Path(str(profile)).stem
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = Path(folder) if folder is not None else root / "runs" / f"{name}-{stamp}"
+    meta = {"profile": trainer, "run_profile": name, "stages": [s.stage for s in steps if s.kind == "plan"],
+            "workspace": next(s.kwargs["workspace"] for s in steps if s.kind == "plan")}
     return submit_steps(steps, folder, executor, resources, meta)
 
 
@@ -571,6 +647,46 @@ def _job_error(job: dict) -> str:
     except Exception:  # no result: killed, cancelled or not started
         return ""
     return _last_line(str(payload)) if outcome == "error" else ""
+
+
+def wait(run_folder: str | Path, poll_s: float = 30.0, timeout_s: float | None = None,
+         progress: bool = True, unknown_grace_s: float = 120.0) -> pd.DataFrame:
+    """Poll :func:`status` until every step is done; return the final table.
+
+    Raises :class:`SpinemetsError` as soon as a step failed, was cancelled or is blocked behind a
+    failed step, or has stayed unknown to SLURM for ``unknown_grace_s`` (accounting learns of a
+    new job a moment after ``sbatch``), naming each with its reason and log file and saying how
+    to send it again; also when ``timeout_s`` passes. A progress bar counts the steps done.
+    """
+    from tqdm.auto import tqdm
+
+    folder = Path(run_folder)
+    deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
+    unknown_since: dict[str, float] = {}
+    table = status(folder)
+    bar = tqdm(total=len(table), desc=f"{folder.name}: steps done", unit="step", disable=not progress)
+    try:
+        while True:
+            done = int((table["status"] == "done").sum())
+            bar.update(done - bar.n)
+            if done == len(table):
+                return table
+            now = time.monotonic()
+            lost = {r.step for r in table.itertuples()
+                    if r.status == "unknown" and now - unknown_since.setdefault(r.step, now) > unknown_grace_s}
+            bad = table[table["status"].isin(("failed", "cancelled", "blocked", "not submitted"))
+                        | table["step"].isin(lost)]
+            if len(bad):
+                lines = [f"  {r.step}: {r.status} ({r.reason or r.state}); log: {r.log or '-'}" for r in bad.itertuples()]
+                raise SpinemetsError(f"{folder}: {len(bad)} step(s) did not complete:\n" + "\n".join(lines)
+                                     + f"\nsend them again with: spinemets jobs {folder} --resubmit")
+            if deadline is not None and now > deadline:
+                raise SpinemetsError(f"{folder}: not done after {timeout_s:g} s; "
+                                     f"{len(table) - done} step(s) left:\n{table.to_string(index=False)}")
+            time.sleep(poll_s)
+            table = status(folder)
+    finally:
+        bar.close()
 
 
 def resubmit(run_folder: str | Path) -> dict:

@@ -7,7 +7,9 @@
    paper, which also found sternal lesions), or on the bounding box of the stage-1 vertebrae
    grown by ``margin_mm`` on every side (``roi="spine"``), pasted back into an empty map of the
    CT's size. With ``roi="spine"`` and no vertebra found, stage 2 runs on the whole CT (noted in
-   the provenance).
+   the provenance). Predicted lesions smaller than ``min_lesion_ml`` are then cleared
+   (:func:`remove_small_lesions`; the demo profile's smallest synthetic lesion is 0.375 mL, and
+   specks of a few voxels are noise; the paper profile removes nothing).
 3. **Localization** (:func:`localize`): each lesion is a connected component (26-connectivity) of
    the lesion mask, lytic and sclerotic voxels together, so a component with both is *mixed*.
    Its level is the vertebra label with the largest overlap; without overlap, the vertebra of the
@@ -281,21 +283,45 @@ def spine_box(vertebrae: np.ndarray, spacing_zyx: Sequence[float], margin_mm: fl
     return tuple(box)
 
 
+def remove_small_lesions(lesions: np.ndarray, spacing: Sequence[float], min_ml: float) -> tuple[np.ndarray, int]:
+    """Clear the lesion components (26-connected, lytic and sclerotic together, as :func:`localize`
+    counts them) smaller than ``min_ml`` millilitres; return the cleaned map and how many were removed."""
+    if min_ml < 0 or not np.isfinite(min_ml):
+        raise SpinemetsError(f"min_lesion_ml must be a number >= 0, not {min_ml!r}")
+    if min_ml == 0 or not lesions.any():
+        return lesions, 0
+    components, n = cc3d.connected_components(lesions > 0, connectivity=26, return_N=True)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    small = np.bincount(components.ravel(), minlength=n + 1) * voxel_ml < min_ml
+    small[0] = False
+    if not small.any():
+        return lesions, 0
+    cleaned = lesions.copy()
+    cleaned[small[components]] = 0
+    return cleaned, int(small.sum())
+
+
 def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: str = "none",
             workspace=None, device: str | None = None, margin_mm: float = MARGIN_MM, near_mm: float = NEAR_MM,
-            tta: bool = False, threads: int | None = None) -> list[dict]:
+            tta: bool = False, threads: int | None = None, min_lesion_ml: float | None = None) -> list[dict]:
     """Two-stage prediction, localization and partial SINS for one CT or a folder; return the cohort's lesion rows.
 
     ``profile`` picks the trained models (:func:`spinemets.nnunet.trained_models`); ``device``
     defaults to the profile's; ``tta`` turns on nnU-Net's mirroring (where the trainer allows it);
     ``threads`` sets torch's CPU threads for this process (default: torch's own choice; 1 is
-    faster on a CPU that other processes keep busy).
+    faster on a CPU that other processes keep busy). ``min_lesion_ml`` clears predicted lesions
+    smaller than that before localization (:func:`remove_small_lesions`); default: the
+    profile's (``min_lesion_ml`` of :data:`spinemets.nnunet.PROFILES`; 0, nothing removed, for the
+    paper profile). The number removed per case is in the provenance.
     """
     if roi not in ROI_MODES:
         raise SpinemetsError(f"roi must be one of {', '.join(ROI_MODES)}, not {roi!r}")
+    prof = nnunet.get_profile(profile)
+    min_lesion_ml = float(prof.get("min_lesion_ml", 0.0) if min_lesion_ml is None else min_lesion_ml)
+    remove_small_lesions(np.zeros((1, 1, 1), np.uint8), (1.0, 1.0, 1.0), min_lesion_ml)  # checks the value
     cases = find_inputs(input)
     out_dir = Path(out_dir)
-    device = device or nnunet.get_profile(profile)["device"]
+    device = device or prof["device"]
     started = time.perf_counter()
     stage1 = _Stage("vertebrae", profile, workspace, device, tta, threads)
     stage2 = _Stage("metastases", profile, workspace, device, tta, threads)
@@ -303,7 +329,7 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     for case, path in tqdm(cases.items(), desc="predict", unit="case"):
         t0 = time.perf_counter()
         lesion_rows, vertebra_rows, note, times = predict_case(path, out_dir / case, case, stage1, stage2, roi,
-                                                               margin_mm, near_mm)
+                                                               margin_mm, near_mm, min_lesion_ml)
         timings[case] = {**times, "total_s": round(time.perf_counter() - t0, 3)}
         if note:
             notes[case] = note
@@ -313,14 +339,17 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     write_csv(out_dir / "vertebrae.csv", all_vertebrae, VERTEBRA_COLUMNS)
     write_json(out_dir / "provenance.json", _provenance(locals_=dict(
         input=str(input), out_dir=str(out_dir), profile=profile, roi=roi, device=device, margin_mm=margin_mm,
-        near_mm=near_mm, tta=tta, threads=threads), models={"vertebrae": stage1.models, "metastases": stage2.models},
+        near_mm=near_mm, tta=tta, threads=threads, min_lesion_ml=min_lesion_ml), models={"vertebrae": stage1.models, "metastases": stage2.models},
         timings=timings, notes=notes, seconds=time.perf_counter() - started))
     return all_lesions
 
 
 def predict_case(path: Path, case_dir: Path, case: str, stage1, stage2, roi: str, margin_mm: float,
-                 near_mm: float) -> tuple[list[dict], list[dict], str, dict]:
-    """Both stages and localization for one CT; writes the case folder. Returns (lesions, vertebrae, note, timings)."""
+                 near_mm: float, min_lesion_ml: float = 0.0) -> tuple[list[dict], list[dict], str, dict]:
+    """Both stages and localization for one CT; writes the case folder.
+
+    Returns (lesions, vertebrae, note, timings); timings also count the small lesions removed.
+    """
     image = read_image(path, "CT")
     ct = sitk.GetArrayFromImage(image)
     spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
@@ -335,6 +364,7 @@ def predict_case(path: Path, case_dir: Path, case: str, stage1, stage2, roi: str
         lesions = stage2(ct, spacing)
     else:
         lesions[box] = stage2(np.ascontiguousarray(ct[box]), spacing)
+    lesions, removed = remove_small_lesions(lesions, spacing, min_lesion_ml)
     t2 = time.perf_counter()
     lesion_rows = [{"case_id": case, **r} for r in localize(lesions, vertebrae, ct, spacing, near_mm, ijk_to_lps(image))]
     vertebra_rows = [{"case_id": case, **r} for r in vertebra_table(lesion_rows, lesions, vertebrae, spacing)]
@@ -344,7 +374,8 @@ def predict_case(path: Path, case_dir: Path, case: str, stage1, stage2, roi: str
         segmentation_from_labelmap(labelmap, case_dir / f"{stage}.seg.nrrd", stage)
     write_csv(case_dir / "lesions.csv", lesion_rows, LESION_COLUMNS)
     write_csv(case_dir / "vertebrae.csv", vertebra_rows, VERTEBRA_COLUMNS)
-    return lesion_rows, vertebra_rows, note, {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3)}
+    return lesion_rows, vertebra_rows, note, {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3),
+                                              "small_lesions_removed": removed}
 
 
 def _provenance(locals_: dict, models: dict, timings: dict, notes: dict, seconds: float) -> dict:

@@ -636,7 +636,7 @@ def bootstrap_ci(values, n_boot: int = N_BOOTSTRAP, seed: int = SEED, level: flo
 
 
 def _pooled(per_case: dict[str, dict], cls: str, stage: str, beta: float, n_boot: int, seed: int) -> dict:
-    """Instance counts summed over cases and the metrics of the sums, with case-bootstrap intervals."""
+    """Instance and voxel counts summed over cases and the metrics of the sums, with case-bootstrap intervals."""
     cases = list(per_case)
     tp, fp, fn = (np.array([per_case[c][cls][k] for c in cases], dtype=float) for k in ("tp", "fp", "fn"))
     sq = np.array([per_case[c][cls]["sq"] for c in cases], dtype=float)
@@ -652,6 +652,15 @@ def _pooled(per_case: dict[str, dict], cls: str, stage: str, beta: float, n_boot
         reps = reps[np.isfinite(reps)]
         low, high = np.quantile(reps, [0.025, 0.975]) if reps.size else (math.nan, math.nan)
         out[key] = {"value": float(METRICS[key](total, beta)), "ci_low": float(low), "ci_high": float(high)}
+    vtp, vfp, vfn = (np.array([per_case[c][cls][k] for c in cases], dtype=float)
+                     for k in ("voxel_tp", "voxel_fp", "voxel_fn"))
+    voxel_total = Counts(vtp.sum(), vfp.sum(), vfn.sum())
+    voxel_boot = Counts(vtp[idx].sum(axis=1), vfp[idx].sum(axis=1), vfn[idx].sum(axis=1))
+    for key in (k for k in metric_names(stage) if METRICS[k].level == "voxel" and METRICS[k].direction != "count"):
+        reps = np.asarray(METRICS[key](voxel_boot, beta), dtype=float)
+        reps = reps[np.isfinite(reps)]
+        low, high = np.quantile(reps, [0.025, 0.975]) if reps.size else (math.nan, math.nan)
+        out[key] = {"value": float(METRICS[key](voxel_total, beta)), "ci_low": float(low), "ci_high": float(high)}
     if stage == "vertebrae":
         ids = np.array([per_case[c][cls]["identified"] for c in cases], dtype=float)
         n_ref = np.isfinite(ids).sum()
@@ -671,7 +680,8 @@ def summarize(
     ``mean[class][metric]``: NaN-aware mean over cases with a percentile-bootstrap 95 % interval
     over cases (``n`` finite values, ``n_nan`` NaN values, which are left out of the mean).
     ``pooled[class]``: instance TP/FP/FN summed over all cases and the metrics of those sums
-    (lesion precision/recall/F-beta, RQ, SQ, PQ), bootstrap intervals by resampling cases; for
+    (lesion precision/recall/F-beta, RQ, SQ, PQ), and the voxel-level metrics of the voxel counts
+    summed over all cases (global Dice, F-beta, ...), bootstrap intervals by resampling cases; for
     vertebrae also the pooled identification rate.
     """
     if not per_case:

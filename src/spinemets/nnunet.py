@@ -12,7 +12,8 @@ folders the user listed.
 
 **Profiles** (:data:`PROFILES`) are plain data: per stage, the nnU-Net configurations, folds,
 trainer, device, and, for the short profiles, the extra plans configurations that
-:func:`add_configuration` writes into the plans after planning:
+:func:`add_configuration` writes into the plans after planning; ``min_lesion_ml`` is the size
+below which :func:`spinemets.inference.predict` clears a predicted lesion (0 for the paper):
 
 * ``paper``: the protocol of the paper: ``2d``, ``3d_lowres``, ``3d_fullres`` and
   ``3d_cascade_fullres``, five folds, ``nnUNetTrainer_250epochs`` on CUDA, then
@@ -98,6 +99,7 @@ PROFILES: dict[str, dict] = {
         "description": "the paper's protocol: four configurations x 5 folds, 250 epochs, CUDA, best configuration",
         "device": "cuda",
         "find_best": True,
+        "min_lesion_ml": 0.0,
         "stages": {
             stage: {"configurations": list(PAPER_CONFIGURATIONS), "folds": [0, 1, 2, 3, 4],
                     "trainer": "nnUNetTrainer_250epochs", "extra_configurations": {}}
@@ -108,6 +110,7 @@ PROFILES: dict[str, dict] = {
         "description": "CPU demo: one small configuration per stage, short AdamW schedule, fold 'all'",
         "device": "cpu",
         "find_best": False,
+        "min_lesion_ml": 0.1,
         "stages": {
             "vertebrae": {"configurations": ["demo_vertebrae"], "folds": ["all"],
                           "trainer": "SpinemetsVertebraeDemoTrainer",
@@ -131,6 +134,7 @@ PROFILES: dict[str, dict] = {
         "description": "tests: the demo's configurations, a few iterations",
         "device": "cpu",
         "find_best": False,
+        "min_lesion_ml": 0.1,
         "stages": {
             stage: {"configurations": [f"demo_{stage}"], "folds": ["all"], "trainer": "SpinemetsCITrainer",
                     "extra_configurations": {f"demo_{stage}": DEMO_CONFIGURATIONS[f"demo_{stage}"]}}
@@ -459,6 +463,7 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     if threads:
         env["SPINEMETS_TORCH_THREADS"] = str(int(threads))  # honoured by the project's trainers
     wall0, cpu0 = time.perf_counter(), _children_cpu_seconds()
+    trained = False
     for cfg in tqdm(usable, desc=f"{stage}: configurations", unit="config"):
         for fold in tqdm(folds, desc=f"{stage} {cfg}: folds", unit="fold", leave=False):
             out = ws.model_folder(stage, cfg, trainer, dataset_id) / f"fold_{fold}"
@@ -473,9 +478,16 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
             if num_gpus > 1:
                 args += ["-num_gpus", str(int(num_gpus))]  # nnU-Net's own multi-GPU (DDP) training
             run_nnunet("nnUNetv2_train", args, ws, log_file, extra_trainer_dirs, env)
+            trained = True
     seconds = {"train_wall_s": round(time.perf_counter() - wall0, 1),
                "train_cpu_s": round(_children_cpu_seconds() - cpu0, 1)}
-    best = find_best_configuration(stage, usable, folds, trainer, ws, dataset_id) if find_best else None
+    best = None
+    if find_best:
+        best = None if trained else _previous_selection(ws.results / name, usable, folds, trainer)
+        if best is None:
+            best = find_best_configuration(stage, usable, folds, trainer, ws, dataset_id)
+        else:
+            log.info("%s: every fold was trained before and the selection for them exists; reused", name)
     return {"dataset": name, "trainer": trainer, "plans": PLANS, "configurations": usable, "folds": folds,
             "model_folders": {cfg: str(ws.model_folder(stage, cfg, trainer, dataset_id)) for cfg in usable},
             "best": best, **seconds}
@@ -510,17 +522,41 @@ def parse_fold(fold) -> int | str:
         raise SpinemetsError(f"fold must be a number or 'all', not {fold!r}") from None
 
 
+SELECTION_RECORD = "spinemets_selection.json"
+
+
 def find_best_configuration(stage: str, configurations: Sequence[str], folds: Sequence[int | str], trainer: str,
                             workspace: Workspace | str | Path | None = None, dataset_id: int | None = None) -> dict:
     """Run ``nnUNetv2_find_best_configuration`` (cross-validation Dice of each configuration and of
-    the ensembles of two) and return its ``inference_information.json``."""
+    the ensembles of two) and return its ``inference_information.json``.
+
+    What the selection was made for (configurations, folds, trainer) is recorded beside it
+    (:data:`SELECTION_RECORD`), so that a later :func:`train` that trains nothing new reuses it.
+    """
     ws = _workspace(workspace)
     name = ws.dataset_name(stage, dataset_id)
     run_nnunet("nnUNetv2_find_best_configuration",
                [name.split("_")[0][7:], "-c", *configurations, "-tr", trainer, "-p", PLANS,
                 "-f", *map(str, folds)], ws)
     info = ws.results / name / "inference_information.json"
-    return json.loads(info.read_text(encoding="utf-8")) if info.exists() else {}
+    if not info.exists():
+        return {}
+    write_json(ws.results / name / SELECTION_RECORD, _selection_key(configurations, folds, trainer))
+    return json.loads(info.read_text(encoding="utf-8"))
+
+
+def _selection_key(configurations, folds, trainer) -> dict:
+    return {"configurations": list(configurations), "folds": [str(f) for f in folds], "trainer": trainer}
+
+
+def _previous_selection(results: Path, configurations, folds, trainer) -> dict | None:
+    """The existing ``inference_information.json`` when it was made for exactly these models, else None."""
+    try:
+        key = json.loads((results / SELECTION_RECORD).read_text(encoding="utf-8"))
+        info = json.loads((results / "inference_information.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return info if key == _selection_key(configurations, folds, trainer) else None
 
 
 def ensemble(input_folders: Sequence[str | Path], output_folder: str | Path,

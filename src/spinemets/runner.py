@@ -52,6 +52,8 @@ RUN_TOC = "_toc.yml"
 #: Environment variable naming the run folder, set for the book build (read by book/results.md).
 RUN_DIR_ENV = "SPINEMETS_RUN_DIR"
 PAPER_RESULTS = "book/data/paper_results.csv"
+#: Notebooks that train a stage (stem -> stage); :func:`spinemets.cluster.run_steps` turns them into jobs.
+TRAINING_NOTEBOOKS = {"03_train_vertebrae": "vertebrae", "04_train_metastases": "metastases"}
 #: Packages whose versions go into the provenance.
 VERSIONED = ("spinemets", "nnunetv2", "torch", "papermill", "jupyter-book", "SimpleITK", "numpy")
 
