@@ -281,8 +281,21 @@ def test_small_lesions_are_cleared_by_size_in_millilitres():
     assert none == 0 and same is lesions
     assert inference.remove_small_lesions(lesions, spacing, 1.0)[0].sum() == 0
     assert lesions.sum() == 8 + 54 + 1 + 2  # the input is not modified
-    with pytest.raises(SpinemetsError, match="min_lesion_ml"):
+    with pytest.raises(SpinemetsError, match="minimum component size"):
         inference.remove_small_lesions(lesions, spacing, -1)
+
+
+def test_small_vertebra_fragments_are_cleared_label_by_label():
+    vert = np.zeros((20, 10, 10), np.uint8)
+    vert[2:8, 2:8, 2:8] = V["T5"]  # 216 voxels
+    vert[8:14, 2:8, 2:8] = V["T6"]  # touching T5: still its own component
+    vert[14, 2, 2] = V["T5"]  # a 1-voxel fragment of T5 below T6, touching T6
+    vert[18, 8, 8] = V["L5"]  # a lone 1-voxel speck of a vertebra that is not there
+    cleaned, removed = inference.remove_small_components(vert, (1.0, 1.0, 1.0), 0.01, per_label=True)
+    assert removed == 2 and cleaned[14, 2, 2] == 0 and cleaned[18, 8, 8] == 0
+    assert (cleaned[2:14] == vert[2:14]).all()
+    together, removed = inference.remove_small_components(vert, (1.0, 1.0, 1.0), 0.01, per_label=False)
+    assert removed == 1 and together[14, 2, 2] == V["T5"]  # as one foreground, the fragment joins the spine
 
 
 def test_predict_applies_the_profiles_minimum_lesion_size(tmp_path, monkeypatch):
@@ -297,3 +310,12 @@ def test_predict_applies_the_profiles_minimum_lesion_size(tmp_path, monkeypatch)
     assert prov["parameters"]["min_lesion_ml"] == 0.02 and prov["timings_s"]["case_a"]["small_lesions_removed"] == 2
     assert not sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / "case_a" / "metastases.nii.gz"))).any()
     assert len(inference.predict(path.parent, tmp_path / "c", profile="demo", device="cpu", min_lesion_ml=0)) == 2
+    # the stage-1 "vertebra" is 1000 voxels x 2 mm^3 = 2 mL: kept at the demo's 0.5 mL, cleared at 5 mL
+    assert prov["timings_s"]["case_a"]["vertebra_fragments_removed"] == 0
+    rows = inference.predict(path.parent, tmp_path / "d", profile="demo", device="cpu", min_lesion_ml=0,
+                             min_vertebra_ml=5)
+    assert {r["level"] for r in rows} == {inference.OUTSIDE}
+    prov = json.loads((tmp_path / "d" / "provenance.json").read_text())
+    assert prov["parameters"]["min_vertebra_ml"] == 5 and prov["timings_s"]["case_a"]["vertebra_fragments_removed"] == 1
+    with pytest.raises(SpinemetsError, match="minimum component size"):
+        inference.predict(path.parent, tmp_path / "e", profile="demo", device="cpu", min_vertebra_ml=-1)

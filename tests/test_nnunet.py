@@ -123,7 +123,7 @@ def test_add_configuration_inherits_and_nnunet_resolves_it(tmp_path):
     plans = json.loads(path.read_text())
     cfg = PlansManager(plans).get_configuration("demo_vertebrae")
     assert list(cfg.patch_size) == spec["patch_size"] and list(cfg.spacing) == spec["spacing"]
-    assert cfg.data_identifier == "nnUNetPlans_demo_vertebrae_6x3.75x3.75"
+    assert cfg.data_identifier == "nnUNetPlans_demo_vertebrae_4.5x3.75x3.75"
     assert cfg.normalization_schemes == ["CTNormalization"]  # inherited
     assert cfg.network_arch_init_kwargs["features_per_stage"] == spec["features_per_stage"]
     same_spacing = PlansManager(plans).get_configuration("demo_metastases")
@@ -290,6 +290,46 @@ def test_dropped_lowres_is_reported_and_skipped(tiny_workspace, capsys, clean_en
     assert usable == ["3d_fullres"]
     out = capsys.readouterr().out
     assert "3d_lowres is not in the plans" in out and "3d_cascade_fullres is not in the plans" in out
+
+
+def test_cpu_bfloat16_setting_and_autocast_forward(clean_env):
+    from spinemets.trainers import spinemets_trainers as st
+
+    cpu = torch.device("cpu")
+    for value, expected in (("0", False), ("off", False), ("1", True), ("yes", True)):
+        clean_env.setenv("SPINEMETS_CPU_BF16", value)
+        assert st.use_cpu_bf16(cpu) is expected
+    assert st.use_cpu_bf16(torch.device("meta")) is False  # only ever on a CPU
+    clean_env.delenv("SPINEMETS_CPU_BF16")
+    assert st.use_cpu_bf16(cpu) is st.cpu_bf16_supported()
+    caps = torch.cpu.get_capabilities()
+    assert st.cpu_bf16_supported() is bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+    class TwoOutputs(torch.nn.Module):  # deep supervision returns one output per resolution
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return [y, y[:, :, ::2, ::2, ::2]]
+
+    torch.manual_seed(0)
+    net = TwoOutputs()
+    keys = list(net.state_dict())
+    x = torch.randn(1, 1, 8, 8, 8)
+    reference = net(x)
+    st.autocast_forward(net)
+    out = net(x)
+    assert isinstance(out, list) and [o.dtype for o in out] == [torch.float32] * 2
+    assert torch.allclose(out[0], reference[0], atol=0.05)  # bfloat16 inside: close, not equal
+    assert not torch.equal(out[0], reference[0])
+    assert list(net.state_dict()) == keys and net.conv.weight.dtype == torch.float32  # checkpoints unchanged
+    out[0].sum().backward()
+    assert net.conv.weight.grad is not None and net.conv.weight.grad.dtype == torch.float32
+    single = torch.nn.Conv3d(1, 1, 3)
+    st.autocast_forward(single)
+    assert single(x).dtype == torch.float32
 
 
 def test_project_trainer_applies_its_schedule_and_thread_setting(tmp_path, clean_env):

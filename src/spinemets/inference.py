@@ -9,7 +9,8 @@
    CT's size. With ``roi="spine"`` and no vertebra found, stage 2 runs on the whole CT (noted in
    the provenance). Predicted lesions smaller than ``min_lesion_ml`` are then cleared
    (:func:`remove_small_lesions`; the demo profile's smallest synthetic lesion is 0.375 mL, and
-   specks of a few voxels are noise; the paper profile removes nothing).
+   specks of a few voxels are noise; the paper profile removes nothing). Likewise, fragments of a
+   vertebra label smaller than ``min_vertebra_ml`` are cleared from the stage-1 map.
 3. **Localization** (:func:`localize`): each lesion is a connected component (26-connectivity) of
    the lesion mask, lytic and sclerotic voxels together, so a component with both is *mixed*.
    Its level is the vertebra label with the largest overlap; without overlap, the vertebra of the
@@ -283,42 +284,62 @@ def spine_box(vertebrae: np.ndarray, spacing_zyx: Sequence[float], margin_mm: fl
     return tuple(box)
 
 
-def remove_small_lesions(lesions: np.ndarray, spacing: Sequence[float], min_ml: float) -> tuple[np.ndarray, int]:
-    """Clear the lesion components (26-connected, lytic and sclerotic together, as :func:`localize`
-    counts them) smaller than ``min_ml`` millilitres; return the cleaned map and how many were removed."""
-    if min_ml < 0 or not np.isfinite(min_ml):
-        raise SpinemetsError(f"min_lesion_ml must be a number >= 0, not {min_ml!r}")
-    if min_ml == 0 or not lesions.any():
-        return lesions, 0
-    components, n = cc3d.connected_components(lesions > 0, connectivity=26, return_N=True)
+def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_ml: float,
+                            per_label: bool = False) -> tuple[np.ndarray, int]:
+    """Clear the connected components (26-connectivity) smaller than ``min_ml`` millilitres.
+
+    ``per_label=False``: components of all labels together (a lesion with lytic and sclerotic
+    parts is one component, as :func:`localize` counts it); ``per_label=True``: each label's own
+    components (touching vertebrae stay apart). Returns the cleaned map (the input when nothing
+    is removed; never modified) and the number of components removed.
+    """
+    if not (np.isfinite(min_ml) and min_ml >= 0):
+        raise SpinemetsError(f"minimum component size must be a number >= 0 mL, not {min_ml!r}")
+    if min_ml == 0 or not labels.any():
+        return labels, 0
+    if per_label:
+        components, n = cc3d.connected_components(labels, connectivity=26, return_N=True)
+    else:
+        components, n = cc3d.connected_components(labels > 0, connectivity=26, return_N=True)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     small = np.bincount(components.ravel(), minlength=n + 1) * voxel_ml < min_ml
     small[0] = False
     if not small.any():
-        return lesions, 0
-    cleaned = lesions.copy()
+        return labels, 0
+    cleaned = labels.copy()
     cleaned[small[components]] = 0
     return cleaned, int(small.sum())
 
 
+def remove_small_lesions(lesions: np.ndarray, spacing: Sequence[float], min_ml: float) -> tuple[np.ndarray, int]:
+    """Clear the lesions (components of lytic and sclerotic voxels together) smaller than ``min_ml`` mL."""
+    return remove_small_components(lesions, spacing, min_ml, per_label=False)
+
+
 def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: str = "none",
             workspace=None, device: str | None = None, margin_mm: float = MARGIN_MM, near_mm: float = NEAR_MM,
-            tta: bool = False, threads: int | None = None, min_lesion_ml: float | None = None) -> list[dict]:
+            tta: bool = False, threads: int | None = None, min_lesion_ml: float | None = None,
+            min_vertebra_ml: float | None = None) -> list[dict]:
     """Two-stage prediction, localization and partial SINS for one CT or a folder; return the cohort's lesion rows.
 
     ``profile`` picks the trained models (:func:`spinemets.nnunet.trained_models`); ``device``
     defaults to the profile's; ``tta`` turns on nnU-Net's mirroring (where the trainer allows it);
     ``threads`` sets torch's CPU threads for this process (default: torch's own choice; 1 is
     faster on a CPU that other processes keep busy). ``min_lesion_ml`` clears predicted lesions
-    smaller than that before localization (:func:`remove_small_lesions`); default: the
-    profile's (``min_lesion_ml`` of :data:`spinemets.nnunet.PROFILES`; 0, nothing removed, for the
-    paper profile). The number removed per case is in the provenance.
+    smaller than that before localization (:func:`remove_small_lesions`), ``min_vertebra_ml``
+    the fragments of a vertebra label smaller than that (:func:`remove_small_components`, label by
+    label: a vertebra is one connected object, and specks of a neighbour's label at its border
+    would each count as a whole false vertebra); defaults: the profile's (``min_lesion_ml`` and
+    ``min_vertebra_ml`` of :data:`spinemets.nnunet.PROFILES`; 0, nothing removed, for the paper
+    profile). The numbers removed per case are in the provenance.
     """
     if roi not in ROI_MODES:
         raise SpinemetsError(f"roi must be one of {', '.join(ROI_MODES)}, not {roi!r}")
     prof = nnunet.get_profile(profile)
     min_lesion_ml = float(prof.get("min_lesion_ml", 0.0) if min_lesion_ml is None else min_lesion_ml)
-    remove_small_lesions(np.zeros((1, 1, 1), np.uint8), (1.0, 1.0, 1.0), min_lesion_ml)  # checks the value
+    min_vertebra_ml = float(prof.get("min_vertebra_ml", 0.0) if min_vertebra_ml is None else min_vertebra_ml)
+    for value in (min_lesion_ml, min_vertebra_ml):  # check the values before any model is loaded
+        remove_small_components(np.zeros((1, 1, 1), np.uint8), (1.0, 1.0, 1.0), value)
     cases = find_inputs(input)
     out_dir = Path(out_dir)
     device = device or prof["device"]
@@ -329,7 +350,7 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     for case, path in tqdm(cases.items(), desc="predict", unit="case"):
         t0 = time.perf_counter()
         lesion_rows, vertebra_rows, note, times = predict_case(path, out_dir / case, case, stage1, stage2, roi,
-                                                               margin_mm, near_mm, min_lesion_ml)
+                                                               margin_mm, near_mm, min_lesion_ml, min_vertebra_ml)
         timings[case] = {**times, "total_s": round(time.perf_counter() - t0, 3)}
         if note:
             notes[case] = note
@@ -339,22 +360,25 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     write_csv(out_dir / "vertebrae.csv", all_vertebrae, VERTEBRA_COLUMNS)
     write_json(out_dir / "provenance.json", _provenance(locals_=dict(
         input=str(input), out_dir=str(out_dir), profile=profile, roi=roi, device=device, margin_mm=margin_mm,
-        near_mm=near_mm, tta=tta, threads=threads, min_lesion_ml=min_lesion_ml), models={"vertebrae": stage1.models, "metastases": stage2.models},
+        near_mm=near_mm, tta=tta, threads=threads, min_lesion_ml=min_lesion_ml,
+        min_vertebra_ml=min_vertebra_ml), models={"vertebrae": stage1.models, "metastases": stage2.models},
         timings=timings, notes=notes, seconds=time.perf_counter() - started))
     return all_lesions
 
 
 def predict_case(path: Path, case_dir: Path, case: str, stage1, stage2, roi: str, margin_mm: float,
-                 near_mm: float, min_lesion_ml: float = 0.0) -> tuple[list[dict], list[dict], str, dict]:
+                 near_mm: float, min_lesion_ml: float = 0.0,
+                 min_vertebra_ml: float = 0.0) -> tuple[list[dict], list[dict], str, dict]:
     """Both stages and localization for one CT; writes the case folder.
 
-    Returns (lesions, vertebrae, note, timings); timings also count the small lesions removed.
+    Returns (lesions, vertebrae, note, timings); timings also count the small lesions and vertebra
+    fragments removed.
     """
     image = read_image(path, "CT")
     ct = sitk.GetArrayFromImage(image)
     spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
     t0 = time.perf_counter()
-    vertebrae = stage1(ct, spacing)
+    vertebrae, fragments = remove_small_components(stage1(ct, spacing), spacing, min_vertebra_ml, per_label=True)
     t1 = time.perf_counter()
     lesions, note = np.zeros_like(vertebrae), ""
     box = spine_box(vertebrae, spacing, margin_mm) if roi == "spine" else None
@@ -375,7 +399,8 @@ def predict_case(path: Path, case_dir: Path, case: str, stage1, stage2, roi: str
     write_csv(case_dir / "lesions.csv", lesion_rows, LESION_COLUMNS)
     write_csv(case_dir / "vertebrae.csv", vertebra_rows, VERTEBRA_COLUMNS)
     return lesion_rows, vertebra_rows, note, {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3),
-                                              "small_lesions_removed": removed}
+                                              "small_lesions_removed": removed,
+                                              "vertebra_fragments_removed": fragments}
 
 
 def _provenance(locals_: dict, models: dict, timings: dict, notes: dict, seconds: float) -> dict:

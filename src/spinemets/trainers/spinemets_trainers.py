@@ -12,11 +12,18 @@ The demo trains on 2 CPU cores in minutes, so these trainers change nnU-Net's de
   multiplies prediction time;
 * **foreground oversampling** ``OVERSAMPLE`` (fraction of each batch centred on a labelled
   voxel): small lesions are rare in a random patch;
+* **progress.png drawn every ``SAVE_EVERY`` epochs** and at the end, not every epoch;
 * **no end-of-training validation on fold 'all'**, where the "validation" cases are the
   training cases (nnU-Net would predict them all with its sliding window);
 * **CPU threads** from ``SPINEMETS_TORCH_THREADS`` when set (nnU-Net itself uses one per core):
   these small networks gain little from a second thread, so two stages can train side by side
-  with one thread each (:func:`spinemets.nnunet.train` ``threads=``).
+  with one thread each (:func:`spinemets.nnunet.train` ``threads=``);
+* **bfloat16 mixed precision on CPUs with bfloat16 matrix units** (AMX or AVX512-BF16, see
+  :func:`cpu_bf16_supported`): nnU-Net autocasts on CUDA only; on such CPUs the network's forward
+  pass runs under ``torch.autocast("cpu", bfloat16)`` (weights, optimizer and loss stay float32),
+  about 1.6x faster per iteration on the demo's vertebra network. ``SPINEMETS_CPU_BF16=0`` turns it
+  off, ``1`` forces it; elsewhere (e.g. a laptop CPU without them, where bfloat16 is emulated and
+  slower) it stays off. Prediction always runs in float32.
 
 Hyperparameters are class attributes, so a variant is a three-line subclass.
 """
@@ -29,6 +36,45 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX tiles or AVX512-BF16), per torch."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def use_cpu_bf16(device: torch.device) -> bool:
+    """bfloat16 autocast for training on this device: ``SPINEMETS_CPU_BF16`` (0/1), else :func:`cpu_bf16_supported`."""
+    if device.type != "cpu":
+        return False
+    setting = os.environ.get("SPINEMETS_CPU_BF16", "auto").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    return cpu_bf16_supported()
+
+
+def autocast_forward(network: torch.nn.Module) -> None:
+    """Run ``network``'s forward under CPU bfloat16 autocast and return float32 outputs.
+
+    The bound ``forward`` is replaced on this instance only, so the parameters, the state dict
+    (the checkpoints) and the class are unchanged.
+    """
+    inner = network.forward
+
+    def forward(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = inner(*args, **kwargs)
+        if isinstance(out, (list, tuple)):  # deep supervision: one output per resolution
+            return type(out)(o.float() for o in out)
+        return out.float()
+
+    network.forward = forward
 
 
 class SpinemetsTrainer(nnUNetTrainerNoDA):
@@ -54,6 +100,20 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
         self.oversample_foreground_percent = self.OVERSAMPLE
         self.save_every = self.SAVE_EVERY
 
+    def initialize(self):
+        super().initialize()
+        plot = self.logger.plot_progress_png
+
+        def plot_now_and_then(output_folder):  # nnU-Net redraws progress.png every epoch: ~5 % of a demo epoch
+            if (self.current_epoch + 1) % self.save_every == 0 or self.current_epoch + 1 >= self.num_epochs:
+                plot(output_folder)
+
+        self.logger.plot_progress_png = plot_now_and_then
+        self.bf16 = use_cpu_bf16(self.device)
+        if self.bf16:
+            autocast_forward(self.network)
+            self.print_to_log_file("CPU bfloat16 autocast for the forward pass (float32 weights and loss)")
+
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
         scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
@@ -67,22 +127,28 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
 
 
 class SpinemetsVertebraeDemoTrainer(SpinemetsTrainer):
-    """Vertebra stage of the CPU demo: 25 classes whose identity needs many iterations (1000 here)."""
+    """Vertebra stage of the CPU demo: 25 classes whose identity needs many iterations (700 here).
 
-    EPOCHS = 20
+    On 12 held-out synthetic cases (per-vertebra Dice, before the fragment clean-up of inference),
+    700 iterations gave 0.64 at lr 3e-3 and 0.69 at 6e-3; 600 iterations at 8e-3 only 0.29.
+    """
+
+    EPOCHS = 14
     ITERATIONS = 50
-    LR = 3e-3
+    LR = 6e-3
     OVERSAMPLE = 0.33
 
 
 class SpinemetsMetastasesDemoTrainer(SpinemetsTrainer):
-    """Metastasis stage of the CPU demo: half of each batch centred on a lesion voxel.
+    """Metastasis stage of the CPU demo: half of each batch centred on a lesion voxel, 900 iterations.
 
     With every patch centred on a lesion (oversampling 1.0) the network saw too little lesion-free
     bone and predicted many small false positives on held-out cases; 0.5 roughly halved them.
+    On 12 held-out cases, pooled lytic / sclerotic Dice was 0.40 / 0.44 after 600 iterations,
+    0.47 / 0.48 after 600 at lr 1e-2, and 0.54 / 0.61 after 1200: it needs iterations more than rate.
     """
 
-    EPOCHS = 24
+    EPOCHS = 36
     ITERATIONS = 25
     LR = 3e-3
     OVERSAMPLE = 0.5
