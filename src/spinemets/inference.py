@@ -284,6 +284,11 @@ def spine_box(vertebrae: np.ndarray, spacing_zyx: Sequence[float], margin_mm: fl
     return tuple(box)
 
 
+def _check_min_ml(min_ml: float) -> None:
+    if not (np.isfinite(min_ml) and min_ml >= 0):
+        raise SpinemetsError(f"minimum component size must be a number >= 0 mL, not {min_ml!r}")
+
+
 def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_ml: float,
                             per_label: bool = False) -> tuple[np.ndarray, int]:
     """Clear the connected components (26-connectivity) smaller than ``min_ml`` millilitres.
@@ -293,8 +298,7 @@ def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_ml
     components (touching vertebrae stay apart). Returns the cleaned map (the input when nothing
     is removed; never modified) and the number of components removed.
     """
-    if not (np.isfinite(min_ml) and min_ml >= 0):
-        raise SpinemetsError(f"minimum component size must be a number >= 0 mL, not {min_ml!r}")
+    _check_min_ml(min_ml)
     if min_ml == 0 or not labels.any():
         return labels, 0
     if per_label:
@@ -338,8 +342,8 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     prof = nnunet.get_profile(profile)
     min_lesion_ml = float(prof.get("min_lesion_ml", 0.0) if min_lesion_ml is None else min_lesion_ml)
     min_vertebra_ml = float(prof.get("min_vertebra_ml", 0.0) if min_vertebra_ml is None else min_vertebra_ml)
-    for value in (min_lesion_ml, min_vertebra_ml):  # check the values before any model is loaded
-        remove_small_components(np.zeros((1, 1, 1), np.uint8), (1.0, 1.0, 1.0), value)
+    for value in (min_lesion_ml, min_vertebra_ml):  # before any model is loaded
+        _check_min_ml(value)
     cases = find_inputs(input)
     out_dir = Path(out_dir)
     device = device or prof["device"]

@@ -641,26 +641,24 @@ def _pooled(per_case: dict[str, dict], cls: str, stage: str, beta: float, n_boot
     tp, fp, fn = (np.array([per_case[c][cls][k] for c in cases], dtype=float) for k in ("tp", "fp", "fn"))
     sq = np.array([per_case[c][cls]["sq"] for c in cases], dtype=float)
     iou_sum = np.where(tp > 0, np.nan_to_num(sq) * tp, 0.0)
-    keys = [k for k in metric_names(stage) if METRICS[k].level == "instance" and METRICS[k].direction != "count"]
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(cases), size=(n_boot, len(cases)))
     total = Counts(tp.sum(), fp.sum(), fn.sum(), iou_sum.sum())
     boot = Counts(tp[idx].sum(axis=1), fp[idx].sum(axis=1), fn[idx].sum(axis=1), iou_sum[idx].sum(axis=1))
-    out = {k: {"value": int(v)} for k, v in (("tp", total.tp), ("fp", total.fp), ("fn", total.fn))}
-    for key in keys:
-        reps = np.asarray(METRICS[key](boot, beta), dtype=float)
-        reps = reps[np.isfinite(reps)]
-        low, high = np.quantile(reps, [0.025, 0.975]) if reps.size else (math.nan, math.nan)
-        out[key] = {"value": float(METRICS[key](total, beta)), "ci_low": float(low), "ci_high": float(high)}
     vtp, vfp, vfn = (np.array([per_case[c][cls][k] for c in cases], dtype=float)
                      for k in ("voxel_tp", "voxel_fp", "voxel_fn"))
-    voxel_total = Counts(vtp.sum(), vfp.sum(), vfn.sum())
+    voxels = Counts(vtp.sum(), vfp.sum(), vfn.sum())
     voxel_boot = Counts(vtp[idx].sum(axis=1), vfp[idx].sum(axis=1), vfn[idx].sum(axis=1))
-    for key in (k for k in metric_names(stage) if METRICS[k].level == "voxel" and METRICS[k].direction != "count"):
-        reps = np.asarray(METRICS[key](voxel_boot, beta), dtype=float)
+    out = {k: {"value": int(v)} for k, v in (("tp", total.tp), ("fp", total.fp), ("fn", total.fn))}
+    for key in metric_names(stage):
+        metric = METRICS[key]
+        if metric.direction == "count" or metric.level not in ("instance", "voxel"):
+            continue
+        summed, resampled = (total, boot) if metric.level == "instance" else (voxels, voxel_boot)
+        reps = np.asarray(metric(resampled, beta), dtype=float)
         reps = reps[np.isfinite(reps)]
         low, high = np.quantile(reps, [0.025, 0.975]) if reps.size else (math.nan, math.nan)
-        out[key] = {"value": float(METRICS[key](voxel_total, beta)), "ci_low": float(low), "ci_high": float(high)}
+        out[key] = {"value": float(metric(summed, beta)), "ci_low": float(low), "ci_high": float(high)}
     if stage == "vertebrae":
         ids = np.array([per_case[c][cls]["identified"] for c in cases], dtype=float)
         n_ref = np.isfinite(ids).sum()
