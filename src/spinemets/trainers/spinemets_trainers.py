@@ -130,7 +130,7 @@ class SpinemetsVertebraeDemoTrainer(SpinemetsTrainer):
     """Vertebra stage of the CPU demo: 25 classes whose identity needs many iterations (700 here).
 
     On 12 held-out synthetic cases (per-vertebra Dice, before the fragment clean-up of inference),
-    700 iterations gave 0.64 at lr 3e-3 and 0.69 at 6e-3; 600 iterations at 8e-3 only 0.29.
+    800 iterations at lr 3e-3 gave 0.64, 700 at 6e-3 gave 0.69, and 600 at 8e-3 only 0.29.
     """
 
     EPOCHS = 14
