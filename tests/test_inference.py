@@ -175,6 +175,7 @@ class _ThresholdVertebrae:
     """Stand-in for stage 1: every voxel above 300 HU is T6."""
 
     models = [{"folder": "stand-in", "configuration": "none", "trainer": "none", "folds": ["all"]}]
+    postprocessing = None
 
     def __call__(self, array, spacing):
         return np.where(array > 300, V["T6"], 0).astype(np.uint8)
@@ -184,6 +185,7 @@ class _RecordingLesions:
     """Stand-in for stage 2: voxels below -500 HU are lytic; records the shapes it was given."""
 
     models = _ThresholdVertebrae.models
+    postprocessing = None
 
     def __init__(self):
         self.shapes = []
@@ -319,3 +321,67 @@ def test_predict_applies_the_profiles_minimum_lesion_size(tmp_path, monkeypatch)
     assert prov["parameters"]["min_vertebra_ml"] == 5 and prov["timings_s"]["case_a"]["vertebra_fragments_removed"] == 1
     with pytest.raises(SpinemetsError, match="minimum component size"):
         inference.predict(path.parent, tmp_path / "e", profile="demo", device="cpu", min_vertebra_ml=-1)
+
+
+class _DuplicatingVertebrae:
+    """Stand-in for stage 1: five vertebrae T4..T8 as slabs of 4 slices with 2-slice discs, T6 labelled T5."""
+
+    models = _ThresholdVertebrae.models
+    postprocessing = None
+
+    def __call__(self, array, spacing):
+        out = np.zeros(array.shape, np.uint8)
+        for i, level in enumerate(("T4", "T5", "T5", "T7", "T8")):
+            out[2 + 6 * i:6 + 6 * i, 8:22, 8:22] = V[level]
+        return out
+
+
+def test_predict_puts_the_vertebrae_in_order_where_the_profile_asks(tmp_path, monkeypatch):
+    path = _ct(tmp_path)
+    stages = {"vertebrae": _DuplicatingVertebrae(), "metastases": _RecordingLesions()}
+    monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
+    levels = {}
+    for profile, repair in (("demo", None), ("paper", None), ("paper", True), ("demo", False)):
+        out = tmp_path / f"{profile}-{repair}"
+        rows = inference.predict(path.parent, out, profile=profile, device="cpu", min_lesion_ml=0, repair_order=repair)
+        levels[profile, repair] = {r["level"] for r in rows}
+        prov = json.loads((out / "provenance.json").read_text())
+        changed = prov["timings_s"]["case_a"]["vertebra_voxels_relabelled"]
+        assert prov["parameters"]["repair_order"] == (changed > 0)
+        assert changed in (0, 4 * 14 * 14)
+    # the lesion at slices 13-14 lies in the third vertebra: T6 once repaired, T5 as predicted
+    # (the one at slices 1-2 is next to the first vertebra, T4)
+    assert levels["demo", None] == levels["paper", True] == {"T6", "T4"}
+    assert levels["paper", None] == levels["demo", False] == {"T5", "T4"}
+
+
+def test_cli_predict_passes_the_clean_up_options(tmp_path, monkeypatch):
+    from spinemets import cli
+
+    calls = []
+    monkeypatch.setattr(inference, "predict", lambda **kw: calls.append(kw) or [])
+    base = ["predict", "--input", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert cli.main(base) == 0
+    assert cli.main([*base, "--no-repair-order", "--min-vertebra-ml", "2", "--min-lesion-ml", "0"]) == 0
+    assert cli.main([*base, "--repair-order"]) == 0
+    assert [c["repair_order"] for c in calls] == [None, False, True]  # None: the profile's
+    assert (calls[1]["min_vertebra_ml"], calls[1]["min_lesion_ml"]) == (2.0, 0.0)
+
+
+def test_a_stage_applies_the_selected_nnunet_postprocessing(tmp_path, monkeypatch):
+    class Predictor:
+        def predict_single_npy_array(self, data, props, previous=None):
+            out = np.zeros(data.shape[1:], np.uint8)
+            out[0:3, 0:3, 0:3] = 1
+            out[6, 6, 6] = 1
+            return out
+
+    applied = []
+    monkeypatch.setattr(inference.nnunet, "apply_postprocessing",
+                        lambda seg, path: applied.append(path) or np.where(seg > 0, 2, 0).astype(np.uint8))
+    stage = object.__new__(inference._Stage)
+    stage.members, stage.postprocessing = [(None, Predictor())], None
+    raw = stage(np.zeros((8, 8, 8), np.int16), SPACING)
+    assert applied == [] and raw.max() == 1
+    stage.postprocessing = tmp_path / "postprocessing.pkl"
+    assert stage(np.zeros((8, 8, 8), np.int16), SPACING).max() == 2 and applied == [stage.postprocessing]

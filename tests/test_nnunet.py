@@ -356,3 +356,43 @@ def test_project_trainer_applies_its_schedule_and_thread_setting(tmp_path, clean
     scheduler.step(2)  # polynomial decay over the trainer's epochs: lr (1 - 2/3)^0.9
     assert optimizer.param_groups[0]["lr"] == pytest.approx(SpinemetsCITrainer.LR * (1 / 3) ** 0.9)
     assert SpinemetsMetastasesDemoTrainer.OVERSAMPLE == 0.5
+
+
+def test_selected_postprocessing_is_found_and_applied(tmp_path, clean_env):
+    import pickle
+
+    import numpy as np
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+
+    ws = nnunet.Workspace(tmp_path / "ws")
+    name = ws.dataset_name("metastases")
+    results = ws.results / name
+    crossval = results / "nnUNetTrainer_250epochs__nnUNetPlans__3d_fullres" / "crossval_results_folds_0_1_2_3_4"
+    crossval.mkdir(parents=True)
+    pp = crossval / "postprocessing.pkl"
+    with open(pp, "wb") as fh:  # as find_best_configuration writes it: keep only the largest lytic lesion
+        pickle.dump(([remove_all_but_largest_component_from_segmentation], [{"labels_or_regions": 1}]), fh)
+    info = results / "inference_information.json"
+    assert nnunet.selected_postprocessing("metastases", "paper", ws) is None  # no selection made yet
+    info.write_text(json.dumps({"best_model_or_ensemble": {"postprocessing_file": str(pp)}}))
+    assert nnunet.selected_postprocessing("metastases", "demo", ws) is None  # the demo selects nothing
+    assert nnunet.selected_postprocessing("metastases", "paper", ws) == pp
+    elsewhere = f"/cluster/scratch/nnUNet_results/{name}/{pp.relative_to(results)}"  # a workspace copied from a cluster
+    info.write_text(json.dumps({"best_model_or_ensemble": {"postprocessing_file": elsewhere}}))
+    assert nnunet.selected_postprocessing("metastases", "paper", ws) == pp
+
+    segmentation = np.zeros((10, 10, 10), np.uint8)
+    segmentation[1:4, 1:4, 1:4] = 1  # 27 voxels
+    segmentation[7, 7, 7] = 1  # a second, smaller lytic component
+    segmentation[7, 1, 1] = 2  # sclerotic components are left alone
+    segmentation[1, 8, 8] = 2
+    cleaned = nnunet.apply_postprocessing(segmentation, pp)
+    assert cleaned[7, 7, 7] == 0 and (cleaned[1:4, 1:4, 1:4] == 1).all() and (cleaned == 2).sum() == 2
+    assert segmentation[7, 7, 7] == 1  # the input is not modified
+
+    pp.unlink()
+    with pytest.raises(SpinemetsError, match="inference_information.json: names the postprocessing file"):
+        nnunet.selected_postprocessing("metastases", "paper", ws)
+    info.write_text("{not json")
+    with pytest.raises(SpinemetsError, match="not valid JSON"):
+        nnunet.selected_postprocessing("metastases", "paper", ws)

@@ -98,7 +98,8 @@ def _cmd_jobs(a):
 
 def _cmd_predict(a):
     _call("inference.predict", input=a.input, out_dir=a.out, profile=a.profile, roi=a.roi,
-          workspace=a.workspace, device=a.device, min_lesion_ml=a.min_lesion_ml, min_vertebra_ml=a.min_vertebra_ml)
+          workspace=a.workspace, device=a.device, min_lesion_ml=a.min_lesion_ml, min_vertebra_ml=a.min_vertebra_ml,
+          repair_order=a.repair_order)
     print(f"wrote {a.out}")
 
 
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clear predicted lesions smaller than this (mL); default: the profile's (paper: 0)")
     p.add_argument("--min-vertebra-ml", type=float, default=None,
                    help="clear fragments of a vertebra label smaller than this (mL); default: the profile's (paper: 0)")
+    p.add_argument("--repair-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="put the vertebra labels in the spine's order (postprocessing.repair_vertebra_order); "
+                        "default: the profile's (demo: on, paper: off)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("run", help="execute the notebooks of a profile with papermill and build the book (runner.run)")

@@ -10,7 +10,9 @@
    the provenance). Predicted lesions smaller than ``min_lesion_ml`` are then cleared
    (:func:`remove_small_lesions`; the demo profile's smallest synthetic lesion is 0.375 mL, and
    specks of a few voxels are noise; the paper profile removes nothing). Likewise, fragments of a
-   vertebra label smaller than ``min_vertebra_ml`` are cleared from the stage-1 map.
+   vertebra label smaller than ``min_vertebra_ml`` are cleared from the stage-1 map, and, where
+   the profile asks for it (the demo), its labels are put in the spine's order
+   (:func:`spinemets.postprocessing.repair_vertebra_order`).
 3. **Localization** (:func:`localize`): each lesion is a connected component (26-connectivity) of
    the lesion mask, lytic and sclerotic voxels together, so a component with both is *mixed*.
    Its level is the vertebra label with the largest overlap; without overlap, the vertebra of the
@@ -52,6 +54,7 @@ from . import labels as labels_mod
 from . import nnunet
 from .errors import SpinemetsError
 from .io import ijk_to_lps, image_from_array, read_image, write_csv, write_image, write_json
+from .postprocessing import _check_min_ml, remove_small_components, remove_small_lesions, repair_vertebra_order
 from .slicer import segmentation_from_labelmap
 
 ROI_MODES = ("none", "spine")
@@ -244,10 +247,14 @@ class _Stage:
 
     A cascade member (``3d_cascade_fullres``) first runs its previous stage (``3d_lowres`` of the
     same trainer and folds) and is given that segmentation, as nnU-Net's own prediction does.
+    Where ``nnUNetv2_find_best_configuration`` chose a postprocessing for the selected model
+    (:func:`spinemets.nnunet.selected_postprocessing`), it is applied to the result, as nnU-Net's
+    ``nnUNetv2_apply_postprocessing`` would.
     """
 
     def __init__(self, stage: str, profile: str, workspace, device: str, tta: bool, threads: int | None = None):
         self.models = nnunet.trained_models(stage, profile, workspace)
+        self.postprocessing = nnunet.selected_postprocessing(stage, profile, workspace)
         self.members = []
         for model in self.models:
             predictor = nnunet.load_predictor(model, device=device, tta=tta, workspace=workspace, threads=threads)
@@ -260,6 +267,12 @@ class _Stage:
             self.members.append((first, predictor))
 
     def __call__(self, array: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+        segmentation = self._predict(array, spacing_zyx)
+        if self.postprocessing is not None:
+            segmentation = nnunet.apply_postprocessing(segmentation, self.postprocessing)
+        return segmentation
+
+    def _predict(self, array: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
         props = {"spacing": [float(s) for s in spacing_zyx]}
         data = array[None].astype(np.float32)
         probs = None
@@ -284,46 +297,10 @@ def spine_box(vertebrae: np.ndarray, spacing_zyx: Sequence[float], margin_mm: fl
     return tuple(box)
 
 
-def _check_min_ml(min_ml: float) -> None:
-    if not (np.isfinite(min_ml) and min_ml >= 0):
-        raise SpinemetsError(f"minimum component size must be a number >= 0 mL, not {min_ml!r}")
-
-
-def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_ml: float,
-                            per_label: bool = False) -> tuple[np.ndarray, int]:
-    """Clear the connected components (26-connectivity) smaller than ``min_ml`` millilitres.
-
-    ``per_label=False``: components of all labels together (a lesion with lytic and sclerotic
-    parts is one component, as :func:`localize` counts it); ``per_label=True``: each label's own
-    components (touching vertebrae stay apart). Returns the cleaned map (the input when nothing
-    is removed; never modified) and the number of components removed.
-    """
-    _check_min_ml(min_ml)
-    if min_ml == 0 or not labels.any():
-        return labels, 0
-    if per_label:
-        components, n = cc3d.connected_components(labels, connectivity=26, return_N=True)
-    else:
-        components, n = cc3d.connected_components(labels > 0, connectivity=26, return_N=True)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    small = np.bincount(components.ravel(), minlength=n + 1) * voxel_ml < min_ml
-    small[0] = False
-    if not small.any():
-        return labels, 0
-    cleaned = labels.copy()
-    cleaned[small[components]] = 0
-    return cleaned, int(small.sum())
-
-
-def remove_small_lesions(lesions: np.ndarray, spacing: Sequence[float], min_ml: float) -> tuple[np.ndarray, int]:
-    """Clear the lesions (components of lytic and sclerotic voxels together) smaller than ``min_ml`` mL."""
-    return remove_small_components(lesions, spacing, min_ml, per_label=False)
-
-
 def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: str = "none",
             workspace=None, device: str | None = None, margin_mm: float = MARGIN_MM, near_mm: float = NEAR_MM,
             tta: bool = False, threads: int | None = None, min_lesion_ml: float | None = None,
-            min_vertebra_ml: float | None = None) -> list[dict]:
+            min_vertebra_ml: float | None = None, repair_order: bool | None = None) -> list[dict]:
     """Two-stage prediction, localization and partial SINS for one CT or a folder; return the cohort's lesion rows.
 
     ``profile`` picks the trained models (:func:`spinemets.nnunet.trained_models`); ``device``
@@ -335,7 +312,10 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     label: a vertebra is one connected object, and specks of a neighbour's label at its border
     would each count as a whole false vertebra); defaults: the profile's (``min_lesion_ml`` and
     ``min_vertebra_ml`` of :data:`spinemets.nnunet.PROFILES`; 0, nothing removed, for the paper
-    profile). The numbers removed per case are in the provenance.
+    profile). ``repair_order`` makes the vertebra labels follow the spine's order
+    (:func:`spinemets.postprocessing.repair_vertebra_order`; default: the profile's
+    ``repair_vertebra_order``, on in the demo, off in the paper profile). The numbers removed and
+    relabelled per case are in the provenance.
     """
     if roi not in ROI_MODES:
         raise SpinemetsError(f"roi must be one of {', '.join(ROI_MODES)}, not {roi!r}")
@@ -344,6 +324,7 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     min_vertebra_ml = float(prof.get("min_vertebra_ml", 0.0) if min_vertebra_ml is None else min_vertebra_ml)
     for value in (min_lesion_ml, min_vertebra_ml):  # before any model is loaded
         _check_min_ml(value)
+    repair_order = bool(prof.get("repair_vertebra_order", False) if repair_order is None else repair_order)
     cases = find_inputs(input)
     out_dir = Path(out_dir)
     device = device or prof["device"]
@@ -354,7 +335,8 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     for case, path in tqdm(cases.items(), desc="predict", unit="case"):
         t0 = time.perf_counter()
         lesion_rows, vertebra_rows, note, times = predict_case(path, out_dir / case, case, stage1, stage2, roi,
-                                                               margin_mm, near_mm, min_lesion_ml, min_vertebra_ml)
+                                                               margin_mm, near_mm, min_lesion_ml, min_vertebra_ml,
+                                                               repair_order)
         timings[case] = {**times, "total_s": round(time.perf_counter() - t0, 3)}
         if note:
             notes[case] = note
@@ -365,24 +347,29 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     write_json(out_dir / "provenance.json", _provenance(locals_=dict(
         input=str(input), out_dir=str(out_dir), profile=profile, roi=roi, device=device, margin_mm=margin_mm,
         near_mm=near_mm, tta=tta, threads=threads, min_lesion_ml=min_lesion_ml,
-        min_vertebra_ml=min_vertebra_ml), models={"vertebrae": stage1.models, "metastases": stage2.models},
+        min_vertebra_ml=min_vertebra_ml, repair_order=repair_order),
+        models={"vertebrae": stage1.models, "metastases": stage2.models},
+        postprocessing={"vertebrae": stage1.postprocessing, "metastases": stage2.postprocessing},
         timings=timings, notes=notes, seconds=time.perf_counter() - started))
     return all_lesions
 
 
 def predict_case(path: Path, case_dir: Path, case: str, stage1, stage2, roi: str, margin_mm: float,
-                 near_mm: float, min_lesion_ml: float = 0.0,
-                 min_vertebra_ml: float = 0.0) -> tuple[list[dict], list[dict], str, dict]:
+                 near_mm: float, min_lesion_ml: float = 0.0, min_vertebra_ml: float = 0.0,
+                 repair_order: bool = False) -> tuple[list[dict], list[dict], str, dict]:
     """Both stages and localization for one CT; writes the case folder.
 
     Returns (lesions, vertebrae, note, timings); timings also count the small lesions and vertebra
-    fragments removed.
+    fragments removed and the vertebra voxels relabelled by the order repair.
     """
     image = read_image(path, "CT")
     ct = sitk.GetArrayFromImage(image)
     spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
     t0 = time.perf_counter()
     vertebrae, fragments = remove_small_components(stage1(ct, spacing), spacing, min_vertebra_ml, per_label=True)
+    relabelled = 0
+    if repair_order:
+        vertebrae, relabelled = repair_vertebra_order(vertebrae, spacing)
     t1 = time.perf_counter()
     lesions, note = np.zeros_like(vertebrae), ""
     box = spine_box(vertebrae, spacing, margin_mm) if roi == "spine" else None
@@ -404,10 +391,11 @@ def predict_case(path: Path, case_dir: Path, case: str, stage1, stage2, roi: str
     write_csv(case_dir / "vertebrae.csv", vertebra_rows, VERTEBRA_COLUMNS)
     return lesion_rows, vertebra_rows, note, {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3),
                                               "small_lesions_removed": removed,
-                                              "vertebra_fragments_removed": fragments}
+                                              "vertebra_fragments_removed": fragments,
+                                              "vertebra_voxels_relabelled": relabelled}
 
 
-def _provenance(locals_: dict, models: dict, timings: dict, notes: dict, seconds: float) -> dict:
+def _provenance(locals_: dict, models: dict, postprocessing: dict, timings: dict, notes: dict, seconds: float) -> dict:
     import nnunetv2
     import torch
 
@@ -422,6 +410,7 @@ def _provenance(locals_: dict, models: dict, timings: dict, notes: dict, seconds
                      "SimpleITK": sitk.Version_VersionString(), "numpy": np.__version__,
                      "python": platform.python_version()},
         "models": models,
+        "nnunet_postprocessing": {stage: str(path) if path else None for stage, path in postprocessing.items()},
         "partial_sins": PARTIAL_SINS_LABEL,
         "notes": notes,
         "timings_s": timings,

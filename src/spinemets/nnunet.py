@@ -14,7 +14,9 @@ folders the user listed.
 trainer, device, and, for the short profiles, the extra plans configurations that
 :func:`add_configuration` writes into the plans after planning; ``min_lesion_ml`` is the size
 below which :func:`spinemets.inference.predict` clears a predicted lesion, ``min_vertebra_ml``
-the size below which it clears a fragment of a vertebra label (both 0 for the paper):
+the size below which it clears a fragment of a vertebra label (both 0 for the paper), and
+``repair_vertebra_order`` whether it puts the vertebra labels in the spine's order
+(:func:`spinemets.postprocessing.repair_vertebra_order`; off for the paper):
 
 * ``paper``: the protocol of the paper: ``2d``, ``3d_lowres``, ``3d_fullres`` and
   ``3d_cascade_fullres``, five folds, ``nnUNetTrainer_250epochs`` on CUDA, then
@@ -56,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from . import labels as labels_mod
@@ -104,6 +107,7 @@ PROFILES: dict[str, dict] = {
         "find_best": True,
         "min_lesion_ml": 0.0,
         "min_vertebra_ml": 0.0,
+        "repair_vertebra_order": False,
         "stages": {
             stage: {"configurations": list(PAPER_CONFIGURATIONS), "folds": [0, 1, 2, 3, 4],
                     "trainer": "nnUNetTrainer_250epochs", "extra_configurations": {}}
@@ -116,6 +120,7 @@ PROFILES: dict[str, dict] = {
         "find_best": False,
         "min_lesion_ml": 0.1,
         "min_vertebra_ml": 0.5,
+        "repair_vertebra_order": True,
         "stages": {
             "vertebrae": {"configurations": ["demo_vertebrae"], "folds": ["all"],
                           "trainer": "SpinemetsVertebraeDemoTrainer",
@@ -141,6 +146,7 @@ PROFILES: dict[str, dict] = {
         "find_best": False,
         "min_lesion_ml": 0.1,
         "min_vertebra_ml": 0.5,
+        "repair_vertebra_order": True,
         "stages": {
             stage: {"configurations": [f"demo_{stage}"], "folds": ["all"], "trainer": "SpinemetsCITrainer",
                     "extra_configurations": {f"demo_{stage}": DEMO_CONFIGURATIONS[f"demo_{stage}"]}}
@@ -625,6 +631,53 @@ def trained_models(stage: str, profile: str, workspace: Workspace | str | Path |
         models.append({"folder": str(folder), "configuration": cfg, "trainer": tr,
                        "folds": [f if f == "all" else int(f) for f in folds]})
     return models
+
+
+def selected_postprocessing(stage: str, profile: str, workspace: Workspace | str | Path | None = None,
+                            dataset_id: int | None = None) -> Path | None:
+    """nnU-Net's postprocessing for the selected model: the ``postprocessing.pkl`` that
+    ``nnUNetv2_find_best_configuration`` determined on the cross-validation (e.g. keep only the
+    largest component of a label, where that raised the Dice) and names in
+    ``inference_information.json``. None when the profile selects nothing or no selection was made.
+
+    The file is looked up where the selection named it, else at the same place under this
+    workspace's ``nnUNet_results`` (a workspace copied from a cluster). Raises
+    :class:`SpinemetsError` when it is named but found in neither place.
+    """
+    if not get_profile(profile)["find_best"]:
+        return None
+    ws = _workspace(workspace)
+    name = ws.dataset_name(stage, dataset_id)
+    info_file = ws.results / name / "inference_information.json"
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise SpinemetsError(f"{info_file}: not valid JSON ({exc})") from None
+    named = info.get("best_model_or_ensemble", {}).get("postprocessing_file")
+    if not named:
+        return None
+    path = Path(named)
+    if path.exists():
+        return path
+    parts = path.parts
+    moved = ws.results / name / Path(*parts[parts.index(name) + 1:]) if name in parts[:-1] else None
+    if moved is not None and moved.exists():
+        return moved
+    raise SpinemetsError(f"{info_file}: names the postprocessing file {named}, which is missing"
+                         + (f" (also not at {moved})" if moved is not None else ""))
+
+
+def apply_postprocessing(segmentation: np.ndarray, postprocessing_file: str | Path) -> np.ndarray:
+    """Apply a ``postprocessing.pkl`` of nnU-Net (its functions and their arguments) to a label map."""
+    import pickle
+
+    from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing as nnunet_apply
+
+    with open(postprocessing_file, "rb") as fh:  # written by nnU-Net on this project's own training
+        functions, kwargs = pickle.load(fh)
+    return nnunet_apply(segmentation, functions, kwargs)
 
 
 def load_predictor(model: Mapping, device: str = "cpu", tta: bool = False, workspace: Workspace | str | Path | None = None,
