@@ -54,7 +54,7 @@ from . import labels as labels_mod
 from . import nnunet
 from .errors import SpinemetsError
 from .io import ijk_to_lps, image_from_array, read_image, write_csv, write_image, write_json
-from .postprocessing import _check_min_ml, remove_small_components, remove_small_lesions, repair_vertebra_order
+from .postprocessing import check_min_ml, remove_small_components, remove_small_lesions, repair_vertebra_order
 from .slicer import segmentation_from_labelmap
 
 ROI_MODES = ("none", "spine")
@@ -323,7 +323,7 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     min_lesion_ml = float(prof.get("min_lesion_ml", 0.0) if min_lesion_ml is None else min_lesion_ml)
     min_vertebra_ml = float(prof.get("min_vertebra_ml", 0.0) if min_vertebra_ml is None else min_vertebra_ml)
     for value in (min_lesion_ml, min_vertebra_ml):  # before any model is loaded
-        _check_min_ml(value)
+        check_min_ml(value)
     repair_order = bool(prof.get("repair_vertebra_order", False) if repair_order is None else repair_order)
     cases = find_inputs(input)
     out_dir = Path(out_dir)

@@ -43,6 +43,7 @@ from typing import Sequence
 
 import cc3d
 import numpy as np
+from scipy.ndimage import maximum_filter1d
 
 from . import labels as labels_mod
 from .errors import SpinemetsError
@@ -57,11 +58,12 @@ DOUBLE = 1.5
 SPLIT_SHARE = 0.25
 SPLIT_FIT = 0.8
 KEEP_SHARE = 0.2
-JUMP_PENALTY = 0.1  # of the median slot's voxels, for a slot holding C1 and C2
+JUMP_PENALTY = 0.1  # of the median slot's voxels, for giving a slot two levels
 MIN_AGREEMENT = 0.5
 
 
-def _check_min_ml(min_ml: float) -> None:
+def check_min_ml(min_ml: float) -> None:
+    """Refuse a minimum component size that is not a number >= 0 (mL)."""
     if not (np.isfinite(min_ml) and min_ml >= 0):
         raise SpinemetsError(f"minimum component size must be a number >= 0 mL, not {min_ml!r}")
 
@@ -76,7 +78,7 @@ def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_ml
     cleaned map (the input when nothing is removed; never modified) and the number of components
     removed.
     """
-    _check_min_ml(min_ml)
+    check_min_ml(min_ml)
     if min_ml == 0 or not labels.any():
         return labels, 0
     if per_label:
@@ -112,8 +114,6 @@ def _slice_histograms(labels: np.ndarray) -> np.ndarray:
 
 def _disc_slots(fg: np.ndarray, window: int) -> list[tuple[int, int]]:
     """Slice ranges [a, b) between the valleys of the per-slice vertebra voxel count ``fg``."""
-    from scipy.ndimage import maximum_filter1d
-
     low = fg < DISC_DEPTH * maximum_filter1d(fg.astype(float), size=2 * window + 1, mode="nearest")
     cuts, z, n = [], 0, len(fg)
     while z < n:
