@@ -606,13 +606,8 @@ def trained_models(stage: str, profile: str, workspace: Workspace | str | Path |
     ws = _workspace(workspace)
     entry = stage_plan(stage, profile)
     trainer = entry["trainer"]
-    name = ws.dataset_name(stage, dataset_id)
-    info_file = ws.results / name / "inference_information.json"
-    chosen: list[tuple[str, str]] = []
-    if get_profile(profile)["find_best"] and info_file.exists():
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-        for model in info.get("best_model_or_ensemble", {}).get("selected_model_or_models", []):
-            chosen.append((model["configuration"], model["trainer"]))
+    _, best = _selected(stage, profile, ws, dataset_id)
+    chosen = [(model["configuration"], model["trainer"]) for model in best.get("selected_model_or_models", [])]
     if not chosen:
         cfgs = [c for c in entry["configurations"] if (ws.model_folder(stage, c, trainer, dataset_id)).is_dir()]
         preferred = [c for c in ("3d_fullres", *entry["configurations"]) if c in cfgs]
@@ -633,6 +628,21 @@ def trained_models(stage: str, profile: str, workspace: Workspace | str | Path |
     return models
 
 
+def _selected(stage: str, profile: str, ws: Workspace, dataset_id: int | None) -> tuple[Path, dict]:
+    """``inference_information.json`` of a stage and its ``best_model_or_ensemble`` ({} when the
+    profile selects nothing or no selection was made); a file that is not JSON is an error."""
+    info_file = ws.results / ws.dataset_name(stage, dataset_id) / "inference_information.json"
+    if not get_profile(profile)["find_best"]:
+        return info_file, {}
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return info_file, {}
+    except json.JSONDecodeError as exc:
+        raise SpinemetsError(f"{info_file}: not valid JSON ({exc})") from None
+    return info_file, info.get("best_model_or_ensemble", {})
+
+
 def selected_postprocessing(stage: str, profile: str, workspace: Workspace | str | Path | None = None,
                             dataset_id: int | None = None) -> Path | None:
     """nnU-Net's postprocessing for the selected model: the ``postprocessing.pkl`` that
@@ -644,18 +654,10 @@ def selected_postprocessing(stage: str, profile: str, workspace: Workspace | str
     workspace's ``nnUNet_results`` (a workspace copied from a cluster). Raises
     :class:`SpinemetsError` when it is named but found in neither place.
     """
-    if not get_profile(profile)["find_best"]:
-        return None
     ws = _workspace(workspace)
     name = ws.dataset_name(stage, dataset_id)
-    info_file = ws.results / name / "inference_information.json"
-    try:
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as exc:
-        raise SpinemetsError(f"{info_file}: not valid JSON ({exc})") from None
-    named = info.get("best_model_or_ensemble", {}).get("postprocessing_file")
+    info_file, best = _selected(stage, profile, ws, dataset_id)
+    named = best.get("postprocessing_file")
     if not named:
         return None
     path = Path(named)
