@@ -199,3 +199,29 @@ def test_pseudonymized_scan_keeps_identifiers_out_of_the_dataset(tmp_path):
                 import gzip
                 data = gzip.decompress(data)
             assert not any(name.encode() in data for name in names), path
+
+
+def test_huge_label_values_import_without_a_table_sized_by_them(tmp_path):
+    """A label map holding 2**62 (and 2**31) with a mapping imports in the memory of its distinct
+    values; values the mapping leaves out become background, as documented."""
+    from conftest import make_ct
+    from spinemets.dataset import import_dataset
+
+    ct = make_ct(seed=1)
+    mask = np.zeros(ct.GetSize()[::-1], dtype=np.int64)
+    mask[2:4, 3:6, 3:6] = 2**62
+    mask[5:7, 3:6, 3:6] = 2**31
+    mask[8:10, 3:6, 3:6] = 7
+    label = sitk.GetImageFromArray(mask)
+    label.CopyInformation(ct)
+    case = tmp_path / "c"
+    case.mkdir()
+    sitk.WriteImage(ct, str(case / "ct.nrrd"))
+    sitk.WriteImage(label, str(case / "mask.nrrd"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"case_id,image,stage,segmentation\ncase_1,{case / 'ct.nrrd'},vertebrae,{case / 'mask.nrrd'}\n")
+    (tmp_path / "map.yaml").write_text(f"{2**62}: L1\n7: L3\n")
+    folder = import_dataset(manifest, "vertebrae", tmp_path / "raw", mapping=tmp_path / "map.yaml")
+    out = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "case_1.nii.gz")))
+    l1, l3 = labels.STAGES["vertebrae"]["labels"]["L1"], labels.STAGES["vertebrae"]["labels"]["L3"]
+    assert dict(zip(*np.unique(out, return_counts=True))) == {0: out.size - 36, l1: 18, l3: 18}

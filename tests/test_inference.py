@@ -385,3 +385,38 @@ def test_a_stage_applies_the_selected_nnunet_postprocessing(tmp_path, monkeypatc
     assert applied == [] and raw.max() == 1
     stage.postprocessing = tmp_path / "postprocessing.pkl"
     assert stage(np.zeros((8, 8, 8), np.int16), SPACING).max() == 2 and applied == [stage.postprocessing]
+
+
+def test_predict_output_goes_straight_into_evaluate(tmp_path, monkeypatch):
+    """The folder `predict` writes (CASE/STAGE.nii.gz beside CASE/STAGE.seg.nrrd) is `evaluate`'s input
+    as it is; both forms of a prediction are checked to agree, and a stale one is an error."""
+    from spinemets import cli, metrics
+
+    path = _ct(tmp_path)
+    stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _RecordingLesions()}
+    monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
+    out = tmp_path / "predictions"
+    inference.predict(path.parent, out, profile="demo", device="cpu", min_lesion_ml=0)
+    ct = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(ct)
+    refs = {"vertebrae": np.where(array > 300, V["T6"], 0), "metastases": np.where(array < -500, 1, 0)}
+    for stage, ref in refs.items():
+        ref_dir = tmp_path / "ref" / stage
+        ref_dir.mkdir(parents=True)
+        image = sitk.GetImageFromArray(ref.astype(np.uint8))
+        image.CopyInformation(ct)
+        sitk.WriteImage(image, str(ref_dir / "case_a.nii.gz"))
+        assert cli.main(["evaluate", "--ref", str(ref_dir), "--pred", str(out), "--stage", stage,
+                         "--out", str(tmp_path / "eval" / stage)]) == 0
+        summary = json.loads((tmp_path / "eval" / stage / "summary.json").read_text())
+        cls = "T6" if stage == "vertebrae" else "lytic"
+        assert summary["cases"] == ["case_a"]
+        assert summary["mean"][cls]["dice"]["value"] == 1.0
+    # a .seg.nrrd edited after the label map was written no longer agrees with it: refused, named
+    lesions = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_a" / "metastases.nii.gz")))
+    from spinemets.slicer import write_segments
+
+    write_segments(out / "case_a" / "metastases.seg.nrrd", ct, [{"name": "sclerotic", "mask": lesions > 0}])
+    with pytest.raises(SpinemetsError, match=r"metastases.seg.nrrd: differs from metastases.nii.gz beside it in 16"):
+        metrics.evaluate_folders(tmp_path / "ref" / "metastases", out, "metastases", tmp_path / "eval2")
+    assert not (tmp_path / "eval2").exists()

@@ -641,3 +641,65 @@ def test_prediction_folders_per_case_as_predict_writes_them(tmp_path):
     assert summary["cases"] == ["case_a", "case_b"]
     per_case = (tmp_path / "out" / "per_case.csv").read_text()
     assert "case_a,lytic,dice,1.0" in per_case
+
+
+def _lesion_maps(tmp_path):
+    """A reference with one sclerotic (2) and one lytic (1) lesion, on a 1 x 1 x 2 mm grid."""
+    ref = np.zeros((8, 10, 12), dtype=np.uint8)
+    ref[1:3, 1:4, 1:4] = 2
+    ref[5:7, 5:8, 6:9] = 1
+    image = sitk.GetImageFromArray(ref)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    image.SetOrigin((4.0, -3.0, 10.0))
+    (tmp_path / "ref").mkdir()
+    sitk.WriteImage(image, str(tmp_path / "ref" / "case_a.nii.gz"))
+    return ref, image
+
+
+def test_a_seg_nrrd_prediction_is_scored_by_its_segment_names(tmp_path):
+    """A prediction whose segment "sclerotic" carries labelValue 1 is sclerotic, not lytic: the
+    name decides, whatever the voxel value (the file is also cropped, as 3D Slicer saves it)."""
+    from spinemets.slicer import write_segments
+
+    ref, image = _lesion_maps(tmp_path)
+    (tmp_path / "pred").mkdir()
+    # sclerotic first: write_segments gives it labelValue 1 in layer 0, the lytic one labelValue 2
+    write_segments(tmp_path / "pred" / "case_a.seg.nrrd", image,
+                   [{"name": "sclerotic", "mask": ref == 2}, {"name": "Lytic 1", "mask": ref == 1}])
+    import slicerio
+
+    seg = slicerio.read_segmentation(str(tmp_path / "pred" / "case_a.seg.nrrd"))
+    assert [(s["name"], s["labelValue"]) for s in seg["segments"]] == [("sclerotic", 1), ("Lytic 1", 2)]
+    result = metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
+    assert result["mean"]["sclerotic"]["dice"]["value"] == 1.0
+    assert result["mean"]["lytic"]["dice"]["value"] == 1.0
+    # the reverse: a .seg.nrrd reference against a label-map prediction, and two .seg.nrrd files
+    (tmp_path / "ref" / "case_a.nii.gz").rename(tmp_path / "pred_map.nii.gz")
+    write_segments(tmp_path / "ref" / "case_a.seg.nrrd", image,
+                   [{"name": "osteoblastic", "mask": ref == 2}, {"name": "osteolytic", "mask": ref == 1}])
+    both = metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out2")
+    assert both["mean"]["sclerotic"]["dice"]["value"] == 1.0 and both["mean"]["lytic"]["dice"]["value"] == 1.0
+    half = ref.copy()
+    half[1:3, 1:4, 1:3] = 0  # 6 of the 18 sclerotic voxels predicted
+    (tmp_path / "pred" / "case_a.seg.nrrd").unlink()
+    pred = sitk.GetImageFromArray(half)
+    pred.CopyInformation(image)
+    sitk.WriteImage(pred, str(tmp_path / "pred" / "case_a.nii.gz"))
+    mixed = metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out3")
+    assert mixed["mean"]["sclerotic"]["dice"]["value"] == pytest.approx(2 * 6 / (18 + 6))
+
+
+def test_evaluate_writes_its_three_files_together_or_none(tmp_path):
+    """When one of the outputs can't be written, none is (no per_case.csv without summary.json)."""
+    _lesion_maps(tmp_path)
+    (tmp_path / "pred").mkdir()
+    import shutil
+
+    shutil.copy(tmp_path / "ref" / "case_a.nii.gz", tmp_path / "pred" / "case_a.nii.gz")
+    (tmp_path / "out" / "summary.json").mkdir(parents=True)
+    with pytest.raises(SpinemetsError, match="summary.json: output file is an existing folder"):
+        metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json"]
+    (tmp_path / "out" / "summary.json").rmdir()
+    metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["per_case.csv", "summary.csv", "summary.json"]

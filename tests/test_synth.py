@@ -273,7 +273,7 @@ def test_bad_arguments(tmp_path):
         synth.synthesize_cohort(tmp_path / "a", cases=1, seed=-1)
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(SpinemetsError, match="is a file"):
+    with pytest.raises(SpinemetsError, match="output folder is an existing file"):
         synth.synthesize_cohort(a_file, cases=1, seed=0)
     (tmp_path / "b" / "case_005").mkdir(parents=True)
     with pytest.raises(SpinemetsError, match="another cohort"):

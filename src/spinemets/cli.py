@@ -109,6 +109,10 @@ def _cmd_run(a):
         _submitted(a, _call("cluster.submit_run", profile=a.profile, parameters=params, **_job_options(a)))
         return
     _no_job_options(a)
+    if a.dry_run:
+        for source, values in _call("runner.dry_run", profile=a.profile, parameters=params):
+            print(f"{source}: {values}")
+        return
     _call("runner.run", profile=a.profile, parameters=params)
 
 
@@ -223,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="demo", help="demo, paper, ci, or a path to a profile YAML")
     p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="override a notebook parameter (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the profile and the parameters, print each notebook with its parameters, run nothing")
     _add_job_options(p, "the notebooks before training as one job, one job per (stage, configuration, fold), "
                         "then the remaining notebooks and the book as one job (cluster.submit_run)")
     p.set_defaults(func=_cmd_run)
@@ -244,18 +250,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status of a command that met bad input or a failed step (argparse's own for bad arguments).
+EXIT_ERROR = 2
+#: Exit status of an unexpected internal error (a bug: please report it with the ``-v`` traceback).
+EXIT_INTERNAL = 70
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line the command prints for an error: ``spinemets: error: PATH: what is wrong``.
+
+    :class:`SpinemetsError` messages already start with the path; an :class:`OSError` gets its
+    file name and the system's reason. Line breaks inside a message are folded into spaces.
+    """
+    if isinstance(exc, SpinemetsError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else "?"
+        text = f"{where}: {exc.strerror or exc}"
+        if exc.filename2 is not None:
+            text = f"{where}: {exc.strerror or exc} (with {exc.filename2})"
+    else:
+        text = f"internal error ({type(exc).__name__}: {exc}); please report it with the output of -v"
+    return "spinemets: error: " + " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         args.func(args)
-    except SpinemetsError as exc:
-        print(f"spinemets: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("spinemets: interrupted", file=sys.stderr)
         return 130
+    except (SpinemetsError, OSError) as exc:
+        print(error_line(exc), file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: one line, the traceback only with -v
+        if args.verbose:
+            logging.exception("internal error")
+        print(error_line(exc), file=sys.stderr)
+        return EXIT_INTERNAL
     return 0
 
 

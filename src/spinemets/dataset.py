@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,9 +39,12 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import labels as labels_mod
 from .errors import SpinemetsError
-from .io import (PARTIAL_PREFIX, check_same_geometry, image_from_array, read_image, remove_partials, write_csv,
-                 write_image, write_json)
+from .io import (PARTIAL_PREFIX, case_id_problem, check_case_id, check_output_dir, check_output_file,
+                 check_same_geometry, image_from_array, inside, output_folder, read_image, remove_partials,
+                 require_dir, require_file, write_csv, write_image, write_json)
 from .slicer import labelmap_from_segmentation
+
+log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["case_id", "image", "stage", "segmentation", "split"]
 DEFAULT_IMAGE_PATTERN = "{case}/ct.nrrd"
@@ -51,7 +55,6 @@ DEFAULT_SEGMENTATION_PATTERNS = {
 IMPORT_RECORD = ".spinemets-import.json"
 #: Bumped when the conversion changes, so that a rerun converts every case again.
 IMPORT_FORMAT = 1
-_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _pattern_regex(pattern: str) -> tuple[str, re.Pattern]:
@@ -71,7 +74,7 @@ def _find(root: Path, pattern: str) -> dict[str, Path]:
             continue
         case = match.group("case")
         if case in found:
-            raise SpinemetsError(f"duplicate case ID {case!r}: {found[case]} and {path} (pattern {pattern!r})")
+            raise SpinemetsError(f"{path}: duplicate case ID {case!r}, also {found[case]} (pattern {pattern!r})")
         found[case] = path
     return found
 
@@ -97,27 +100,31 @@ def scan(
     written from the manifest then carries only the pseudonyms; the manifest itself still points
     at the source files and belongs with them.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise SpinemetsError(f"{root}: folder not found")
+    root = require_dir(root, "folder to scan")
+    if out_csv is not None:
+        check_output_file(out_csv, "manifest file")
     segmentations = dict(DEFAULT_SEGMENTATION_PATTERNS if segmentations is None else segmentations)
     for stage in segmentations:
         labels_mod.check_stage(stage)
     images = _find(root, image)
     if not images:
         raise SpinemetsError(f"{root}: no image matches {image!r}")
-    bad_ids = [c for c in images if not _CASE_ID.match(c)]
+    bad_ids = [c for c in images if case_id_problem(c)]
     if bad_ids and not pseudonymize:  # pseudonyms replace them anyway
-        raise SpinemetsError(f"{root}: case IDs must be letters, digits, '.', '_' or '-': {bad_ids[:5]}")
+        raise SpinemetsError(f"{images[bad_ids[0]]}: {case_id_problem(bad_ids[0])}"
+                             + (f" ({len(bad_ids) - 1} more such case(s))" if len(bad_ids) > 1 else ""))
     cases = sorted(images)
     if not 0 <= holdout < len(cases):
-        raise SpinemetsError(f"holdout {holdout} must be between 0 and {len(cases) - 1} (the folder has {len(cases)} cases)")
+        raise SpinemetsError(f"{root}: holdout {holdout} must be between 0 and {len(cases) - 1} "
+                             f"(the folder has {len(cases)} cases)")
     test_cases = set(cases[len(cases) - holdout:]) if holdout else set()
     names = {case: case for case in cases}
     if pseudonymize:
         from .dicom import mapping_path, pseudonymize as make_pseudonyms
 
         names = make_pseudonyms(cases, mapping_path(root))
+        for case, name in names.items():
+            check_case_id(name, mapping_path(root))
     rows = []
     for stage, pattern in segmentations.items():
         masks = _find(root, pattern)
@@ -141,20 +148,29 @@ def read_manifest(manifest: str | Path | pd.DataFrame) -> pd.DataFrame:
         frame, source = manifest.copy(), "manifest"
     else:
         source = str(manifest)
+        require_file(manifest, "manifest")
         try:
             frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-        except FileNotFoundError:
-            raise SpinemetsError(f"{manifest}: manifest not found") from None
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise SpinemetsError(f"{manifest}: not a readable CSV manifest ({exc})") from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+            raise SpinemetsError(f"{manifest}: not a readable CSV manifest ({' '.join(str(exc).split())})") from None
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns and c != "split"]
     if missing:
         raise SpinemetsError(f"{source}: manifest lacks column(s) {missing}; expected {MANIFEST_COLUMNS}")
     if "split" not in frame.columns:
         frame["split"] = "train"
+    frame = frame.astype(str)
     bad_split = sorted(set(frame["split"]) - {"train", "test"})
     if bad_split:
         raise SpinemetsError(f"{source}: split must be 'train' or 'test', found {bad_split}")
+    for row, case in enumerate(frame["case_id"], start=2):  # row 1 is the header
+        problem = case_id_problem(case)
+        if problem:
+            raise SpinemetsError(f"{source}: row {row}: {problem}")
+    from .labels import STAGE_NAMES
+
+    bad_stage = sorted(set(frame["stage"]) - set(STAGE_NAMES))
+    if bad_stage:
+        raise SpinemetsError(f"{source}: unknown stage(s) {bad_stage}; choose from {', '.join(STAGE_NAMES)}")
     return frame
 
 
@@ -233,15 +249,17 @@ def read_mask(path, ct: sitk.Image, stage: str, mapping=None, ct_path="the CT") 
     if not np.issubdtype(values.dtype, np.integer):
         if not np.array_equal(values, np.round(values)):
             raise SpinemetsError(f"{path}: mask holds non-integer values; expected a label map")
+        if np.abs(values).max() >= 2**53:
+            raise SpinemetsError(f"{path}: mask holds values beyond 2**53, not exact integers; expected a label map")
         values = values.astype(np.int64)
     if values.min() < 0:
         raise SpinemetsError(f"{path}: mask holds negative values; expected a label map")
-    present = [int(v) for v in np.unique(values) if v != 0]
+    # The distinct values and an index into them: no table sized by the largest value (2**62 ...).
+    distinct, inverse = np.unique(values, return_inverse=True)
+    present = [int(v) for v in distinct if v != 0]
     table = labels_mod.map_label_values(present, stage, mapping, str(path))
-    lut = np.zeros(max(present, default=0) + 1, dtype=np.uint8)
-    for value, label in table.items():
-        lut[value] = label
-    labelmap = image_from_array(lut[values], ct)
+    lut = np.array([table.get(int(v), 0) for v in distinct], dtype=np.uint8)
+    labelmap = image_from_array(lut[inverse.reshape(values.shape)], ct)
     report = {"segments": [{"name": str(v), "label": table[v]} for v in present if table[v]],
               "ignored": [str(v) for v in present if not table[v]], "contested_voxels": 0}
     return labelmap, report
@@ -274,14 +292,32 @@ def import_dataset(
         raise SpinemetsError(f"{source}: duplicate case ID(s) for the {stage} stage: {duplicated}")
     for column in ("image", "segmentation"):
         for path in frame[column]:
-            if not Path(path).exists():
-                raise SpinemetsError(f"{path}: {column} file listed in {source} not found")
+            _check_listed(path, column, source)
     mapping_dict = labels_mod.load_mapping(mapping)
     dataset_id = labels_mod.STAGES[stage]["dataset_id"] if dataset_id is None else int(dataset_id)
-    raw_dir = Path(raw_dir)
+    raw_dir = check_output_dir(raw_dir, "nnU-Net raw folder")
     name = dataset_folder_name(stage, dataset_id)
     final = raw_dir / name
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not final.is_dir():
+        raise SpinemetsError(f"{final}: dataset folder is an existing file")
+    for r in frame.itertuples():  # one rule for every output path: inside the dataset folder
+        for rel in _outputs(r.case_id, r.split):
+            inside(final, rel, f"file of case {r.case_id!r}")
+    with output_folder(raw_dir, "nnU-Net raw folder"):
+        return _import_into(frame, stage, raw_dir, name, final, mapping_dict, jobs)
+
+
+def _check_listed(path: str, column: str, source: str) -> None:
+    """A file the manifest lists must exist (an image may also be a DICOM series folder)."""
+    if not str(path).strip():
+        raise SpinemetsError(f"{source}: a row lists an empty {column} path")
+    p = Path(path)
+    if p.is_dir() and column == "image":
+        return
+    require_file(p, f"{column} file listed in {source}")
+
+
+def _import_into(frame: pd.DataFrame, stage: str, raw_dir: Path, name: str, final: Path, mapping_dict, jobs: int) -> Path:
     remove_partials(raw_dir)
     previous_cases = _read_record(final).get("cases", {})
     staging = raw_dir / f"{PARTIAL_PREFIX}{name}"
@@ -333,9 +369,10 @@ def _run_tasks(tasks: list[dict], jobs: int, what: str) -> list[dict]:
         if pool:
             pool.shutdown(cancel_futures=True)
     if errors:
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise SpinemetsError(f"{len(errors)} case(s) could not be imported; nothing was written:\n  "
-                             + "\n  ".join(errors[:5]) + more)
+        for message in errors:
+            log.error("%s", message)
+        more = f"; {len(errors) - 1} more case(s) failed too (listed above)" if len(errors) > 1 else ""
+        raise SpinemetsError(f"{errors[0]}{more}; nothing was imported")
     return sorted(records, key=lambda r: r["case_id"])
 
 

@@ -44,7 +44,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import SpinemetsError
-from .io import check_image, read_image, write_csv, write_image
+from .io import check_image, check_output_file, require_file, output_folder, read_image, write_csv, write_image
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,7 @@ def convert(input: str | Path, out: str | Path, series_uid: str | None = None) -
     src, out = Path(input), Path(out)
     if not any(out.name.lower().endswith(sfx) for sfx in OUTPUT_SUFFIXES):
         raise SpinemetsError(f"{out}: unsupported output format; use one of {', '.join(OUTPUT_SUFFIXES)}")
+    check_output_file(out, "output image")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise SpinemetsError(f"{out}: output would overwrite the input; choose another file name")
     if src.is_dir():
@@ -227,7 +228,8 @@ def convert(input: str | Path, out: str | Path, series_uid: str | None = None) -
         if series_uid is not None:
             raise SpinemetsError(f"{src}: a series UID applies to DICOM folders only, and this is a file")
         image = read_image(src)
-    write_image(image, out)
+    with output_folder(out.parent):
+        write_image(image, out)
     log.info("converted %s -> %s", src, out)
     return out
 
@@ -244,8 +246,9 @@ def mapping_path(source_dir: str | Path) -> Path:
 def read_mapping(path: str | Path) -> dict[str, str]:
     """Read a pseudonym mapping CSV (``original,pseudonym``); a missing file is an empty mapping."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return {}
+    require_file(path, "pseudonym mapping")
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames != ["original", "pseudonym"]:

@@ -46,7 +46,7 @@ import requests
 from tqdm.auto import tqdm
 
 from .errors import SpinemetsError
-from .io import PARTIAL_PREFIX, write_json
+from .io import PARTIAL_PREFIX, check_output_dir, check_output_file, output_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,13 @@ def fetch_record(
     what is wrong.
     """
     record_id = record_id_of(record)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(out_dir, "download folder")
+    check_output_file(out_dir / MANIFEST_NAME, "download manifest")
+    with output_folder(out_dir, "download folder"):  # a failed first download leaves no empty folder
+        return _fetch_into(record_id, out_dir, api_url, retries, backoff, unpack)
+
+
+def _fetch_into(record_id: str, out_dir: Path, api_url: str, retries: int, backoff: float, unpack: bool) -> Path:
     record_url = f"{api_url.rstrip('/')}/records/{record_id}"
     with requests.Session() as session:
         meta = _with_retries(lambda: _get_json(session, record_url, record_id), record_url, retries, backoff)
@@ -227,6 +232,7 @@ def _check_relative_name(name: str, where) -> None:
 def _fetch_file(session: requests.Session, remote: RemoteFile, out_dir: Path, retries: int, backoff: float) -> None:
     target = out_dir / remote.name
     partial = target.with_name(PARTIAL_PREFIX + target.name)
+    check_output_file(target, f"file {remote.name} of the record")
     if target.is_file():
         if _verified(target, remote):
             partial.unlink(missing_ok=True)

@@ -53,7 +53,8 @@ from . import __version__
 from . import labels as labels_mod
 from . import nnunet
 from .errors import SpinemetsError
-from .io import ijk_to_lps, image_from_array, read_image, write_csv, write_image, write_json
+from .io import (check_case_id, check_output_dir, describe_path, geometry, ijk_to_lps, image_from_array, read_image,
+                 require_file, write_csv, write_image, write_json)
 from .postprocessing import check_min_ml, remove_small_components, remove_small_lesions, repair_vertebra_order
 from .slicer import segmentation_from_labelmap
 
@@ -216,21 +217,43 @@ def vertebra_table(lesion_rows: list[dict], lesions: np.ndarray, vertebrae: np.n
 
 def find_inputs(input: str | Path) -> dict[str, Path]:
     """Case ID -> CT path: one image file, a folder of image files (case = name without suffix), or a
-    folder of case folders holding ``ct.nrrd`` (the synthetic cohort's layout). ``.seg.nrrd`` files are skipped."""
+    folder of case folders holding ``ct.nrrd`` (the synthetic cohort's layout). ``.seg.nrrd`` files are skipped.
+
+    Every case ID passes the one rule of :func:`spinemets.io.check_case_id`; a broken link is
+    reported as one, and two files of one case are an error.
+    """
     input = Path(input)
-    if not input.exists():
-        raise SpinemetsError(f"{input}: input not found")
-    if input.is_file():
-        return {_case_of(input): input}
-    cases = {}
+    kind = describe_path(input)
+    if kind in ("missing", "broken link"):
+        require_file(input, "input")
+    if kind == "file":
+        if not input.name.lower().endswith(IMAGE_SUFFIXES) or input.name.lower().endswith(".seg.nrrd"):
+            raise SpinemetsError(f"{input}: input is not a CT image ({', '.join(IMAGE_SUFFIXES)}) or a folder")
+        return {check_case_id(_case_of(input), input): input}
+    cases: dict[str, Path] = {}
     for path in sorted(input.iterdir()):
-        if path.is_file() and path.name.endswith(IMAGE_SUFFIXES) and not path.name.endswith(".seg.nrrd"):
-            cases[_case_of(path)] = path
+        if path.name.startswith("."):
+            continue
+        if path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.lower().endswith(".seg.nrrd"):
+            found = require_file(path, "CT image")
+            case = _case_of(path)
         elif path.is_dir() and (path / "ct.nrrd").exists():
-            cases[path.name] = path / "ct.nrrd"
+            found, case = path / "ct.nrrd", path.name
+        else:
+            continue
+        check_case_id(case, found)
+        if case in cases:
+            raise SpinemetsError(f"{found}: second CT of case {case!r} (also {cases[case]})")
+        cases[case] = found
     if not cases:
         raise SpinemetsError(f"{input}: no CT images ({', '.join(IMAGE_SUFFIXES)}) or case folders with ct.nrrd")
     return cases
+
+
+def check_inputs(cases: dict[str, Path]) -> dict[str, dict]:
+    """Read and check every CT before any model is loaded (:func:`spinemets.io.read_image`), so that a
+    bad case fails the command before the first case is written; return each case's geometry."""
+    return {case: geometry(read_image(path, "CT")) for case, path in cases.items()}
 
 
 def _case_of(path: Path) -> str:
@@ -326,7 +349,12 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
         check_min_ml(value)
     repair_order = bool(prof.get("repair_vertebra_order", False) if repair_order is None else repair_order)
     cases = find_inputs(input)
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, "prediction folder")
+    source = Path(input).resolve()
+    if source.is_dir() and (out_dir.resolve() == source or source in out_dir.resolve().parents):
+        raise SpinemetsError(f"{out_dir}: prediction folder lies inside the input folder {input}; "
+                             "write predictions elsewhere (they would sit beside, or replace, source files)")
+    check_inputs(cases)
     device = device or prof["device"]
     started = time.perf_counter()
     stage1 = _Stage("vertebrae", profile, workspace, device, tta, threads)

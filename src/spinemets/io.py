@@ -1,8 +1,15 @@
 """Reading and writing images and tables safely.
 
 * Images are read with SimpleITK and checked: a missing, truncated or corrupt file, a 4-D or
-  multi-component volume and NaN voxels each raise :class:`~spinemets.errors.SpinemetsError`
-  naming the file and what is wrong.
+  multi-component volume, NaN or infinite voxels and a sheared or scaled direction matrix each
+  raise :class:`~spinemets.errors.SpinemetsError` naming the file and what is wrong. (ITK's NIfTI
+  reader turns NaN and infinite voxels into 0, and fills a truncated ``.nii.gz`` with 0: NIfTI files
+  are checked once more, their stored bytes counted and floating-point values read with nibabel.)
+* Paths are checked before use (:func:`require_file`, :func:`require_dir`,
+  :func:`check_output_file`, :func:`check_output_dir`): a missing file, a broken link, a folder
+  where a file is expected and an output under a file each get a one-line message; a failed
+  command leaves no empty output folder (:func:`output_folder`) and writes nothing outside it
+  (:func:`inside`). Every case ID passes one rule (:func:`check_case_id`).
 * Every write goes to a temporary name in the destination folder and is renamed into place
   (``os.replace``), so a crash never leaves a half-written file under the final name. Temporary
   names start with :data:`PARTIAL_PREFIX`; :func:`remove_partials` clears those a killed run left.
@@ -46,6 +53,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_paths(paths: Iterable[str | Path]) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for several files that belong together: all are renamed into place
+    after the block succeeds, none when it fails (the temporary files are removed).
+
+    Each target is checked first (:func:`check_output_file`), so a target that is a folder fails
+    before anything is written rather than after the first files were renamed.
+    """
+    paths = [check_output_file(p) for p in map(Path, paths)]
+    temps = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps.append(path.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}"))
+        yield temps
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
 def remove_partials(folder: str | Path) -> int:
     """Remove temporary files and folders a killed run left in ``folder`` (recursively); return how many."""
     import shutil
@@ -79,6 +109,7 @@ def drop_nrrd_write_date(path: str | Path) -> None:
 
 
 def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
@@ -110,16 +141,178 @@ def write_csv(path: str | Path, rows: Iterable[dict], fieldnames: list[str]) -> 
     return Path(path)
 
 
-def read_image(path: str | Path, what: str = "image") -> sitk.Image:
-    """Read a 3-D scalar image (NRRD, NIfTI, MHA ...) and check it.
+def describe_path(path: str | Path) -> str:
+    """What stands at ``path`` in words: ``missing``, ``broken link``, ``folder``, ``file`` or ``other``."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return "broken link"
+    if not path.exists():
+        return "missing"
+    if path.is_dir():
+        return "folder"
+    return "file" if path.is_file() else "other"
 
-    Raises :class:`SpinemetsError` naming ``path`` when the file is missing, unreadable
-    (truncated, corrupt, not an image), not 3-D, multi-component, or holds NaN voxels.
+
+def _missing_message(path: Path, what: str, kind: str) -> str:
+    if kind == "broken link":
+        return f"{path}: {what} is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    under = _file_above(path)
+    if under is not None:
+        return f"{path}: {what} not found ({under} is a file, not a folder)"
+    return f"{path}: {what} not found"
+
+
+def require_file(path: str | Path, what: str = "file") -> Path:
+    """``path`` if it is an existing regular file (or a link to one); otherwise a :class:`SpinemetsError`
+    that says whether it is missing, a broken link, a folder or something else."""
+    path = Path(path)
+    kind = describe_path(path)
+    if kind in ("missing", "broken link"):
+        raise SpinemetsError(_missing_message(path, what, kind))
+    if kind == "folder":
+        raise SpinemetsError(f"{path}: {what} is a folder; expected a file")
+    if kind == "other":
+        raise SpinemetsError(f"{path}: {what} is not a regular file")
+    return path
+
+
+def require_dir(path: str | Path, what: str = "folder") -> Path:
+    """``path`` if it is an existing folder; otherwise a :class:`SpinemetsError` saying what stands there."""
+    path = Path(path)
+    kind = describe_path(path)
+    if kind in ("missing", "broken link"):
+        raise SpinemetsError(_missing_message(path, what, kind))
+    if kind != "folder":
+        raise SpinemetsError(f"{path}: {what} is a file; expected a folder")
+    return path
+
+
+def _file_above(path: Path) -> Path | None:
+    """The nearest ancestor of ``path`` that exists and is not a folder, if any."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Refuse an output file path that cannot be written: an existing folder, a broken link, a path
+    under a file, or one in a folder that cannot be written. Nothing is created."""
+    path = Path(path)
+    kind = describe_path(path)
+    if kind == "folder":
+        raise SpinemetsError(f"{path}: {what} is an existing folder; give a file name")
+    if kind == "broken link":
+        raise SpinemetsError(f"{path}: {what} is a broken symbolic link; remove it or give another name")
+    if kind == "other":
+        raise SpinemetsError(f"{path}: {what} exists and is not a regular file")
+    _check_writable_parent(path, what)
+    return path
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Refuse an output folder path that cannot be used: an existing file, a broken link, a path
+    under a file, or one whose nearest existing ancestor cannot be written. Nothing is created."""
+    path = Path(path)
+    kind = describe_path(path)
+    if kind in ("file", "other"):
+        raise SpinemetsError(f"{path}: {what} is an existing file; expected a folder")
+    if kind == "broken link":
+        raise SpinemetsError(f"{path}: {what} is a broken symbolic link; remove it or give another name")
+    if kind == "folder":
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SpinemetsError(f"{path}: {what} is not writable")
+        return path
+    _check_writable_parent(path, what)
+    return path
+
+
+def _check_writable_parent(path: Path, what: str) -> None:
+    above = _file_above(path)
+    if above is not None:
+        raise SpinemetsError(f"{path}: {what} lies under {above}, which is a file, not a folder")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise SpinemetsError(f"{path}: {what} cannot be created: {parent} is not writable")
+            return
+
+
+@contextlib.contextmanager
+def output_folder(path: str | Path, what: str = "output folder") -> Iterator[Path]:
+    """Create the output folder ``path`` (and missing parents) for the ``with`` block.
+
+    On an exception, the folders this call created are removed again when they are empty, so a
+    failed command leaves no empty output folder behind; an existing folder is left as it was.
     """
     path = Path(path)
-    if not path.exists():
-        raise SpinemetsError(f"{path}: {what} file not found")
-    if path.is_dir():
+    check_output_dir(path, what)
+    created = []
+    for folder in [*reversed(path.absolute().parents), path.absolute()]:
+        if not folder.exists():
+            created.append(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
+
+
+def inside(root: str | Path, relative: str | Path, what: str = "output") -> Path:
+    """``root / relative``, refused when it would resolve outside ``root`` (``..``, absolute parts, links)."""
+    root = Path(root)
+    target = root / relative
+    base = root.resolve()
+    resolved = target.resolve()
+    if Path(relative).is_absolute() or not (resolved == base or base in resolved.parents):
+        raise SpinemetsError(f"{target}: {what} would lie outside {root}; refusing to write it")
+    return target
+
+
+#: One rule for every case ID, whatever its source (file or folder name, manifest, pseudonym
+#: map): it becomes a file name in nnU-Net's folders, so it starts with a letter or digit and
+#: holds only letters, digits, '.', '_' and '-' (ASCII), at most :data:`CASE_ID_MAX` characters.
+CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CASE_ID_MAX = 100
+
+
+def case_id_problem(case_id) -> str | None:
+    """Why ``case_id`` is not a valid case ID (see :data:`CASE_ID_PATTERN`), or None when it is."""
+    if not isinstance(case_id, str):
+        return f"case ID {case_id!r} is not text"
+    if not case_id:
+        return "empty case ID"
+    if len(case_id) > CASE_ID_MAX:
+        return f"case ID {case_id[:20]!r}... is longer than {CASE_ID_MAX} characters"
+    if not CASE_ID_PATTERN.match(case_id) or case_id.endswith("."):
+        return (f"case ID {case_id!r} must start with a letter or digit and hold only letters, digits, "
+                "'.', '_' or '-' (and not end with '.')")
+    return None
+
+
+def check_case_id(case_id, source: str | Path) -> str:
+    """``case_id`` if valid, else a :class:`SpinemetsError` naming ``source`` (the file it came from)."""
+    problem = case_id_problem(case_id)
+    if problem:
+        raise SpinemetsError(f"{source}: {problem}")
+    return case_id
+
+
+def read_image(path: str | Path, what: str = "image") -> sitk.Image:
+    """Read a 3-D scalar image (NRRD, NIfTI, MHA ...) and check it (:func:`check_image`).
+
+    Raises :class:`SpinemetsError` naming ``path`` when the file is missing (or a broken link),
+    unreadable (truncated, corrupt, not an image), not 3-D, multi-component, holds NaN or
+    infinite voxels, or has an unusable geometry.
+    """
+    path = Path(path)
+    kind = describe_path(path)
+    if kind in ("missing", "broken link"):
+        raise SpinemetsError(_missing_message(path, f"{what} file", kind))
+    if kind == "folder":
         from .dicom import read_dicom_series  # DICOM series folders
 
         image = read_dicom_series(path)
@@ -129,14 +322,83 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         except RuntimeError as exc:
             first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
             raise SpinemetsError(
-                f"{path}: cannot read {what} (truncated, corrupt or not an image file): {first[-200:]}"
+                f"{path}: cannot read {what} (truncated, corrupt or not an image file): {_one_line(first)[-200:]}"
             ) from None
     check_image(image, path, what)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti(path, what)
     return image
 
 
+def _check_nifti(path: Path, what: str) -> None:
+    """What ITK's NIfTI reader lets through silently, refused: a file cut short (ITK fills the missing
+    voxels with 0) and NaN or infinite voxels (ITK turns them into 0). The stored bytes are counted
+    (streaming, for ``.nii.gz``), and a floating-point file's values are read once more with nibabel."""
+    import gzip
+    import zlib
+
+    import nibabel
+
+    try:
+        nifti = nibabel.load(str(path))
+        header = nifti.header
+        offset = int(getattr(nifti.dataobj, "offset", header.get_data_offset()))
+        expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        if path.name.lower().endswith(".gz"):
+            stored = 0
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    stored += len(chunk)
+        else:
+            stored = path.stat().st_size
+    except (EOFError, OSError, zlib.error, nibabel.filebasedimages.ImageFileError, ValueError) as exc:
+        raise SpinemetsError(f"{path}: cannot read {what} (truncated or corrupt): {_one_line(exc)[:200]}") from None
+    if stored < expected:
+        raise SpinemetsError(f"{path}: {what} is truncated: {stored} of {expected} bytes "
+                             "(the missing voxels would read as 0)")
+    if header.get_data_dtype().kind != "f":
+        return
+    values = np.asanyarray(nifti.dataobj)
+    n_nan = int(np.isnan(values).sum())
+    if n_nan:
+        raise SpinemetsError(f"{path}: {what} holds {n_nan} NaN voxel(s)")
+    n_inf = int(np.isinf(values).sum())
+    if n_inf:
+        raise SpinemetsError(f"{path}: {what} holds {n_inf} infinite voxel(s)")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+#: How far a direction matrix may be from orthonormal (absolute, per entry of D^T D - I).
+DIRECTION_TOLERANCE = 1e-4
+
+
+def check_geometry(spacing, origin, direction, path: str | Path, what: str = "image") -> None:
+    """Spacing finite and positive, origin finite, direction (3x3, row-major) finite and orthonormal.
+
+    A sheared or scaled direction matrix would be orthogonalised silently by the NIfTI writer,
+    moving voxels by millimetres; it is refused instead.
+    """
+    spacing = np.asarray(spacing, dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise SpinemetsError(f"{path}: {what} has voxel spacing {_fmt(spacing)}; expected finite positive values")
+    if not np.all(np.isfinite(np.asarray(origin, dtype=float))):
+        raise SpinemetsError(f"{path}: {what} has a non-finite origin {_fmt(origin)}")
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    if not np.all(np.isfinite(matrix)):
+        raise SpinemetsError(f"{path}: {what} has a non-finite direction matrix")
+    deviation = float(np.abs(matrix.T @ matrix - np.eye(3)).max())
+    if deviation > DIRECTION_TOLERANCE:
+        raise SpinemetsError(
+            f"{path}: {what} has a non-orthogonal (sheared or scaled) direction matrix {_fmt(matrix.ravel())}; "
+            "resample it onto an orthogonal grid first (writing it would move voxels silently)"
+        )
+
+
 def check_image(image: sitk.Image, path: str | Path, what: str = "image") -> None:
-    """Check that ``image`` is a 3-D scalar volume without NaN voxels."""
+    """Check that ``image`` is a 3-D scalar volume with finite voxels and a usable geometry."""
     if image.GetDimension() != 3:
         raise SpinemetsError(
             f"{path}: {what} is {image.GetDimension()}-D (size {image.GetSize()}); expected a 3-D volume"
@@ -146,10 +408,17 @@ def check_image(image: sitk.Image, path: str | Path, what: str = "image") -> Non
             f"{path}: {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
             "(a 4-D or vector image); expected one scalar value per voxel"
         )
+    if min(image.GetSize()) < 1:
+        raise SpinemetsError(f"{path}: {what} has no voxels (size {image.GetSize()})")
+    check_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), path, what)
     if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        n_nan = int(np.isnan(sitk.GetArrayViewFromImage(image)).sum())
+        array = sitk.GetArrayViewFromImage(image)
+        n_nan = int(np.isnan(array).sum())
         if n_nan:
             raise SpinemetsError(f"{path}: {what} holds {n_nan} NaN voxel(s)")
+        n_inf = int(np.isinf(array).sum())
+        if n_inf:
+            raise SpinemetsError(f"{path}: {what} holds {n_inf} infinite voxel(s)")
 
 
 def geometry(image: sitk.Image) -> dict:
@@ -183,7 +452,7 @@ def check_same_geometry(a: sitk.Image, b: sitk.Image, path_a, path_b, tol: float
 
 
 def _fmt(values) -> str:
-    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"
 
 
 def image_from_array(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -201,7 +470,11 @@ def clean_image(image: sitk.Image) -> sitk.Image:
 
 
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
-    """Write voxels and geometry only, atomically. The format follows the suffix (.nii.gz, .nrrd ...)."""
+    """Write voxels and geometry only, atomically. The format follows the suffix (.nii.gz, .nrrd ...).
+
+    The geometry is checked first (:func:`check_geometry`): no writer gets a matrix it would change.
+    """
+    check_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), path, "image to write")
     with atomic_path(path) as tmp:
         sitk.WriteImage(clean_image(image), str(tmp), compress)
     return Path(path)

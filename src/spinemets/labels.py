@@ -134,15 +134,18 @@ def read_mapping_file(path: str | Path) -> dict[str | int, str | None]:
         "overlapping sphere": lytic
         ribs: null
     """
-    path = Path(path)
+    from .io import require_file
+
+    path = require_file(path, "mapping file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpinemetsError(f"{path}: mapping file not found") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SpinemetsError(f"{path}: mapping file is not valid YAML/JSON ({exc})") from None
-    if not isinstance(data, dict) or not all(isinstance(k, (str, int)) for k in data):
+        raise SpinemetsError(f"{path}: mapping file is not valid YAML/JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in data):
         raise SpinemetsError(f"{path}: mapping file must map segment names or label values to label names or null")
+    for key in data:
+        if isinstance(key, int) and key < 0:
+            raise SpinemetsError(f"{path}: label value {key} in the mapping is negative")
     for key, value in data.items():
         if value is not None and not isinstance(value, str):
             raise SpinemetsError(f"{path}: {key!r} maps to {value!r}; expected a label name or null")

@@ -520,6 +520,42 @@ def _at(values, index: int) -> float:
     return float(np.asarray(values, dtype=float)[index])
 
 
+def is_segmentation_file(path: str | Path) -> bool:
+    """Whether ``path`` is a 3D Slicer segmentation (``.seg.nrrd``), whose segment names decide the classes."""
+    return str(path).lower().endswith(".seg.nrrd")
+
+
+def read_label_pair(ref_path: str | Path, pred_path: str | Path, stage: str):
+    """The reference and the prediction as label-map images of ``stage`` on one voxel grid.
+
+    Label-map files (NIfTI, NRRD, MHA) are read by voxel value and must share one grid (size,
+    spacing, origin, direction). A ``.seg.nrrd`` is read by its **segment names** (a segment named
+    "sclerotic" is sclerotic whatever its labelValue; :func:`spinemets.slicer.labelmap_from_segmentation`)
+    and placed on the other file's grid by physical coordinates; two ``.seg.nrrd`` files (each
+    cropped by 3D Slicer) go on the smallest grid that holds both.
+    """
+    from .io import check_same_geometry, read_image
+    from .slicer import labelmap_from_segmentation, read_slicer_segmentation, segmentation_grid
+
+    ref_seg, pred_seg = is_segmentation_file(ref_path), is_segmentation_file(pred_path)
+    if not ref_seg and not pred_seg:
+        ref_image = read_image(ref_path, what="reference label map")
+        pred_image = read_image(pred_path, what="prediction label map")
+        check_same_geometry(ref_image, pred_image, ref_path, pred_path)
+        return ref_image, pred_image
+    if ref_seg and pred_seg:
+        ref_dict, pred_dict = read_slicer_segmentation(ref_path), read_slicer_segmentation(pred_path)
+        grid = segmentation_grid(ref_dict, pred_dict, ref_path, pred_path)
+        ref_image = labelmap_from_segmentation(ref_path, grid, stage, ct_path=ref_path, seg=ref_dict)[0]
+        pred_image = labelmap_from_segmentation(pred_path, grid, stage, ct_path=ref_path, seg=pred_dict)[0]
+        return ref_image, pred_image
+    if pred_seg:
+        ref_image = read_image(ref_path, what="reference label map")
+        return ref_image, labelmap_from_segmentation(pred_path, ref_image, stage, ct_path=ref_path)[0]
+    pred_image = read_image(pred_path, what="prediction label map")
+    return labelmap_from_segmentation(ref_path, pred_image, stage, ct_path=pred_path)[0], pred_image
+
+
 def evaluate_pair(
     ref_path: str | Path,
     pred_path: str | Path,
@@ -527,23 +563,36 @@ def evaluate_pair(
     beta: float = 2.0,
     match: str = "iou",
     connectivity: int = 26,
+    companion: str | Path | None = None,
 ) -> dict[str, dict[str, float]]:
-    """:func:`evaluate_case` on two label-map files (NIfTI, NRRD ... read with SimpleITK).
+    """:func:`evaluate_case` on two files, label maps or ``.seg.nrrd`` (see :func:`read_label_pair`).
 
-    The two must share one voxel grid (size, spacing, origin, direction); otherwise, and for
-    unreadable files or labels outside the stage, a :class:`SpinemetsError` names the file(s).
+    For unreadable files, grids that differ and labels outside the stage a :class:`SpinemetsError`
+    names the file(s). ``companion`` is a second form of the prediction (the ``.seg.nrrd`` that
+    ``spinemets predict`` writes beside its label map); it must hold the same labels, else the
+    error names both files, since scoring one of two disagreeing files would be a silent choice.
     """
     import SimpleITK as sitk
 
-    from .io import check_same_geometry, read_image
-
-    ref_image = read_image(ref_path, what="reference label map")
-    pred_image = read_image(pred_path, what="prediction label map")
-    check_same_geometry(ref_image, pred_image, ref_path, pred_path)
-    spacing = tuple(float(s) for s in reversed(ref_image.GetSpacing()))
+    ref_image, pred_image = read_label_pair(ref_path, pred_path, stage)
     ref = sitk.GetArrayViewFromImage(ref_image)
     pred = sitk.GetArrayViewFromImage(pred_image)
+    if companion is not None:
+        _check_companion(pred, pred_image, pred_path, companion, stage)
+    spacing = tuple(float(s) for s in reversed(ref_image.GetSpacing()))
     return evaluate_case(ref, pred, stage, spacing, beta, match, connectivity, sources=(ref_path, pred_path))
+
+
+def _check_companion(pred: np.ndarray, pred_image, pred_path, companion, stage: str) -> None:
+    import SimpleITK as sitk
+
+    from .slicer import labelmap_from_segmentation
+
+    other = sitk.GetArrayFromImage(labelmap_from_segmentation(companion, pred_image, stage, ct_path=pred_path)[0])
+    differ = int(np.count_nonzero(np.asarray(other) != np.asarray(pred)))
+    if differ:
+        raise SpinemetsError(f"{companion}: differs from {Path(pred_path).name} beside it in {differ} voxel(s); "
+                             "remove the one that is out of date")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,15 +610,23 @@ def case_id(path: str | Path) -> str | None:
 
 
 def list_cases(folder: str | Path, what: str, stage: str | None = None) -> dict[str, Path]:
-    """Case ID -> label-map file in ``folder`` (hidden and partial files skipped).
+    """Case ID -> label-map file in ``folder`` (hidden and partial files skipped); see :func:`list_case_files`."""
+    return {cid: files[0] for cid, files in list_case_files(folder, what, stage).items()}
+
+
+def list_case_files(folder: str | Path, what: str, stage: str | None = None) -> dict[str, tuple[Path, ...]]:
+    """Case ID -> (file to score, its ``.seg.nrrd`` companion if any) in ``folder``.
 
     Two layouts: flat files ``CASE.nii.gz`` (nnU-Net's), or, given ``stage``, one folder per
-    case holding ``STAGE.nii.gz`` (what ``spinemets predict`` writes: ``CASE/metastases.nii.gz``).
+    case holding ``STAGE.nii.gz`` (what ``spinemets predict`` writes: ``CASE/metastases.nii.gz``
+    beside ``CASE/metastases.seg.nrrd``). When a case has a label map and a ``.seg.nrrd``, the
+    label map is scored and the ``.seg.nrrd`` is its companion (:func:`evaluate_pair` checks that
+    the two agree); two label maps of one case (``.nii.gz`` and ``.nrrd``) are an error.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SpinemetsError(f"{folder}: {what} folder not found")
-    cases: dict[str, Path] = {}
+    from .io import check_case_id, require_dir, require_file
+
+    folder = require_dir(folder, f"{what} folder")
+    found: dict[str, list[Path]] = {}
     entries = []
     for path in sorted(folder.iterdir()):
         if stage and path.is_dir() and not path.name.startswith("."):
@@ -577,29 +634,47 @@ def list_cases(folder: str | Path, what: str, stage: str | None = None) -> dict[
         else:
             entries.append((case_id(path), path))
     for cid, path in entries:
-        if cid is None or path.name.startswith(".") or not path.is_file():
+        if cid is None or path.name.startswith("."):
             continue
-        if cid in cases:
-            raise SpinemetsError(f"{folder}: two {what} files for case {cid!r}: {cases[cid].name} and {path.name}")
-        cases[cid] = path
+        if path.is_symlink() and not path.exists():
+            require_file(path, f"{what} label map file")  # a broken link, said as such
+        if not path.is_file():
+            continue
+        found.setdefault(cid, []).append(path)
+    cases: dict[str, tuple[Path, ...]] = {}
+    for cid, paths in found.items():
+        check_case_id(cid, paths[0])
+        maps = [p for p in paths if not is_segmentation_file(p)]
+        segs = [p for p in paths if is_segmentation_file(p)]
+        if len(maps) > 1 or len(segs) > 1:
+            pair = (maps if len(maps) > 1 else segs)[:2]
+            raise SpinemetsError(f"{folder}: two {what} files for case {cid!r}: {pair[0].name} and {pair[1].name}")
+        cases[cid] = tuple(maps + segs)
     if not cases:
         raise SpinemetsError(f"{folder}: no {what} label maps ({', '.join(LABEL_SUFFIXES)}) found")
-    return cases
+    return dict(sorted(cases.items()))
 
 
 def pair_cases(ref_dir: str | Path, pred_dir: str | Path, stage: str | None = None) -> dict[str, tuple[Path, Path]]:
     """Case ID -> (reference file, prediction file); every case must be in both folders."""
-    refs, preds = list_cases(ref_dir, "reference", stage), list_cases(pred_dir, "prediction", stage)
+    return {cid: (ref, pred) for cid, (ref, pred, _) in _paired_files(ref_dir, pred_dir, stage).items()}
+
+
+def _paired_files(ref_dir, pred_dir, stage) -> dict[str, tuple[Path, Path, Path | None]]:
+    """Case ID -> (reference, prediction, prediction's companion or None); every case in both folders."""
+    refs, preds = list_case_files(ref_dir, "reference", stage), list_case_files(pred_dir, "prediction", stage)
     no_pred = sorted(set(refs) - set(preds))
     no_ref = sorted(set(preds) - set(refs))
     if no_pred or no_ref:
         parts = []
         if no_pred:
-            parts.append(f"reference files without a prediction in {pred_dir}: " + _names(refs, no_pred))
+            parts.append(f"reference files without a prediction in {pred_dir}: "
+                         + _names({c: f[0] for c, f in refs.items()}, no_pred))
         if no_ref:
-            parts.append(f"prediction files without a reference in {ref_dir}: " + _names(preds, no_ref))
-        raise SpinemetsError("unmatched cases (files are paired by name): " + "; ".join(parts))
-    return {cid: (refs[cid], preds[cid]) for cid in sorted(refs)}
+            parts.append(f"prediction files without a reference in {ref_dir}: "
+                         + _names({c: f[0] for c, f in preds.items()}, no_ref))
+        raise SpinemetsError(f"{pred_dir}: unmatched cases (files are paired by name): " + "; ".join(parts))
+    return {cid: (refs[cid][0], preds[cid][0], preds[cid][1] if len(preds[cid]) > 1 else None) for cid in sorted(refs)}
 
 
 def _names(files: dict[str, Path], ids: list[str], limit: int = 20) -> str:
@@ -721,8 +796,8 @@ SUMMARY_FIELDS = ["class", "metric", "aggregate", "value", "ci_low", "ci_high", 
 
 
 def _evaluate_one(item):
-    case, ref_path, pred_path, stage, beta, match, connectivity = item
-    return case, evaluate_pair(ref_path, pred_path, stage, beta, match, connectivity)
+    case, ref_path, pred_path, companion, stage, beta, match, connectivity = item
+    return case, evaluate_pair(ref_path, pred_path, stage, beta, match, connectivity, companion)
 
 
 def _run_cases(items: list[tuple], jobs: int) -> dict[str, dict]:
@@ -776,7 +851,7 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
     Returns the content of ``summary.json`` as a dict.
     """
     from . import __version__
-    from .io import write_csv, write_json
+    from .io import atomic_paths, check_output_dir, check_output_file, output_folder, write_csv, write_json
 
     check_stage(stage)
     _check_match(match)
@@ -786,14 +861,16 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
     jobs = int(jobs)
     if jobs < 1:
         raise SpinemetsError(f"jobs must be at least 1, not {jobs}")
-    pairs = pair_cases(ref_dir, pred_dir, stage)
-    items = [(cid, ref, pred, stage, beta, match, connectivity) for cid, (ref, pred) in pairs.items()]
+    out_dir = Path(out_dir)
+    targets = [out_dir / name for name in ("per_case.csv", "summary.csv", "summary.json")]
+    check_output_dir(out_dir)
+    for target in targets:
+        check_output_file(target)
+    pairs = _paired_files(ref_dir, pred_dir, stage)
+    items = [(cid, ref, pred, comp, stage, beta, match, connectivity) for cid, (ref, pred, comp) in pairs.items()]
     per_case = _run_cases(items, jobs)
     summary = summarize(per_case, stage, beta)
-    out_dir = Path(out_dir)
     rows = [row for case, result in per_case.items() for row in per_case_rows(case, result)]
-    write_csv(out_dir / "per_case.csv", rows, ["case", "class", "metric", "value"])
-    write_csv(out_dir / "summary.csv", summary_rows(summary), SUMMARY_FIELDS)
     document = {
         "stage": stage,
         "settings": {
@@ -812,7 +889,10 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
         **summary,
     }
     document = _json_clean(document)
-    write_json(out_dir / "summary.json", document)
+    with output_folder(out_dir), atomic_paths(targets) as temps:  # the three files together, or none
+        write_csv(temps[0], rows, ["case", "class", "metric", "value"])
+        write_csv(temps[1], summary_rows(summary), SUMMARY_FIELDS)
+        write_json(temps[2], document)
     return document
 
 

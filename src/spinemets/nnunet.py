@@ -700,10 +700,54 @@ def load_predictor(model: Mapping, device: str = "cpu", tta: bool = False, works
     checkpoint = "checkpoint_final.pth"
     if not all((folder / f"fold_{f}" / checkpoint).exists() for f in model["folds"]):
         checkpoint = "checkpoint_best.pth"
+    check_model_folder(folder, model["folds"], checkpoint)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
                                 perform_everything_on_device=device == "cuda", device=torch.device(device),
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     with _workspace(workspace).activated():
-        predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(model["folds"]),
-                                                       checkpoint_name=checkpoint)
+        try:
+            predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(model["folds"]),
+                                                           checkpoint_name=checkpoint)
+        except SpinemetsError:
+            raise
+        except Exception as exc:  # nnU-Net's own failure on a damaged folder: name the folder instead
+            raise SpinemetsError(f"{folder}: cannot load the trained model ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]}); the model folder is damaged or "
+                                 "incomplete: train it again") from None
     return predictor
+
+
+def check_model_folder(folder: str | Path, folds: Sequence[int | str], checkpoint: str = "checkpoint_final.pth") -> None:
+    """A trained nnU-Net model folder, checked before nnU-Net loads it: ``dataset.json`` and
+    ``plans.json`` are JSON objects with the keys inference needs, and each fold's checkpoint is a
+    loadable PyTorch file holding network weights. Raises :class:`SpinemetsError` naming the file."""
+    import torch
+
+    folder = Path(folder)
+    needed = {"dataset.json": ("labels", "channel_names"), "plans.json": ("configurations", "plans_name")}
+    for name, keys in needed.items():
+        data = read_json(folder / name, f"{name} of the model")
+        if not isinstance(data, dict) or any(k not in data for k in keys):
+            raise SpinemetsError(f"{folder / name}: not nnU-Net's {name} (expected the keys {', '.join(keys)})")
+    for fold in folds:
+        path = folder / f"fold_{fold}" / checkpoint
+        if not path.is_file():
+            raise SpinemetsError(f"{path}: checkpoint not found; training of fold {fold} did not finish")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated, garbage bytes, not a torch file
+            raise SpinemetsError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:150]})") from None
+        if not isinstance(saved, dict) or not {"network_weights", "init_args", "trainer_name"} <= set(saved):
+            raise SpinemetsError(f"{path}: not an nnU-Net checkpoint (no network_weights, init_args or trainer_name)")
+
+
+def read_json(path: str | Path, what: str = "JSON file"):
+    """The content of a JSON file; a missing file or invalid JSON is a :class:`SpinemetsError` naming it."""
+    from .io import require_file
+
+    path = require_file(path, what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpinemetsError(f"{path}: {what} is not valid JSON ({exc})") from None

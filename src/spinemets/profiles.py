@@ -89,21 +89,21 @@ def load_profile(name_or_path: str | Path, root: str | Path | None = None) -> Pr
     :class:`SpinemetsError` naming the file and what is wrong.
     """
     text = str(name_or_path)
-    if Path(text).is_file() or text.endswith((".yaml", ".yml")):
-        path = Path(text)
-        if not path.is_file():
-            raise SpinemetsError(f"{path}: profile file not found")
+    if Path(text).is_file() or text.endswith((".yaml", ".yml")) or "/" in text:
+        from .io import require_file
+
+        path = require_file(Path(text), "profile file")
     else:
         if not _NAME.match(text):
             raise SpinemetsError(f"{text!r} is neither a profile name nor a path to a profile YAML file")
         path = find_project_root(root) / PROFILE_DIR / f"{text}.yaml"
         if not path.is_file():
             known = ", ".join(available_profiles(root)) or "none"
-            raise SpinemetsError(f"unknown profile {text!r}: {path} not found; available profiles: {known}")
+            raise SpinemetsError(f"{path}: unknown profile {text!r}; available profiles: {known}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SpinemetsError(f"{path}: profile is not valid YAML ({exc})") from None
+        raise SpinemetsError(f"{path}: profile is not valid YAML ({' '.join(str(exc).split())})") from None
     return _parse(data, path)
 
 

@@ -112,6 +112,15 @@ def run(
     return out
 
 
+def dry_run(profile: str | Path | Profile, parameters: Mapping[str, Any] | None = None,
+            root: str | Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """What :func:`run` would execute, checked as it checks it, without running anything:
+    (notebook file, papermill parameters) per notebook (``spinemets run --dry-run``)."""
+    root = find_project_root(root)
+    prof = profile if isinstance(profile, Profile) else load_profile(profile, root)
+    return plan_run(prof, root, None, parameters)
+
+
 def plan_run(
     profile: Profile, root: Path, notebooks: Iterable[str | Path] | None = None,
     parameters: Mapping[str, Any] | None = None,

@@ -32,32 +32,129 @@ import slicerio
 
 from . import labels as labels_mod
 from .errors import SpinemetsError
-from .io import atomic_path, drop_nrrd_write_date, ijk_to_lps, image_from_array
+from .io import atomic_path, check_geometry, drop_nrrd_write_date, ijk_to_lps, image_from_array, require_file
 
 _TOL_MATRIX = 1e-3  # relative tolerance of spacing/direction agreement
 _TOL_OFFSET = 1e-2  # voxels: how far from the CT lattice a grid may sit
 
 
 def read_slicer_segmentation(path: str | Path) -> dict:
-    """slicerio's dict of a ``.seg.nrrd`` file, with a clear error when the file is not one."""
-    path = Path(path)
-    if not path.exists():
-        raise SpinemetsError(f"{path}: segmentation file not found")
+    """slicerio's dict of a ``.seg.nrrd`` file, checked against its voxel array before any use.
+
+    Raises :class:`SpinemetsError` naming the file when it is not a readable segmentation, or
+    when its header disagrees with its voxels (:func:`check_segmentation`).
+    """
+    path = require_file(path, "segmentation file")
     try:
         seg = slicerio.read_segmentation(str(path))
     except Exception as exc:  # pynrrd and slicerio raise several types for damaged files
         raise SpinemetsError(
-            f"{path}: cannot read 3D Slicer segmentation (truncated, corrupt or not a .seg.nrrd): {exc}"
+            f"{path}: cannot read 3D Slicer segmentation (truncated, corrupt or not a .seg.nrrd): {_one_line(exc)}"
         ) from None
-    voxels = seg.get("voxels")
-    if voxels is None or voxels.ndim not in (3, 4):
-        raise SpinemetsError(f"{path}: segmentation voxels must be 3-D, or 4-D with layers first")
+    check_segmentation(seg, path)
     return seg
 
 
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def _as_int(value, what: str, path: Path) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise SpinemetsError(f"{path}: {what} {value!r} is not an integer")
+    return int(value)
+
+
+def check_segmentation(seg: dict, path: str | Path) -> None:
+    """Validate a slicerio segmentation dict against its voxel array, in place of trusting the header.
+
+    * voxels: a 3-D array, or 4-D with layers first, of an integer type, with at least one voxel;
+    * geometry (``ijkToLPS``): finite, positive spacing, orthogonal axes;
+    * segments: each has a unique ID and a name (or ID), a ``labelValue`` from 1 to the voxel
+      type's maximum and a ``layer`` within the array; no two segments share (layer, labelValue),
+      which would make them the same voxels;
+    * every non-zero voxel value of a layer belongs to a segment of that layer (otherwise those
+      voxels would vanish on import); a file with labelled voxels but no segment fields is a plain
+      label map under a ``.seg.nrrd`` name, and is refused with that explanation.
+    """
+    path = Path(path)
+    voxels = seg.get("voxels")
+    if not isinstance(voxels, np.ndarray) or voxels.ndim not in (3, 4):
+        raise SpinemetsError(f"{path}: segmentation voxels must be 3-D, or 4-D with layers first")
+    if voxels.dtype.kind not in "ui" and voxels.dtype != bool:
+        raise SpinemetsError(f"{path}: segmentation voxels have type {voxels.dtype}; expected integers")
+    if voxels.size == 0:
+        raise SpinemetsError(f"{path}: segmentation has no voxels (shape {list(voxels.shape)})")
+    matrix = np.asarray(seg.get("ijkToLPS"), dtype=float)
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise SpinemetsError(f"{path}: segmentation geometry (space directions, space origin) is missing or not finite")
+    axes = matrix[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    if np.any(spacing <= 0):
+        raise SpinemetsError(f"{path}: segmentation has a zero-length voxel axis (space directions)")
+    check_geometry(spacing, matrix[:3, 3], (axes / spacing).ravel(), path, "segmentation")
+    layers = voxels.shape[0] if voxels.ndim == 4 else 1
+    top = 1 if voxels.dtype == bool else int(np.iinfo(voxels.dtype).max)
+    segments = seg.get("segments") or []
+    ids, keys = set(), {}
+    for index, segment in enumerate(segments):
+        sid = segment.get("id")
+        name = segment.get("name", sid)
+        if not isinstance(sid, str) or not sid.strip():
+            raise SpinemetsError(f"{path}: segment {index} has no ID")
+        if not isinstance(name, str) or not name.strip():
+            raise SpinemetsError(f"{path}: segment {sid!r} has an empty name")
+        if sid in ids:
+            raise SpinemetsError(f"{path}: two segments share the ID {sid!r}; one of them would vanish")
+        ids.add(sid)
+        value = _as_int(segment.get("labelValue", 1), f"segment {name!r}: labelValue", path)
+        layer = _as_int(segment.get("layer", 0), f"segment {name!r}: layer", path)
+        if not 1 <= value <= top:
+            raise SpinemetsError(f"{path}: segment {name!r} has labelValue {value}; expected 1 to {top} "
+                                 f"(0 is background, {voxels.dtype} voxels)")
+        if not 0 <= layer < layers:
+            raise SpinemetsError(f"{path}: segment {name!r} is in layer {layer}, but the voxel array has "
+                                 f"{layers} layer(s)")
+        if (layer, value) in keys:
+            raise SpinemetsError(f"{path}: segments {keys[(layer, value)]!r} and {name!r} share layer {layer} and "
+                                 f"labelValue {value}: they would be the same voxels")
+        keys[(layer, value)] = name
+    for layer in range(layers):
+        values = _present_values(voxels[layer] if voxels.ndim == 4 else voxels)
+        orphans = sorted(v for v in values if (layer, v) not in keys)
+        if not orphans:
+            continue
+        if not segments:
+            raise SpinemetsError(
+                f"{path}: holds labelled voxels (values {_shown(orphans)}) but no 3D Slicer segment fields: "
+                "a plain label map saved under a .seg.nrrd name; rename it to .nrrd to import it as a label map "
+                "(with a --mapping of its values), or save it from 3D Slicer as a segmentation"
+            )
+        raise SpinemetsError(f"{path}: voxel value(s) {_shown(orphans)} of layer {layer} belong to no segment "
+                             "(those voxels would vanish)")
+
+
+def _present_values(array: np.ndarray) -> list[int]:
+    if array.dtype == bool:
+        return [1] if array.any() else []
+    if array.dtype.kind == "u" and array.dtype.itemsize <= 2:
+        counts = np.bincount(array.ravel(), minlength=1)
+        return [int(v) for v in np.flatnonzero(counts) if v]
+    return [int(v) for v in np.unique(array) if v]
+
+
+def _shown(values: list[int], limit: int = 8) -> str:
+    return ", ".join(map(str, values[:limit])) + (" ..." if len(values) > limit else "")
+
+
 def segment_masks(seg: dict) -> list[tuple[dict, np.ndarray]]:
-    """(segment, boolean IJK mask) for each segment of a slicerio segmentation, by (layer, labelValue)."""
-    return [(segment, slicerio.segment_mask(seg, segment["id"])) for segment in seg["segments"]]
+    """(segment, boolean IJK mask) for each segment of a checked segmentation, by (layer, labelValue)."""
+    voxels = seg["voxels"]
+    out = []
+    for segment in seg.get("segments") or []:
+        layer_voxels = voxels[int(segment.get("layer", 0))] if voxels.ndim == 4 else voxels
+        out.append((segment, layer_voxels == int(segment.get("labelValue", 1))))
+    return out
 
 
 def _grid_offset(seg_matrix: np.ndarray, ct: sitk.Image, path: Path, ct_path) -> np.ndarray:
@@ -90,15 +187,17 @@ def labelmap_from_segmentation(
     stage: str,
     mapping: Mapping[str, str | None] | None = None,
     ct_path: str | Path = "the CT",
+    seg: dict | None = None,
 ) -> tuple[sitk.Image, dict]:
     """Import a ``.seg.nrrd`` as a label map (uint8) on the grid of ``ct``.
 
     Returns the label map and a report: ``segments`` (name, label, voxels), ``ignored`` (names
     the mapping ignores) and ``contested_voxels`` (voxels claimed by segments of different labels).
+    ``seg`` is the file's dict when it was read already (:func:`read_slicer_segmentation`).
     """
     path = Path(path)
-    seg = read_slicer_segmentation(path)
-    names = [s.get("name", s["id"]) for s in seg["segments"]]
+    seg = read_slicer_segmentation(path) if seg is None else seg
+    names = [s.get("name", s["id"]) for s in seg.get("segments") or []]
     resolved = labels_mod.resolve_segment_names(names, stage, mapping, source=str(path))
     offset = _grid_offset(np.asarray(seg["ijkToLPS"], dtype=float), ct, path, ct_path)
     ct_size = np.array(ct.GetSize())  # i, j, k
@@ -136,6 +235,36 @@ def labelmap_from_segmentation(
             target[window[0]][mask] = lab
         labelmap = np.ascontiguousarray(target.transpose(2, 1, 0))
     return image_from_array(labelmap, ct), report
+
+
+def segmentation_grid(seg: dict, other: dict | None = None, path=None, other_path=None) -> sitk.Image:
+    """An empty uint8 image on the voxel grid of a segmentation, or on the smallest grid holding both
+    ``seg`` and ``other`` (two cropped segmentations of one CT; they must share its lattice).
+
+    Used where no CT is at hand, e.g. when a ``.seg.nrrd`` reference is scored.
+    """
+    matrix = np.asarray(seg["ijkToLPS"], dtype=float)
+    shape = np.array(seg["voxels"].shape[-3:])  # i, j, k
+    lo, hi = np.zeros(3, dtype=int), shape
+    if other is not None:
+        base = _grid_image(matrix, shape)
+        offset = _grid_offset(np.asarray(other["ijkToLPS"], dtype=float), base, Path(other_path or "segmentation"),
+                              path or "the other segmentation")
+        lo = np.minimum(lo, offset)
+        hi = np.maximum(hi, offset + np.array(other["voxels"].shape[-3:]))
+    grid = matrix.copy()
+    grid[:3, 3] = (matrix @ np.append(lo, 1.0))[:3]
+    return _grid_image(grid, hi - lo)
+
+
+def _grid_image(matrix: np.ndarray, shape_ijk) -> sitk.Image:
+    axes = matrix[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    image = sitk.Image([int(v) for v in shape_ijk], sitk.sitkUInt8)
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetOrigin([float(v) for v in matrix[:3, 3]])
+    image.SetDirection([float(v) for v in (axes / spacing).ravel()])
+    return image
 
 
 def _clip_window(offset: np.ndarray, shape: np.ndarray, ct_size: np.ndarray):

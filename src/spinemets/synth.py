@@ -58,7 +58,7 @@ from tqdm import tqdm
 from . import __version__
 from . import labels as labels_mod
 from .errors import SpinemetsError
-from .io import atomic_path, drop_nrrd_write_date, ijk_to_lps, remove_partials, write_csv, write_json
+from .io import check_output_dir, atomic_path, drop_nrrd_write_date, ijk_to_lps, remove_partials, write_csv, write_json
 from .slicer import write_segments
 
 #: Size presets. ``demo``: CPU-sized (nnU-Net trains both stages in minutes): a spine-centred
@@ -978,9 +978,7 @@ def synthesize_cohort(out_dir: str | Path, cases: int, seed: int, preset: str = 
     for name, value, low in (("cases", cases, 1), ("seed", seed, 0), ("jobs", jobs, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise SpinemetsError(f"{name} must be an integer >= {low}, got {value!r}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SpinemetsError(f"{out_dir}: output folder is a file")
+    out_dir = check_output_dir(out_dir, "output folder")
     ids = {case_id(i) for i in range(cases)}
     if out_dir.is_dir():
         stray = sorted(p.name for p in out_dir.glob("case_*") if p.is_dir() and p.name not in ids)
