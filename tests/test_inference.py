@@ -264,7 +264,7 @@ def test_figures_of_predictions(tmp_path, monkeypatch):
 
 
 def test_predict_refuses_an_unknown_roi(tmp_path):
-    with pytest.raises(SpinemetsError, match="roi must be"):
+    with pytest.raises(SpinemetsError, match="--roi: unknown roi mode"):
         inference.predict(tmp_path, tmp_path / "out", roi="box")
 
 

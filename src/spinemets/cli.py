@@ -28,7 +28,7 @@ def _parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SpinemetsError(f"{what} {item!r} must look like NAME=VALUE")
+            raise SpinemetsError(f"{what}: {item!r} must look like NAME=VALUE")
         result[key] = value
     return result
 

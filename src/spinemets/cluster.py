@@ -59,7 +59,7 @@ from submitit.core.utils import FailedJobError, pickle_load
 from submitit.helpers import Checkpointable
 from submitit.slurm.slurm import SlurmInfoWatcher
 
-from .errors import SpinemetsError
+from .errors import SpinemetsError, unknown_choice
 from .io import write_json
 
 log = logging.getLogger(__name__)
@@ -383,7 +383,7 @@ def submit_steps(steps: Sequence[Step], folder: str | Path, executor: str = "slu
     Returns the record.
     """
     if executor not in EXECUTORS:
-        raise SpinemetsError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
+        raise unknown_choice("executor", executor, EXECUTORS)
     folder = Path(folder).resolve()
     if (folder / RECORD).exists():
         raise SpinemetsError(f"{folder / RECORD}: a run is already recorded there; use resubmit or another folder")

@@ -57,21 +57,34 @@ IMPORT_RECORD = ".spinemets-import.json"
 IMPORT_FORMAT = 1
 
 
-def _pattern_regex(pattern: str) -> tuple[str, re.Pattern]:
+def _pattern_regex(pattern: str, root: Path | str = ".") -> tuple[str, re.Pattern]:
     if pattern.count("{case}") != 1:
-        raise SpinemetsError(f"file pattern {pattern!r} must contain {{case}} exactly once")
+        raise SpinemetsError(f"{root}: file pattern {pattern!r} must contain {{case}} exactly once")
     glob = pattern.replace("{case}", "*")
     parts = [re.escape(p).replace(r"\*", "[^/]*").replace(r"\?", "[^/]") for p in pattern.split("{case}")]
     return glob, re.compile("^" + "(?P<case>[^/]+)".join(parts) + "$")
 
 
-def _find(root: Path, pattern: str) -> dict[str, Path]:
-    glob, regex = _pattern_regex(pattern)
+#: File name endings of images and masks: a path ending so must be a regular file (a folder is a
+#: DICOM series only when its name has none of them).
+FILE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm")
+
+
+def _find(root: Path, pattern: str, what: str = "image") -> dict[str, Path]:
+    """Case ID -> path of every match of ``pattern`` below ``root``; matches are checked for what they are:
+    a broken link, or a folder where a file is meant (a mask, or a name with a file suffix), is an error."""
+    glob, regex = _pattern_regex(pattern, root)
     found: dict[str, Path] = {}
     for path in sorted(root.glob(glob)):
         match = regex.match(path.relative_to(root).as_posix())
         if not match or PARTIAL_PREFIX in path.name:
             continue
+        if path.is_dir() and (what != "image" or path.name.lower().endswith(FILE_SUFFIXES)):
+            raise SpinemetsError(f"{path}: {what} is a folder; expected a file (pattern {pattern!r})")
+        if not path.is_dir():
+            require_file(path, what)
+        elif not any(p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
+            raise SpinemetsError(f"{path}: image folder holds no files; a DICOM series folder holds its slices")
         case = match.group("case")
         if case in found:
             raise SpinemetsError(f"{path}: duplicate case ID {case!r}, also {found[case]} (pattern {pattern!r})")
@@ -127,7 +140,7 @@ def scan(
             check_case_id(name, mapping_path(root))
     rows = []
     for stage, pattern in segmentations.items():
-        masks = _find(root, pattern)
+        masks = _find(root, pattern, f"{stage} mask")
         orphans = sorted(set(masks) - set(images))
         if orphans:
             raise SpinemetsError(f"{masks[orphans[0]]}: mask has no image matching {image!r} (case {orphans[0]!r})")
@@ -294,6 +307,7 @@ def import_dataset(
         for path in frame[column]:
             _check_listed(path, column, source)
     mapping_dict = labels_mod.load_mapping(mapping)
+    labels_mod.check_mapping(mapping_dict, stage, str(mapping) if mapping is not None else "mapping")
     dataset_id = labels_mod.STAGES[stage]["dataset_id"] if dataset_id is None else int(dataset_id)
     raw_dir = check_output_dir(raw_dir, "nnU-Net raw folder")
     name = dataset_folder_name(stage, dataset_id)

@@ -75,6 +75,10 @@ class RemoteFile:
         return f"{self.algorithm}:{self.digest}"
 
 
+class TransientFetchError(SpinemetsError):
+    """A download that failed on the network after every retry: the verified files stay for the next try."""
+
+
 class _Transient(Exception):
     """A failure worth retrying: ``summary`` ends the final message, ``detail`` follows the count."""
 
@@ -96,13 +100,23 @@ def fetch_record(
     ``record`` is a record id (``13645871``), a Zenodo DOI (``10.5281/zenodo.13645871``) or a
     record URL. ``api_url`` points at Zenodo's API or a mirror of it. Each failing request is
     tried ``1 + retries`` times in all. Raises :class:`SpinemetsError` naming the URL or file and
-    what is wrong.
+    what is wrong. After a network failure (:class:`TransientFetchError`) the files already
+    verified stay in ``out_dir`` and a rerun resumes; after any other failure a folder this call
+    created is removed again.
     """
     record_id = record_id_of(record)
     out_dir = check_output_dir(out_dir, "download folder")
     check_output_file(out_dir / MANIFEST_NAME, "download manifest")
+    fresh = not out_dir.exists()
     with output_folder(out_dir, "download folder"):  # a failed first download leaves no empty folder
-        return _fetch_into(record_id, out_dir, api_url, retries, backoff, unpack)
+        try:
+            return _fetch_into(record_id, out_dir, api_url, retries, backoff, unpack)
+        except TransientFetchError:
+            raise  # the network failed: keep the verified files, a rerun resumes
+        except SpinemetsError:
+            if fresh:  # a refusal (404, checksum, a hostile archive): nothing of this call stays
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
 
 
 def _fetch_into(record_id: str, out_dir: Path, api_url: str, retries: int, backoff: float, unpack: bool) -> Path:
@@ -198,6 +212,8 @@ def _remote_file(entry, source: str, api_url: str, record_id: str) -> RemoteFile
     algorithm, digest = _parse_checksum(entry.get("checksum"), name, source)
     links = entry.get("links") if isinstance(entry.get("links"), dict) else {}
     url = links.get("content") or links.get("download") or links.get("self")
+    if url is not None and not isinstance(url, str):
+        raise SpinemetsError(f"{source}: file '{name}' lists a download link that is not a URL ({type(url).__name__})")
     if not url:
         url = f"{api_url.rstrip('/')}/records/{record_id}/files/{quote(name)}/content"
     return RemoteFile(name, size, algorithm, digest, urljoin(source, url))
@@ -335,7 +351,7 @@ def _with_retries(action: Callable[[], T], url: str, retries: int, backoff: floa
             return action()
         except _Transient as exc:
             if attempt + 1 == tries:
-                raise SpinemetsError(f"{url}: {exc.summary} after {tries} tries{exc.detail}") from None
+                raise TransientFetchError(f"{url}: {exc.summary} after {tries} tries{exc.detail}") from None
             log.warning("%s: %s (try %d of %d); retrying", url, exc, attempt + 1, tries)
             if backoff > 0:
                 time.sleep(backoff * 2**attempt)

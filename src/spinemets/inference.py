@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import labels as labels_mod
 from . import nnunet
-from .errors import SpinemetsError
+from .errors import SpinemetsError, unknown_choice
 from .io import (check_case_id, check_output_dir, describe_path, geometry, ijk_to_lps, image_from_array, read_image,
                  require_file, write_csv, write_image, write_json)
 from .postprocessing import check_min_ml, remove_small_components, remove_small_lesions, repair_vertebra_order
@@ -341,7 +341,7 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     relabelled per case are in the provenance.
     """
     if roi not in ROI_MODES:
-        raise SpinemetsError(f"roi must be one of {', '.join(ROI_MODES)}, not {roi!r}")
+        raise unknown_choice("roi mode", roi, ROI_MODES, "--roi")
     prof = nnunet.get_profile(profile)
     min_lesion_ml = float(prof.get("min_lesion_ml", 0.0) if min_lesion_ml is None else min_lesion_ml)
     min_vertebra_ml = float(prof.get("min_vertebra_ml", 0.0) if min_vertebra_ml is None else min_vertebra_ml)

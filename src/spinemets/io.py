@@ -195,10 +195,23 @@ def _file_above(path: Path) -> Path | None:
     return None
 
 
+#: The longest file name most file systems take (bytes); temporary names add :data:`_TEMP_EXTRA`.
+NAME_MAX = 255
+_TEMP_EXTRA = len(PARTIAL_PREFIX) + 9
+
+
+def _check_name_lengths(path: Path, what: str, extra: int = 0) -> None:
+    for part in path.parts:
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX - (extra if part == path.name else 0):
+            raise SpinemetsError(f"{path}: {what}: the name {part[:24]!r}... is too long for the file system "
+                                 f"(at most {NAME_MAX - extra} bytes)")
+
+
 def check_output_file(path: str | Path, what: str = "output file") -> Path:
     """Refuse an output file path that cannot be written: an existing folder, a broken link, a path
-    under a file, or one in a folder that cannot be written. Nothing is created."""
+    under a file, a name too long, or one in a folder that cannot be written. Nothing is created."""
     path = Path(path)
+    _check_name_lengths(path, what, _TEMP_EXTRA)
     kind = describe_path(path)
     if kind == "folder":
         raise SpinemetsError(f"{path}: {what} is an existing folder; give a file name")
@@ -212,8 +225,9 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
 
 def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     """Refuse an output folder path that cannot be used: an existing file, a broken link, a path
-    under a file, or one whose nearest existing ancestor cannot be written. Nothing is created."""
+    under a file, a name too long, or one whose nearest existing ancestor cannot be written. Nothing is created."""
     path = Path(path)
+    _check_name_lengths(path, what)
     kind = describe_path(path)
     if kind in ("file", "other"):
         raise SpinemetsError(f"{path}: {what} is an existing file; expected a folder")
@@ -247,14 +261,16 @@ def output_folder(path: str | Path, what: str = "output folder") -> Iterator[Pat
     """
     path = Path(path)
     check_output_dir(path, what)
-    created = []
-    for folder in [*reversed(path.absolute().parents), path.absolute()]:
-        if not folder.exists():
-            created.append(folder)
-    path.mkdir(parents=True, exist_ok=True)
+    created = [folder for folder in [*reversed(path.absolute().parents), path.absolute()] if not folder.exists()]
     try:
+        path.mkdir(parents=True, exist_ok=True)
         yield path
     except BaseException:
+        if created:  # this call made the folder: empty folders below it go too (files never)
+            for folder in sorted((p for p in path.rglob("*") if p.is_dir() and not p.is_symlink()),
+                                 key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         for folder in reversed(created):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty

@@ -20,7 +20,7 @@ from typing import Mapping
 
 import yaml
 
-from .errors import SpinemetsError
+from .errors import SpinemetsError, unknown_choice
 
 VERTEBRAE: tuple[str, ...] = (
     *(f"C{i}" for i in range(1, 8)),
@@ -71,7 +71,7 @@ TOTALSEGMENTATOR_TOTAL_TO_VERTEBRAE: dict[int, int] = {
 def check_stage(stage: str) -> dict:
     """The table of a stage; an unknown stage is an error naming the known ones."""
     if stage not in STAGES:
-        raise SpinemetsError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_NAMES)}")
+        raise unknown_choice("stage", stage, STAGE_NAMES)
     return STAGES[stage]
 
 
@@ -187,8 +187,9 @@ def resolve_segment_name(name: str, stage: str, mapping: Mapping[str, str | None
 def _label_of(target: str, stage: str, table: dict[str, int], what: str) -> int:
     alias = _builtin_aliases(stage).get(_normalise(target))
     if alias is None:
+        said = what if what.endswith(", which") else f"{what}: {target!r}"
         raise SpinemetsError(
-            f"{what}: {target!r} is not a label of the {stage} stage; known: {', '.join(foreground_labels(stage))}"
+            f"{said} is not a label of the {stage} stage; known: {', '.join(foreground_labels(stage))}"
         )
     return table[alias]
 
@@ -216,6 +217,15 @@ def resolve_segment_names(
 def dataset_json_labels(stage: str) -> dict[str, int]:
     """The ``labels`` entry of nnU-Net's ``dataset.json`` for a stage."""
     return labels(stage)
+
+
+def check_mapping(mapping: Mapping | None, stage: str, source: str = "mapping") -> None:
+    """Every target of a mapping must be a label of ``stage`` (or null, to ignore): checked once, when
+    the mapping is loaded, so that the error names the mapping file rather than a case."""
+    table = labels(stage)
+    for key, target in (mapping or {}).items():
+        if target is not None:
+            _label_of(target, stage, table, f"{source}: {key!r} maps to {target!r}, which")
 
 
 def load_mapping(mapping) -> dict | None:

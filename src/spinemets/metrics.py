@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import SpinemetsError
+from .errors import SpinemetsError, unknown_choice
 from .labels import STAGE_NAMES, check_stage, foreground_labels
 
 #: Matching rules for instances: IoU above one half (unique), or any overlap (greedy by IoU).
@@ -215,7 +215,7 @@ def metric_names(stage: str) -> list[str]:
 
 def _check_match(match: str) -> None:
     if match not in MATCH_RULES:
-        raise SpinemetsError(f"unknown matching rule {match!r}; choose one of {', '.join(MATCH_RULES)}")
+        raise unknown_choice("matching rule", match, MATCH_RULES, "--match")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,10 +857,10 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
     _check_match(match)
     beta = float(beta)
     if not (beta > 0 and math.isfinite(beta)):
-        raise SpinemetsError(f"beta must be a positive number, not {beta!r}")
+        raise SpinemetsError(f"--beta: must be a positive number, not {beta!r}")
     jobs = int(jobs)
     if jobs < 1:
-        raise SpinemetsError(f"jobs must be at least 1, not {jobs}")
+        raise SpinemetsError(f"--jobs: must be at least 1, not {jobs}")
     out_dir = Path(out_dir)
     targets = [out_dir / name for name in ("per_case.csv", "summary.csv", "summary.json")]
     check_output_dir(out_dir)

@@ -62,7 +62,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import labels as labels_mod
-from .errors import SpinemetsError
+from .errors import SpinemetsError, unknown_choice
 from .io import write_json
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def profile_names() -> tuple[str, ...]:
 
 def get_profile(profile: str) -> dict:
     if profile not in PROFILES:
-        raise SpinemetsError(f"unknown training profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        raise unknown_choice("training profile", profile, PROFILES, "--profile")
     return PROFILES[profile]
 
 

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import labels as labels_mod
-from .errors import SpinemetsError
+from .errors import SpinemetsError, unknown_choice
 from .io import check_output_dir, atomic_path, drop_nrrd_write_date, ijk_to_lps, remove_partials, write_csv, write_json
 from .slicer import write_segments
 
@@ -585,7 +585,7 @@ def case_id(index: int) -> str:
 
 def _check_preset(preset: str) -> dict:
     if preset not in PRESETS:
-        raise SpinemetsError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+        raise unknown_choice("preset", preset, PRESET_NAMES)
     return PRESETS[preset]
 
 
