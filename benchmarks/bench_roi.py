@@ -57,7 +57,8 @@ def run(workspace: Path, profile: str, margin_mm: float, device: str) -> dict:
     result = {"workspace": str(ws.root), "profile": profile, "margin_mm": margin_mm, "cases": len(list(images.glob("*.nii.gz")))}
     for roi in inference.ROI_MODES:
         t0 = time.perf_counter()
-        inference.predict(images, out / roi, profile=profile, roi=roi, workspace=ws, device=device, margin_mm=margin_mm)
+        inference.predict(images, out / roi, profile=profile, workspace=ws, device=device,
+                          options=inference.PredictOptions(roi=roi, margin_mm=margin_mm))
         wall = time.perf_counter() - t0
         prov = json.loads((out / roi / "provenance.json").read_text())
         result[roi] = {"wall_s": round(wall, 2),

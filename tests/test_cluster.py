@@ -191,7 +191,7 @@ def test_nnunet_ci_training_on_slurm_is_cancelled_and_resumes(slurm, tmp_path):
     with pytest.MonkeyPatch.context() as mp:  # nnU-Net's folders come from the workspace, not the caller's environment
         for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
             mp.delenv(var, raising=False)
-        record = cluster.submit("metastases", "ci", "slurm", folder=run, workspace=ws, cpus_per_task=1)
+        record = cluster.submit("metastases", "ci", workspace=ws, jobs=cluster.JobOptions("slurm", run, cpus_per_task=1))
         assert [e["name"] for e in record["steps"]] == [
             "metastases/plan", "metastases/demo_metastases/fold_all", "metastases/finalize"]
         fold = nnunet.Workspace(ws).model_folder("metastases", "demo_metastases", "SpinemetsCITrainer") / "fold_all"
@@ -280,8 +280,9 @@ def test_paper_protocol_graph(tmp_path):
 def test_train_fold_trains_one_fold_and_saves_probabilities_for_the_selection(tmp_path, monkeypatch):
     calls = []
 
-    def fake_train(stage, profile, configurations, folds, device, workspace, find_best, npz, num_gpus):
-        calls.append((stage, profile, configurations, folds, device, workspace, find_best, npz, num_gpus))
+    def fake_train(stage, profile, configurations, folds, device, workspace, *, options):
+        calls.append((stage, profile, configurations, folds, device, workspace, options.find_best, options.npz,
+                      options.num_gpus))
         return {}
 
     monkeypatch.setattr(nnunet, "train", fake_train)
@@ -308,15 +309,21 @@ def test_demo_graph_without_cascade_and_selected_folds(tmp_path):
 def test_resources_from_profile_and_overrides():
     paper = cluster.profile_resources("paper")
     assert paper["plan"].gpus_per_job == 0 and paper["train"].gpus_per_job == 1
-    over = cluster.profile_resources("paper", partition="gpu", gpus_per_job=2, time_min=30, mem_gb=16,
-                                     cpus_per_task=4)
+    over = cluster.profile_resources("paper", cluster.JobOptions(partition="gpu", gpus_per_job=2, time_min=30,
+                                                                 mem_gb=16, cpus_per_task=4))
     assert {r.partition for r in over.values()} == {"gpu"}
     assert over["plan"].gpus_per_job == 0 and over["finalize"].gpus_per_job == 0  # CPU work
     assert over["train"] == Resources("gpu", 2, 30, 16, 4, 1)
-    ddp = cluster.profile_resources("paper", num_gpus=4)
+    ddp = cluster.profile_resources("paper", cluster.JobOptions(num_gpus=4))
     assert ddp["train"].num_gpus == 4 and ddp["train"].gpus_per_job == 4
     with pytest.raises(SpinemetsError, match="cpus_per_task"):
-        cluster.profile_resources("demo", cpus_per_task=0)
+        cluster.profile_resources("demo", cluster.JobOptions(cpus_per_task=0))
+    # one registry: every training profile has its resources, and an unknown one is an error (no fallback)
+    for name in nnunet.PROFILES:
+        assert set(cluster.profile_resources(name)) == set(cluster.KINDS)
+    assert cluster.profile_resources("gpu_check")["train"].gpus_per_job == 1
+    with pytest.raises(SpinemetsError, match="--profile: unknown training profile 'nope'"):
+        cluster.profile_resources("nope")
 
 
 def test_num_gpus_reaches_nnunet(tmp_path):

@@ -217,7 +217,8 @@ def test_predict_writes_case_and_cohort_outputs(tmp_path, monkeypatch, roi, lesi
     stages = {"vertebrae": _ThresholdVertebrae(), "metastases": stage2}
     monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
     out = tmp_path / "out"
-    rows = inference.predict(path.parent, out, profile="demo", roi=roi, margin_mm=4.0, device="cpu", min_lesion_ml=0)
+    rows = inference.predict(path.parent, out, profile="demo", device="cpu",
+                             options=inference.PredictOptions(roi=roi, margin_mm=4.0, min_lesion_ml=0))
     assert len(rows) == lesions_found
     inside = [r for r in rows if r["level"] == "T6"]
     assert len(inside) == 1 and inside[0]["voxels"] == 8
@@ -253,7 +254,8 @@ def test_figures_of_predictions(tmp_path, monkeypatch):
     path = _ct(tmp_path)
     stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _RecordingLesions()}
     monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
-    inference.predict(path.parent, tmp_path / "out", roi="none", device="cpu", min_lesion_ml=0)
+    inference.predict(path.parent, tmp_path / "out", device="cpu",
+                      options=inference.PredictOptions(roi="none", min_lesion_ml=0))
     fig = figures.prediction_overlays(tmp_path / "out", images=path.parent)
     assert len(fig.axes) == 2 and len(fig.axes[0].images) == 3  # CT, vertebrae, lesions
     sagittal = fig.axes[0].images[2].get_array()  # lesion overlay through the spine centre (x = 14)
@@ -265,7 +267,7 @@ def test_figures_of_predictions(tmp_path, monkeypatch):
 
 def test_predict_refuses_an_unknown_roi(tmp_path):
     with pytest.raises(SpinemetsError, match="--roi: unknown roi mode"):
-        inference.predict(tmp_path, tmp_path / "out", roi="box")
+        inference.predict(tmp_path, tmp_path / "out", options=inference.PredictOptions(roi="box"))
 
 
 def test_small_lesions_are_cleared_by_size_in_millilitres():
@@ -311,16 +313,18 @@ def test_predict_applies_the_profiles_minimum_lesion_size(tmp_path, monkeypatch)
     prov = json.loads((tmp_path / "b" / "provenance.json").read_text())
     assert prov["parameters"]["min_lesion_ml"] == 0.02 and prov["timings_s"]["case_a"]["small_lesions_removed"] == 2
     assert not sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / "case_a" / "metastases.nii.gz"))).any()
-    assert len(inference.predict(path.parent, tmp_path / "c", profile="demo", device="cpu", min_lesion_ml=0)) == 2
+    assert len(inference.predict(path.parent, tmp_path / "c", profile="demo", device="cpu",
+                                 options=inference.PredictOptions(min_lesion_ml=0))) == 2
     # the stage-1 "vertebra" is 1000 voxels x 2 mm^3 = 2 mL: kept at the demo's 0.5 mL, cleared at 5 mL
     assert prov["timings_s"]["case_a"]["vertebra_fragments_removed"] == 0
-    rows = inference.predict(path.parent, tmp_path / "d", profile="demo", device="cpu", min_lesion_ml=0,
-                             min_vertebra_ml=5)
+    rows = inference.predict(path.parent, tmp_path / "d", profile="demo", device="cpu",
+                             options=inference.PredictOptions(min_lesion_ml=0, min_vertebra_ml=5))
     assert {r["level"] for r in rows} == {inference.OUTSIDE}
     prov = json.loads((tmp_path / "d" / "provenance.json").read_text())
     assert prov["parameters"]["min_vertebra_ml"] == 5 and prov["timings_s"]["case_a"]["vertebra_fragments_removed"] == 1
     with pytest.raises(SpinemetsError, match="minimum component size"):
-        inference.predict(path.parent, tmp_path / "e", profile="demo", device="cpu", min_vertebra_ml=-1)
+        inference.predict(path.parent, tmp_path / "e", profile="demo", device="cpu",
+                          options=inference.PredictOptions(min_vertebra_ml=-1))
 
 
 class _DuplicatingVertebrae:
@@ -343,7 +347,8 @@ def test_predict_puts_the_vertebrae_in_order_where_the_profile_asks(tmp_path, mo
     levels = {}
     for profile, repair in (("demo", None), ("paper", None), ("paper", True), ("demo", False)):
         out = tmp_path / f"{profile}-{repair}"
-        rows = inference.predict(path.parent, out, profile=profile, device="cpu", min_lesion_ml=0, repair_order=repair)
+        rows = inference.predict(path.parent, out, profile=profile, device="cpu",
+                                 options=inference.PredictOptions(min_lesion_ml=0, repair_order=repair))
         levels[profile, repair] = {r["level"] for r in rows}
         prov = json.loads((out / "provenance.json").read_text())
         changed = prov["timings_s"]["case_a"]["vertebra_voxels_relabelled"]
@@ -364,8 +369,8 @@ def test_cli_predict_passes_the_clean_up_options(tmp_path, monkeypatch):
     assert cli.main(base) == 0
     assert cli.main([*base, "--no-repair-order", "--min-vertebra-ml", "2", "--min-lesion-ml", "0"]) == 0
     assert cli.main([*base, "--repair-order"]) == 0
-    assert [c["repair_order"] for c in calls] == [None, False, True]  # None: the profile's
-    assert (calls[1]["min_vertebra_ml"], calls[1]["min_lesion_ml"]) == (2.0, 0.0)
+    assert [c["options"].repair_order for c in calls] == [None, False, True]  # None: the profile's
+    assert (calls[1]["options"].min_vertebra_ml, calls[1]["options"].min_lesion_ml) == (2.0, 0.0)
 
 
 def test_a_stage_applies_the_selected_nnunet_postprocessing(tmp_path, monkeypatch):
@@ -396,7 +401,7 @@ def test_predict_output_goes_straight_into_evaluate(tmp_path, monkeypatch):
     stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _RecordingLesions()}
     monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
     out = tmp_path / "predictions"
-    inference.predict(path.parent, out, profile="demo", device="cpu", min_lesion_ml=0)
+    inference.predict(path.parent, out, profile="demo", device="cpu", options=inference.PredictOptions(min_lesion_ml=0))
     ct = sitk.ReadImage(str(path))
     array = sitk.GetArrayFromImage(ct)
     refs = {"vertebrae": np.where(array > 300, V["T6"], 0), "metastases": np.where(array < -500, 1, 0)}

@@ -157,7 +157,8 @@ def test_train_refuses_bad_requests(tmp_path):
     with pytest.raises(SpinemetsError, match="device"):
         nnunet.train("vertebrae", profile="ci", device="tpu", workspace=tmp_path)
     with pytest.raises(SpinemetsError, match="num_gpus"):
-        nnunet.train("vertebrae", profile="ci", device="cpu", num_gpus=2, workspace=tmp_path)
+        nnunet.train("vertebrae", profile="ci", device="cpu", workspace=tmp_path,
+                     options=nnunet.TrainingOptions(num_gpus=2))
     with pytest.raises(SpinemetsError, match="fold"):
         nnunet.train("vertebrae", profile="ci", folds=["x"], workspace=tmp_path)
     with pytest.raises(SpinemetsError, match="raw dataset not found"):
@@ -229,7 +230,7 @@ def test_end_to_end_train_predict_localize(tiny_workspace, tmp_path, clean_env):
     assert "nnUNet_results" not in os.environ
     images = ws.raw / ws.dataset_name("vertebrae") / "imagesTs"
     out = tmp_path / "pred"
-    inference.predict(images, out, profile="ci", roi="spine", workspace=ws, device="cpu")
+    inference.predict(images, out, profile="ci", workspace=ws, device="cpu", options=inference.PredictOptions(roi="spine"))
     (case,) = [p.name for p in out.iterdir() if p.is_dir()]
     with open(out / "lesions.csv", newline="") as fh:
         assert csv.DictReader(fh).fieldnames == inference.LESION_COLUMNS
@@ -265,7 +266,8 @@ INTERRUPTING_TRAINER = textwrap.dedent('''
 def test_training_resumes_after_interruption(tiny_workspace, tmp_path, clean_env):
     ws = tiny_workspace
     (tmp_path / "interrupting_trainer.py").write_text(INTERRUPTING_TRAINER)
-    kwargs = dict(profile="ci", workspace=ws, trainer="SpinemetsInterruptOnceTrainer", extra_trainer_dirs=[tmp_path])
+    kwargs = dict(profile="ci", workspace=ws, options=nnunet.TrainingOptions(
+        trainer="SpinemetsInterruptOnceTrainer", extra_trainer_dirs=(tmp_path,)))
     fold = ws.model_folder("metastases", "demo_metastases", "SpinemetsInterruptOnceTrainer") / "fold_all"
     with pytest.raises(SpinemetsError, match="exit 3"):
         nnunet.train("metastases", **kwargs)

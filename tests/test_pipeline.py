@@ -12,7 +12,7 @@ import shutil
 import nbformat
 import pytest
 
-from spinemets import runner
+from spinemets import results, runner
 
 from conftest import REPO
 
@@ -35,10 +35,16 @@ def test_ci_profile_runs_every_notebook_and_builds_the_book(tmp_path):
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in code)
         assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
     html = tmp_path / "_build" / "html"
-    results = (html / "book" / "results.html").read_text()
-    assert "<strong>ci</strong> profile" in results and "synthetic cohort on a CPU" in results
-    assert "<table" in results and "lytic" in results and "0.71" in results
-    assert re.findall(r"<img [^>]*src=\"\.\./_images/", results), "the results page shows figures"
+    page = (html / "book" / "results.html").read_text()
+    assert "<strong>ci</strong> profile" in page and "synthetic cohort on a CPU" in page
+    assert "<table" in page and "lytic" in page
+    ours = results.compare_with_paper(results.read_paper_results(tmp_path / "book/data/paper_results.csv"),
+                                      results.run_summaries(provenance, tmp_path))
+    shown = [value for value in ours["ours"] if value != "–"]
+    assert shown, "the run's own numbers are in the comparison"
+    for value in shown:  # this run's numbers, not the paper's, are on the page
+        assert value in page, value
+    assert re.findall(r"<img [^>]*src=\"\.\./_images/", page), "the results page shows figures"
     for step in ("03_train_vertebrae", "05_inference", "06_evaluation"):
         page = (html / "build" / "executed" / f"{step}.html").read_text()
         assert re.findall(r"<img ", page), f"{step} shows its figures"

@@ -219,58 +219,6 @@ def test_run_toc_points_at_executed_copies(project):
         runner.run_toc(project.resolve(), project.parent / "elsewhere")
 
 
-def _summary(rows):
-    return pd.DataFrame(rows, columns=["class", "metric", "aggregate", "value", "ci_low", "ci_high", "n", "n_nan"])
-
-
-def test_compare_with_paper():
-    paper = runner.read_paper_results(REPO / "book" / "data" / "paper_results.csv")
-    mets = _summary([
-        ("lytic", "dice", "mean", 0.654, 0.5, 0.7, 4, 0),
-        ("lytic", "dice", "pooled", 0.1, 0.1, 0.1, 4, 0),
-        ("lytic", "fbeta", "mean", 0.6, 0.55, 0.65, 4, 0),
-        ("sclerotic", "dice", "mean", float("nan"), float("nan"), float("nan"), 0, 4),
-    ])
-    vert = _summary([
-        ("L1", "dice", "mean", 0.8, 0.7, 0.9, 3, 0),
-        ("L2", "dice", "mean", 0.9, 0.8, 0.95, 2, 1),
-        ("C1", "dice", "mean", float("nan"), float("nan"), float("nan"), 0, 4),
-        ("all", "identification_rate", "mean", 0.5, 0.4, 0.6, 4, 0),
-    ])
-    table = runner.compare_with_paper(paper, {"metastases": mets, "vertebrae": vert}).set_index(
-        ["stage", "class", "metric"])
-    assert table.loc[("metastases", "lytic", "Dice"), "paper"] == "0.71"
-    assert table.loc[("metastases", "lytic", "Dice"), "ours"] == "0.65 (0.50–0.70)"
-    assert table.loc[("metastases", "lytic", "Dice"), "n"] == "4"
-    assert table.loc[("metastases", "lytic", "F2"), "ours"] == "0.60 (0.55–0.65)"
-    assert table.loc[("metastases", "lytic", "PQ"), "ours"] == "–"
-    assert table.loc[("metastases", "sclerotic", "Dice"), "ours"] == "–"
-    assert table.loc[("vertebrae", "all vertebrae", "Dice"), "paper"] == "0.87–0.96"
-    assert table.loc[("vertebrae", "all vertebrae", "Dice"), "ours"] == "0.80–0.90 (mean 0.85)"
-    assert table.loc[("metastases", "sclerotic", "PQ"), "paper"] == "0.30"
-    without_run = runner.compare_with_paper(paper, {})
-    assert (without_run["ours"] == "–").all() and len(without_run) == len(paper)
-
-
-def test_provenance_statement_says_where_numbers_come_from():
-    demo = {"profile": {"name": "demo", "file": "profiles/demo.yaml", "cohort": "synthetic"},
-            "notebooks": [{"parameters": {"device": "cpu"}}], "status": "ok", "finished": "2026-01-01T00:00:00+00:00"}
-    text = runner.provenance_statement(demo)
-    assert "**demo** profile" in text and "synthetic cohort on a CPU" in text and "not comparable" in text
-    paper = {"profile": {"name": "paper", "cohort": "real"}, "notebooks": [{"parameters": {"device": "cuda"}}]}
-    assert "public cohort" in runner.provenance_statement(paper) and "CUDA" in runner.provenance_statement(paper)
-    assert "No pipeline run" in runner.provenance_statement(None)
-    assert "**status: book build failed**" in runner.provenance_statement({**demo, "status": "book build failed"})
-    assert "status" not in text, "a finished run does not repeat its status"
-
-
-def test_run_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(runner.RUN_DIR_ENV, str(tmp_path))
-    assert runner.run_dir() == tmp_path
-    monkeypatch.delenv(runner.RUN_DIR_ENV)
-    assert runner.run_dir(REPO) == REPO / "build" / "executed"
-
-
 def test_run_folder_outside_the_project_is_refused_before_running(project, tmp_path_factory):
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     with pytest.raises(SpinemetsError, match="must lie inside the project root"):

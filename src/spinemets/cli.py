@@ -16,6 +16,7 @@ from pathlib import Path
 from . import __version__
 from .errors import SpinemetsError
 from .labels import STAGE_NAMES
+from .metrics import IOU_THRESHOLD, MATCH_RULES
 
 
 def _call(target: str, **kwargs):
@@ -57,9 +58,20 @@ def _cmd_evaluate(a):
     print(f"wrote {Path(a.out) / 'summary.csv'}")
 
 
-def _job_options(a) -> dict:
-    return {"executor": a.executor, "folder": a.run_folder, "partition": a.partition, "gpus_per_job": a.gpus_per_job,
-            "time_min": a.time_min, "mem_gb": a.mem_gb, "cpus_per_task": a.cpus_per_task, "num_gpus": a.num_gpus}
+#: The job options of ``train`` and ``run``: flag -> field of :class:`spinemets.cluster.JobOptions`.
+_JOB_FLAGS = {"--run-folder": "folder", "--num-gpus": "num_gpus", "--partition": "partition",
+              "--gpus-per-job": "gpus_per_job", "--time-min": "time_min", "--mem-gb": "mem_gb",
+              "--cpus-per-task": "cpus_per_task"}
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def _job_options(a):
+    from .cluster import JobOptions
+
+    return JobOptions(executor=a.executor, **{field: getattr(a, _dest(flag)) for flag, field in _JOB_FLAGS.items()})
 
 
 def _submitted(a, record: dict) -> None:
@@ -70,18 +82,15 @@ def _submitted(a, record: dict) -> None:
 
 
 def _no_job_options(a) -> None:
-    given = [flag for flag, value in (("--run-folder", a.run_folder), ("--num-gpus", a.num_gpus),
-                                      ("--partition", a.partition), ("--gpus-per-job", a.gpus_per_job),
-                                      ("--time-min", a.time_min), ("--mem-gb", a.mem_gb),
-                                      ("--cpus-per-task", a.cpus_per_task), ("--wait", a.wait)) if value]
+    given = [flag for flag in (*_JOB_FLAGS, "--wait") if getattr(a, _dest(flag))]
     if given:
-        raise SpinemetsError(f"{', '.join(given)} go(es) with --executor local|slurm")
+        raise SpinemetsError(f"{given[0]}: {', '.join(given)} go(es) with --executor local|slurm")
 
 
 def _cmd_train(a):
     if a.executor:
         _submitted(a, _call("cluster.submit", stages=a.stage, profile=a.profile, workspace=a.workspace,
-                            configurations=a.configurations, folds=a.folds, device=a.device, **_job_options(a)))
+                            configurations=a.configurations, folds=a.folds, device=a.device, jobs=_job_options(a)))
         return
     _no_job_options(a)
     for stage in a.stage:
@@ -97,16 +106,19 @@ def _cmd_jobs(a):
 
 
 def _cmd_predict(a):
-    _call("inference.predict", input=a.input, out_dir=a.out, profile=a.profile, roi=a.roi,
-          workspace=a.workspace, device=a.device, min_lesion_ml=a.min_lesion_ml, min_vertebra_ml=a.min_vertebra_ml,
-          repair_order=a.repair_order)
+    from .inference import PredictOptions
+
+    options = PredictOptions(roi=a.roi, min_lesion_ml=a.min_lesion_ml, min_vertebra_ml=a.min_vertebra_ml,
+                             repair_order=a.repair_order)
+    _call("inference.predict", input=a.input, out_dir=a.out, profile=a.profile, workspace=a.workspace,
+          device=a.device, options=options)
     print(f"wrote {a.out}")
 
 
 def _cmd_run(a):
     params = {name: value for name, value in (a.parameter or [])}
     if a.executor:
-        _submitted(a, _call("cluster.submit_run", profile=a.profile, parameters=params, **_job_options(a)))
+        _submitted(a, _call("cluster.submit_run", profile=a.profile, parameters=params, jobs=_job_options(a)))
         return
     _no_job_options(a)
     if a.dry_run:
@@ -184,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, choices=STAGE_NAMES)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--beta", type=float, default=2.0, help="F-beta weight of recall (default 2, as the paper)")
-    p.add_argument("--match", choices=("iou", "overlap"), default="iou",
-                   help="lesion matching: IoU > 0.5 (default) or any overlap")
+    p.add_argument("--match", choices=MATCH_RULES, default="iou",
+                   help=f"lesion matching: IoU > {IOU_THRESHOLD} (default) or any overlap")
     p.add_argument("--jobs", type=int, default=1)
     p.set_defaults(func=_cmd_evaluate)
 

@@ -29,8 +29,9 @@ dependencies, resources and the job id of every submission) and ``logs/`` (submi
 from SLURM's accounting (``sacct``; the cluster needs ``slurmdbd``); a failed job is reported with
 its reason and log file, never skipped.
 
-**Resources** per step kind come from :data:`RESOURCES` for the profile; command-line values
-override them for every job (GPUs only for training: planning and the selection run on CPUs).
+**Resources** per step kind come from the training profile (``resources`` of
+:data:`spinemets.nnunet.PROFILES`, the one profile registry); command-line values
+(:class:`JobOptions`) override them for every job (GPUs only for training: planning and the selection run on CPUs).
 Multi-GPU training of one configuration uses nnU-Net's own DDP: ``num_gpus`` is passed to
 ``nnUNetv2_train -num_gpus`` and the job asks for at least as many GPUs.
 
@@ -60,14 +61,14 @@ from submitit.helpers import Checkpointable
 from submitit.slurm.slurm import SlurmInfoWatcher
 
 from .errors import SpinemetsError, unknown_choice
-from .io import write_json
+from .io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
 RECORD = "run.json"
 LOGS = "logs"
 EXECUTORS = ("slurm", "local")
-KINDS = ("prepare", "plan", "train", "finalize", "report")
+KINDS = ("prepare", "plan", "train", "finalize", "report")  # the keys of a profile's "resources"
 #: Times a job that timed out or was preempted is requeued automatically (submitit).
 MAX_REQUEUES = 3
 
@@ -101,21 +102,27 @@ class Resources:
     num_gpus: int = 1
 
 
-#: Default resources per training profile and step kind. The paper's 3d_fullres fold takes hours
-#: on one GPU at 250 epochs; nnU-Net's data augmentation wants many CPU workers per GPU.
-#: ``prepare`` and ``report`` are the notebook steps of :func:`run_steps`; the report predicts the
-#: held-out cases (a GPU for the paper profile) and builds the book.
-RESOURCES: dict[str, dict[str, Resources]] = {
-    "paper": {
-        "prepare": Resources(time_min=240, mem_gb=32, cpus_per_task=8),
-        "plan": Resources(time_min=240, mem_gb=64, cpus_per_task=16),
-        "train": Resources(gpus_per_job=1, time_min=24 * 60, mem_gb=64, cpus_per_task=12),
-        "finalize": Resources(time_min=240, mem_gb=64, cpus_per_task=16),
-        "report": Resources(gpus_per_job=1, time_min=8 * 60, mem_gb=64, cpus_per_task=12),
-    },
-    "demo": {kind: Resources(time_min=60, mem_gb=8, cpus_per_task=2) for kind in KINDS},
-    "ci": {kind: Resources(time_min=20, mem_gb=4, cpus_per_task=1) for kind in KINDS},
-}
+@dataclass(frozen=True)
+class JobOptions:
+    """How a run goes out as jobs, as one object from the command line to the submission.
+
+    ``executor`` is ``slurm`` or ``local``; ``folder`` the run folder (default
+    ``runs/<profile>-<UTC time>``). The other fields override the training profile's resources
+    (``resources`` of :data:`spinemets.nnunet.PROFILES`) for every job where given:
+    ``partition``, ``time_min``, ``mem_gb`` and ``cpus_per_task`` for every job, ``gpus_per_job``
+    for the kinds in :data:`GPU_KINDS`, ``num_gpus`` (nnU-Net's DDP) for training.
+    """
+
+    executor: str = "slurm"
+    folder: str | Path | None = None
+    partition: str | None = None
+    gpus_per_job: int | None = None
+    time_min: int | None = None
+    mem_gb: float | None = None
+    cpus_per_task: int | None = None
+    num_gpus: int | None = None
+
+
 #: Step kinds that get GPUs when the command line asks for GPUs per job (preparing the data,
 #: planning, and the selection and ensembling of ``nnUNetv2_find_best_configuration`` run on CPUs).
 GPU_KINDS = ("train", "report")
@@ -180,9 +187,9 @@ def train_fold(stage: str, profile: str, configuration: str, fold: int | str, de
     """
     from . import nnunet
 
+    options = nnunet.TrainingOptions(find_best=False, npz=nnunet.get_profile(profile)["find_best"], num_gpus=num_gpus)
     return nnunet.train(stage, profile, configurations=[configuration], folds=[fold], device=device,
-                        workspace=workspace, find_best=False, npz=nnunet.get_profile(profile)["find_best"],
-                        num_gpus=num_gpus)
+                        workspace=workspace, options=options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,19 +245,19 @@ def _num_gpus_kwargs(num_gpus: int) -> dict:
     return {"num_gpus": int(num_gpus)} if int(num_gpus) > 1 else {}
 
 
-def profile_resources(profile: str, partition: str | None = None, gpus_per_job: int | None = None,
-                      time_min: int | None = None, mem_gb: float | None = None, cpus_per_task: int | None = None,
-                      num_gpus: int | None = None) -> dict[str, Resources]:
-    """Resources per step kind: the profile's (:data:`RESOURCES`; ``demo`` for unknown profiles) with overrides.
-
-    ``partition``, ``time_min``, ``mem_gb`` and ``cpus_per_task`` apply to every job;
-    ``gpus_per_job`` to the kinds in :data:`GPU_KINDS`; ``num_gpus`` to training, whose jobs then
-    ask for at least ``num_gpus`` GPUs.
+def profile_resources(profile: str, options: JobOptions | None = None) -> dict[str, Resources]:
+    """Resources per step kind: the training profile's (``resources`` of :data:`spinemets.nnunet.PROFILES`;
+    an unknown profile is an error) with the overrides of ``options`` (see :class:`JobOptions`).
     """
-    base = RESOURCES.get(profile, RESOURCES["demo"])
+    from . import nnunet
+
+    opts = options or JobOptions()
+    partition, gpus_per_job, time_min = opts.partition, opts.gpus_per_job, opts.time_min
+    mem_gb, cpus_per_task, num_gpus = opts.mem_gb, opts.cpus_per_task, opts.num_gpus
+    table = nnunet.get_profile(profile)["resources"]
     out = {}
     for kind in KINDS:
-        res = base[kind]
+        res = Resources(**table[kind])
         common = {k: v for k, v in (("partition", partition), ("time_min", time_min), ("mem_gb", mem_gb),
                                     ("cpus_per_task", cpus_per_task)) if v is not None}
         res = replace(res, **common)
@@ -272,27 +279,25 @@ def profile_resources(profile: str, partition: str | None = None, gpus_per_job: 
 # ---------------------------------------------------------------------------------------------
 
 
-def submit(stages: str | Sequence[str], profile: str = "paper", executor: str = "slurm",
-           folder: str | Path | None = None, workspace: str | Path | None = None,
+def submit(stages: str | Sequence[str], profile: str = "paper", workspace: str | Path | None = None,
            configurations: Sequence[str] | None = None, folds: Sequence[int | str] | None = None,
-           device: str | None = None, partition: str | None = None, gpus_per_job: int | None = None,
-           time_min: int | None = None, mem_gb: float | None = None, cpus_per_task: int | None = None,
-           num_gpus: int | None = None) -> dict:
+           device: str | None = None, *, jobs: JobOptions | None = None) -> dict:
     """Submit the training of ``stages`` with ``profile`` as a graph of jobs; return the run record.
 
     One job per step of :func:`protocol_steps` (planning once per stage, one job per
     (stage, configuration, fold), one closing job per stage), with resources from
-    :func:`profile_resources`. ``folder`` is the run folder (default
-    ``runs/<profile>-<UTC time>``); it receives ``run.json`` and the job logs. With the ``slurm``
-    executor this returns once everything is queued; with ``local`` once it has run.
+    :func:`profile_resources`. ``jobs`` says how (:class:`JobOptions`: executor, run folder,
+    resource overrides); the run folder receives ``run.json`` and the job logs. With the
+    ``slurm`` executor this returns once everything is queued; with ``local`` once it has run.
     """
-    resources = profile_resources(profile, partition, gpus_per_job, time_min, mem_gb, cpus_per_task, num_gpus)
+    jobs = jobs or JobOptions()
+    resources = profile_resources(profile, jobs)
     steps = protocol_steps(stages, profile, workspace, configurations, folds, device, resources["train"].num_gpus)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = Path(folder) if folder is not None else Path("runs") / f"{profile}-{stamp}"
+    folder = Path(jobs.folder) if jobs.folder is not None else Path("runs") / f"{profile}-{stamp}"
     meta = {"profile": profile, "stages": list(dict.fromkeys(s.stage for s in steps)),
             "workspace": steps[0].kwargs["workspace"]}
-    return submit_steps(steps, folder, executor, resources, meta)
+    return submit_steps(steps, folder, jobs.executor, resources, meta)
 
 
 def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, root: str | Path | None = None,
@@ -349,29 +354,28 @@ def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, 
     return steps, trainers[0]
 
 
-def submit_run(profile: str | Path, parameters: Mapping[str, Any] | None = None, executor: str = "slurm",
-               folder: str | Path | None = None, root: str | Path | None = None,
-               partition: str | None = None, gpus_per_job: int | None = None, time_min: int | None = None,
-               mem_gb: float | None = None, cpus_per_task: int | None = None, num_gpus: int | None = None) -> dict:
+def submit_run(profile: str | Path, parameters: Mapping[str, Any] | None = None, root: str | Path | None = None,
+               *, jobs: JobOptions | None = None) -> dict:
     """Submit a whole ``spinemets run`` (notebooks, training as one job per fold, report and book); return the record.
 
-    The steps are :func:`run_steps`; resources come from the training profile's
-    :data:`RESOURCES` with the overrides (as :func:`submit`). ``folder`` defaults to
-    ``<root>/runs/<profile>-<UTC time>``. With ``slurm`` this returns once all is queued (watch it
-    with :func:`status` or :func:`wait`); with ``local`` once it has run.
+    The steps are :func:`run_steps`; resources come from the training profile with the overrides
+    of ``jobs`` (as :func:`submit`). The run folder defaults to ``<root>/runs/<profile>-<UTC time>``.
+    With ``slurm`` this returns once all is queued (watch it with :func:`status` or :func:`wait`);
+    with ``local`` once it has run.
     """
     from .profiles import find_project_root
 
+    jobs = jobs or JobOptions()
     root = find_project_root(root)
-    requested = int(num_gpus) if num_gpus is not None else 1
+    requested = int(jobs.num_gpus) if jobs.num_gpus is not None else 1
     steps, trainer = run_steps(profile, parameters, root, num_gpus=requested)
-    resources = profile_resources(trainer, partition, gpus_per_job, time_min, mem_gb, cpus_per_task, num_gpus)
+    resources = profile_resources(trainer, jobs)
     name = Path(str(profile)).stem
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = Path(folder) if folder is not None else root / "runs" / f"{name}-{stamp}"
+    folder = Path(jobs.folder) if jobs.folder is not None else root / "runs" / f"{name}-{stamp}"
     meta = {"profile": trainer, "run_profile": name, "stages": [s.stage for s in steps if s.kind == "plan"],
             "workspace": next(s.kwargs["workspace"] for s in steps if s.kind == "plan")}
-    return submit_steps(steps, folder, executor, resources, meta)
+    return submit_steps(steps, folder, jobs.executor, resources, meta)
 
 
 def submit_steps(steps: Sequence[Step], folder: str | Path, executor: str = "slurm",
@@ -429,12 +433,9 @@ def _save(folder: Path, record: dict) -> None:
 def load_record(run_folder: str | Path) -> dict:
     """The run record ``run_folder/run.json``."""
     path = Path(run_folder) / RECORD
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpinemetsError(f"{path}: no run record; is {run_folder} a run folder written by spinemets?") from None
-    except json.JSONDecodeError as exc:
-        raise SpinemetsError(f"{path}: run record is not valid JSON ({exc})") from None
+    if not path.exists():
+        raise SpinemetsError(f"{path}: no run record; is {run_folder} a run folder written by spinemets?")
+    return read_json(path, "run record")
 
 
 def _submit_entries(folder: Path, record: dict, names: Sequence[str]) -> None:

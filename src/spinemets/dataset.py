@@ -1,12 +1,15 @@
-"""From a folder of CTs and 3D Slicer masks to nnU-Net v2 raw datasets.
+"""From a folder of CTs and 3D Slicer masks to nnU-Net v2 raw datasets: the dataset step.
 
-Two steps, each a plain function behind one command:
+It serves the commands ``spinemets scan`` and ``spinemets import`` and the data notebook (its
+curation tables: :func:`cohort_table`, :func:`qc_table`, :func:`label_volumes`). Two steps, each
+a plain function behind one command:
 
 * :func:`scan` finds the cases of a folder and writes a **manifest**: one row per case and stage
   with the columns ``case_id, image, stage, segmentation, split``. File patterns name the case
   with ``{case}``; the default is the synthetic cohort's layout
   (``{case}/ct.nrrd``, ``{case}/vertebrae.seg.nrrd``, ``{case}/metastases.seg.nrrd``).
-* :func:`import_dataset` turns the manifest rows of one stage into
+* :func:`import_dataset` (the command ``spinemets import``, shown in the Slicer notebook with
+  :mod:`spinemets.slicer`) turns the manifest rows of one stage into
   ``DatasetNNN_Name/imagesTr/{case}_0000.nii.gz``, ``labelsTr/{case}.nii.gz`` and
   ``dataset.json`` (rows with ``split == "test"`` go to ``imagesTs``/``labelsTs``).
 
@@ -41,7 +44,7 @@ from . import labels as labels_mod
 from .errors import SpinemetsError
 from .io import (PARTIAL_PREFIX, case_id_problem, check_case_id, check_output_dir, check_output_file,
                  check_same_geometry, image_from_array, inside, output_folder, read_image, remove_partials,
-                 require_dir, require_file, write_csv, write_image, write_json)
+                 read_json, require_dir, require_file, write_csv, write_image, write_json)
 from .slicer import labelmap_from_segmentation
 
 log = logging.getLogger(__name__)
@@ -391,10 +394,12 @@ def _run_tasks(tasks: list[dict], jobs: int, what: str) -> list[dict]:
 
 
 def _read_record(folder: Path) -> dict:
+    """The import record of an earlier import, or {} (missing or damaged: every case is converted again)."""
     try:
-        return json.loads((folder / IMPORT_RECORD).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        record = read_json(folder / IMPORT_RECORD, "import record", missing={})
+    except SpinemetsError:
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _swap_into_place(staging: Path, final: Path) -> None:
@@ -405,3 +410,65 @@ def _swap_into_place(staging: Path, final: Path) -> None:
     os.replace(staging, final)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Curation tables of the data notebook: the cohort (Table 1), image quality control, label volumes
+# ---------------------------------------------------------------------------------------------
+
+#: Quality-control limits: a case beyond one of them is flagged for review (not removed).
+#: Slices thicker than 5 mm blur small lesions; HU below -1100 or above 3000 at the 1st/99th
+#: percentile point to a wrong rescale slope/intercept or metal.
+QC_LIMITS = {"spacing z (mm)": (None, 5.0), "HU p1": (-1100.0, None), "HU p99": (None, 3000.0)}
+
+
+def cohort_table(cohort_csv: str | Path) -> tuple[str, pd.DataFrame]:
+    """Table 1 of a cohort from its ``cohort.csv`` (``sex``, ``metastasis_type``, ``primary_site``,
+    ``age``): a one-line age summary, and counts with percentages per characteristic and value."""
+    cohort = pd.read_csv(require_file(cohort_csv, "cohort table"))
+    parts = [cohort[column].value_counts().rename_axis("value").to_frame("n").assign(characteristic=label)
+             for column, label in (("sex", "sex"), ("metastasis_type", "type of metastasis"),
+                                   ("primary_site", "primary site"))]
+    table = pd.concat(parts).reset_index().set_index(["characteristic", "value"])
+    table["%"] = (100 * table["n"] / len(cohort)).round(1)
+    age = (f"{len(cohort)} cases; age {cohort['age'].mean():.1f} ± {cohort['age'].std():.1f} years "
+           f"(range {cohort['age'].min()}–{cohort['age'].max()})")
+    return age, table
+
+
+def qc_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """One row per case of the manifest: size, spacing, cranio-caudal field of view and HU range (1st–99th percentile)."""
+    rows = []
+    for case, image_path in manifest.drop_duplicates("case_id")[["case_id", "image"]].itertuples(index=False):
+        image = read_image(image_path, "CT")
+        size, spacing = image.GetSize(), image.GetSpacing()
+        p1, p99 = np.percentile(sitk.GetArrayViewFromImage(image), [1, 99])
+        rows.append({"case_id": case, "size (x×y×z)": "×".join(map(str, size)), "spacing x (mm)": spacing[0],
+                     "spacing z (mm)": spacing[2], "field of view z (mm)": size[2] * spacing[2],
+                     "HU p1": float(p1), "HU p99": float(p99)})
+    return pd.DataFrame(rows).set_index("case_id")
+
+
+def flagged_for_review(qc: pd.DataFrame, limits: Mapping[str, tuple] = QC_LIMITS) -> list[str]:
+    """Cases of a :func:`qc_table` beyond any of ``limits`` (column -> (low, high), None for no bound)."""
+    bad = pd.Series(False, index=qc.index)
+    for column, (low, high) in limits.items():
+        if low is not None:
+            bad |= qc[column] < low
+        if high is not None:
+            bad |= qc[column] > high
+    return [str(c) for c in qc.index[bad]]
+
+
+def label_volumes(folder: str | Path, stage: str) -> pd.DataFrame:
+    """Volume (mL) of every foreground label of ``stage`` in every label map of an imported dataset
+    (``labelsTr`` and ``labelsTs``): columns ``case_id, label, volume_ml``."""
+    folder = Path(folder)
+    rows = []
+    for path in sorted((folder / "labelsTr").glob("*.nii.gz")) + sorted((folder / "labelsTs").glob("*.nii.gz")):
+        image = read_image(path, "label map")
+        counts = np.bincount(sitk.GetArrayViewFromImage(image).ravel(), minlength=len(labels_mod.labels(stage)))
+        ml = float(np.prod(image.GetSpacing())) / 1000.0
+        rows += [{"case_id": path.name[: -len(".nii.gz")], "label": name, "volume_ml": float(counts[v] * ml)}
+                 for name, v in labels_mod.foreground_labels(stage).items()]
+    return pd.DataFrame(rows, columns=["case_id", "label", "volume_ml"])

@@ -20,8 +20,10 @@ import numpy as np
 
 from . import labels as labels_mod
 from .errors import SpinemetsError
+from .nnunet import CHECKPOINTS
 
-CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+#: The CT display window of every figure (HU): bone and soft tissue both readable.
+CT_WINDOW = {"cmap": "gray", "vmin": -250, "vmax": 1250}
 
 
 def read_logging(fold_folder: str | Path) -> dict:
@@ -105,6 +107,15 @@ def _label_rgba(array: np.ndarray, stage: str, alpha: float = 0.55) -> np.ndarra
     return lut[np.clip(array, 0, max(names))]
 
 
+def label_colormap(stage: str, alpha: float = 0.55):
+    """A matplotlib colour map of a stage's labels (background transparent), for ``imshow`` with
+    ``vmin=0, vmax=<largest label>`` and ``interpolation="nearest"``; colours of :mod:`spinemets.labels`."""
+    from matplotlib.colors import ListedColormap
+
+    names = labels_mod.label_names(stage)
+    return ListedColormap(_label_rgba(np.arange(max(names) + 1), stage, alpha))
+
+
 def _read(path: Path) -> np.ndarray:
     import SimpleITK as sitk
 
@@ -147,7 +158,7 @@ def prediction_overlays(predictions: str | Path, images: str | Path | None = Non
         for col, (index, title) in enumerate((((slice(None), slice(None), cx), "sagittal"),
                                               ((slice(None), cy, slice(None)), "coronal"))):
             ax = axes[row, col]
-            ax.imshow(ct[index], cmap="gray", vmin=-300, vmax=1300, origin="lower", aspect="auto")
+            ax.imshow(ct[index], origin="lower", aspect="auto", **CT_WINDOW)
             ax.imshow(_label_rgba(vert[index], "vertebrae", 0.35), origin="lower", aspect="auto")
             ax.imshow(_label_rgba(les[index], "metastases", 0.9), origin="lower", aspect="auto")
             ax.set_title(f"{case}: {title}", fontsize=9)

@@ -40,6 +40,7 @@ import datetime as _dt
 import platform
 import sys
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -121,7 +122,7 @@ def localize(lesions: np.ndarray, vertebrae: np.ndarray, ct: np.ndarray, spacing
         kinds = lesions[box][comp]
         levels = vertebrae[box][comp]
         hu = ct[box][comp].astype(float)
-        n_lytic, n_scl = int((kinds == 1).sum()), int((kinds == 2).sum())
+        n_lytic, n_scl = int((kinds == labels_mod.LYTIC).sum()), int((kinds == labels_mod.SCLEROTIC).sum())
         overlap = np.bincount(levels, minlength=len(names))[1:]
         if overlap.any():
             level, assignment, dist = names[int(np.argmax(overlap)) + 1], "overlap", 0.0
@@ -320,34 +321,63 @@ def spine_box(vertebrae: np.ndarray, spacing_zyx: Sequence[float], margin_mm: fl
     return tuple(box)
 
 
-def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: str = "none",
-            workspace=None, device: str | None = None, margin_mm: float = MARGIN_MM, near_mm: float = NEAR_MM,
-            tta: bool = False, threads: int | None = None, min_lesion_ml: float | None = None,
-            min_vertebra_ml: float | None = None, repair_order: bool | None = None) -> list[dict]:
+@dataclass(frozen=True)
+class PredictOptions:
+    """How :func:`predict` runs, as one object; ``None`` means the profile's value.
+
+    ``roi``: the lesion stage on the whole CT (``"none"``, as the paper) or on the spine's box
+    grown by ``margin_mm`` (``"spine"``). ``near_mm``: the largest distance from a lesion to the
+    vertebra it is localized to without overlap. ``tta``: nnU-Net's mirroring (where the trainer
+    allows it). ``threads``: torch's CPU threads for this process (default: torch's own choice; 1
+    is faster on a CPU that other processes keep busy). ``min_lesion_ml`` clears predicted
+    lesions smaller than that before localization (:func:`remove_small_lesions`),
+    ``min_vertebra_ml`` the fragments of a vertebra label smaller than that
+    (:func:`remove_small_components`, label by label: a vertebra is one connected object, and
+    specks of a neighbour's label at its border would each count as a whole false vertebra);
+    both default to the profile's (``min_lesion_ml``, ``min_vertebra_ml`` of
+    :data:`spinemets.nnunet.PROFILES`; 0, nothing removed, for the paper profile).
+    ``repair_order`` makes the vertebra labels follow the spine's order
+    (:func:`spinemets.postprocessing.repair_vertebra_order`; default: the profile's
+    ``repair_vertebra_order``, on in the demo, off in the paper profile).
+    """
+
+    roi: str = "none"
+    margin_mm: float = MARGIN_MM
+    near_mm: float = NEAR_MM
+    tta: bool = False
+    threads: int | None = None
+    min_lesion_ml: float | None = None
+    min_vertebra_ml: float | None = None
+    repair_order: bool | None = None
+
+    def resolved(self, profile: str) -> "PredictOptions":
+        """These options with the profile's values in place of ``None``, checked."""
+        if self.roi not in ROI_MODES:
+            raise unknown_choice("roi mode", self.roi, ROI_MODES, "--roi")
+        prof = nnunet.get_profile(profile)
+        out = replace(
+            self,
+            min_lesion_ml=float(prof.get("min_lesion_ml", 0.0) if self.min_lesion_ml is None else self.min_lesion_ml),
+            min_vertebra_ml=float(prof.get("min_vertebra_ml", 0.0) if self.min_vertebra_ml is None
+                                  else self.min_vertebra_ml),
+            repair_order=bool(prof.get("repair_vertebra_order", False) if self.repair_order is None
+                              else self.repair_order))
+        for value in (out.min_lesion_ml, out.min_vertebra_ml):
+            check_min_ml(value)
+        return out
+
+
+def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", workspace=None,
+            device: str | None = None, options: PredictOptions | None = None) -> list[dict]:
     """Two-stage prediction, localization and partial SINS for one CT or a folder; return the cohort's lesion rows.
 
     ``profile`` picks the trained models (:func:`spinemets.nnunet.trained_models`); ``device``
-    defaults to the profile's; ``tta`` turns on nnU-Net's mirroring (where the trainer allows it);
-    ``threads`` sets torch's CPU threads for this process (default: torch's own choice; 1 is
-    faster on a CPU that other processes keep busy). ``min_lesion_ml`` clears predicted lesions
-    smaller than that before localization (:func:`remove_small_lesions`), ``min_vertebra_ml``
-    the fragments of a vertebra label smaller than that (:func:`remove_small_components`, label by
-    label: a vertebra is one connected object, and specks of a neighbour's label at its border
-    would each count as a whole false vertebra); defaults: the profile's (``min_lesion_ml`` and
-    ``min_vertebra_ml`` of :data:`spinemets.nnunet.PROFILES`; 0, nothing removed, for the paper
-    profile). ``repair_order`` makes the vertebra labels follow the spine's order
-    (:func:`spinemets.postprocessing.repair_vertebra_order`; default: the profile's
-    ``repair_vertebra_order``, on in the demo, off in the paper profile). The numbers removed and
-    relabelled per case are in the provenance.
+    defaults to the profile's; ``options`` (:class:`PredictOptions`) say how the stages run and
+    what is cleaned up. Every input is read and checked, and the options resolved, before any
+    model is loaded. The numbers removed and relabelled per case are in the provenance.
     """
-    if roi not in ROI_MODES:
-        raise unknown_choice("roi mode", roi, ROI_MODES, "--roi")
+    opts = (options or PredictOptions()).resolved(profile)
     prof = nnunet.get_profile(profile)
-    min_lesion_ml = float(prof.get("min_lesion_ml", 0.0) if min_lesion_ml is None else min_lesion_ml)
-    min_vertebra_ml = float(prof.get("min_vertebra_ml", 0.0) if min_vertebra_ml is None else min_vertebra_ml)
-    for value in (min_lesion_ml, min_vertebra_ml):  # before any model is loaded
-        check_min_ml(value)
-    repair_order = bool(prof.get("repair_vertebra_order", False) if repair_order is None else repair_order)
     cases = find_inputs(input)
     out_dir = check_output_dir(out_dir, "prediction folder")
     source = Path(input).resolve()
@@ -357,14 +387,12 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
     check_inputs(cases)
     device = device or prof["device"]
     started = time.perf_counter()
-    stage1 = _Stage("vertebrae", profile, workspace, device, tta, threads)
-    stage2 = _Stage("metastases", profile, workspace, device, tta, threads)
+    stages = (_Stage("vertebrae", profile, workspace, device, opts.tta, opts.threads),
+              _Stage("metastases", profile, workspace, device, opts.tta, opts.threads))
     all_lesions, all_vertebrae, timings, notes = [], [], {}, {}
     for case, path in tqdm(cases.items(), desc="predict", unit="case"):
         t0 = time.perf_counter()
-        lesion_rows, vertebra_rows, note, times = predict_case(path, out_dir / case, case, stage1, stage2, roi,
-                                                               margin_mm, near_mm, min_lesion_ml, min_vertebra_ml,
-                                                               repair_order)
+        lesion_rows, vertebra_rows, note, times = predict_case(path, out_dir / case, case, stages, opts)
         timings[case] = {**times, "total_s": round(time.perf_counter() - t0, 3)}
         if note:
             notes[case] = note
@@ -372,44 +400,45 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", roi: 
         all_vertebrae += vertebra_rows
     write_csv(out_dir / "lesions.csv", all_lesions, LESION_COLUMNS)
     write_csv(out_dir / "vertebrae.csv", all_vertebrae, VERTEBRA_COLUMNS)
-    write_json(out_dir / "provenance.json", _provenance(locals_=dict(
-        input=str(input), out_dir=str(out_dir), profile=profile, roi=roi, device=device, margin_mm=margin_mm,
-        near_mm=near_mm, tta=tta, threads=threads, min_lesion_ml=min_lesion_ml,
-        min_vertebra_ml=min_vertebra_ml, repair_order=repair_order),
-        models={"vertebrae": stage1.models, "metastases": stage2.models},
-        postprocessing={"vertebrae": stage1.postprocessing, "metastases": stage2.postprocessing},
+    write_json(out_dir / "provenance.json", _provenance(
+        locals_={"input": str(input), "out_dir": str(out_dir), "profile": profile, "device": device, **asdict(opts)},
+        models={"vertebrae": stages[0].models, "metastases": stages[1].models},
+        postprocessing={"vertebrae": stages[0].postprocessing, "metastases": stages[1].postprocessing},
         timings=timings, notes=notes, seconds=time.perf_counter() - started))
     return all_lesions
 
 
-def predict_case(path: Path, case_dir: Path, case: str, stage1, stage2, roi: str, margin_mm: float,
-                 near_mm: float, min_lesion_ml: float = 0.0, min_vertebra_ml: float = 0.0,
-                 repair_order: bool = False) -> tuple[list[dict], list[dict], str, dict]:
+def predict_case(path: Path, case_dir: Path, case: str, stages, options: PredictOptions) -> tuple[list[dict], list[dict], str, dict]:
     """Both stages and localization for one CT; writes the case folder.
 
-    Returns (lesions, vertebrae, note, timings); timings also count the small lesions and vertebra
-    fragments removed and the vertebra voxels relabelled by the order repair.
+    ``stages`` is (stage 1, stage 2), each called as ``stage(ct_array, spacing_zyx)``; ``options``
+    are resolved :class:`PredictOptions`. Returns (lesions, vertebrae, note, timings); timings also
+    count the small lesions and vertebra fragments removed and the vertebra voxels relabelled by
+    the order repair.
     """
+    stage1, stage2 = stages
+    opts = options
     image = read_image(path, "CT")
     ct = sitk.GetArrayFromImage(image)
     spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
     t0 = time.perf_counter()
-    vertebrae, fragments = remove_small_components(stage1(ct, spacing), spacing, min_vertebra_ml, per_label=True)
+    vertebrae, fragments = remove_small_components(stage1(ct, spacing), spacing, opts.min_vertebra_ml, per_label=True)
     relabelled = 0
-    if repair_order:
+    if opts.repair_order:
         vertebrae, relabelled = repair_vertebra_order(vertebrae, spacing)
     t1 = time.perf_counter()
     lesions, note = np.zeros_like(vertebrae), ""
-    box = spine_box(vertebrae, spacing, margin_mm) if roi == "spine" else None
-    if roi == "spine" and box is None:
+    box = spine_box(vertebrae, spacing, opts.margin_mm) if opts.roi == "spine" else None
+    if opts.roi == "spine" and box is None:
         note = "no vertebra found: stage 2 ran on the whole CT"
     if box is None:
         lesions = stage2(ct, spacing)
     else:
         lesions[box] = stage2(np.ascontiguousarray(ct[box]), spacing)
-    lesions, removed = remove_small_lesions(lesions, spacing, min_lesion_ml)
+    lesions, removed = remove_small_lesions(lesions, spacing, opts.min_lesion_ml)
     t2 = time.perf_counter()
-    lesion_rows = [{"case_id": case, **r} for r in localize(lesions, vertebrae, ct, spacing, near_mm, ijk_to_lps(image))]
+    lesion_rows = [{"case_id": case, **r}
+                   for r in localize(lesions, vertebrae, ct, spacing, opts.near_mm, ijk_to_lps(image))]
     vertebra_rows = [{"case_id": case, **r} for r in vertebra_table(lesion_rows, lesions, vertebrae, spacing)]
     for stage, array in (("vertebrae", vertebrae), ("metastases", lesions)):
         labelmap = image_from_array(array.astype(np.uint8), image)

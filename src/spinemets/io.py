@@ -108,6 +108,22 @@ def drop_nrrd_write_date(path: str | Path) -> None:
             fh.write(b"# write date omitted".ljust(len(match.group()) - 1) + b"\n")
 
 
+def read_json(path: str | Path, what: str = "JSON file", missing=...):
+    """The content of a JSON file: the one reader of the package's JSON files.
+
+    A missing file returns ``missing`` when one is given, else is a :class:`SpinemetsError`
+    naming the file (as are a folder in its place and invalid JSON).
+    """
+    path = Path(path)
+    if missing is not ... and not path.exists() and not path.is_symlink():
+        return missing
+    require_file(path, what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpinemetsError(f"{path}: {what} is not valid JSON ({_one_line(exc)})") from None
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -29,6 +29,8 @@ VERTEBRAE: tuple[str, ...] = (
     "Sacrum",
 )
 LESION_TYPES: tuple[str, ...] = ("lytic", "sclerotic")
+#: The label values of the two lesion types (the metastasis stage's table below).
+LYTIC, SCLEROTIC = 1, 2
 
 #: The two stages: nnU-Net dataset name, default dataset id, and label name -> value.
 STAGES: dict[str, dict] = {
@@ -40,7 +42,7 @@ STAGES: dict[str, dict] = {
     "metastases": {
         "dataset_name": "Metastases",
         "dataset_id": 502,
-        "labels": {"background": 0, "lytic": 1, "sclerotic": 2},
+        "labels": {"background": 0, "lytic": LYTIC, "sclerotic": SCLEROTIC},
     },
 }
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,10 @@ LABEL_SUFFIXES: tuple[str, ...] = (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mh
 #: Bootstrap replicates and seed of the confidence intervals in :func:`summarize`.
 N_BOOTSTRAP: int = 2000
 SEED: int = 0
+#: Level of the percentile-bootstrap intervals over cases.
+BOOTSTRAP_LEVEL: float = 0.95
+#: Lesion matching of ``match="iou"``: a pair matches when IoU > this (strictly), as Panoptic Quality defines it.
+IOU_THRESHOLD: float = 0.5
 #: Overlap tables larger than this many cells are counted sparsely (np.unique) instead of densely.
 _DENSE_TABLE_LIMIT = 1 << 22
 
@@ -308,8 +313,8 @@ def match_pairs(ref_ids, pred_ids, inter, ref_size, pred_size, match: str = "iou
     """One-to-one matches among candidate pairs; returns (ref ids, pred ids, IoUs) of the matches.
 
     ``inter`` is the overlap of each candidate pair, ``ref_size``/``pred_size`` the component sizes
-    (indexed by id). ``"iou"``: pairs with IoU > 0.5, tested exactly in integers as
-    3·|A∩B| > |A| + |B|; such a pair is unique for both members. ``"overlap"``: pairs with any
+    (indexed by id). ``"iou"``: pairs with IoU > :data:`IOU_THRESHOLD` (0.5), tested exactly in
+    integers (for 0.5: 3·|A∩B| > |A| + |B|); such a pair is unique for both members. ``"overlap"``: pairs with any
     overlap, taken greedily by decreasing IoU (ties by reference id, then prediction id) while both
     members are still free.
     """
@@ -318,8 +323,9 @@ def match_pairs(ref_ids, pred_ids, inter, ref_size, pred_size, match: str = "iou
     pred_ids = np.asarray(pred_ids, dtype=np.int64)
     inter = np.asarray(inter, dtype=np.int64)
     union = ref_size[ref_ids] + pred_size[pred_ids] - inter
-    if match == "iou":
-        keep = 3 * inter > ref_size[ref_ids] + pred_size[pred_ids]
+    if match == "iou":  # IoU > p/q  <=>  (p + q)|A∩B| > p(|A| + |B|), exactly in integers (p/q = 1/2: 3|A∩B| > |A| + |B|)
+        p, q = Fraction(IOU_THRESHOLD).limit_denominator(1000).as_integer_ratio()
+        keep = (p + q) * inter > p * (ref_size[ref_ids] + pred_size[pred_ids])
         return ref_ids[keep], pred_ids[keep], inter[keep] / union[keep]
     keep = inter > 0
     ref_ids, pred_ids, inter, union = ref_ids[keep], pred_ids[keep], inter[keep], union[keep]
@@ -691,7 +697,8 @@ def per_case_rows(case: str, result: dict[str, dict[str, float]]) -> list[dict]:
     ]
 
 
-def bootstrap_ci(values, n_boot: int = N_BOOTSTRAP, seed: int = SEED, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(values, n_boot: int = N_BOOTSTRAP, seed: int = SEED,
+                 level: float = BOOTSTRAP_LEVEL) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the NaN-aware mean, resampling cases with replacement.
 
     NaN values stay in the resamples and are skipped by each replicate's mean (replicates of only
@@ -732,7 +739,8 @@ def _pooled(per_case: dict[str, dict], cls: str, stage: str, beta: float, n_boot
         summed, resampled = (total, boot) if metric.level == "instance" else (voxels, voxel_boot)
         reps = np.asarray(metric(resampled, beta), dtype=float)
         reps = reps[np.isfinite(reps)]
-        low, high = np.quantile(reps, [0.025, 0.975]) if reps.size else (math.nan, math.nan)
+        alpha = (1 - BOOTSTRAP_LEVEL) / 2
+        low, high = np.quantile(reps, [alpha, 1 - alpha]) if reps.size else (math.nan, math.nan)
         out[key] = {"value": float(metric(summed, beta)), "ci_low": float(low), "ci_high": float(high)}
     if stage == "vertebrae":
         ids = np.array([per_case[c][cls]["identified"] for c in cases], dtype=float)
@@ -877,9 +885,9 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
             "beta": beta,
             "match": match,
             "connectivity": connectivity,
-            "iou_threshold": "IoU > 0.5 (strict)" if match == "iou" else "any overlap, greedy by IoU",
+            "iou_threshold": f"IoU > {IOU_THRESHOLD} (strict)" if match == "iou" else "any overlap, greedy by IoU",
             "identification_distance_mm": ID_DISTANCE_MM,
-            "bootstrap": {"replicates": N_BOOTSTRAP, "seed": SEED, "level": 0.95},
+            "bootstrap": {"replicates": N_BOOTSTRAP, "seed": SEED, "level": BOOTSTRAP_LEVEL},
         },
         "produced_by": {"function": "spinemets.metrics.evaluate_folders", "spinemets_version": __version__},
         "n_cases": len(per_case),

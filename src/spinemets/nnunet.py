@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from . import labels as labels_mod
 from .errors import SpinemetsError, unknown_choice
-from .io import write_json
+from .io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 TRAINER_DIR = Path(__file__).resolve().parent / "trainers"
 DEFAULT_WORKSPACE = Path("workspace")
 PLANS = "nnUNetPlans"
+#: nnU-Net's checkpoint files of a fold: the final one, the latest (for resuming) and the best (EMA Dice).
+CHECKPOINT_FINAL, CHECKPOINT_LATEST, CHECKPOINT_BEST = "checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"
+CHECKPOINTS = (CHECKPOINT_FINAL, CHECKPOINT_LATEST, CHECKPOINT_BEST)
 PAPER_CONFIGURATIONS = ("2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres")
 _STRIDES_5 = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 1, 1]]
 _STRIDES_4 = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
@@ -99,7 +102,54 @@ DEMO_CONFIGURATIONS: dict[str, dict] = {
     },
 }
 
-#: Training profiles: per stage, what :func:`train` runs. Plain data; the CLI's choices come from it.
+#: Job resources per step kind (plain data; :class:`spinemets.cluster.Resources` is built from it).
+#: The paper's 3d_fullres fold takes hours on one GPU at 250 epochs; nnU-Net's data augmentation
+#: wants many CPU workers per GPU. ``prepare`` and ``report`` are the notebook steps of a run; the
+#: report predicts the held-out cases (a GPU for the paper profile) and builds the book.
+_PAPER_RESOURCES = {
+    "prepare": {"time_min": 240, "mem_gb": 32, "cpus_per_task": 8},
+    "plan": {"time_min": 240, "mem_gb": 64, "cpus_per_task": 16},
+    "train": {"gpus_per_job": 1, "time_min": 24 * 60, "mem_gb": 64, "cpus_per_task": 12},
+    "finalize": {"time_min": 240, "mem_gb": 64, "cpus_per_task": 16},
+    "report": {"gpus_per_job": 1, "time_min": 8 * 60, "mem_gb": 64, "cpus_per_task": 12},
+}
+STEP_KINDS = tuple(_PAPER_RESOURCES)
+
+
+def _each_kind(**resources) -> dict[str, dict]:
+    return {kind: dict(resources) for kind in STEP_KINDS}
+
+
+_DEMO = {
+    "description": "CPU demo: one small configuration per stage, short AdamW schedule, fold 'all'",
+    "device": "cpu",
+    "find_best": False,
+    "min_lesion_ml": 0.1,
+    "min_vertebra_ml": 0.5,
+    "repair_vertebra_order": True,
+    "resources": _each_kind(time_min=60, mem_gb=8, cpus_per_task=2),
+    "stages": {
+        stage: {"configurations": [f"demo_{stage}"], "folds": ["all"],
+                "trainer": f"Spinemets{stage.capitalize()}DemoTrainer",
+                "extra_configurations": {f"demo_{stage}": DEMO_CONFIGURATIONS[f"demo_{stage}"]}}
+        for stage in labels_mod.STAGE_NAMES
+    },
+}
+
+
+def _derived(base: dict, stages: Mapping | None = None, **changes) -> dict:
+    """A profile that is ``base`` but for ``changes`` (top-level keys) and per-stage ``stages`` changes."""
+    out = copy.deepcopy(base)
+    out.update(copy.deepcopy(changes))
+    for stage in out["stages"]:
+        out["stages"][stage].update(copy.deepcopy(dict(stages or {})))
+    return out
+
+
+#: The one registry of training profiles: per stage, what :func:`train` runs, the inference
+#: clean-up, and the job resources per step kind. Plain data; the CLI's choices come from it, and
+#: a run profile (``profiles/*.yaml``) names one of these in its ``profile`` parameter. The
+#: profiles made from the demo's entry differ from it only where they say so.
 PROFILES: dict[str, dict] = {
     "paper": {
         "description": "the paper's protocol: four configurations x 5 folds, 250 epochs, CUDA, best configuration",
@@ -108,51 +158,33 @@ PROFILES: dict[str, dict] = {
         "min_lesion_ml": 0.0,
         "min_vertebra_ml": 0.0,
         "repair_vertebra_order": False,
+        "resources": _PAPER_RESOURCES,
         "stages": {
             stage: {"configurations": list(PAPER_CONFIGURATIONS), "folds": [0, 1, 2, 3, 4],
                     "trainer": "nnUNetTrainer_250epochs", "extra_configurations": {}}
             for stage in labels_mod.STAGE_NAMES
         },
     },
-    "demo": {
-        "description": "CPU demo: one small configuration per stage, short AdamW schedule, fold 'all'",
-        "device": "cpu",
-        "find_best": False,
-        "min_lesion_ml": 0.1,
-        "min_vertebra_ml": 0.5,
-        "repair_vertebra_order": True,
-        "stages": {
-            "vertebrae": {"configurations": ["demo_vertebrae"], "folds": ["all"],
-                          "trainer": "SpinemetsVertebraeDemoTrainer",
-                          "extra_configurations": {"demo_vertebrae": DEMO_CONFIGURATIONS["demo_vertebrae"]}},
-            "metastases": {"configurations": ["demo_metastases"], "folds": ["all"],
-                           "trainer": "SpinemetsMetastasesDemoTrainer",
-                           "extra_configurations": {"demo_metastases": DEMO_CONFIGURATIONS["demo_metastases"]}},
-        },
-    },
+    "demo": _DEMO,
     "gpu_check": {
         "description": "scripts/gpu_check.sh: nnU-Net's own 3d_fullres plan and training, a few epochs, fold 'all', CUDA",
         "device": "cuda",
         "find_best": False,
+        "min_lesion_ml": 0.0,
+        "min_vertebra_ml": 0.0,
+        "repair_vertebra_order": False,
+        "resources": {**_each_kind(time_min=60, mem_gb=32, cpus_per_task=8),
+                      "train": {"gpus_per_job": 1, "time_min": 60, "mem_gb": 32, "cpus_per_task": 8},
+                      "report": {"gpus_per_job": 1, "time_min": 60, "mem_gb": 32, "cpus_per_task": 8}},
         "stages": {
             stage: {"configurations": ["3d_fullres"], "folds": ["all"], "trainer": "SpinemetsGPUCheckTrainer",
                     "extra_configurations": {}}
             for stage in labels_mod.STAGE_NAMES
         },
     },
-    "ci": {
-        "description": "tests: the demo's configurations, a few iterations",
-        "device": "cpu",
-        "find_best": False,
-        "min_lesion_ml": 0.1,
-        "min_vertebra_ml": 0.5,
-        "repair_vertebra_order": True,
-        "stages": {
-            stage: {"configurations": [f"demo_{stage}"], "folds": ["all"], "trainer": "SpinemetsCITrainer",
-                    "extra_configurations": {f"demo_{stage}": DEMO_CONFIGURATIONS[f"demo_{stage}"]}}
-            for stage in labels_mod.STAGE_NAMES
-        },
-    },
+    "ci": _derived(_DEMO, {"trainer": "SpinemetsCITrainer"},
+                   description="tests: the demo's configurations, a few iterations",
+                   resources=_each_kind(time_min=20, mem_gb=4, cpus_per_task=1)),
 }
 
 
@@ -181,7 +213,23 @@ _FOLDER_VARS = {"nnUNet_raw": "raw", "nnUNet_preprocessed": "preprocessed", "nnU
 
 @dataclass(frozen=True)
 class Workspace:
-    """The three nnU-Net folders under one root; environment variables the user set take precedence."""
+    """Every path of a run, under one root: the one place the workspace layout is written down.
+
+    ========================  ============================================================
+    ``raw``                   nnU-Net's raw datasets (``<root>/raw``, or ``nnUNet_raw``)
+    ``preprocessed``          nnU-Net's preprocessed data (``<root>/preprocessed``)
+    ``results``               trained models and their selection (``<root>/results``)
+    ``manifest``              the cohort's manifest (``<root>/manifest.csv``, ``spinemets scan``)
+    ``predictions``           what ``spinemets predict`` writes (``<root>/predictions/CASE/...``)
+    ``evaluation(stage)``     what ``spinemets evaluate`` writes (``<root>/evaluation/<stage>``)
+    ``test_images(stage)``    the held-out CTs of a stage's raw dataset (``imagesTs``)
+    ``test_labels(stage)``    their reference label maps (``labelsTs``)
+    ========================  ============================================================
+
+    For the three nnU-Net folders, the environment variables ``nnUNet_raw``,
+    ``nnUNet_preprocessed`` and ``nnUNet_results``, where the user set them, take precedence.
+    The executed notebooks of a run go to the run folder of :func:`spinemets.runner.run`.
+    """
 
     root: Path = DEFAULT_WORKSPACE
 
@@ -203,6 +251,24 @@ class Workspace:
     @property
     def results(self) -> Path:
         return self._folder("nnUNet_results")
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    def evaluation(self, stage: str) -> Path:
+        labels_mod.check_stage(stage)
+        return self.root / "evaluation" / stage
+
+    def test_images(self, stage: str) -> Path:
+        return self.raw / self.dataset_name(stage) / "imagesTs"
+
+    def test_labels(self, stage: str) -> Path:
+        return self.raw / self.dataset_name(stage) / "labelsTs"
 
     def variables(self, extra_trainer_dirs: Sequence[str | Path] = ()) -> dict[str, str]:
         """The nnU-Net variables only: the three folders and ``nnUNet_extTrainer``."""
@@ -368,7 +434,7 @@ def add_configuration(plans_file: str | Path, name: str, spec: Mapping, base: st
 
 
 def planned_configurations(plans_file: str | Path) -> list[str]:
-    plans = json.loads(Path(plans_file).read_text(encoding="utf-8"))
+    plans = read_json(plans_file, "nnU-Net plans")
     return list(plans["configurations"])
 
 
@@ -407,7 +473,7 @@ def plan_and_preprocess(stage: str, profile: str = "demo", configurations: Seque
             print(f"NOTE: {cfg} is not in the plans of {name} (the planner dropped 3d_lowres); continuing without it.")
         else:
             raise SpinemetsError(f"{plans_file}: configuration {cfg!r} not planned; planned: {', '.join(available)}")
-    plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    plans = read_json(plans_file, "nnU-Net plans")
     todo = {}
     for cfg in usable:
         if cfg == "3d_cascade_fullres":
@@ -437,24 +503,44 @@ def _fold_arg(fold) -> str:
     return str(fold)
 
 
+@dataclass(frozen=True)
+class TrainingOptions:
+    """What :func:`train` may do other than the profile says; every field's default is the profile's.
+
+    ``trainer`` replaces the profile's trainer (found in ``extra_trainer_dirs`` too);
+    ``find_best`` runs (or skips) :func:`find_best_configuration` after training; ``npz`` saves
+    the validation probabilities the selection ensembles (default: when selecting); ``threads``
+    limits torch's CPU threads in the project's trainers (e.g. 1 to train two stages side by side
+    on two cores); ``num_gpus`` > 1 is nnU-Net's own multi-GPU training (``-num_gpus``);
+    ``dataset_id`` replaces the stage's default dataset id.
+    """
+
+    trainer: str | None = None
+    extra_trainer_dirs: tuple[str | Path, ...] = ()
+    find_best: bool | None = None
+    npz: bool | None = None
+    threads: int | None = None
+    num_gpus: int = 1
+    dataset_id: int | None = None
+
+
 def train(stage: str, profile: str = "demo", configurations: Sequence[str] | None = None,
           folds: Sequence[int | str] | None = None, device: str | None = None,
-          workspace: Workspace | str | Path | None = None, dataset_id: int | None = None,
-          trainer: str | None = None, extra_trainer_dirs: Sequence[str | Path] = (),
-          find_best: bool | None = None, threads: int | None = None, num_gpus: int = 1,
-          npz: bool | None = None) -> dict:
+          workspace: Workspace | str | Path | None = None, *, options: TrainingOptions | None = None) -> dict:
     """Plan, preprocess and train one stage as the profile says; return where the models are.
 
     For each configuration and fold (progress bars): skip it when ``checkpoint_final.pth``
     exists, resume it (``nnUNetv2_train ... --c``) when a latest/best checkpoint exists, train it
     from scratch otherwise. The paper profile saves validation probabilities (``--npz``) and
-    finally runs :func:`find_best_configuration`. ``threads`` limits torch's CPU threads in the
-    project's trainers (e.g. 1 to train two stages side by side on two cores); ``num_gpus`` > 1
-    is nnU-Net's own multi-GPU training (``-num_gpus``). Returns ``{"dataset", "trainer", "plans",
+    finally runs :func:`find_best_configuration`. ``options`` (:class:`TrainingOptions`) changes
+    the trainer, the selection, threads and GPUs. Returns ``{"dataset", "trainer", "plans",
     "configurations", "folds", "model_folders": {configuration: path}, "best": ... or None,
     "train_wall_s", "train_cpu_s"}`` (wall-clock and CPU seconds of the training commands; on a
     shared machine CPU seconds are the steadier measure).
     """
+    opts = options or TrainingOptions()
+    trainer, extra_trainer_dirs, find_best, npz = opts.trainer, opts.extra_trainer_dirs, opts.find_best, opts.npz
+    threads, num_gpus, dataset_id = opts.threads, opts.num_gpus, opts.dataset_id
     ws = _workspace(workspace)
     prof = get_profile(profile)
     entry = stage_plan(stage, profile)
@@ -479,11 +565,11 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     for cfg in tqdm(usable, desc=f"{stage}: configurations", unit="config"):
         for fold in tqdm(folds, desc=f"{stage} {cfg}: folds", unit="fold", leave=False):
             out = ws.model_folder(stage, cfg, trainer, dataset_id) / f"fold_{fold}"
-            if (out / "checkpoint_final.pth").exists():
+            if (out / CHECKPOINT_FINAL).exists():
                 log.info("%s: already trained, skipped", out)
                 continue
             args = [name.split("_")[0][7:], cfg, _fold_arg(fold), "-tr", trainer, "-p", PLANS, "-device", device]
-            if any((out / f).exists() for f in ("checkpoint_latest.pth", "checkpoint_best.pth")):
+            if any((out / f).exists() for f in (CHECKPOINT_LATEST, CHECKPOINT_BEST)):
                 args.append("--c")
             if npz:
                 args.append("--npz")
@@ -554,7 +640,7 @@ def find_best_configuration(stage: str, configurations: Sequence[str], folds: Se
     if not info.exists():
         return {}
     write_json(ws.results / name / SELECTION_RECORD, _selection_key(configurations, folds, trainer))
-    return json.loads(info.read_text(encoding="utf-8"))
+    return read_json(info, "nnU-Net's selection")
 
 
 def _selection_key(configurations, folds, trainer) -> dict:
@@ -564,9 +650,9 @@ def _selection_key(configurations, folds, trainer) -> dict:
 def _previous_selection(results: Path, configurations, folds, trainer) -> dict | None:
     """The existing ``inference_information.json`` when it was made for exactly these models, else None."""
     try:
-        key = json.loads((results / SELECTION_RECORD).read_text(encoding="utf-8"))
-        info = json.loads((results / "inference_information.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        key = read_json(results / SELECTION_RECORD, "selection record")
+        info = read_json(results / "inference_information.json", "nnU-Net's selection")
+    except SpinemetsError:  # missing or damaged: select again
         return None
     return info if key == _selection_key(configurations, folds, trainer) else None
 
@@ -576,23 +662,6 @@ def ensemble(input_folders: Sequence[str | Path], output_folder: str | Path,
     """Average the softmax outputs of several predictions (``nnUNetv2_ensemble``); folders hold ``.npz`` files."""
     ws = _workspace(workspace)
     run_nnunet("nnUNetv2_ensemble", ["-i", *map(str, input_folders), "-o", str(output_folder), "-np", str(processes)], ws)
-    return Path(output_folder)
-
-
-def predict_folder(input_folder: str | Path, output_folder: str | Path, stage: str, configuration: str,
-                   trainer: str, folds: Sequence[int | str], workspace: Workspace | str | Path | None = None,
-                   dataset_id: int | None = None, device: str = "cuda", save_probabilities: bool = False,
-                   tta: bool = True) -> Path:
-    """Predict a folder of ``CASE_0000.nii.gz`` images with ``nnUNetv2_predict``."""
-    ws = _workspace(workspace)
-    name = ws.dataset_name(stage, dataset_id)
-    args = ["-i", str(input_folder), "-o", str(output_folder), "-d", name.split("_")[0][7:], "-c", configuration,
-            "-tr", trainer, "-p", PLANS, "-f", *map(str, folds), "-device", device]
-    if save_probabilities:
-        args.append("--save_probabilities")
-    if not tta:
-        args.append("--disable_tta")
-    run_nnunet("nnUNetv2_predict", args, ws)
     return Path(output_folder)
 
 
@@ -620,7 +689,7 @@ def trained_models(stage: str, profile: str, workspace: Workspace | str | Path |
     for cfg, tr in chosen:
         folder = ws.model_folder(stage, cfg, tr, dataset_id)
         folds = sorted(p.name[5:] for p in folder.glob("fold_*")
-                       if (p / "checkpoint_final.pth").exists() or (p / "checkpoint_best.pth").exists())
+                       if (p / CHECKPOINT_FINAL).exists() or (p / CHECKPOINT_BEST).exists())
         if not folds:
             raise SpinemetsError(f"{folder}: no fold with a checkpoint; training did not finish")
         models.append({"folder": str(folder), "configuration": cfg, "trainer": tr,
@@ -634,13 +703,8 @@ def _selected(stage: str, profile: str, ws: Workspace, dataset_id: int | None) -
     info_file = ws.results / ws.dataset_name(stage, dataset_id) / "inference_information.json"
     if not get_profile(profile)["find_best"]:
         return info_file, {}
-    try:
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return info_file, {}
-    except json.JSONDecodeError as exc:
-        raise SpinemetsError(f"{info_file}: not valid JSON ({exc})") from None
-    return info_file, info.get("best_model_or_ensemble", {})
+    info = read_json(info_file, "nnU-Net's selection", missing={})
+    return info_file, info.get("best_model_or_ensemble", {}) if isinstance(info, dict) else {}
 
 
 def selected_postprocessing(stage: str, profile: str, workspace: Workspace | str | Path | None = None,
@@ -697,9 +761,9 @@ def load_predictor(model: Mapping, device: str = "cpu", tta: bool = False, works
     if threads:
         torch.set_num_threads(threads)
     folder = Path(model["folder"])
-    checkpoint = "checkpoint_final.pth"
+    checkpoint = CHECKPOINT_FINAL
     if not all((folder / f"fold_{f}" / checkpoint).exists() for f in model["folds"]):
-        checkpoint = "checkpoint_best.pth"
+        checkpoint = CHECKPOINT_BEST
     check_model_folder(folder, model["folds"], checkpoint)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
                                 perform_everything_on_device=device == "cuda", device=torch.device(device),
@@ -717,7 +781,7 @@ def load_predictor(model: Mapping, device: str = "cpu", tta: bool = False, works
     return predictor
 
 
-def check_model_folder(folder: str | Path, folds: Sequence[int | str], checkpoint: str = "checkpoint_final.pth") -> None:
+def check_model_folder(folder: str | Path, folds: Sequence[int | str], checkpoint: str = CHECKPOINT_FINAL) -> None:
     """A trained nnU-Net model folder, checked before nnU-Net loads it: ``dataset.json`` and
     ``plans.json`` are JSON objects with the keys inference needs, and each fold's checkpoint is a
     loadable PyTorch file holding network weights. Raises :class:`SpinemetsError` naming the file."""
@@ -740,14 +804,3 @@ def check_model_folder(folder: str | Path, folds: Sequence[int | str], checkpoin
                                  f"{' '.join(str(exc).split())[:150]})") from None
         if not isinstance(saved, dict) or not {"network_weights", "init_args", "trainer_name"} <= set(saved):
             raise SpinemetsError(f"{path}: not an nnU-Net checkpoint (no network_weights, init_args or trainer_name)")
-
-
-def read_json(path: str | Path, what: str = "JSON file"):
-    """The content of a JSON file; a missing file or invalid JSON is a :class:`SpinemetsError` naming it."""
-    from .io import require_file
-
-    path = require_file(path, what)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpinemetsError(f"{path}: {what} is not valid JSON ({exc})") from None

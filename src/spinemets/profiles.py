@@ -16,6 +16,11 @@ A profile is a YAML file. ``load_profile("demo")`` reads ``profiles/demo.yaml`` 
 
 Relative paths, of notebooks and in parameters, are relative to the project root, which is also
 the working directory the notebooks run in.
+
+A run profile and a training profile are one concept with one lookup: the run profile's
+``profile`` parameter names its entry in :data:`spinemets.nnunet.PROFILES` (what is trained,
+the inference clean-up, the job resources per step kind); an unknown name is an error here,
+when the YAML file is loaded, not hours later.
 """
 
 from __future__ import annotations
@@ -130,6 +135,13 @@ def _parse(data: Any, path: Path) -> Profile:
         if extra:
             raise SpinemetsError(f"{path}: notebook entry {entry['path']!r} has unknown key(s) {extra}")
         steps.append(NotebookStep(entry["path"], _mapping(entry.get("parameters"), path, entry["path"])))
+    from .nnunet import PROFILES as TRAINING_PROFILES  # the one registry of training profiles
+
+    for where, params in [("parameters", shared), *((step.path, step.parameters) for step in steps)]:
+        name = params.get("profile")
+        if name is not None and name not in TRAINING_PROFILES:
+            raise SpinemetsError(f"{path}: {where}: unknown training profile {name!r}; "
+                                 f"choose one of {', '.join(TRAINING_PROFILES)}")
     stems = [s.stem for s in steps]
     duplicated = sorted({s for s in stems if stems.count(s) > 1})
     if duplicated:

@@ -17,8 +17,7 @@
    clone builds a complete book without any run. The results page (``book/results.md``) finds the
    run through the environment variable :data:`RUN_DIR_ENV`, which is set for the book build only.
 
-The second half of the module serves that results page: the run's provenance, the paper's values
-(``book/data/paper_results.csv``) and the table that sets them side by side with ours.
+The results page itself is served by :mod:`spinemets.results`.
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ PROVENANCE = "provenance.json"
 RUN_TOC = "_toc.yml"
 #: Environment variable naming the run folder, set for the book build (read by book/results.md).
 RUN_DIR_ENV = "SPINEMETS_RUN_DIR"
-PAPER_RESULTS = "book/data/paper_results.csv"
 #: Notebooks that train a stage (stem -> stage); :func:`spinemets.cluster.run_steps` turns them into jobs.
 TRAINING_NOTEBOOKS = {"03_train_vertebrae": "vertebrae", "04_train_metastases": "metastases"}
 #: Packages whose versions go into the provenance.
@@ -391,145 +389,3 @@ def build(root: str | Path | None = None, run_dir: str | Path | None = None) -> 
 # ---------------------------------------------------------------------------------------------
 # The results page
 # ---------------------------------------------------------------------------------------------
-
-
-def run_dir(root: str | Path | None = None) -> Path:
-    """The run the book shows: :data:`RUN_DIR_ENV` when set, else ``build/executed`` of the project."""
-    if os.environ.get(RUN_DIR_ENV):
-        return Path(os.environ[RUN_DIR_ENV])
-    return find_project_root(root) / DEFAULT_OUT_DIR
-
-
-def read_provenance(folder: str | Path) -> dict | None:
-    """The ``provenance.json`` of a run folder, or None when the folder holds no run."""
-    path = Path(folder) / PROVENANCE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SpinemetsError(f"{path}: unreadable run provenance ({exc})") from None
-
-
-def run_parameter(provenance: Mapping, name: str) -> Any:
-    """The value of parameter ``name`` in the last notebook of a run that was given it (None if none)."""
-    value = None
-    for entry in provenance.get("notebooks", []):
-        if name in entry.get("parameters", {}):
-            value = entry["parameters"][name]
-    return value
-
-
-def evaluation_dir(workspace: str | Path, stage: str) -> Path:
-    """Where the evaluation notebook writes a stage's tables: ``<workspace>/evaluation/<stage>``."""
-    return Path(workspace) / "evaluation" / stage
-
-
-def run_workspace(provenance: Mapping | None, root: str | Path | None = None) -> Path | None:
-    """The ``workspace`` parameter of a run as a path (relative ones are relative to the project root)."""
-    workspace = run_parameter(provenance, "workspace") if provenance else None
-    if workspace is None:
-        return None
-    return Path(workspace) if Path(workspace).is_absolute() else find_project_root(root) / workspace
-
-
-def run_summaries(provenance: Mapping | None, root: str | Path | None = None) -> dict[str, pd.DataFrame | None]:
-    """The evaluation summaries of a run per stage (None where the run has none). The run's
-    ``workspace`` parameter is relative to the project root unless absolute."""
-    workspace = run_workspace(provenance, root)
-    return {stage: None if workspace is None else read_summary(evaluation_dir(workspace, stage))
-            for stage in ("vertebrae", "metastases")}
-
-
-def run_per_case(provenance: Mapping | None, stage: str, root: str | Path | None = None) -> pd.DataFrame | None:
-    """A stage's ``per_case.csv`` (case, class, metric, value) of a run, or None."""
-    workspace = run_workspace(provenance, root)
-    if workspace is None:
-        return None
-    path = evaluation_dir(workspace, stage) / "per_case.csv"
-    return pd.read_csv(path) if path.is_file() else None
-
-
-def provenance_statement(provenance: Mapping | None) -> str:
-    """One Markdown paragraph saying which profile produced the book's numbers and what they mean."""
-    if not provenance:
-        return ("**No pipeline run is included in this build.** The table shows the paper's published "
-                "values only. Run `spinemets run --profile demo` (synthetic cohort, CPU) or "
-                "`spinemets run --profile paper` (public cohort, GPU) to add ours.")
-    prof = provenance.get("profile", {})
-    device = run_parameter(provenance, "device") or "unknown device"
-    finished = provenance.get("finished") or provenance.get("started") or "unknown time"
-    status = provenance.get("status", "?")
-    text = (f"These numbers were produced by the **{prof.get('name', '?')}** profile "
-            f"(`{prof.get('file', '?')}`) on **{str(device).upper()}**, run finished {finished}"
-            + ("." if status in ("executed", "ok") else f", **status: {status}**.")
-            + (f" Command: `{provenance['command']}`." if provenance.get("command") else ""))
-    if prof.get("cohort") == "synthetic":
-        text += (" **They come from a synthetic cohort"
-                 + (" on a CPU" if str(device).lower() == "cpu" else "")
-                 + ": they show that the pipeline runs end to end and learns, and say nothing about "
-                 "performance on patients. They are not comparable with the paper's values.**")
-    else:
-        text += " They come from the public cohort of the paper."
-    return text
-
-
-def read_paper_results(path: str | Path | None = None) -> pd.DataFrame:
-    """The paper's reported values (``book/data/paper_results.csv``): one row per stage, class and
-    metric with either a ``value`` or a ``low``-``high`` range, and its ``source``."""
-    path = Path(path) if path is not None else find_project_root() / PAPER_RESULTS
-    try:
-        frame = pd.read_csv(path)
-    except FileNotFoundError:
-        raise SpinemetsError(f"{path}: paper results file not found") from None
-    missing = {"stage", "configuration", "class", "metric", "value", "low", "high", "source"} - set(frame.columns)
-    if missing:
-        raise SpinemetsError(f"{path}: missing column(s) {sorted(missing)}")
-    return frame
-
-
-#: Our metric (in ``summary.csv`` of :func:`spinemets.metrics.evaluate_folders`) for each paper metric.
-OUR_METRIC = {"dice": "dice", "f2": "fbeta", "pq": "pq"}
-
-
-def read_summary(folder: str | Path) -> pd.DataFrame | None:
-    """A stage's ``summary.csv`` (columns class, metric, aggregate, value, ci_low, ci_high, n, n_nan),
-    or None when the folder has none."""
-    path = Path(folder) / "summary.csv"
-    return pd.read_csv(path) if path.is_file() else None
-
-
-def compare_with_paper(paper: pd.DataFrame, summaries: Mapping[str, pd.DataFrame | None]) -> pd.DataFrame:
-    """The paper's values beside ours, as display strings.
-
-    For a paper value of one class, ours is the mean over cases of the matching metric
-    (:data:`OUR_METRIC`; the paper's F2 is compared with our voxel-level F-beta, beta = 2) with its
-    bootstrap 95 % interval. For a paper range over all vertebrae, ours is the range of the
-    per-vertebra means (vertebrae present in at least one reference) and their mean. Missing runs
-    or classes show "–".
-    """
-    rows = []
-    for rec in paper.to_dict("records"):
-        summary = summaries.get(rec["stage"])
-        ours, n = "–", "–"
-        metric = OUR_METRIC.get(rec["metric"], rec["metric"])
-        if summary is not None:
-            means = summary[(summary["aggregate"] == "mean") & (summary["metric"] == metric)]
-            if pd.notna(rec["value"]):
-                hit = means[(means["class"] == rec["class"]) & means["value"].notna()]
-                if not hit.empty:
-                    h = hit.iloc[0]
-                    ours, n = f"{h['value']:.2f} ({h['ci_low']:.2f}–{h['ci_high']:.2f})", str(int(h["n"]))
-            else:
-                per_class = means[(means["class"] != "all") & (means["n"] > 0)].dropna(subset=["value"])
-                if not per_class.empty:
-                    ours = (f"{per_class['value'].min():.2f}–{per_class['value'].max():.2f} "
-                            f"(mean {per_class['value'].mean():.2f})")
-                    n = f"{len(per_class)} vertebrae"
-        paper_text = f"{rec['value']:.2f}" if pd.notna(rec["value"]) else f"{rec['low']:.2f}–{rec['high']:.2f}"
-        rows.append({"stage": rec["stage"], "class": rec["class"], "metric": _METRIC_LABEL.get(rec["metric"], rec["metric"]),
-                     "paper": paper_text, "paper configuration": rec["configuration"], "ours": ours, "n": n})
-    return pd.DataFrame(rows, columns=["stage", "class", "metric", "paper", "paper configuration", "ours", "n"])
-
-
-_METRIC_LABEL = {"dice": "Dice", "f2": "F2", "pq": "PQ"}

@@ -639,7 +639,7 @@ def synthesize_case(index: int, seed: int, preset: str = "demo") -> dict:
     for lesion in lesions:
         value = 1 if lesion["type"] == "lytic" else 2
         sel = lesion["mask"] & (meta_lab == value)
-        hu[sel] = lesion["hu"] + (rng.normal(0.0, 25.0, int(sel.sum())) if value == 2 else 0.0)
+        hu[sel] = lesion["hu"] + (rng.normal(0.0, 25.0, int(sel.sum())) if value == labels_mod.SCLEROTIC else 0.0)
     ct = _finish_ct(rng, hu, grid, cfg)
     del hu
 
@@ -776,6 +776,10 @@ def _finish_ct(rng, hu, grid, cfg):
 def _make_lesions(rng, grid, tissue, vert, sites, cfg, demo, style, run):
     """Plant 0-5 lesions; returns a list of lesion dicts (type, segment, site, mask, hu).
 
+    (Nine parameters: this private step of one case's generation receives that case's state as it
+    stands, the random generator, grid, tissue and vertebra maps, sites, preset and demographics;
+    bundling them would only rename them.)
+
     A case's pattern follows its primary site: lytic only, sclerotic only, or (three cases in ten)
     mixed, where each lesion's type is a coin flip and a lesion may come with one of the other type
     drawn over its border.
@@ -809,7 +813,10 @@ def _make_lesions(rng, grid, tissue, vert, sites, cfg, demo, style, run):
 
 
 def _plant(rng, grid, tissue, vert, sites, cfg, whole, outside, kind, near=None):
-    """One lesion: a blob of one or two ellipsoids intersected with the bone it sits in."""
+    """One lesion: a blob of one or two ellipsoids intersected with the bone it sits in.
+
+    (Ten parameters for the same reason as :func:`_make_lesions`, which alone calls it.)
+    """
     rmin, rmax = cfg["lesion_radius_mm"]
     if near is not None:
         r = max(rmin, 0.7 * near["radius"])

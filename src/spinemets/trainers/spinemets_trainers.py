@@ -17,7 +17,7 @@ The demo trains on 2 CPU cores in minutes, so these trainers change nnU-Net's de
   training cases (nnU-Net would predict them all with its sliding window);
 * **CPU threads** from ``SPINEMETS_TORCH_THREADS`` when set (nnU-Net itself uses one per core):
   these small networks gain little from a second thread, so two stages can train side by side
-  with one thread each (:func:`spinemets.nnunet.train` ``threads=``);
+  with one thread each (``threads`` of :class:`spinemets.nnunet.TrainingOptions`);
 * **bfloat16 mixed precision on CPUs with bfloat16 matrix units** (AMX or AVX512-BF16, see
   :func:`cpu_bf16_supported`): nnU-Net autocasts on CUDA only; on such CPUs the network's forward
   pass runs under ``torch.autocast("cpu", bfloat16)`` (weights, optimizer and loss stay float32),

@@ -1,0 +1,162 @@
+"""The results page of the book (``book/results.md``): which run it shows, and its numbers beside the paper's.
+
+:func:`run_dir` finds the run (the folder :func:`spinemets.runner.run` executed the notebooks
+into, named by :data:`spinemets.runner.RUN_DIR_ENV` during the book build), :func:`read_provenance`
+reads what produced it, :func:`run_summaries` and :func:`run_per_case` read the tables the
+evaluation wrote into the run's workspace (:meth:`spinemets.nnunet.Workspace.evaluation`), and
+:func:`compare_with_paper` sets them beside the paper's values (``book/data/paper_results.csv``).
+This module serves the book; the command that produces what it shows is ``spinemets run``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from .errors import SpinemetsError
+from .io import read_json
+from .labels import STAGE_NAMES
+from .profiles import find_project_root
+from .runner import DEFAULT_OUT_DIR, PROVENANCE, RUN_DIR_ENV
+
+PAPER_RESULTS = "book/data/paper_results.csv"
+
+
+def run_dir(root: str | Path | None = None) -> Path:
+    """The run the book shows: :data:`RUN_DIR_ENV` when set, else ``build/executed`` of the project."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    return find_project_root(root) / DEFAULT_OUT_DIR
+
+
+def read_provenance(folder: str | Path) -> dict | None:
+    """The ``provenance.json`` of a run folder, or None when the folder holds no run."""
+    return read_json(Path(folder) / PROVENANCE, "run provenance", missing=None)
+
+
+def run_parameter(provenance: Mapping, name: str) -> Any:
+    """The value of parameter ``name`` in the last notebook of a run that was given it (None if none)."""
+    value = None
+    for entry in provenance.get("notebooks", []):
+        if name in entry.get("parameters", {}):
+            value = entry["parameters"][name]
+    return value
+
+
+def run_workspace(provenance: Mapping | None, root: str | Path | None = None) -> Path | None:
+    """The ``workspace`` parameter of a run as a path (relative ones are relative to the project root)."""
+    workspace = run_parameter(provenance, "workspace") if provenance else None
+    if workspace is None:
+        return None
+    return Path(workspace) if Path(workspace).is_absolute() else find_project_root(root) / workspace
+
+
+def run_summaries(provenance: Mapping | None, root: str | Path | None = None) -> dict[str, pd.DataFrame | None]:
+    """The evaluation summaries of a run per stage (None where the run has none). The run's
+    ``workspace`` parameter is relative to the project root unless absolute."""
+    workspace = run_workspace(provenance, root)
+    return {stage: None if workspace is None else read_summary(_workspace(workspace).evaluation(stage))
+            for stage in STAGE_NAMES}
+
+
+def run_per_case(provenance: Mapping | None, stage: str, root: str | Path | None = None) -> pd.DataFrame | None:
+    """A stage's ``per_case.csv`` (case, class, metric, value) of a run, or None."""
+    workspace = run_workspace(provenance, root)
+    if workspace is None:
+        return None
+    path = _workspace(workspace).evaluation(stage) / "per_case.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def provenance_statement(provenance: Mapping | None) -> str:
+    """One Markdown paragraph saying which profile produced the book's numbers and what they mean."""
+    if not provenance:
+        return ("**No pipeline run is included in this build.** The table shows the paper's published "
+                "values only. Run `spinemets run --profile demo` (synthetic cohort, CPU) or "
+                "`spinemets run --profile paper` (public cohort, GPU) to add ours.")
+    prof = provenance.get("profile", {})
+    device = run_parameter(provenance, "device") or "unknown device"
+    finished = provenance.get("finished") or provenance.get("started") or "unknown time"
+    status = provenance.get("status", "?")
+    text = (f"These numbers were produced by the **{prof.get('name', '?')}** profile "
+            f"(`{prof.get('file', '?')}`) on **{str(device).upper()}**, run finished {finished}"
+            + ("." if status in ("executed", "ok") else f", **status: {status}**.")
+            + (f" Command: `{provenance['command']}`." if provenance.get("command") else ""))
+    if prof.get("cohort") == "synthetic":
+        text += (" **They come from a synthetic cohort"
+                 + (" on a CPU" if str(device).lower() == "cpu" else "")
+                 + ": they show that the pipeline runs end to end and learns, and say nothing about "
+                 "performance on patients. They are not comparable with the paper's values.**")
+    else:
+        text += " They come from the public cohort of the paper."
+    return text
+
+
+def read_paper_results(path: str | Path | None = None) -> pd.DataFrame:
+    """The paper's reported values (``book/data/paper_results.csv``): one row per stage, class and
+    metric with either a ``value`` or a ``low``-``high`` range, and its ``source``."""
+    path = Path(path) if path is not None else find_project_root() / PAPER_RESULTS
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise SpinemetsError(f"{path}: paper results file not found") from None
+    missing = {"stage", "configuration", "class", "metric", "value", "low", "high", "source"} - set(frame.columns)
+    if missing:
+        raise SpinemetsError(f"{path}: missing column(s) {sorted(missing)}")
+    return frame
+
+
+#: Our metric (in ``summary.csv`` of :func:`spinemets.metrics.evaluate_folders`) for each paper metric.
+OUR_METRIC = {"dice": "dice", "f2": "fbeta", "pq": "pq"}
+
+
+def read_summary(folder: str | Path) -> pd.DataFrame | None:
+    """A stage's ``summary.csv`` (columns class, metric, aggregate, value, ci_low, ci_high, n, n_nan),
+    or None when the folder has none."""
+    path = Path(folder) / "summary.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def compare_with_paper(paper: pd.DataFrame, summaries: Mapping[str, pd.DataFrame | None]) -> pd.DataFrame:
+    """The paper's values beside ours, as display strings.
+
+    For a paper value of one class, ours is the mean over cases of the matching metric
+    (:data:`OUR_METRIC`; the paper's F2 is compared with our voxel-level F-beta, beta = 2) with its
+    bootstrap 95 % interval. For a paper range over all vertebrae, ours is the range of the
+    per-vertebra means (vertebrae present in at least one reference) and their mean. Missing runs
+    or classes show "–".
+    """
+    rows = []
+    for rec in paper.to_dict("records"):
+        summary = summaries.get(rec["stage"])
+        ours, n = "–", "–"
+        metric = OUR_METRIC.get(rec["metric"], rec["metric"])
+        if summary is not None:
+            means = summary[(summary["aggregate"] == "mean") & (summary["metric"] == metric)]
+            if pd.notna(rec["value"]):
+                hit = means[(means["class"] == rec["class"]) & means["value"].notna()]
+                if not hit.empty:
+                    h = hit.iloc[0]
+                    ours, n = f"{h['value']:.2f} ({h['ci_low']:.2f}–{h['ci_high']:.2f})", str(int(h["n"]))
+            else:
+                per_class = means[(means["class"] != "all") & (means["n"] > 0)].dropna(subset=["value"])
+                if not per_class.empty:
+                    ours = (f"{per_class['value'].min():.2f}–{per_class['value'].max():.2f} "
+                            f"(mean {per_class['value'].mean():.2f})")
+                    n = f"{len(per_class)} vertebrae"
+        paper_text = f"{rec['value']:.2f}" if pd.notna(rec["value"]) else f"{rec['low']:.2f}–{rec['high']:.2f}"
+        rows.append({"stage": rec["stage"], "class": rec["class"], "metric": _METRIC_LABEL.get(rec["metric"], rec["metric"]),
+                     "paper": paper_text, "paper configuration": rec["configuration"], "ours": ours, "n": n})
+    return pd.DataFrame(rows, columns=["stage", "class", "metric", "paper", "paper configuration", "ours", "n"])
+
+
+_METRIC_LABEL = {"dice": "Dice", "f2": "F2", "pq": "PQ"}
+
+
+def _workspace(folder: Path):
+    from .nnunet import Workspace
+
+    return Workspace(folder)
