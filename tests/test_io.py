@@ -147,7 +147,9 @@ def test_sheared_directions_are_refused_and_never_written(tmp_path):
 
 
 def test_error_lines_are_one_line_and_name_the_path():
-    assert cli.error_line(SpinemetsError("a.csv: two\nlines")) == "spinemets: error: a.csv: two lines"
+    assert cli.error_line(SpinemetsError("a.csv: two\nlines")) == "spinemets: error: a.csv: two\\nlines"
+    # a tab or line break in a path is shown escaped, not turned into another path
+    assert cli.error_line(SpinemetsError("ct\tx.nrrd: bad")) == "spinemets: error: ct\\tx.nrrd: bad"
     err = IsADirectoryError(21, "Is a directory", "/x/out")
     assert cli.error_line(err) == "spinemets: error: /x/out: Is a directory"
     assert cli.error_line(KeyError("k")).startswith("spinemets: error: internal error (KeyError")

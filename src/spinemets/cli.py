@@ -272,7 +272,8 @@ def error_line(exc: BaseException) -> str:
     """The one line the command prints for an error: ``spinemets: error: PATH: what is wrong``.
 
     :class:`SpinemetsError` messages already start with the path; an :class:`OSError` gets its
-    file name and the system's reason. Line breaks inside a message are folded into spaces.
+    file name and the system's reason. Control characters (a line break or tab inside a path or
+    a message) are written as escapes (``\\n``, ``\\t``), so the error is one line.
     """
     if isinstance(exc, SpinemetsError):
         text = str(exc)
@@ -283,13 +284,22 @@ def error_line(exc: BaseException) -> str:
             text = f"{where}: {exc.strerror or exc} (with {exc.filename2})"
     else:
         text = f"internal error ({type(exc).__name__}: {exc}); please report it with the output of -v"
-    return "spinemets: error: " + " ".join(text.split())
+    return "spinemets: error: " + text.translate(_ESCAPES)
+
+
+#: Control characters written as escapes, so that the error stays on one line and a path that
+#: holds a tab or a line break is shown as it is (``ct\tx.nrrd``), not changed into another.
+_ESCAPES = {i: f"\\x{i:02x}" for i in [*range(32), 127]} | {9: "\\t", 10: "\\n", 13: "\\r"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not args.verbose:  # ITK's own warnings go to the terminal, past Python; the checks here say it in one line
+        import SimpleITK as sitk
+
+        sitk.ProcessObject_SetGlobalWarningDisplay(False)
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -678,12 +678,14 @@ def wait(run_folder: str | Path, poll_s: float = 30.0, timeout_s: float | None =
             bad = table[table["status"].isin(("failed", "cancelled", "blocked", "not submitted"))
                         | table["step"].isin(lost)]
             if len(bad):
-                lines = [f"  {r.step}: {r.status} ({r.reason or r.state}); log: {r.log or '-'}" for r in bad.itertuples()]
-                raise SpinemetsError(f"{folder}: {len(bad)} step(s) did not complete:\n" + "\n".join(lines)
-                                     + f"\nsend them again with: spinemets jobs {folder} --resubmit")
+                lines = [f"{r.step}: {r.status} ({r.reason or r.state}); log: {r.log or '-'}" for r in bad.itertuples()]
+                raise SpinemetsError(f"{folder}: {len(bad)} step(s) did not complete: " + " | ".join(lines)
+                                     + f" | send them again with: spinemets jobs {folder} --resubmit")
             if deadline is not None and now > deadline:
+                for line in table.to_string(index=False).splitlines():
+                    log.error("%s", line)
                 raise SpinemetsError(f"{folder}: not done after {timeout_s:g} s; "
-                                     f"{len(table) - done} step(s) left:\n{table.to_string(index=False)}")
+                                     f"{len(table) - done} step(s) left (listed above)")
             time.sleep(poll_s)
             table = status(folder)
     finally:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import labels as labels_mod
-from .errors import SpinemetsError
+from .errors import SpinemetsError, unknown_choice
 from .io import (PARTIAL_PREFIX, case_id_problem, check_case_id, check_output_dir, check_output_file,
                  check_same_geometry, image_from_array, inside, output_folder, read_image, remove_partials,
                  read_json, require_dir, require_file, write_csv, write_image, write_json)
@@ -121,7 +121,8 @@ def scan(
         check_output_file(out_csv, "manifest file")
     segmentations = dict(DEFAULT_SEGMENTATION_PATTERNS if segmentations is None else segmentations)
     for stage in segmentations:
-        labels_mod.check_stage(stage)
+        if stage not in labels_mod.STAGES:
+            raise unknown_choice("stage", stage, labels_mod.STAGE_NAMES, "--segmentation")
     images = _find(root, image)
     if not images:
         raise SpinemetsError(f"{root}: no image matches {image!r}")
@@ -192,7 +193,7 @@ def read_manifest(manifest: str | Path | pd.DataFrame) -> pd.DataFrame:
 
 def dataset_folder_name(stage: str, dataset_id: int) -> str:
     if not 1 <= int(dataset_id) <= 999:
-        raise SpinemetsError(f"dataset id {dataset_id} must be between 1 and 999")
+        raise SpinemetsError(f"--dataset-id: must be between 1 and 999, not {dataset_id}")
     return f"Dataset{int(dataset_id):03d}_{labels_mod.STAGES[stage]['dataset_name']}"
 
 

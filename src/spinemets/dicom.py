@@ -139,11 +139,11 @@ def _pick_series(folder: Path, series: dict[str, list[Path]], series_uid: str | 
         if series_uid in series:
             return series_uid
         raise SpinemetsError(
-            f"{folder}: no DICOM series with UID {series_uid}; the folder holds:\n{_describe(series)}"
+            f"{folder}: no DICOM series with UID {series_uid}; the folder holds: {_describe(series)}"
         )
     if len(series) > 1:
         raise SpinemetsError(
-            f"{folder}: holds {len(series)} DICOM series; pick one by its UID (--series-uid):\n{_describe(series)}"
+            f"{folder}: holds {len(series)} DICOM series; pick one by its UID (--series-uid): {_describe(series)}"
         )
     return next(iter(series))
 
@@ -162,8 +162,8 @@ def _describe(series: dict[str, list[Path]]) -> str:
     lines = []
     for uid, files in series.items():
         s = _summary(uid, files)
-        lines.append(f"  {s['uid']}  ({s['modality']}, {s['files']} file(s), {s['columns']}x{s['rows']} pixels)")
-    return "\n".join(lines)
+        lines.append(f"{s['uid']} ({s['modality']}, {s['files']} file(s), {s['columns']}x{s['rows']} pixels)")
+    return "; ".join(lines)
 
 
 def _header_reader(path: Path) -> sitk.ImageFileReader | None:

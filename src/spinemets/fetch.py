@@ -234,6 +234,8 @@ def _parse_checksum(value, name: str, source: str) -> tuple[str, str]:
 
 def _check_relative_name(name: str, where) -> None:
     """Raise unless ``name`` is a relative path that stays inside the folder it is written to."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise SpinemetsError(f"{where}: entry {name!r} holds control characters; refusing it")
     pure = PurePosixPath(name.replace("\\", "/"))
     if pure.is_absolute() or ".." in pure.parts or re.match(r"^[A-Za-z]:", name) or not pure.parts:
         raise SpinemetsError(f"{where}: entry '{name}' would be written outside the output folder; refusing it")
@@ -256,7 +258,12 @@ def _fetch_file(session: requests.Session, remote: RemoteFile, out_dir: Path, re
             return
         log.warning("%s: present but does not match the record's checksum; downloading it again", target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _with_retries(lambda: _download_once(session, remote, partial, target), remote.url, retries, backoff)
+    try:
+        _with_retries(lambda: _download_once(session, remote, partial, target), remote.url, retries, backoff)
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):  # a handled failure leaves no half-written file
+            partial.unlink(missing_ok=True)       # (a killed run's partial file is resumed next time)
+        raise
 
 
 def _verified(path: Path, remote: RemoteFile) -> bool:
@@ -288,7 +295,10 @@ def _download_once(session: requests.Session, remote: RemoteFile, partial: Path,
     if remote.size is not None and got < remote.size:
         raise _Transient("transfer ended early", f" ({got} of {remote.size} bytes)")
     digest = hasher.hexdigest()
-    if digest != remote.digest or (remote.size is not None and got != remote.size):
+    if remote.size is not None and got != remote.size:
+        partial.unlink()
+        raise _Transient("size mismatch", f" for {remote.name} (the record lists {remote.size} bytes, got {got})")
+    if digest != remote.digest:
         partial.unlink()
         raise _Transient(
             "checksum mismatch", f" for {remote.name} (expected {remote.checksum}, got {remote.algorithm}:{digest})"

@@ -359,7 +359,65 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     check_image(image, path, what)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti(path, what)
+    elif path.name.lower().endswith(".nrrd"):
+        _check_nrrd_data(path, what)
     return image
+
+
+#: Bytes per voxel of the NRRD type names (NRRD format specification, "type" field).
+_NRRD_TYPE_SIZES = {
+    **dict.fromkeys(["signed char", "int8", "uchar", "unsigned char", "uint8"], 1),
+    **dict.fromkeys(["short", "short int", "signed short", "signed short int", "int16", "ushort",
+                     "unsigned short", "unsigned short int", "uint16"], 2),
+    **dict.fromkeys(["int", "signed int", "int32", "uint", "unsigned int", "uint32", "float"], 4),
+    **dict.fromkeys(["longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
+                     "ulonglong", "unsigned long long", "unsigned long long int", "uint64", "double"], 8),
+}
+
+
+def _check_nrrd_data(path: Path, what: str) -> None:
+    """What ITK's NRRD reader lets through silently, refused: raw data longer than the header says
+    (ITK reads the first bytes, as another type than written), and an ``encoding: gzip`` whose data
+    is not gzip (ITK falls back to reading them raw)."""
+    import gzip
+    import zlib
+
+    import nrrd
+
+    try:
+        header = nrrd.read_header(str(path))
+        with open(path, "rb") as fh:
+            while fh.readline().strip():  # the header ends at the first empty line
+                pass
+            offset = fh.tell()
+    except (nrrd.NRRDError, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise SpinemetsError(f"{path}: cannot read {what} header ({_one_line(exc)[:200]})") from None
+    if "data file" in header or "datafile" in header or int(header.get("line skip", 0) or 0) \
+            or int(header.get("byte skip", 0) or 0):
+        return  # detached or skipped data: ITK's reading is the reference
+    itemsize = _NRRD_TYPE_SIZES.get(" ".join(str(header.get("type", "")).lower().replace("_t", "").split()))
+    if itemsize is None:  # "block" or an unknown type: ITK read it; nothing to compare with
+        return
+    expected = int(np.prod(header["sizes"])) * itemsize
+    encoding = str(header.get("encoding", "raw")).lower()
+    if encoding == "raw":
+        stored = path.stat().st_size - offset
+    elif encoding in ("gzip", "gz"):
+        try:
+            stored = 0
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                with gzip.GzipFile(fileobj=fh) as gz:
+                    while chunk := gz.read(1 << 22):
+                        stored += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise SpinemetsError(f"{path}: {what} says encoding gzip, but its data are not gzip "
+                                 f"({_one_line(exc)[:120]})") from None
+    else:
+        return
+    if stored != expected:
+        raise SpinemetsError(f"{path}: {what} holds {stored} bytes of voxel data, but its header describes "
+                             f"{expected} (sizes {[int(v) for v in header['sizes']]}, type {header.get('type')})")
 
 
 def _check_nifti(path: Path, what: str) -> None:
@@ -388,6 +446,11 @@ def _check_nifti(path: Path, what: str) -> None:
     if stored < expected:
         raise SpinemetsError(f"{path}: {what} is truncated: {stored} of {expected} bytes "
                              "(the missing voxels would read as 0)")
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if qcode and scode and not np.allclose(qform, sform, atol=1e-3, rtol=1e-4):
+        raise SpinemetsError(f"{path}: {what} has a qform and an sform that disagree; readers differ on which "
+                             "they use, so its geometry is ambiguous (rewrite it with one of them)")
     if header.get_data_dtype().kind != "f":
         return
     values = np.asanyarray(nifti.dataobj)
@@ -403,6 +466,9 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+#: The largest origin coordinate or voxel spacing taken as real (mm): 1 km. Beyond it a header is
+#: damaged, and the values would not survive a float32 NIfTI header.
+GEOMETRY_LIMIT_MM = 1e6
 #: How far a direction matrix may be from orthonormal (absolute, per entry of D^T D - I).
 DIRECTION_TOLERANCE = 1e-4
 
@@ -418,6 +484,9 @@ def check_geometry(spacing, origin, direction, path: str | Path, what: str = "im
         raise SpinemetsError(f"{path}: {what} has voxel spacing {_fmt(spacing)}; expected finite positive values")
     if not np.all(np.isfinite(np.asarray(origin, dtype=float))):
         raise SpinemetsError(f"{path}: {what} has a non-finite origin {_fmt(origin)}")
+    if np.any(np.abs(np.asarray(origin, dtype=float)) > GEOMETRY_LIMIT_MM) or np.any(spacing > GEOMETRY_LIMIT_MM):
+        raise SpinemetsError(f"{path}: {what} has an origin {_fmt(origin)} or spacing {_fmt(spacing)} beyond "
+                             f"{GEOMETRY_LIMIT_MM:g} mm; no scanner places voxels there (a damaged header?)")
     matrix = np.asarray(direction, dtype=float).reshape(3, 3)
     if not np.all(np.isfinite(matrix)):
         raise SpinemetsError(f"{path}: {what} has a non-finite direction matrix")

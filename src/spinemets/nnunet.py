@@ -374,7 +374,11 @@ def run_nnunet(program: str, args: Sequence[str], workspace: Workspace, log_file
             _end_group(proc.pid)
             reader.join(timeout=10)
     if code != 0:
-        raise SpinemetsError(f"{program} failed (exit {code}): {' '.join(cmd)}\n" + "\n".join(tail))
+        for line in tail:
+            log.error("%s: %s", program, line)
+        where = log_file if log_file is not None else program
+        raise SpinemetsError(f"{where}: {program} failed (exit {code}): {' '.join(cmd)}; its last lines are above"
+                             + (f", all of it in {log_file}" if log_file is not None else ""))
 
 
 def _end_group(pgid: int) -> None:

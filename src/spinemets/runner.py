@@ -381,8 +381,10 @@ def build(root: str | Path | None = None, run_dir: str | Path | None = None) -> 
     log.info("building the book: %s", " ".join(command))
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-30:])
-        raise SpinemetsError(f"the book build failed (jupyter-book exit {result.returncode}):\n{tail}")
+        for line in (result.stdout + result.stderr).strip().splitlines()[-30:]:
+            log.error("jupyter-book: %s", line)
+        raise SpinemetsError(f"{root}: the book build failed (jupyter-book exit {result.returncode}); "
+                             "the last lines of its output are above")
     return root / "_build" / "html" / "index.html"
 
 

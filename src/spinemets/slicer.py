@@ -52,7 +52,21 @@ def read_slicer_segmentation(path: str | Path) -> dict:
             f"{path}: cannot read 3D Slicer segmentation (truncated, corrupt or not a .seg.nrrd): {_one_line(exc)}"
         ) from None
     check_segmentation(seg, path)
+    _check_space_field(path)
     return seg
+
+
+def _check_space_field(path: Path) -> None:
+    """A segmentation's coordinates mean something only in a declared frame (3D Slicer always writes one)."""
+    import nrrd
+
+    try:
+        header = nrrd.read_header(str(path))
+    except Exception as exc:  # slicerio read it; a header pynrrd cannot read is worth saying so
+        raise SpinemetsError(f"{path}: cannot read the segmentation header ({_one_line(exc)})") from None
+    if "space" not in header:
+        raise SpinemetsError(f"{path}: segmentation header has no 'space' field (such as left-posterior-superior); "
+                             "its space directions and origin are in no declared frame")
 
 
 def _one_line(exc) -> str:

@@ -366,6 +366,9 @@ def write_seg_nrrd(path: Path, voxels_ijk: np.ndarray, segments: list[dict], spa
         for key, value in fields.items():
             header[f"Segment{i}_{key}"] = str(value)
     header.update(extra or {})
+    if header.get("space", "") is None:  # no frame at all: the directions stand alone
+        header.pop("space")
+        header["space dimension"] = 3
     nrrd.write(str(path), voxels_ijk, header)
     return path
 
@@ -511,6 +514,8 @@ def _slicer_header_case(path: Path, ct: sitk.Image, defect: str, names=("L1", "L
         origin = (np.nan, origin[1], origin[2])
     elif defect == "no voxels":
         vox = np.zeros((0, size[1], size[2]), dtype=np.uint8)
+    elif defect == "no space field":
+        extra = {"space": None}
     elif defect == "4-D layer beyond":
         vox = np.stack([vox == 1, vox == 2]).astype(np.uint8)
         segs[1]["LabelValue"], segs[1]["Layer"] = 1, 2
@@ -646,6 +651,26 @@ def convert_more(ctx: Context, image: str = "plain", src: str | None = None, out
                    "space directions": direction.T, "space origin": np.zeros(3)})
     else:
         sitk.WriteImage(img, str(src_path))
+    if image == "sform-mismatch":  # qform says 1 mm slices, sform 4 mm: readers disagree on the geometry
+        import nibabel
+
+        nifti = nibabel.load(str(src_path))
+        affine = nifti.affine.copy()
+        affine[2, 2] *= 4
+        nifti.set_sform(affine, code=1)
+        nifti.set_qform(nifti.get_qform(), code=1)
+        nibabel.save(nifti, str(src_path))
+    elif image in ("origin-huge", "raw-longer", "gzip-lie"):
+        import nrrd
+
+        header = {"space": "left-posterior-superior", "space directions": np.eye(3),
+                  "space origin": np.array([1e300 if image == "origin-huge" else 0.0, 0.0, 0.0]), "encoding": "raw"}
+        nrrd.write(str(src_path), array.transpose(2, 1, 0), header)
+        text = src_path.read_bytes()
+        if image == "raw-longer":  # the header now promises half the bytes the file holds
+            src_path.write_bytes(text.replace(b"type: float", b"type: short", 1))
+        elif image == "gzip-lie":  # says gzip, holds raw bytes
+            src_path.write_bytes(text.replace(b"encoding: raw", b"encoding: gzip", 1))
     if image == "truncated":  # ITK fills the missing part of a .nii.gz with 0 unless told otherwise
         src_path.write_bytes(src_path.read_bytes()[: src_path.stat().st_size * 2 // 3])
     src_path = odd_path(ctx, src, src_path)
