@@ -18,8 +18,7 @@ from spinemets import labels, metrics, nnunet, results, runner
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-STEPS = ["01_data_curation", "02_slicer_import", "03_train_vertebrae", "04_train_metastases", "05_inference",
-         "06_evaluation"]
+STEPS = ["01_dataset", "02_slicer", "03_training", "04_inference", "05_metrics"]
 COMMON_PARAMETERS = {"data_dir", "workspace", "profile", "device", "seed", "interactive"}
 
 
@@ -95,7 +94,7 @@ def test_toc_lists_every_chapter_and_notebook():
     files = _toc_files(toc)
     for step in STEPS:
         assert f"notebooks/{step}" in files
-    for chapter in ["intro", "data", "methods", "metrics", "results", "reproducing", "cluster", "references"]:
+    for chapter in ["intro", "dataset", "methods", "metrics", "results", "reproducing", "cluster", "references"]:
         assert f"book/{chapter}" in files
     for name in files:
         assert any((REPO / f"{name}{suffix}").exists() for suffix in (".md", ".ipynb")), f"{name} missing"
@@ -184,7 +183,7 @@ def _fake_evaluated_run(root: Path) -> Path:
     (out / "provenance.json").write_text(json.dumps({
         "command": "spinemets run --profile demo", "status": "ok", "finished": "2026-01-01T00:00:00+00:00",
         "profile": {"name": "demo", "file": "profiles/demo.yaml", "cohort": "synthetic"},
-        "notebooks": [{"notebook": "notebooks/06_evaluation.ipynb",
+        "notebooks": [{"notebook": "notebooks/05_metrics.ipynb",
                        "parameters": {"workspace": "workspace/test", "device": "cpu"}, "status": "ok"}],
     }))
     return out
@@ -211,7 +210,7 @@ def test_book_builds_with_results_table_and_figures(tmp_path):
     for value in shown:  # our numbers, not the paper's, are what the page must show
         assert value in page, value
     assert len(re.findall(r"<img [^>]*src=\"\.\./_images/", page)) == 2, "two box-plot figures"
-    for page in ["intro", "data", "methods", "reproducing", "references"]:
+    for page in ["intro", "dataset", "methods", "reproducing", "references"]:
         assert (html / "book" / f"{page}.html").exists()
     for step in STEPS:
         assert (html / "notebooks" / f"{step}.html").exists()

@@ -389,7 +389,7 @@ def test_run_steps_of_the_paper_profile(tmp_path):
     assert names[0] == "run/prepare" and names[-1] == "run/report"
     assert len(steps) == 1 + 2 * (1 + 4 * 2 + 1) + 1
     prepare = by_name["run/prepare"]
-    assert prepare.kwargs["notebooks"] == ["01_data_curation", "02_slicer_import"]
+    assert prepare.kwargs["notebooks"] == ["01_dataset", "02_slicer"]
     assert prepare.kwargs["build_book"] is False and prepare.kwargs["out_dir"] == "build/executed-prepare"
     for stage in ("vertebrae", "metastases"):
         assert by_name[f"{stage}/plan"].after == ("run/prepare",)
@@ -415,8 +415,8 @@ def test_run_steps_refuse_what_cannot_run(tmp_path):
     with pytest.raises(SpinemetsError, match=r"not declared by any notebook"):
         cluster.run_steps("ci", {"no_such_parameter": "1"}, root)
     (root / "profiles" / "nothing.yaml").write_text(
-        "description: curation only\ncohort: synthetic\nnotebooks:\n  - path: notebooks/01_data_curation.ipynb\n")
-    with pytest.raises(SpinemetsError, match=r"nothing\.yaml\) has no training notebook"):
+        "description: curation only\ncohort: synthetic\nnotebooks:\n  - path: notebooks/01_dataset.ipynb\n")
+    with pytest.raises(SpinemetsError, match=r"nothing\.yaml: profile 'nothing' has no training notebook"):
         cluster.run_steps("nothing", None, root)
     assert not (root / "runs").exists()  # nothing submitted
 
@@ -451,7 +451,7 @@ def test_ci_run_as_jobs_on_slurm_builds_the_book(slurm, tmp_path):
         assert log_text.count("Training done.") == 1, stage
     # the notebooks of the preparing job ran into their own folder
     assert sorted(p.name for p in (root / "build" / "executed-prepare").glob("*.ipynb")) == [
-        "01_data_curation.ipynb", "02_slicer_import.ipynb"]
+        "01_dataset.ipynb", "02_slicer.ipynb"]
 
 
 def test_wait_reports_failed_steps_with_their_logs(tmp_path, monkeypatch):

@@ -235,3 +235,36 @@ def test_failed_book_build_is_an_error_recorded_in_the_provenance(project):
     assert record["status"] == "book build failed" and record["book"] is None
     assert [n["status"] for n in record["notebooks"]] == ["ok", "ok"]
     assert "build/executed/a_write" in (out / "_toc.yml").read_text()
+
+
+def test_a_notebook_run_once_per_stage_gets_a_copy_per_stage_in_the_book(project):
+    """One notebook, two runs (``stage`` per step): two executed copies, both in the table of
+    contents in run order, titled by stage; the first keeps the notebook's label, the second gets its own."""
+    nb = nbformat.read(project / "notebooks" / "b_read.ipynb", as_version=4)
+    nb.cells[0].source = "(nb-read)=\n# Reading a stage"
+    nb.cells[1].source = 'stage = "vertebrae"\nout = "result.txt"'
+    nbformat.write(nb, project / "notebooks" / "b_read.ipynb")
+    profile = yaml.safe_load((project / "profiles" / "tiny.yaml").read_text())
+    profile["notebooks"] = [profile["notebooks"][0],
+                            {"path": "notebooks/b_read.ipynb", "parameters": {"stage": "vertebrae"}},
+                            {"path": "notebooks/b_read.ipynb", "parameters": {"stage": "metastases"}}]
+    (project / "profiles" / "staged.yaml").write_text(yaml.safe_dump(profile))
+    assert [name for name, _, _ in runner.dry_run("staged", root=project)] == [
+        "a_write", "b_read_vertebrae", "b_read_metastases"]
+    out = project / "build" / "executed"
+    with pytest.raises(SpinemetsError, match="the book build failed"):  # the tiny project has no intro page
+        runner.run("staged", root=project)
+    first = nbformat.read(out / "b_read_vertebrae.ipynb", as_version=4).cells[0].source
+    second = nbformat.read(out / "b_read_metastases.ipynb", as_version=4).cells[0].source
+    assert first == "(nb-read)=\n# Reading a stage: vertebrae"
+    assert second == "(nb-read-metastases)=\n# Reading a stage: metastases"
+    toc = yaml.safe_load((out / "_toc.yml").read_text())
+    assert toc["chapters"] == [{"file": "build/executed/a_write"}, {"file": "build/executed/b_read_vertebrae"},
+                               {"file": "build/executed/b_read_metastases"}]
+    record = json.loads((out / "provenance.json").read_text())
+    assert [n["step"] for n in record["notebooks"]] == ["a_write", "b_read_vertebrae", "b_read_metastases"]
+    assert record["notebooks"][2]["parameters"]["stage"] == "metastases"
+    profile["notebooks"][2]["parameters"]["stage"] = "vertebrae"
+    (project / "profiles" / "twice.yaml").write_text(yaml.safe_dump(profile))
+    with pytest.raises(SpinemetsError, match=r"notebook\(s\) listed twice: \['b_read_vertebrae'\]"):
+        load_profile("twice", project)

@@ -122,8 +122,8 @@ def _cmd_run(a):
         return
     _no_job_options(a)
     if a.dry_run:
-        for source, values in _call("runner.dry_run", profile=a.profile, parameters=params):
-            print(f"{source}: {values}")
+        for name, source, values in _call("runner.dry_run", profile=a.profile, parameters=params):
+            print(f"{name} ({source}): {values}")
         return
     _call("runner.run", profile=a.profile, parameters=params)
 

@@ -305,7 +305,7 @@ def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, 
     """The steps of ``spinemets run --profile PROFILE`` as jobs; returns ``(steps, training profile)``.
 
     * ``run/prepare``: :func:`spinemets.runner.run` of the notebooks before the first training
-      notebook (:data:`spinemets.runner.TRAINING_NOTEBOOKS`): the cohort and the nnU-Net raw
+      notebook (:data:`spinemets.runner.TRAINING_NOTEBOOK`): the cohort and the nnU-Net raw
       datasets. Executed into ``<out_dir>-prepare``; no book;
     * per training notebook, its stage's :func:`protocol_steps` with the notebook's own
       parameters (training profile, workspace, configurations, folds, device), planning after
@@ -323,21 +323,21 @@ def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, 
     prof = load_profile(profile, root)
     out_dir = str(out_dir or runner.DEFAULT_OUT_DIR)
     plans = runner.plan_run(prof, root, None, parameters)
-    stems = [source.stem for source, _ in plans]
-    training = [i for i, stem in enumerate(stems) if stem in runner.TRAINING_NOTEBOOKS]
+    names = [name for name, _, _ in plans]
+    training = [i for i, (_, source, _) in enumerate(plans) if source.stem == runner.TRAINING_NOTEBOOK]
     if not training:
-        raise SpinemetsError(f"profile {prof.name!r} ({prof.source}) has no training notebook "
-                             f"({', '.join(runner.TRAINING_NOTEBOOKS)}); nothing to submit as jobs")
+        raise SpinemetsError(f"{prof.source}: profile {prof.name!r} has no training notebook "
+                             f"({runner.TRAINING_NOTEBOOK}); nothing to submit as jobs")
     common = {"profile": str(prof.source), "parameters": dict(parameters or {}), "root": str(root)}
     prepare = Step("run/prepare", "prepare", "run", "spinemets.runner:run",
-                   {**common, "notebooks": stems[:training[0]], "out_dir": f"{out_dir}-prepare", "build_book": False})
+                   {**common, "notebooks": names[:training[0]], "out_dir": f"{out_dir}-prepare", "build_book": False})
     has_prepare = training[0] > 0
     steps = [prepare] if has_prepare else []
     trainers: list[str] = []
     finals = []
     for index in training:
-        params = plans[index][1]
-        stage = runner.TRAINING_NOTEBOOKS[stems[index]]
+        params = plans[index][2]
+        stage = params.get("stage", "vertebrae")  # the notebook's own default
         trainers.append(params.get("profile", "demo"))
         workspace = Path(params.get("workspace") or nnunet.DEFAULT_WORKSPACE)
         stage_steps = protocol_steps(stage, trainers[-1], workspace if workspace.is_absolute() else root / workspace,

@@ -311,7 +311,11 @@ def import_dataset(
         for path in frame[column]:
             _check_listed(path, column, source)
     mapping_dict = labels_mod.load_mapping(mapping)
-    labels_mod.check_mapping(mapping_dict, stage, str(mapping) if mapping is not None else "mapping")
+    if isinstance(mapping, (str, Path)) and str(mapping) in labels_mod.NAMED_MAPPINGS:
+        where = f"--mapping: the built-in mapping {str(mapping)!r}"
+    else:
+        where = str(mapping) if mapping is not None and not isinstance(mapping, Mapping) else "mapping"
+    labels_mod.check_mapping(mapping_dict, stage, where)
     dataset_id = labels_mod.STAGES[stage]["dataset_id"] if dataset_id is None else int(dataset_id)
     raw_dir = check_output_dir(raw_dir, "nnU-Net raw folder")
     name = dataset_folder_name(stage, dataset_id)

@@ -1,5 +1,7 @@
 """DICOM series input, conversion to the working format, and pseudonymous case IDs.
 
+It serves the command ``spinemets convert`` (and DICOM folders wherever an image is read).
+
 Reading
     :func:`read_dicom_series` reads one series from a folder with SimpleITK's
     ``ImageSeriesReader`` (GDCM). A folder may hold several series (Series Instance UID

@@ -1,5 +1,7 @@
 """Evaluation of both stages: voxel overlap, lesion detection, Panoptic Quality and vertebra identification.
 
+The metrics step: it serves the command ``spinemets evaluate`` and the metrics notebook (``05_metrics``).
+
 The code is layered like nnU-Net's evaluation: **counts** (one pass over the foreground voxels) ->
 **per-case metrics** (:func:`evaluate_case`, :func:`evaluate_pair`) -> **folder**
 (:func:`evaluate_folders`, :func:`summarize`). Every metric is listed once in :data:`METRICS`

@@ -1,5 +1,9 @@
 """nnU-Net v2 for the two stages: a workspace, training profiles, and thin wrappers over nnU-Net's commands.
 
+The training step: it serves the command ``spinemets train`` and the training notebook
+(``03_training``); the workspace layout (:class:`Workspace`) and the profile registry
+(:data:`PROFILES`) serve every step.
+
 **Workspace.** nnU-Net reads three folders from environment variables (``nnUNet_raw``,
 ``nnUNet_preprocessed``, ``nnUNet_results``) and finds trainers outside its package through
 ``nnUNet_extTrainer``. :class:`Workspace` derives them from one root folder
@@ -30,10 +34,13 @@ the size below which it clears a fragment of a vertebra label (both 0 for the pa
   :mod:`spinemets.trainers.spinemets_trainers`; fold ``all``.
 * ``gpu_check``: nnU-Net's own ``3d_fullres`` plan and training for a few epochs on CUDA
   (``scripts/gpu_check.sh``).
-* ``ci``: the demo's configurations with a few iterations, for the tests.
+* ``ci``: the demo's entry with a few iterations (its own trainer), for the tests.
 
-**Wrappers**: :func:`plan_and_preprocess`, :func:`train`, :func:`find_best_configuration`,
-:func:`ensemble` and :func:`predict_folder` run nnU-Net's own command-line programs (which start
+Each profile also holds the clean-up of inference and the job resources per step kind
+(``resources``), so that one lookup (:func:`get_profile`) answers every question about a profile.
+
+**Wrappers**: :func:`plan_and_preprocess`, :func:`train`, :func:`find_best_configuration` and
+:func:`ensemble` run nnU-Net's own command-line programs (which start
 their own worker pools) with the workspace environment; :func:`load_predictor` returns an
 initialised ``nnUNetPredictor`` for in-process inference (:mod:`spinemets.inference`).
 Training resumes from the latest checkpoint (``--c``) when one exists and skips a fold whose

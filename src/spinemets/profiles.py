@@ -11,8 +11,10 @@ A profile is a YAML file. ``load_profile("demo")`` reads ``profiles/demo.yaml`` 
       workspace: workspace/demo
       device: cpu
     notebooks:                   # executed in this order
-      - path: notebooks/01_data_curation.ipynb
+      - path: notebooks/01_dataset.ipynb
         parameters: {cases: 24}  # this notebook only; must be declared by it
+      - path: notebooks/03_training.ipynb
+        parameters: {stage: vertebrae}  # a notebook run once per stage: 03_training_vertebrae
 
 Relative paths, of notebooks and in parameters, are relative to the project root, which is also
 the working directory the notebooks run in.
@@ -50,6 +52,13 @@ class NotebookStep:
     @property
     def stem(self) -> str:
         return Path(self.path).stem
+
+    @property
+    def name(self) -> str:
+        """The step's name, and its executed copy's: the notebook's stem, with the stage where the
+        step gives one (one notebook run once per stage: ``03_training_vertebrae``)."""
+        stage = self.parameters.get("stage")
+        return f"{self.stem}_{stage}" if stage else self.stem
 
 
 @dataclass(frozen=True)
@@ -142,10 +151,11 @@ def _parse(data: Any, path: Path) -> Profile:
         if name is not None and name not in TRAINING_PROFILES:
             raise SpinemetsError(f"{path}: {where}: unknown training profile {name!r}; "
                                  f"choose one of {', '.join(TRAINING_PROFILES)}")
-    stems = [s.stem for s in steps]
-    duplicated = sorted({s for s in stems if stems.count(s) > 1})
+    names = [s.name for s in steps]
+    duplicated = sorted({s for s in names if names.count(s) > 1})
     if duplicated:
-        raise SpinemetsError(f"{path}: notebook(s) listed twice: {duplicated}")
+        raise SpinemetsError(f"{path}: notebook(s) listed twice: {duplicated} (a notebook run twice needs a "
+                             "different 'stage' parameter each time)")
     return Profile(name=path.stem, source=path.resolve(), description=str(data.get("description", "")).strip(),
                    cohort=cohort, parameters=shared, notebooks=tuple(steps))
 

@@ -40,7 +40,7 @@ import pandas as pd
 import yaml
 
 from .errors import SpinemetsError
-from .io import write_json, write_text
+from .io import PARTIAL_PREFIX, read_json, write_json, write_text
 from .profiles import NotebookStep, Profile, find_project_root, load_profile, notebook_parameters
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ PROVENANCE = "provenance.json"
 RUN_TOC = "_toc.yml"
 #: Environment variable naming the run folder, set for the book build (read by book/results.md).
 RUN_DIR_ENV = "SPINEMETS_RUN_DIR"
-#: Notebooks that train a stage (stem -> stage); :func:`spinemets.cluster.run_steps` turns them into jobs.
-TRAINING_NOTEBOOKS = {"03_train_vertebrae": "vertebrae", "04_train_metastases": "metastases"}
+#: The notebook that trains a stage (its ``stage`` parameter says which), run once per stage;
+#: :func:`spinemets.cluster.run_steps` turns those runs into jobs.
+TRAINING_NOTEBOOK = "03_training"
 #: Packages whose versions go into the provenance.
 VERSIONED = ("spinemets", "nnunetv2", "torch", "papermill", "jupyter-book", "SimpleITK", "numpy")
 
@@ -75,7 +76,7 @@ def run(
     values are read as YAML (``"8"`` -> 8, ``"[0, 1]"`` -> a list, ``"true"`` -> True), as they
     come from ``-p NAME VALUE`` on the command line. An override that no selected notebook declares
     is an error. ``notebooks`` selects a subset of the profile's notebooks (by stem, e.g.
-    ``"01_data_curation"``, or path) or, for paths not in the profile, adds notebooks that get the
+    ``"01_dataset"``, or path) or, for paths not in the profile, adds notebooks that get the
     shared parameters. ``out_dir`` (relative to the project root) receives the executed notebooks
     and ``provenance.json``; ``root`` is the project root (default: :func:`find_project_root`).
     """
@@ -89,10 +90,15 @@ def run(
     clear_run(out)
     record = _provenance(root, prof, {k: parse_value(v) for k, v in dict(parameters or {}).items()}, plans, out)
     write_json(out / PROVENANCE, record)
-    for entry, (source, params) in zip(record["notebooks"], plans):
+    copies: dict[Path, int] = {}
+    for entry, (name, source, params) in zip(record["notebooks"], plans):
         started = time.monotonic()
+        target = out / f"{name}.ipynb"
         try:
-            execute_notebook(source, out / source.name, params, cwd=root)
+            execute_notebook(source, target, params, cwd=root)
+            if name != source.stem:  # one notebook run once per stage: tell its copies apart in the book
+                copies[source] = copies.get(source, 0) + 1
+                _mark_copy(target, name[len(source.stem) + 1:], first=copies[source] == 1)
         except SpinemetsError as exc:
             entry.update(status="failed", seconds=round(time.monotonic() - started, 1), error=str(exc))
             _finish(out, record, "failed")
@@ -111,9 +117,9 @@ def run(
 
 
 def dry_run(profile: str | Path | Profile, parameters: Mapping[str, Any] | None = None,
-            root: str | Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
+            root: str | Path | None = None) -> list[tuple[str, Path, dict[str, Any]]]:
     """What :func:`run` would execute, checked as it checks it, without running anything:
-    (notebook file, papermill parameters) per notebook (``spinemets run --dry-run``)."""
+    (step name, notebook file, papermill parameters) per notebook run (``spinemets run --dry-run``)."""
     root = find_project_root(root)
     prof = profile if isinstance(profile, Profile) else load_profile(profile, root)
     return plan_run(prof, root, None, parameters)
@@ -122,8 +128,8 @@ def dry_run(profile: str | Path | Profile, parameters: Mapping[str, Any] | None 
 def plan_run(
     profile: Profile, root: Path, notebooks: Iterable[str | Path] | None = None,
     parameters: Mapping[str, Any] | None = None,
-) -> list[tuple[Path, dict[str, Any]]]:
-    """(notebook file, papermill parameters) of each notebook to run, checked before anything runs.
+) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(step name, notebook file, papermill parameters) of each notebook run, checked before anything runs.
 
     Raises :class:`SpinemetsError` for a missing notebook, one without a ``parameters`` cell, a
     profile parameter the notebook does not declare, and an override no notebook declares.
@@ -139,7 +145,7 @@ def plan_run(
             f"parameter(s) {unused} are not declared by any notebook of profile {profile.name!r}; "
             f"declared: {sorted(known)}"
         )
-    return [(src, notebook_parameters(profile, step, names, overrides))
+    return [(step.name, src, notebook_parameters(profile, step, names, overrides))
             for step, src, names in zip(steps, sources, declared)]
 
 
@@ -169,7 +175,8 @@ def select_steps(profile: Profile, notebooks: Iterable[str | Path] | None) -> li
     """The profile's notebooks, or the ones named in ``notebooks`` (by stem or path), in the given order."""
     if notebooks is None:
         return list(profile.notebooks)
-    known = {key: step for step in profile.notebooks for key in (step.stem, Path(step.path).as_posix())}
+    known = {key: step for step in profile.notebooks for key in (step.stem, step.name, Path(step.path).as_posix())}
+    known.update({step.name: step for step in profile.notebooks})  # a notebook run per stage: by its step name
     chosen = []
     for item in notebooks:
         key = Path(str(item)).as_posix() if str(item).endswith(".ipynb") else str(item)
@@ -311,8 +318,8 @@ def _provenance(root: Path, prof: Profile, overrides: dict, plans: list, out: Pa
         "profile": {"name": prof.name, "file": _rel(root, prof.source), "cohort": prof.cohort,
                     "description": prof.description},
         "overrides": overrides,
-        "notebooks": [{"notebook": _rel(root, src), "executed": _rel(root, out / src.name), "parameters": params,
-                       "status": "pending"} for src, params in plans],
+        "notebooks": [{"notebook": _rel(root, src), "executed": _rel(root, out / f"{name}.ipynb"), "step": name,
+                       "parameters": params, "status": "pending"} for name, src, params in plans],
         "versions": versions(),
         "started": _now(),
         "finished": None,
@@ -335,7 +342,12 @@ def run_toc(root: Path, out: Path) -> Path:
     except (OSError, yaml.YAMLError) as exc:
         raise SpinemetsError(f"{toc_path}: cannot read the table of contents ({exc})") from None
     out_rel = _relative_to_root(root, out)
-    executed = {p.stem: (out_rel / p.stem).as_posix() for p in out.glob("*.ipynb")}
+    executed: dict[str, list[str]] = {}  # committed notebook stem -> its executed copies, in run order
+    record = read_json(out / PROVENANCE, "run provenance", missing={})
+    order = [Path(n.get("executed", "")).stem for n in record.get("notebooks", [])] if isinstance(record, dict) else []
+    rank = {stem: i for i, stem in enumerate(order)}
+    for path in sorted(out.glob("*.ipynb"), key=lambda p: (rank.get(p.stem, len(rank)), p.name)):
+        executed.setdefault(_source_stem(path), []).append((out_rel / path.stem).as_posix())
 
     def swap(node):
         if isinstance(node, dict):
@@ -343,16 +355,54 @@ def run_toc(root: Path, out: Path) -> Path:
             target = node.get("file") or node.get("root")
             key = "file" if "file" in node else "root"
             if isinstance(target, str) and Path(target).stem in executed:
-                node[key] = executed[Path(target).stem]
+                node[key] = executed[Path(target).stem][0]
             return node
         if isinstance(node, list):
-            return [swap(v) for v in node]
+            items = []
+            for item in node:
+                items.append(swap(item))
+                target = item.get("file") if isinstance(item, dict) else None
+                if isinstance(target, str):  # a notebook run once per stage: an entry per further copy
+                    items += [{**item, "file": copy} for copy in executed.get(Path(target).stem, [])[1:]]
+            return items
         return node
 
     path = out / RUN_TOC
     write_text(path, "# Generated by spinemets.runner from _toc.yml; do not edit.\n"
                + yaml.safe_dump(swap(toc), sort_keys=False))
     return path
+
+
+def _source_stem(executed: Path) -> str:
+    """The stem of the committed notebook an executed copy was made from (papermill records it)."""
+    import nbformat
+
+    try:
+        source = nbformat.read(executed, as_version=4).metadata.get("papermill", {}).get("input_path")
+    except Exception:  # not a notebook papermill wrote: it stands for itself
+        source = None
+    return Path(source).stem if source else executed.stem
+
+
+def _mark_copy(path: Path, stage: str, first: bool) -> None:
+    """Tell the executed copies of a notebook run once per stage apart in the book: the title gets
+    the stage, and every copy but the first its own label (``(nb-training)=`` ->
+    ``(nb-training-metastases)=``), so that cross-references find the first and no label is doubled."""
+    import re
+
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            text = re.sub(r"^(# .+)$", lambda m: f"{m.group(1)}: {stage}", cell.source, count=1, flags=re.M)
+            if not first:
+                text = re.sub(r"^\((nb-[a-z-]+)\)=$", lambda m: f"({m.group(1)}-{stage})=", text, count=1, flags=re.M)
+            cell.source = text
+            break
+    tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}")
+    nbformat.write(nb, tmp)
+    os.replace(tmp, path)
 
 
 def jupyter_book_command() -> list[str]:

@@ -430,10 +430,11 @@ def import_manifest(ctx: Context, case_id: str | None = None, drop: str | None =
 
 @builder("import-labelmap")
 def import_labelmap(ctx: Context, values: list[int] | None = None, dtype: str = "uint8", mapping: str | None = None,
-                    ct: str = "plain") -> Prepared:
+                    ct: str = "plain", stage: str = "vertebrae", named: str | None = None) -> Prepared:
     """One case whose vertebra mask is a plain label map (``.nii.gz``) holding ``values``, imported with
     the ``mapping`` text (YAML) if given; ``ct``: ``plain``, ``inf`` (an infinite voxel), ``sheared``
-    (a non-orthogonal direction matrix), ``broken-link``."""
+    (a non-orthogonal direction matrix), ``broken-link``; imported into ``stage``, with the built-in
+    mapping ``named`` in place of a file where given."""
     from conftest import make_ct
     from spinemets.dataset import import_dataset
 
@@ -461,16 +462,16 @@ def import_labelmap(ctx: Context, values: list[int] | None = None, dtype: str = 
         sitk.WriteImage(image, str(ct_path))
     sitk.WriteImage(label, str(case / "vertebrae.nii.gz"))
     manifest = ctx.tmp_path / "manifest.csv"
-    manifest.write_text(f"case_id,image,stage,segmentation,split\ncase_001,{ct_path},vertebrae,{case / 'vertebrae.nii.gz'},train\n")
-    map_path = None
+    manifest.write_text(f"case_id,image,stage,segmentation,split\ncase_001,{ct_path},{stage},{case / 'vertebrae.nii.gz'},train\n")
+    map_path = named
     if mapping is not None:
         map_path = ctx.tmp_path / "mapping.yaml"
         map_path.write_text(mapping)
     raw = ctx.tmp_path / "raw"
-    argv = ["import", "--manifest", str(manifest), "--stage", "vertebrae", "--out", str(raw)]
+    argv = ["import", "--manifest", str(manifest), "--stage", stage, "--out", str(raw)]
     if map_path:
         argv += ["--mapping", str(map_path)]
-    return Prepared(lambda: import_dataset(manifest, "vertebrae", raw, mapping=map_path), argv, absent=[raw])
+    return Prepared(lambda: import_dataset(manifest, stage, raw, mapping=map_path), argv, absent=[raw])
 
 
 def _slicer_header_case(path: Path, ct: sitk.Image, defect: str, names=("L1", "L2")) -> None:
