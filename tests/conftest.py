@@ -78,15 +78,20 @@ def small_cohort(tmp_path) -> Path:
     root = tmp_path / "cohort"
     for index in range(1, 4):
         ct = make_ct(seed=index)
-        vert = vertebra_labelmap(ct)
-        lesions = []
-        if index != 2:
-            lytic = np.zeros_like(vert, dtype=bool)
-            lytic[3:6, 8:11, 8:12] = True
-            lesions.append(("Lytic", lytic))
-        if index == 3:
-            blastic = np.zeros_like(vert, dtype=bool)
-            blastic[5:7, 9:12, 10:14] = True  # overlaps the lytic lesion: a second layer
-            lesions.append(("blastic", blastic))
-        write_case(root / f"case_{index:03d}", ct, vert, lesions)
+        write_case(root / f"case_{index:03d}", ct, vertebra_labelmap(ct), small_cohort_lesions(ct, index))
     return root
+
+
+def small_cohort_lesions(ct: sitk.Image, index: int) -> list[tuple[str, np.ndarray]]:
+    """The named lesion masks of case ``index`` of :func:`small_cohort` (none for case 2; two overlapping for case 3)."""
+    shape = ct.GetSize()[::-1]
+    lesions = []
+    if index != 2:
+        lytic = np.zeros(shape, dtype=bool)
+        lytic[3:6, 8:11, 8:12] = True
+        lesions.append(("Lytic", lytic))
+    if index == 3:
+        blastic = np.zeros(shape, dtype=bool)
+        blastic[5:7, 9:12, 10:14] = True  # overlaps the lytic lesion: a second layer
+        lesions.append(("blastic", blastic))
+    return lesions

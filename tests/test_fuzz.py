@@ -359,13 +359,8 @@ def apply_sitk_step(path: Path, step: tuple, root: Path) -> None:
     if kind not in ("dtype", "shape"):
         apply_file_step(path, step, root)
         return
-    if not path.is_file() or path.is_symlink():
-        return
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError:
-        return
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+    image = _readable_volume(path)
+    if image is None:
         return
     array = sitk.GetArrayFromImage(image)
     if kind == "dtype":
@@ -447,17 +442,9 @@ class Bases:
 
 
 def _lesion_masks(ct: sitk.Image, index: int) -> list[tuple[str, np.ndarray]]:
-    shape = ct.GetSize()[::-1]
-    lesions = []
-    if index != 2:
-        lytic = np.zeros(shape, dtype=bool)
-        lytic[3:6, 8:11, 8:12] = True
-        lesions.append(("Lytic", lytic))
-    if index == 3:
-        blastic = np.zeros(shape, dtype=bool)
-        blastic[5:7, 9:12, 10:14] = True  # overlaps the lytic lesion: a second layer
-        lesions.append(("blastic", blastic))
-    return lesions
+    from conftest import small_cohort_lesions
+
+    return small_cohort_lesions(ct, index)
 
 
 def build_bases(root: Path) -> Bases:
@@ -1176,15 +1163,20 @@ def _eval_values(array: np.ndarray, kind: str) -> np.ndarray:
 
 def _rewrite_label_file(path: Path, change) -> None:
     """Apply ``change(image) -> image`` to a NIfTI/NRRD label map (skipped for a damaged file)."""
-    if not path.is_file() or path.is_symlink() or path.name.endswith(".seg.nrrd"):
-        return
+    image = None if path.name.endswith(".seg.nrrd") else _readable_volume(path)
+    if image is not None:
+        sitk.WriteImage(change(image), str(path))
+
+
+def _readable_volume(path: Path) -> sitk.Image | None:
+    """The 3-D scalar image in ``path``, or None when an earlier mutation left none to mutate further."""
+    if not path.is_file() or path.is_symlink():
+        return None
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError:
-        return
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        return
-    sitk.WriteImage(change(image), str(path))
+        return None
+    return image if image.GetDimension() == 3 and image.GetNumberOfComponentsPerPixel() == 1 else None
 
 
 def _grid_change(image: sitk.Image, kind: str) -> sitk.Image:

@@ -292,10 +292,19 @@ def error_line(exc: BaseException) -> str:
 _ESCAPES = {i: f"\\x{i:02x}" for i in [*range(32), 127]} | {9: "\\t", 10: "\\n", 13: "\\r"}
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log records with control characters escaped (a path may hold a line break), tracebacks kept."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_ESCAPES)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:  # one line per log record, whatever a path holds
+        handler.setFormatter(_OneLineFormatter("%(levelname)s %(message)s"))
     if not args.verbose:  # ITK's own warnings go to the terminal, past Python; the checks here say it in one line
         import SimpleITK as sitk
 

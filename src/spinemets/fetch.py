@@ -39,7 +39,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 from urllib.parse import quote, urljoin
 
 import requests
@@ -130,7 +130,7 @@ def _fetch_into(record_id: str, out_dir: Path, api_url: str, retries: int, backo
     if unpack:
         for remote in files:
             if remote.name.lower().endswith(ARCHIVE_SUFFIXES):
-                n = unpack_archive(out_dir / remote.name, out_dir)
+                n = unpack_archive(out_dir / remote.name, out_dir, protected=[f.name for f in files] + [MANIFEST_NAME])
                 unpacked.append({"archive": remote.name, "entries": n})
     metadata = meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {}
     manifest = {
@@ -376,16 +376,22 @@ def _short(exc: Exception) -> str:
 # archives
 
 
-def unpack_archive(archive: str | Path, dest: str | Path) -> int:
+def unpack_archive(archive: str | Path, dest: str | Path, protected: Iterable[str] = ()) -> int:
     """Unpack a .zip/.tar/.tar.gz/.tgz into ``dest``; return its number of entries.
 
     Every entry is checked before anything is written: absolute names, ``..``, links and special
-    files are refused. Entries are extracted into a ``.partial-`` folder in ``dest`` and moved into
-    place; an archive whose files are all present with their sizes is not unpacked again.
+    files are refused, and so is an entry named like one of ``protected`` (the record's own files,
+    which an archive must not overwrite). Entries are extracted into a ``.partial-`` folder in
+    ``dest`` and moved into place; an archive whose files are all present with their sizes is not
+    unpacked again.
     """
     archive, dest = Path(archive), Path(dest)
     entries = _archive_entries(archive)
     files = [(name, size) for name, size, is_dir in entries if not is_dir]
+    keep = {PurePosixPath(p.replace("\\", "/")).as_posix() for p in protected}
+    clash = sorted(n for n, _ in files if PurePosixPath(n.replace("\\", "/")).as_posix() in keep)
+    if clash:
+        raise SpinemetsError(f"{archive}: entry '{clash[0]}' would overwrite a file of the record; refusing to unpack")
     if all((dest / n).is_file() and (dest / n).stat().st_size == s for n, s in files):
         log.info("%s: already unpacked", archive)
         return len(entries)

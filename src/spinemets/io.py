@@ -453,13 +453,7 @@ def _check_nifti(path: Path, what: str) -> None:
                              "they use, so its geometry is ambiguous (rewrite it with one of them)")
     if header.get_data_dtype().kind != "f":
         return
-    values = np.asanyarray(nifti.dataobj)
-    n_nan = int(np.isnan(values).sum())
-    if n_nan:
-        raise SpinemetsError(f"{path}: {what} holds {n_nan} NaN voxel(s)")
-    n_inf = int(np.isinf(values).sum())
-    if n_inf:
-        raise SpinemetsError(f"{path}: {what} holds {n_inf} infinite voxel(s)")
+    check_finite(np.asanyarray(nifti.dataobj), path, what)
 
 
 def _one_line(text: str) -> str:
@@ -513,13 +507,17 @@ def check_image(image: sitk.Image, path: str | Path, what: str = "image") -> Non
         raise SpinemetsError(f"{path}: {what} has no voxels (size {image.GetSize()})")
     check_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), path, what)
     if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        array = sitk.GetArrayViewFromImage(image)
-        n_nan = int(np.isnan(array).sum())
-        if n_nan:
-            raise SpinemetsError(f"{path}: {what} holds {n_nan} NaN voxel(s)")
-        n_inf = int(np.isinf(array).sum())
-        if n_inf:
-            raise SpinemetsError(f"{path}: {what} holds {n_inf} infinite voxel(s)")
+        check_finite(sitk.GetArrayViewFromImage(image), path, what)
+
+
+def check_finite(values: np.ndarray, path: str | Path, what: str = "image") -> None:
+    """Refuse NaN and infinite voxels, naming the file and how many."""
+    n_nan = int(np.isnan(values).sum())
+    if n_nan:
+        raise SpinemetsError(f"{path}: {what} holds {n_nan} NaN voxel(s)")
+    n_inf = int(np.isinf(values).sum())
+    if n_inf:
+        raise SpinemetsError(f"{path}: {what} holds {n_inf} infinite voxel(s)")
 
 
 def geometry(image: sitk.Image) -> dict:

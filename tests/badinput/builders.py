@@ -474,6 +474,20 @@ def import_labelmap(ctx: Context, values: list[int] | None = None, dtype: str = 
     return Prepared(lambda: import_dataset(manifest, stage, raw, mapping=map_path), argv, absent=[raw])
 
 
+#: Header defects that are one wrong field of a segment: defect -> (field, value).
+_SEGMENT_FIELD_DEFECTS = {
+    "label value 0": ("LabelValue", 0),
+    "negative label value": ("LabelValue", -2),
+    "label value beyond the voxel type": ("LabelValue", 300),
+    "label value not an integer": ("LabelValue", "1.5"),
+    "duplicate segment ID": ("ID", "Segment_1"),
+    "layer beyond the array": ("Layer", 3),
+    "negative layer": ("Layer", -1),
+    "two segments one value": ("LabelValue", 1),
+    "empty name": ("Name", " "),
+}
+
+
 def _slicer_header_case(path: Path, ct: sitk.Image, defect: str, names=("L1", "L2")) -> None:
     """Write ``path`` as a ``.seg.nrrd`` on the grid of ``ct`` whose header is wrong by ``defect``."""
     size = ct.GetSize()
@@ -483,28 +497,13 @@ def _slicer_header_case(path: Path, ct: sitk.Image, defect: str, names=("L1", "L
     segs = [{"ID": f"Segment_{i + 1}", "Name": n, "LabelValue": i + 1, "Layer": 0} for i, n in enumerate(names)]
     spacing, origin = ct.GetSpacing(), ct.GetOrigin()
     directions, extra = None, {}
-    if defect == "label value 0":
-        segs[1]["LabelValue"] = 0
-    elif defect == "negative label value":
-        segs[1]["LabelValue"] = -2
-    elif defect == "label value beyond the voxel type":
-        segs[1]["LabelValue"] = 300
-    elif defect == "label value not an integer":
-        segs[1]["LabelValue"] = "1.5"
-    elif defect == "duplicate segment ID":
-        segs[1]["ID"] = "Segment_1"
-    elif defect == "layer beyond the array":
-        segs[1]["Layer"] = 3
-    elif defect == "negative layer":
-        segs[1]["Layer"] = -1
-    elif defect == "two segments one value":
-        segs[1]["LabelValue"] = 1
+    if defect in _SEGMENT_FIELD_DEFECTS:  # one field of the second segment is wrong
+        field_name, value = _SEGMENT_FIELD_DEFECTS[defect]
+        segs[1][field_name] = value
     elif defect == "voxels of no segment":
         segs = segs[:1]
     elif defect == "plain label map":
         segs = []
-    elif defect == "empty name":
-        segs[1]["Name"] = " "
     elif defect == "float voxels":
         vox = vox.astype(np.float32)
     elif defect == "sheared directions":
