@@ -36,9 +36,6 @@ folders, per-case timings). Every file is written atomically.
 
 from __future__ import annotations
 
-import datetime as _dt
-import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -50,13 +47,13 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from . import __version__
 from . import labels as labels_mod
 from . import nnunet
 from .errors import SpinemetsError, unknown_choice
 from .io import (check_case_id, check_output_dir, describe_path, geometry, ijk_to_lps, image_from_array, read_image,
                  require_file, write_csv, write_image, write_json)
 from .postprocessing import check_min_ml, remove_small_components, remove_small_lesions, repair_vertebra_order
+from .provenance import provenance
 from .slicer import segmentation_from_labelmap
 
 ROI_MODES = ("none", "spine")
@@ -453,23 +450,13 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
 
 
 def _provenance(locals_: dict, models: dict, postprocessing: dict, timings: dict, notes: dict, seconds: float) -> dict:
-    import nnunetv2
-    import torch
-
-    from importlib.metadata import version
-
-    return {
-        "produced_by": "spinemets.inference.predict",
-        "command": " ".join(sys.argv),
-        "parameters": locals_,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"spinemets": __version__, "nnunetv2": version("nnunetv2"), "torch": torch.__version__,
-                     "SimpleITK": sitk.Version_VersionString(), "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "models": models,
-        "nnunet_postprocessing": {stage: str(path) if path else None for stage, path in postprocessing.items()},
-        "partial_sins": PARTIAL_SINS_LABEL,
-        "notes": notes,
-        "timings_s": timings,
-        "total_seconds": round(seconds, 3),
-    }
+    return provenance(
+        "spinemets.inference.predict",
+        parameters=locals_,
+        models=models,
+        nnunet_postprocessing={stage: str(path) if path else None for stage, path in postprocessing.items()},
+        partial_sins=PARTIAL_SINS_LABEL,
+        notes=notes,
+        timings_s=timings,
+        total_seconds=round(seconds, 3),
+    )

@@ -861,6 +861,7 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
     Returns the content of ``summary.json`` as a dict.
     """
     from . import __version__
+    from .provenance import versions
     from .io import atomic_paths, check_output_dir, check_output_file, output_folder, write_csv, write_json
 
     check_stage(stage)
@@ -891,7 +892,8 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
             "identification_distance_mm": ID_DISTANCE_MM,
             "bootstrap": {"replicates": N_BOOTSTRAP, "seed": SEED, "level": BOOTSTRAP_LEVEL},
         },
-        "produced_by": {"function": "spinemets.metrics.evaluate_folders", "spinemets_version": __version__},
+        "produced_by": {"function": "spinemets.metrics.evaluate_folders", "spinemets_version": __version__,
+                        "versions": versions()},  # no time stamp: equal inputs give equal bytes
         "n_cases": len(per_case),
         "cases": list(per_case),
         "metrics": {k: {"long_name": METRICS[k].long_name, "direction": METRICS[k].direction,

@@ -22,26 +22,21 @@ The results page itself is served by :mod:`spinemets.results`.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
 import os
-import platform
-import shlex
 import shutil
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import pandas as pd
 import yaml
 
 from .errors import SpinemetsError
 from .io import PARTIAL_PREFIX, read_json, write_json, write_text
 from .profiles import NotebookStep, Profile, find_project_root, load_profile, notebook_parameters
+from .provenance import now, provenance
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +48,6 @@ RUN_DIR_ENV = "SPINEMETS_RUN_DIR"
 #: The notebook that trains a stage (its ``stage`` parameter says which), run once per stage;
 #: :func:`spinemets.cluster.run_steps` turns those runs into jobs.
 TRAINING_NOTEBOOK = "03_training"
-#: Packages whose versions go into the provenance.
-VERSIONED = ("spinemets", "nnunetv2", "torch", "papermill", "jupyter-book", "SimpleITK", "numpy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +143,7 @@ def plan_run(
 
 
 def _finish(out: Path, record: dict, status: str) -> None:
-    record.update(status=status, finished=_now())
+    record.update(status=status, finished=now())
     write_json(out / PROVENANCE, record)
 
 
@@ -275,17 +268,6 @@ def clear_run(out: Path) -> list[Path]:
     return removed
 
 
-def versions() -> dict[str, str | None]:
-    """Versions of Python and of the packages in :data:`VERSIONED` (None when not installed)."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def _relative_to_root(root: Path, folder: Path) -> Path:
     """``folder`` relative to the project root; an error when it lies outside (Sphinx reads only the root)."""
     try:
@@ -296,10 +278,6 @@ def _relative_to_root(root: Path, folder: Path) -> Path:
         ) from None
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _rel(root: Path, path: Path) -> str:
     try:
         return Path(path).resolve().relative_to(root).as_posix()
@@ -307,25 +285,18 @@ def _rel(root: Path, path: Path) -> str:
         return str(path)
 
 
-def _command() -> str:
-    argv = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
-    return " ".join(shlex.quote(a) for a in argv)
-
-
 def _provenance(root: Path, prof: Profile, overrides: dict, plans: list, out: Path) -> dict:
-    return {
-        "command": _command(),
-        "profile": {"name": prof.name, "file": _rel(root, prof.source), "cohort": prof.cohort,
-                    "description": prof.description},
-        "overrides": overrides,
-        "notebooks": [{"notebook": _rel(root, src), "executed": _rel(root, out / f"{name}.ipynb"), "step": name,
-                       "parameters": params, "status": "pending"} for name, src, params in plans],
-        "versions": versions(),
-        "started": _now(),
-        "finished": None,
-        "status": "running",
-        "book": None,
-    }
+    record = provenance(
+        "spinemets.runner.run",
+        profile={"name": prof.name, "file": _rel(root, prof.source), "cohort": prof.cohort,
+                 "description": prof.description},
+        overrides=overrides,
+        notebooks=[{"notebook": _rel(root, src), "executed": _rel(root, out / f"{name}.ipynb"), "step": name,
+                    "parameters": params, "status": "pending"} for name, src, params in plans],
+        finished=None, status="running", book=None,
+    )
+    record["started"] = record["created"]
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
