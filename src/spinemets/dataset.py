@@ -112,7 +112,7 @@ def scan(
 
     With ``pseudonymize`` the case IDs (folder or file names, which may carry identifiers in
     clinical exports) are replaced by stable pseudonyms (``sm-0001`` ...); the private mapping
-    stays beside the source data in ``root`` (:func:`spinemets.dicom.pseudonymize`). Everything
+    stays beside the source data in ``root`` (:func:`spinemets.deidentify.pseudonymize`). Everything
     written from the manifest then carries only the pseudonyms; the manifest itself still points
     at the source files and belongs with them.
     """
@@ -137,7 +137,7 @@ def scan(
     test_cases = set(cases[len(cases) - holdout:]) if holdout else set()
     names = {case: case for case in cases}
     if pseudonymize:
-        from .dicom import mapping_path, pseudonymize as make_pseudonyms
+        from .deidentify import mapping_path, pseudonymize as make_pseudonyms
 
         names = make_pseudonyms(cases, mapping_path(root))
         for case, name in names.items():
