@@ -1,5 +1,7 @@
 """Scale-out: the training protocol as a small graph of jobs on SLURM (or on this machine), through submitit.
 
+It serves ``spinemets train --executor``, ``spinemets run --executor`` and ``spinemets jobs``.
+
 **The graph.** For each stage, :func:`protocol_steps` makes one *step* per unit of work, each a
 call of one function of :mod:`spinemets.nnunet` run inside its own job:
 

@@ -1,5 +1,7 @@
 """Download a Zenodo record: verified, resumable, retried, unpacked, with a manifest.
 
+It serves the command ``spinemets fetch``.
+
 :func:`fetch_record` asks Zenodo's REST API for a record (``GET {api_url}/records/{id}``), which
 answers with JSON whose ``files`` list names each file with its size and checksum::
 

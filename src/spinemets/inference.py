@@ -1,5 +1,7 @@
 """Two-stage inference and vertebra-level localization of the predicted lesions.
 
+The inference step: it serves the command ``spinemets predict`` and the inference notebook (``04_inference``).
+
 :func:`predict` runs, per CT:
 
 1. **Stage 1** (vertebrae): nnU-Net segments C1...Sacrum (labels 1-25) on the whole CT.

@@ -1,5 +1,8 @@
 """3D Slicer segmentation files (``.seg.nrrd``) to and from label maps on the CT's voxel grid.
 
+The Slicer step: it serves the command ``spinemets import`` (with :func:`spinemets.dataset.import_dataset`)
+and the Slicer notebook (``02_slicer``), and reads ``.seg.nrrd`` files wherever they are scored.
+
 Reading and writing the files is slicerio's; this module places them on the CT grid and maps
 segment names to the labels of a stage (:mod:`spinemets.labels`).
 

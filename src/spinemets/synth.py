@@ -1,5 +1,8 @@
 """Synthetic CT cohort with 3D Slicer masks, shaped like the public release of the paper's data.
 
+It serves the command ``spinemets synth``; the dataset notebook (``01_dataset``) calls it when the
+cohort is missing.
+
 Each case is a CT volume (``ct.nrrd``, int16 HU, LPS, anisotropic spacing) with two 3D Slicer
 segmentations: ``vertebrae.seg.nrrd`` (one segment per vertebra in view) and
 ``metastases.seg.nrrd`` (one segment per lesion, named ``lytic``/``sclerotic`` or an alias).
