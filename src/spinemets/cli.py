@@ -279,9 +279,7 @@ def error_line(exc: BaseException) -> str:
         text = str(exc)
     elif isinstance(exc, OSError):
         where = exc.filename if exc.filename is not None else "?"
-        text = f"{where}: {exc.strerror or exc}"
-        if exc.filename2 is not None:
-            text = f"{where}: {exc.strerror or exc} (with {exc.filename2})"
+        text = f"{where}: {exc.strerror or exc}" + (f" (with {exc.filename2})" if exc.filename2 is not None else "")
     else:
         text = f"internal error ({type(exc).__name__}: {exc}); please report it with the output of -v"
     return "spinemets: error: " + text.translate(_ESCAPES)

@@ -64,13 +64,14 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 
 from .errors import SpinemetsError, unknown_choice
 from .io import read_json, write_json
+from .nnunet import STEP_KINDS
 
 log = logging.getLogger(__name__)
 
 RECORD = "run.json"
 LOGS = "logs"
 EXECUTORS = ("slurm", "local")
-KINDS = ("prepare", "plan", "train", "finalize", "report")  # the keys of a profile's "resources"
+KINDS = STEP_KINDS  # the keys of a profile's "resources"
 #: Times a job that timed out or was preempted is requeued automatically (submitit).
 MAX_REQUEUES = 3
 

@@ -43,7 +43,7 @@ from . import __version__
 from . import labels as labels_mod
 from .errors import SpinemetsError, unknown_choice
 from .io import (PARTIAL_PREFIX, case_id_problem, check_case_id, check_output_dir, check_output_file,
-                 check_same_geometry, image_from_array, inside, output_folder, read_image, remove_partials,
+                 check_same_geometry, image_from_array, inside, one_line, output_folder, read_image, remove_partials,
                  read_json, require_dir, require_file, write_csv, write_image, write_json)
 from .slicer import labelmap_from_segmentation
 
@@ -169,7 +169,7 @@ def read_manifest(manifest: str | Path | pd.DataFrame) -> pd.DataFrame:
         try:
             frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-            raise SpinemetsError(f"{manifest}: not a readable CSV manifest ({' '.join(str(exc).split())})") from None
+            raise SpinemetsError(f"{manifest}: not a readable CSV manifest ({one_line(exc)})") from None
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns and c != "split"]
     if missing:
         raise SpinemetsError(f"{source}: manifest lacks column(s) {missing}; expected {MANIFEST_COLUMNS}")
@@ -183,11 +183,9 @@ def read_manifest(manifest: str | Path | pd.DataFrame) -> pd.DataFrame:
         problem = case_id_problem(case)
         if problem:
             raise SpinemetsError(f"{source}: row {row}: {problem}")
-    from .labels import STAGE_NAMES
-
-    bad_stage = sorted(set(frame["stage"]) - set(STAGE_NAMES))
+    bad_stage = sorted(set(frame["stage"]) - set(labels_mod.STAGE_NAMES))
     if bad_stage:
-        raise SpinemetsError(f"{source}: unknown stage(s) {bad_stage}; choose from {', '.join(STAGE_NAMES)}")
+        raise SpinemetsError(f"{source}: unknown stage(s) {bad_stage}; choose from {', '.join(labels_mod.STAGE_NAMES)}")
     return frame
 
 

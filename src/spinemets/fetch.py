@@ -262,9 +262,8 @@ def _fetch_file(session: requests.Session, remote: RemoteFile, out_dir: Path, re
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         _with_retries(lambda: _download_once(session, remote, partial, target), remote.url, retries, backoff)
-    except BaseException as exc:
-        if not isinstance(exc, KeyboardInterrupt):  # a handled failure leaves no half-written file
-            partial.unlink(missing_ok=True)       # (a killed run's partial file is resumed next time)
+    except Exception:  # a handled failure leaves no half-written file; after Ctrl-C or a kill the
+        partial.unlink(missing_ok=True)  # partial file stays, and the next run resumes it
         raise
 
 

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from . import labels as labels_mod
 from . import nnunet
 from .errors import SpinemetsError, unknown_choice
-from .io import (check_case_id, check_output_dir, describe_path, geometry, ijk_to_lps, image_from_array, read_image,
+from .io import (check_case_id, check_output_dir, describe_path, ijk_to_lps, image_from_array, read_image,
                  require_file, write_csv, write_image, write_json)
 from .postprocessing import check_min_ml, remove_small_components, remove_small_lesions, repair_vertebra_order
 from .provenance import provenance
@@ -250,10 +250,11 @@ def find_inputs(input: str | Path) -> dict[str, Path]:
     return cases
 
 
-def check_inputs(cases: dict[str, Path]) -> dict[str, dict]:
+def check_inputs(cases: dict[str, Path]) -> None:
     """Read and check every CT before any model is loaded (:func:`spinemets.io.read_image`), so that a
-    bad case fails the command before the first case is written; return each case's geometry."""
-    return {case: geometry(read_image(path, "CT")) for case, path in cases.items()}
+    bad case fails the command before the first case is written."""
+    for path in cases.values():
+        read_image(path, "CT")
 
 
 def _case_of(path: Path) -> str:

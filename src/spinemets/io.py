@@ -44,7 +44,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")
+    tmp = _temporary_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -66,7 +66,7 @@ def atomic_paths(paths: Iterable[str | Path]) -> Iterator[list[Path]]:
     try:
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
-            temps.append(path.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}"))
+            temps.append(_temporary_name(path))
         yield temps
         for tmp, path in zip(temps, paths):
             os.replace(tmp, path)
@@ -74,6 +74,11 @@ def atomic_paths(paths: Iterable[str | Path]) -> Iterator[list[Path]]:
         for tmp in temps:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def _temporary_name(path: Path) -> Path:
+    """A fresh temporary name beside ``path``, with its suffixes (so writers pick the same format)."""
+    return path.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")
 
 
 def remove_partials(folder: str | Path) -> int:
@@ -121,7 +126,7 @@ def read_json(path: str | Path, what: str = "JSON file", missing=...):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpinemetsError(f"{path}: {what} is not valid JSON ({_one_line(exc)})") from None
+        raise SpinemetsError(f"{path}: {what} is not valid JSON ({one_line(exc)})") from None
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -354,7 +359,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         except RuntimeError as exc:
             first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
             raise SpinemetsError(
-                f"{path}: cannot read {what} (truncated, corrupt or not an image file): {_one_line(first)[-200:]}"
+                f"{path}: cannot read {what} (truncated, corrupt or not an image file): {one_line(first)[-200:]}"
             ) from None
     check_image(image, path, what)
     if path.name.lower().endswith((".nii", ".nii.gz")):
@@ -379,7 +384,6 @@ def _check_nrrd_data(path: Path, what: str) -> None:
     """What ITK's NRRD reader lets through silently, refused: raw data longer than the header says
     (ITK reads the first bytes, as another type than written), and an ``encoding: gzip`` whose data
     is not gzip (ITK falls back to reading them raw)."""
-    import gzip
     import zlib
 
     import nrrd
@@ -391,7 +395,7 @@ def _check_nrrd_data(path: Path, what: str) -> None:
                 pass
             offset = fh.tell()
     except (nrrd.NRRDError, OSError, ValueError, UnicodeDecodeError) as exc:
-        raise SpinemetsError(f"{path}: cannot read {what} header ({_one_line(exc)[:200]})") from None
+        raise SpinemetsError(f"{path}: cannot read {what} header ({one_line(exc)[:200]})") from None
     if "data file" in header or "datafile" in header or int(header.get("line skip", 0) or 0) \
             or int(header.get("byte skip", 0) or 0):
         return  # detached or skipped data: ITK's reading is the reference
@@ -404,15 +408,12 @@ def _check_nrrd_data(path: Path, what: str) -> None:
         stored = path.stat().st_size - offset
     elif encoding in ("gzip", "gz"):
         try:
-            stored = 0
             with open(path, "rb") as fh:
                 fh.seek(offset)
-                with gzip.GzipFile(fileobj=fh) as gz:
-                    while chunk := gz.read(1 << 22):
-                        stored += len(chunk)
+                stored = _gunzipped_length(fh)
         except (EOFError, OSError, zlib.error) as exc:
             raise SpinemetsError(f"{path}: {what} says encoding gzip, but its data are not gzip "
-                                 f"({_one_line(exc)[:120]})") from None
+                                 f"({one_line(exc)[:120]})") from None
     else:
         return
     if stored != expected:
@@ -424,7 +425,6 @@ def _check_nifti(path: Path, what: str) -> None:
     """What ITK's NIfTI reader lets through silently, refused: a file cut short (ITK fills the missing
     voxels with 0) and NaN or infinite voxels (ITK turns them into 0). The stored bytes are counted
     (streaming, for ``.nii.gz``), and a floating-point file's values are read once more with nibabel."""
-    import gzip
     import zlib
 
     import nibabel
@@ -435,14 +435,12 @@ def _check_nifti(path: Path, what: str) -> None:
         offset = int(getattr(nifti.dataobj, "offset", header.get_data_offset()))
         expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
         if path.name.lower().endswith(".gz"):
-            stored = 0
-            with gzip.open(path, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    stored += len(chunk)
+            with open(path, "rb") as fh:
+                stored = _gunzipped_length(fh)
         else:
             stored = path.stat().st_size
     except (EOFError, OSError, zlib.error, nibabel.filebasedimages.ImageFileError, ValueError) as exc:
-        raise SpinemetsError(f"{path}: cannot read {what} (truncated or corrupt): {_one_line(exc)[:200]}") from None
+        raise SpinemetsError(f"{path}: cannot read {what} (truncated or corrupt): {one_line(exc)[:200]}") from None
     if stored < expected:
         raise SpinemetsError(f"{path}: {what} is truncated: {stored} of {expected} bytes "
                              "(the missing voxels would read as 0)")
@@ -456,7 +454,19 @@ def _check_nifti(path: Path, what: str) -> None:
     check_finite(np.asanyarray(nifti.dataobj), path, what)
 
 
-def _one_line(text: str) -> str:
+def _gunzipped_length(fh) -> int:
+    """Bytes a gzip stream read from ``fh`` decompresses to, counted in blocks (never all in memory)."""
+    import gzip
+
+    stored = 0
+    with gzip.GzipFile(fileobj=fh) as gz:
+        while chunk := gz.read(1 << 22):
+            stored += len(chunk)
+    return stored
+
+
+def one_line(text) -> str:
+    """``text`` (or an exception's message) with its line breaks and runs of white space folded into one space."""
     return " ".join(str(text).split())
 
 

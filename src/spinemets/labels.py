@@ -136,13 +136,13 @@ def read_mapping_file(path: str | Path) -> dict[str | int, str | None]:
         "overlapping sphere": lytic
         ribs: null
     """
-    from .io import require_file
+    from .io import one_line, require_file
 
     path = require_file(path, "mapping file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SpinemetsError(f"{path}: mapping file is not valid YAML/JSON ({' '.join(str(exc).split())})") from None
+        raise SpinemetsError(f"{path}: mapping file is not valid YAML/JSON ({one_line(exc)})") from None
     if not isinstance(data, dict) or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in data):
         raise SpinemetsError(f"{path}: mapping file must map segment names or label values to label names or null")
     for key in data:
@@ -175,7 +175,7 @@ def resolve_segment_name(name: str, stage: str, mapping: Mapping[str, str | None
                 target = source[key]
                 if target is None:
                     return None
-                return _label_of(target, stage, table, f"mapping of segment {name!r}")
+                return _label_of(target, stage, table, f"mapping of segment {name!r}: {target!r}")
     aliases = _builtin_aliases(stage)
     alias = aliases.get(_normalise(name))
     if alias is None and stage == "metastases":
@@ -187,11 +187,12 @@ def resolve_segment_name(name: str, stage: str, mapping: Mapping[str, str | None
 
 
 def _label_of(target: str, stage: str, table: dict[str, int], what: str) -> int:
+    """The label value of ``target``; otherwise an error saying that ``what`` (the subject, naming
+    the target) is not a label of the stage."""
     alias = _builtin_aliases(stage).get(_normalise(target))
     if alias is None:
-        said = what if what.endswith(", which") else f"{what}: {target!r}"
         raise SpinemetsError(
-            f"{said} is not a label of the {stage} stage; known: {', '.join(foreground_labels(stage))}"
+            f"{what} is not a label of the {stage} stage; known: {', '.join(foreground_labels(stage))}"
         )
     return table[alias]
 
@@ -257,5 +258,6 @@ def map_label_values(values, stage: str, mapping: Mapping | None, source: str) -
         return {int(v): int(v) for v in values}
     for value in values:
         target = mapping.get(int(value), mapping.get(str(int(value))))
-        result[int(value)] = 0 if target is None else _label_of(target, stage, table, f"{source}: value {value}")
+        result[int(value)] = 0 if target is None else _label_of(target, stage, table,
+                                                                  f"{source}: value {value}: {target!r}")
     return result

@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 
 from . import labels as labels_mod
 from .errors import SpinemetsError, unknown_choice
-from .io import read_json, write_json
+from .io import one_line, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -787,7 +787,7 @@ def load_predictor(model: Mapping, device: str = "cpu", tta: bool = False, works
             raise
         except Exception as exc:  # nnU-Net's own failure on a damaged folder: name the folder instead
             raise SpinemetsError(f"{folder}: cannot load the trained model ({type(exc).__name__}: "
-                                 f"{' '.join(str(exc).split())[:200]}); the model folder is damaged or "
+                                 f"{one_line(exc)[:200]}); the model folder is damaged or "
                                  "incomplete: train it again") from None
     return predictor
 
@@ -812,6 +812,6 @@ def check_model_folder(folder: str | Path, folds: Sequence[int | str], checkpoin
             saved = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # truncated, garbage bytes, not a torch file
             raise SpinemetsError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                                 f"{' '.join(str(exc).split())[:150]})") from None
+                                 f"{one_line(exc)[:150]})") from None
         if not isinstance(saved, dict) or not {"network_weights", "init_args", "trainer_name"} <= set(saved):
             raise SpinemetsError(f"{path}: not an nnU-Net checkpoint (no network_weights, init_args or trainer_name)")

@@ -35,6 +35,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import SpinemetsError
+from .io import one_line, require_file
 
 PROFILE_DIR = "profiles"
 COHORTS = ("synthetic", "real")
@@ -104,8 +105,6 @@ def load_profile(name_or_path: str | Path, root: str | Path | None = None) -> Pr
     """
     text = str(name_or_path)
     if Path(text).is_file() or text.endswith((".yaml", ".yml")) or "/" in text:
-        from .io import require_file
-
         path = require_file(Path(text), "profile file")
     else:
         if not _NAME.match(text):
@@ -117,7 +116,7 @@ def load_profile(name_or_path: str | Path, root: str | Path | None = None) -> Pr
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SpinemetsError(f"{path}: profile is not valid YAML ({' '.join(str(exc).split())})") from None
+        raise SpinemetsError(f"{path}: profile is not valid YAML ({one_line(exc)})") from None
     return _parse(data, path)
 
 

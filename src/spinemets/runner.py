@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from .errors import SpinemetsError
-from .io import PARTIAL_PREFIX, read_json, write_json, write_text
+from .io import atomic_path, read_json, write_json, write_text
 from .profiles import NotebookStep, Profile, find_project_root, load_profile, notebook_parameters
 from .provenance import now, provenance
 
@@ -168,8 +168,8 @@ def select_steps(profile: Profile, notebooks: Iterable[str | Path] | None) -> li
     """The profile's notebooks, or the ones named in ``notebooks`` (by stem or path), in the given order."""
     if notebooks is None:
         return list(profile.notebooks)
+    # by stem, path, or (a notebook run once per stage) step name
     known = {key: step for step in profile.notebooks for key in (step.stem, step.name, Path(step.path).as_posix())}
-    known.update({step.name: step for step in profile.notebooks})  # a notebook run per stage: by its step name
     chosen = []
     for item in notebooks:
         key = Path(str(item)).as_posix() if str(item).endswith(".ipynb") else str(item)
@@ -313,12 +313,15 @@ def run_toc(root: Path, out: Path) -> Path:
     except (OSError, yaml.YAMLError) as exc:
         raise SpinemetsError(f"{toc_path}: cannot read the table of contents ({exc})") from None
     out_rel = _relative_to_root(root, out)
-    executed: dict[str, list[str]] = {}  # committed notebook stem -> its executed copies, in run order
+    # The run's record says, in run order, which committed notebook each executed copy comes from;
+    # a copy it does not list stands for the notebook of its own name.
     record = read_json(out / PROVENANCE, "run provenance", missing={})
-    order = [Path(n.get("executed", "")).stem for n in record.get("notebooks", [])] if isinstance(record, dict) else []
-    rank = {stem: i for i, stem in enumerate(order)}
+    runs = record.get("notebooks", []) if isinstance(record, dict) else []
+    source = {Path(n.get("executed", "")).stem: Path(n.get("notebook", "")).stem for n in runs}
+    rank = {stem: i for i, stem in enumerate(source)}
+    executed: dict[str, list[str]] = {}  # committed notebook stem -> its executed copies, in run order
     for path in sorted(out.glob("*.ipynb"), key=lambda p: (rank.get(p.stem, len(rank)), p.name)):
-        executed.setdefault(_source_stem(path), []).append((out_rel / path.stem).as_posix())
+        executed.setdefault(source.get(path.stem, path.stem), []).append((out_rel / path.stem).as_posix())
 
     def swap(node):
         if isinstance(node, dict):
@@ -344,17 +347,6 @@ def run_toc(root: Path, out: Path) -> Path:
     return path
 
 
-def _source_stem(executed: Path) -> str:
-    """The stem of the committed notebook an executed copy was made from (papermill records it)."""
-    import nbformat
-
-    try:
-        source = nbformat.read(executed, as_version=4).metadata.get("papermill", {}).get("input_path")
-    except Exception:  # not a notebook papermill wrote: it stands for itself
-        source = None
-    return Path(source).stem if source else executed.stem
-
-
 def _mark_copy(path: Path, stage: str, first: bool) -> None:
     """Tell the executed copies of a notebook run once per stage apart in the book: the title gets
     the stage, and every copy but the first its own label (``(nb-training)=`` ->
@@ -371,9 +363,8 @@ def _mark_copy(path: Path, stage: str, first: bool) -> None:
                 text = re.sub(r"^\((nb-[a-z-]+)\)=$", lambda m: f"({m.group(1)}-{stage})=", text, count=1, flags=re.M)
             cell.source = text
             break
-    tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        nbformat.write(nb, tmp)
 
 
 def jupyter_book_command() -> list[str]:

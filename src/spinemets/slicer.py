@@ -35,7 +35,7 @@ import slicerio
 
 from . import labels as labels_mod
 from .errors import SpinemetsError
-from .io import atomic_path, check_geometry, drop_nrrd_write_date, ijk_to_lps, image_from_array, require_file
+from .io import atomic_path, check_geometry, drop_nrrd_write_date, ijk_to_lps, image_from_array, one_line, require_file
 
 _TOL_MATRIX = 1e-3  # relative tolerance of spacing/direction agreement
 _TOL_OFFSET = 1e-2  # voxels: how far from the CT lattice a grid may sit
@@ -52,7 +52,7 @@ def read_slicer_segmentation(path: str | Path) -> dict:
         seg = slicerio.read_segmentation(str(path))
     except Exception as exc:  # pynrrd and slicerio raise several types for damaged files
         raise SpinemetsError(
-            f"{path}: cannot read 3D Slicer segmentation (truncated, corrupt or not a .seg.nrrd): {_one_line(exc)}"
+            f"{path}: cannot read 3D Slicer segmentation (truncated, corrupt or not a .seg.nrrd): {one_line(exc)[:300]}"
         ) from None
     check_segmentation(seg, path)
     _check_space_field(path)
@@ -66,14 +66,10 @@ def _check_space_field(path: Path) -> None:
     try:
         header = nrrd.read_header(str(path))
     except Exception as exc:  # slicerio read it; a header pynrrd cannot read is worth saying so
-        raise SpinemetsError(f"{path}: cannot read the segmentation header ({_one_line(exc)})") from None
+        raise SpinemetsError(f"{path}: cannot read the segmentation header ({one_line(exc)[:300]})") from None
     if "space" not in header:
         raise SpinemetsError(f"{path}: segmentation header has no 'space' field (such as left-posterior-superior); "
                              "its space directions and origin are in no declared frame")
-
-
-def _one_line(exc) -> str:
-    return " ".join(str(exc).split())[:300]
 
 
 def _as_int(value, what: str, path: Path) -> int:
