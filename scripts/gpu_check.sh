@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# GPU check of both nnU-Net stages (about 8 minutes on one H100).
+# GPU check of the paper's whole protocol for both nnU-Net stages (estimated 25 minutes on one H100).
 #
+# It runs the path of the paper profile, at a small scale, on CUDA (profile gpu_check: the smoke
+# profile's protocol with nnU-Net's default plans and training):
 #  1. synthesizes a cohort (preset $PRESET, $CASES cases, the last $HOLDOUT held out) and imports both stages;
-#  2. plans and preprocesses with nnU-Net's own 3d_fullres plan and trains each stage for $EPOCHS epochs of
-#     $ITERATIONS iterations with nnU-Net's default training (profile gpu_check, trainer SpinemetsGPUCheckTrainer);
-#  3. runs nnUNetTrainerBenchmark_5epochs_noDataLoading on the same vertebra plan and compares its fastest
-#     epoch with the fastest epoch of our training (goal: within 10 %);
-#  4. predicts the held-out cases with both stages and reports mean vertebra Dice and lesion F2.
+#  2. plans each stage with nnU-Net's own planner (2d, 3d_lowres, 3d_fullres, 3d_cascade_fullres; on the
+#     full-size preset nothing is dropped), trains folds 0 and 1 of a two-fold split of every configuration for
+#     $EPOCHS epochs of $ITERATIONS iterations with nnU-Net's default training (SpinemetsGPUCheckTrainer, final
+#     validation with mirroring and --npz), then runs nnUNetv2_find_best_configuration;
+#  3. runs nnUNetTrainerBenchmark_5epochs_noDataLoading on the vertebra 3d_fullres plan and compares its fastest
+#     epoch with the fastest 3d_fullres epoch of our training (goal: within 10 %);
+#  4. predicts the held-out cases with the selected model, ensemble or cascade and its postprocessing.pkl, and
+#     reports mean vertebra Dice and lesion F2.
 #
 # Everything goes to $WORK (default: a new temporary folder); the summary is printed and written to
 # $WORK/gpu_check.json (and copied to $OUT when that is set).
@@ -18,18 +23,20 @@
 # nibabel graphviz imagecodecs yacs blosc2 ndindex numexpr pydantic pydantic-core annotated-types
 # typing-inspection slicerio pynrrd connected-components-3d (and h2/hpack/hyperframe for httpx[http2]).
 #
-# Tested on a CPU only (no GPU was available when it was written); the dry run below checks the plumbing.
-# Dry run of the plumbing on a CPU (minutes, numbers meaningless):
-#   DEVICE=cpu PRESET=demo CASES=5 HOLDOUT=1 EPOCHS=1 ITERATIONS=2 BENCH=0 scripts/gpu_check.sh
+# Not yet run on a GPU (none was available when it was written). The same protocol runs on a CPU in CI
+# (profile smoke, tests/test_smoke.py); the dry run below checks this script's plumbing on a CPU (PROFILE=smoke
+# plans all four configurations on the small demo preset, where nnU-Net's default plans would drop 3d_lowres):
+#   DEVICE=cpu PROFILE=smoke PRESET=demo CASES=8 HOLDOUT=2 EPOCHS=1 ITERATIONS=2 BENCH=0 scripts/gpu_check.sh
 set -euo pipefail
 
 PY=${PYTHON:-python3}
 PRESET=${PRESET:-full}
-CASES=${CASES:-10}
+CASES=${CASES:-6}
 HOLDOUT=${HOLDOUT:-2}
 EPOCHS=${EPOCHS:-2}
 ITERATIONS=${ITERATIONS:-250}
 DEVICE=${DEVICE:-cuda}
+PROFILE=${PROFILE:-gpu_check}
 BENCH=${BENCH:-1}
 JOBS=${JOBS:-$(nproc)}
 WORK=${WORK:-$(mktemp -d -t spinemets-gpu-check-XXXX)}
@@ -43,6 +50,7 @@ export PYTHONPATH=$REPO/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
 export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-$(( JOBS > 2 ? JOBS - 2 : 1 ))}
 export SPINEMETS_GPU_CHECK_EPOCHS=$EPOCHS SPINEMETS_GPU_CHECK_ITERATIONS=$ITERATIONS
+export SPINEMETS_SMOKE_EPOCHS=$EPOCHS SPINEMETS_SMOKE_ITERATIONS=$ITERATIONS
 
 "$PY" - <<'EOF' || { echo "missing Python packages: install the spinemets dependencies (pip install -e .) or provide .whl/"; exit 2; }
 import cc3d, nnunetv2, nrrd, SimpleITK, slicerio, torch  # noqa: F401
@@ -64,7 +72,7 @@ for stage in vertebrae metastases; do
 done
 t1=$(stamp)
 for stage in vertebrae metastases; do
-  sm train --stage "$stage" --profile gpu_check --workspace "$WS" --device "$DEVICE"
+  sm train --stage "$stage" --profile "$PROFILE" --workspace "$WS" --device "$DEVICE"
 done
 t2=$(stamp)
 if [ "$BENCH" = 1 ]; then
@@ -77,11 +85,11 @@ nnunet.run_nnunet("nnUNetv2_train", ["501", "3d_fullres", "all", "-tr", "nnUNetT
 EOF
 fi
 t3=$(stamp)
-sm predict --input "$WS/raw/Dataset501_Vertebrae/imagesTs" --out "$WORK/pred" --profile gpu_check \
+sm predict --input "$WS/raw/Dataset501_Vertebrae/imagesTs" --out "$WORK/pred" --profile "$PROFILE" \
   --workspace "$WS" --device "$DEVICE"
 t4=$(stamp)
 
-"$PY" - "$WORK" "$t0" "$t1" "$t2" "$t3" "$t4" <<'EOF'
+"$PY" - "$WORK" "$t0" "$t1" "$t2" "$t3" "$t4" "$PROFILE" <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -95,16 +103,31 @@ t0, t1, t2, t3, t4 = map(float, sys.argv[2:7])
 ws = nnunet.Workspace(work / "ws")
 summary = {"timings_s": {"synth_import": t1 - t0, "train_both_stages": t2 - t1, "benchmark": t3 - t2,
                          "predict": t4 - t3}}
+profile = sys.argv[7]
 for stage in ("vertebrae", "metastases"):
-    fold = ws.model_folder(stage, "3d_fullres", "SpinemetsGPUCheckTrainer") / "fold_all"
-    log = figures.read_logging(fold)
-    summary[stage] = {"epochs": len(log["epoch_seconds"]), "epoch_s": log["epoch_seconds"],
-                      "fastest_epoch_s": min(log["epoch_seconds"]), "final_pseudo_dice": log["mean_fg_dice"][-1]}
+    entry = nnunet.stage_plan(stage, profile)
+    trained = {}
+    for cfg in entry["configurations"]:
+        for fold in entry["folds"]:
+            folder = ws.model_folder(stage, cfg, entry["trainer"]) / f"fold_{fold}"
+            if not (folder / nnunet.CHECKPOINT_FINAL).exists():
+                continue
+            log = figures.read_logging(folder)
+            trained[f"{cfg}/fold_{fold}"] = {"epochs": len(log["epoch_seconds"]), "epoch_s": log["epoch_seconds"],
+                                             "fastest_epoch_s": min(log["epoch_seconds"]),
+                                             "final_pseudo_dice": log["mean_fg_dice"][-1]}
+    info = ws.results / ws.dataset_name(stage) / "inference_information.json"
+    best = json.loads(info.read_text())["best_model_or_ensemble"] if info.exists() else {}
+    summary[stage] = {"trained": trained,
+                      "selected": [m["configuration"] for m in best.get("selected_model_or_models", [])],
+                      "postprocessing_file": best.get("postprocessing_file"),
+                      "fastest_3d_fullres_epoch_s": min((v["fastest_epoch_s"] for k, v in trained.items()
+                                                         if k.startswith("3d_fullres/")), default=None)}
 bench = ws.model_folder("vertebrae", "3d_fullres", "nnUNetTrainerBenchmark_5epochs_noDataLoading") / "fold_all" / "benchmark_result.json"
 if bench.exists():
     result = json.loads(bench.read_text())
     fastest = min(v["fastest_epoch"] for v in result.values() if isinstance(v.get("fastest_epoch"), (int, float)))
-    ours = summary["vertebrae"]["fastest_epoch_s"]
+    ours = summary["vertebrae"]["fastest_3d_fullres_epoch_s"]
     summary["benchmark"] = {"fastest_epoch_no_data_loading_s": fastest, "ours_fastest_epoch_s": ours,
                             "ratio_ours_over_benchmark": ours / fastest, "goal": "<= 1.10"}
 vert_dice, lesion = [], {"lytic": [], "sclerotic": []}

@@ -1,9 +1,11 @@
-"""Shared fixtures: paths to the real test data, and a small case builder (CT + 3D Slicer masks)."""
+"""Shared fixtures: paths to the real test data, a small case builder (CT + 3D Slicer masks), a copy of
+the project for runs, and a one-node SLURM (tests/slurm_cluster.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
+import slurm_cluster
 from spinemets import labels
 from spinemets.slicer import write_segments
 
@@ -95,3 +98,33 @@ def small_cohort_lesions(ct: sitk.Image, index: int) -> list[tuple[str, np.ndarr
         blastic[5:7, 9:12, 10:14] = True  # overlaps the lytic lesion: a second layer
         lesions.append(("blastic", blastic))
     return lesions
+
+
+def copy_project(root: Path) -> Path:
+    """The parts of the project a run needs (book, notebooks, profiles, book config) in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("book", "notebooks", "profiles"):
+        shutil.copytree(REPO / folder, root / folder)
+    return root
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running one-node SLURM with accounting; ``SLURM_CONF`` and ``PYTHONPATH`` (for the payloads) set."""
+    reason = slurm_cluster.unavailable_reason()
+    if reason:
+        if os.environ.get("SPINEMETS_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SPINEMETS_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    one = slurm_cluster.OneNodeSlurm()
+    try:
+        one.start()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SLURM_CONF", str(one.conf))
+            mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p))
+            yield one
+    finally:
+        one.stop()
+        shutil.rmtree(one.root, ignore_errors=True)

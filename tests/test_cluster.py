@@ -10,42 +10,19 @@ with ``SPINEMETS_REQUIRE_SLURM=1`` (set by the CI) that is a failure instead.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-import slurm_cluster
+from conftest import REPO, copy_project
 from spinemets import cluster, nnunet
 from spinemets.cluster import Resources, Step
 from spinemets.errors import SpinemetsError
 
-TESTS = Path(__file__).resolve().parent
 PAYLOAD = "slurm_cluster"
-
-
-@pytest.fixture(scope="session")
-def slurm():
-    """A running one-node SLURM with accounting; ``SLURM_CONF`` and ``PYTHONPATH`` (for the payloads) set."""
-    reason = slurm_cluster.unavailable_reason()
-    if reason:
-        if os.environ.get("SPINEMETS_REQUIRE_SLURM") == "1":
-            pytest.fail(f"SPINEMETS_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
-    one = slurm_cluster.OneNodeSlurm()
-    try:
-        one.start()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("SLURM_CONF", str(one.conf))
-            mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p))
-            yield one
-    finally:
-        one.stop()
-        shutil.rmtree(one.root, ignore_errors=True)
 
 
 def wait_for(run: Path, done, one=None, timeout_s: float = 240):
@@ -226,7 +203,7 @@ def test_local_executor_runs_the_graph_in_order(tmp_path):
     run = tmp_path / "run"
     steps = count_graph(tmp_path, 2, total=2, step_s=0.01)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", str(TESTS))
+        mp.setenv("PYTHONPATH", str(REPO / "tests"))
         record = cluster.submit_steps(steps, run, "local", ONE_CPU)
     assert [e["jobs"][0]["state"] for e in record["steps"]] == ["COMPLETED"] * 3
     assert record["folder"] == str(run.resolve())
@@ -366,18 +343,6 @@ def test_status_of_a_missing_run_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The whole run (notebooks, training jobs, report and book) as jobs
 # ---------------------------------------------------------------------------------------------
-
-
-def copy_project(root: Path) -> Path:
-    """The parts of the project a run needs (book, notebooks, profiles, book config) in ``root``."""
-    from conftest import REPO
-
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("_config.yml", "_toc.yml"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("book", "notebooks", "profiles"):
-        shutil.copytree(REPO / folder, root / folder)
-    return root
 
 
 def test_run_steps_of_the_paper_profile(tmp_path):

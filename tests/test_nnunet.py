@@ -24,7 +24,7 @@ NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_ex
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for var in (*NNUNET_VARS, "OMP_WAIT_POLICY", "nnUNet_n_proc_DA"):
+    for var in (*NNUNET_VARS, "OMP_WAIT_POLICY", "nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
 
@@ -45,10 +45,11 @@ def test_user_settings_win(tmp_path, clean_env):
     clean_env.setenv("nnUNet_results", str(tmp_path / "elsewhere"))
     clean_env.setenv("nnUNet_extTrainer", str(tmp_path / "theirs"))
     clean_env.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    clean_env.setenv("nnUNet_def_n_proc", "5")
     ws = nnunet.Workspace(tmp_path / "ws")
     assert ws.results == tmp_path / "elsewhere" and ws.raw == tmp_path / "ws" / "raw"
     assert ws.environment()["nnUNet_extTrainer"].split(os.pathsep) == [str(nnunet.TRAINER_DIR), str(tmp_path / "theirs")]
-    assert nnunet._cpu_environment() == {"OMP_WAIT_POLICY": "ACTIVE", "nnUNet_n_proc_DA": "1"}
+    assert nnunet._cpu_environment() == {"OMP_WAIT_POLICY": "ACTIVE", "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "5"}
 
 
 def test_activated_sets_and_restores(tmp_path, clean_env):
@@ -398,3 +399,48 @@ def test_selected_postprocessing_is_found_and_applied(tmp_path, clean_env):
     info.write_text("{not json")
     with pytest.raises(SpinemetsError, match="not valid JSON"):
         nnunet.selected_postprocessing("metastases", "paper", ws)
+
+
+def _raw_dataset(ws: nnunet.Workspace, stage: str, cases: list[str]) -> None:
+    folder = ws.raw / ws.dataset_name(stage)
+    (folder / "labelsTr").mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    for case in cases:
+        (folder / "labelsTr" / f"{case}.nii.gz").write_bytes(b"")
+
+
+def test_write_splits_uses_nnunets_split_for_other_than_five_folds(tmp_path):
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    ws = nnunet.Workspace(tmp_path / "ws")
+    cases = [f"case_{i:03d}" for i in range(7)]
+    _raw_dataset(ws, "metastases", cases)
+    assert nnunet.write_splits("metastases", 5, ws) is None  # nnU-Net's trainer makes its own 5-fold split
+    path = nnunet.write_splits("metastases", 2, ws)
+    splits = json.loads(path.read_text())
+    assert path == ws.preprocessed / ws.dataset_name("metastases") / "splits_final.json"
+    assert splits == [{k: list(v) for k, v in s.items()} for s in generate_crossval_split(cases, 12345, 2)]
+    assert sorted(splits[0]["val"] + splits[1]["val"]) == cases
+    assert nnunet.write_splits("metastases", 2, ws) == path  # kept as it is
+    with pytest.raises(SpinemetsError, match=r"splits_final.json: holds 2 folds, but the profile splits into 3"):
+        nnunet.write_splits("metastases", 3, ws)
+
+
+def test_write_splits_refuses_too_few_cases(tmp_path):
+    ws = nnunet.Workspace(tmp_path / "ws")
+    _raw_dataset(ws, "vertebrae", ["a"])
+    with pytest.raises(SpinemetsError, match=r"Dataset501_Vertebrae: 1 training cases cannot be split into 2 folds"):
+        nnunet.write_splits("vertebrae", 2, ws)
+
+
+def test_train_refuses_a_fold_beyond_the_split(tmp_path, clean_env):
+    ws = nnunet.Workspace(tmp_path / "ws")
+    _raw_dataset(ws, "metastases", [f"c{i}" for i in range(4)])
+    plans = ws.plans_file("metastases")
+    plans.parent.mkdir(parents=True)
+    plans.write_text(json.dumps({"plans_name": "nnUNetPlans", "configurations": {
+        c: {"data_identifier": f"nnUNetPlans_{c}"} for c in ("2d", "3d_fullres")}}))
+    for c in ("2d", "3d_fullres"):
+        (plans.parent / f"nnUNetPlans_{c}").mkdir()
+    with pytest.raises(SpinemetsError, match=r"fold 2: profile 'smoke' splits the training cases into 2 folds \(0-1\)"):
+        nnunet.train("metastases", "smoke", configurations=["2d"], folds=[2], workspace=ws)

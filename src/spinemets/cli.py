@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="plan, preprocess and train stages with nnU-Net (nnunet.train; "
                                      "with --executor, as jobs: cluster.submit)")
     p.add_argument("--stage", required=True, nargs="+", choices=STAGE_NAMES)
-    p.add_argument("--profile", default="demo", help="training profile: demo, paper or ci")
+    p.add_argument("--profile", default="demo", help="training profile (spinemets.nnunet.PROFILES): demo, ci, smoke, paper or gpu_check")
     p.add_argument("--configurations", nargs="+", default=None, help="nnU-Net configurations (default: the profile's)")
     p.add_argument("--folds", nargs="+", default=None, help="folds, e.g. 0 1 2 3 4 or all (default: the profile's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the profile's")
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("run", help="execute the notebooks of a profile with papermill and build the book (runner.run)")
-    p.add_argument("--profile", default="demo", help="demo, paper, ci, or a path to a profile YAML")
+    p.add_argument("--profile", default="demo", help="demo, ci, smoke, paper, or a path to a profile YAML")
     p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="override a notebook parameter (repeatable)")
     p.add_argument("--dry-run", action="store_true",

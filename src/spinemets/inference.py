@@ -301,7 +301,9 @@ class _Stage:
         data = array[None].astype(np.float32)
         probs = None
         for first, predictor in self.members:
-            previous = None if first is None else first.predict_single_npy_array(data, dict(props))
+            previous = None
+            if first is not None:  # as nnU-Net reads the previous stage's map: one float channel, (1, z, y, x)
+                previous = np.asarray(first.predict_single_npy_array(data, dict(props)), dtype=np.float32)[None]
             if len(self.members) == 1:
                 return np.asarray(predictor.predict_single_npy_array(data, dict(props), previous), dtype=np.uint8)
             _, p = predictor.predict_single_npy_array(data, dict(props), previous, save_or_return_probabilities=True)

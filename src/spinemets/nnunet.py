@@ -27,12 +27,18 @@ the size below which it clears a fragment of a vertebra label (both 0 for the pa
   ``nnUNetv2_find_best_configuration`` (which also picks the best ensemble of two configurations).
   When the planner drops ``3d_lowres`` (the image is already small enough for ``3d_fullres``),
   the cascade goes with it; this is logged and training continues with the rest.
+* ``smoke``: the ``paper`` protocol at a tiny scale on a CPU (CI runs it end to end,
+  ``tests/test_smoke.py``): the same configurations, programs, files and selection, with two
+  folds of a two-fold split (``cv_folds``, written by :func:`write_splits`), nnU-Net's default
+  training for a few iterations (``SpinemetsSmokeTrainer``), and two inputs to nnU-Net's planner
+  (``target_spacing``, ``gpu_memory_target_gb``; see :data:`SMOKE_TARGET_SPACING`) under which it
+  plans all four configurations for the small synthetic CTs.
 * ``demo``: a design for 2 CPU cores (see the book's training chapter): each stage gets its own
   configuration inheriting from ``3d_fullres`` (coarser spacing and a long thin patch for the
   vertebrae, so the patch sees the anatomical anchors that fix vertebra identity; a small patch at
   native spacing for the lesions), a small U-Net, and a short-schedule trainer from
   :mod:`spinemets.trainers.spinemets_trainers`; fold ``all``.
-* ``gpu_check``: nnU-Net's own ``3d_fullres`` plan and training for a few epochs on CUDA
+* ``gpu_check``: the ``smoke`` protocol with nnU-Net's default plans on CUDA, a few epochs
   (``scripts/gpu_check.sh``).
 * ``ci``: the demo's entry with a few iterations (its own trainer), for the tests.
 
@@ -131,6 +137,9 @@ _DEMO = {
     "description": "CPU demo: one small configuration per stage, short AdamW schedule, fold 'all'",
     "device": "cpu",
     "find_best": False,
+    "gpu_memory_target_gb": None,
+    "target_spacing": None,
+    "cv_folds": 5,
     "min_lesion_ml": 0.1,
     "min_vertebra_ml": 0.5,
     "repair_vertebra_order": True,
@@ -153,42 +162,62 @@ def _derived(base: dict, stages: Mapping | None = None, **changes) -> dict:
     return out
 
 
+_PAPER = {
+    "description": "the paper's protocol: four configurations x 5 folds, 250 epochs, CUDA, best configuration",
+    "device": "cuda",
+    "find_best": True,
+    "gpu_memory_target_gb": None,
+    "target_spacing": None,
+    "cv_folds": 5,
+    "min_lesion_ml": 0.0,
+    "min_vertebra_ml": 0.0,
+    "repair_vertebra_order": False,
+    "resources": _PAPER_RESOURCES,
+    "stages": {
+        stage: {"configurations": list(PAPER_CONFIGURATIONS), "folds": [0, 1, 2, 3, 4],
+                "trainer": "nnUNetTrainer_250epochs", "extra_configurations": {}}
+        for stage in labels_mod.STAGE_NAMES
+    },
+}
+
+#: What the ``smoke`` profile asks of nnU-Net's planner (in the plans' axis order, z, y, x): a
+#: target spacing (``-overwrite_target_spacing``) and a GPU memory target (``-gpu_memory_target``,
+#: GB; nnU-Net's default is 8). On the smoke cohort (``profiles/smoke.yaml``: 48 x 48 pixels of
+#: 2.5 mm in-plane, a median of 110 slices of 3 mm) nnU-Net's defaults plan a 3d_fullres patch that
+#: covers the whole median image, and the planner then drops 3d_lowres and the cascade. At
+#: 4.5 x 3.75 x 3.75 mm the median image is 74 x 32 x 32 voxels, a third of the native one, so that
+#: the folds' final validation (a sliding window over every validation case) takes seconds; with
+#: 0.02 GB the planner then chooses a 32 x 14 x 14 patch, under a quarter of the image, a
+#: three-stage U-Net, and so all four configurations. The planner decides the patch, the topology,
+#: the batch size and the lowres spacing itself; only these two inputs differ from the paper's.
+SMOKE_TARGET_SPACING = (4.5, 3.75, 3.75)
+SMOKE_GPU_MEMORY_TARGET_GB = 0.02
+
+_SMOKE = _derived(
+    _PAPER, {"folds": [0, 1], "trainer": "SpinemetsSmokeTrainer"},
+    description="the paper's protocol at a tiny scale on a CPU: four configurations x 2 folds of a 2-fold "
+                "split, nnU-Net's default training for a few iterations, best configuration",
+    device="cpu", gpu_memory_target_gb=SMOKE_GPU_MEMORY_TARGET_GB, target_spacing=list(SMOKE_TARGET_SPACING),
+    cv_folds=2,
+    resources=_each_kind(time_min=30, mem_gb=4, cpus_per_task=1))
+
+
 #: The one registry of training profiles: per stage, what :func:`train` runs, the inference
 #: clean-up, and the job resources per step kind. Plain data; the CLI's choices come from it, and
 #: a run profile (``profiles/*.yaml``) names one of these in its ``profile`` parameter. The
-#: profiles made from the demo's entry differ from it only where they say so.
+#: profiles made from another entry differ from it only where they say so.
 PROFILES: dict[str, dict] = {
-    "paper": {
-        "description": "the paper's protocol: four configurations x 5 folds, 250 epochs, CUDA, best configuration",
-        "device": "cuda",
-        "find_best": True,
-        "min_lesion_ml": 0.0,
-        "min_vertebra_ml": 0.0,
-        "repair_vertebra_order": False,
-        "resources": _PAPER_RESOURCES,
-        "stages": {
-            stage: {"configurations": list(PAPER_CONFIGURATIONS), "folds": [0, 1, 2, 3, 4],
-                    "trainer": "nnUNetTrainer_250epochs", "extra_configurations": {}}
-            for stage in labels_mod.STAGE_NAMES
-        },
-    },
+    "paper": _PAPER,
+    "smoke": _SMOKE,
     "demo": _DEMO,
-    "gpu_check": {
-        "description": "scripts/gpu_check.sh: nnU-Net's own 3d_fullres plan and training, a few epochs, fold 'all', CUDA",
-        "device": "cuda",
-        "find_best": False,
-        "min_lesion_ml": 0.0,
-        "min_vertebra_ml": 0.0,
-        "repair_vertebra_order": False,
-        "resources": {**_each_kind(time_min=60, mem_gb=32, cpus_per_task=8),
-                      "train": {"gpus_per_job": 1, "time_min": 60, "mem_gb": 32, "cpus_per_task": 8},
-                      "report": {"gpus_per_job": 1, "time_min": 60, "mem_gb": 32, "cpus_per_task": 8}},
-        "stages": {
-            stage: {"configurations": ["3d_fullres"], "folds": ["all"], "trainer": "SpinemetsGPUCheckTrainer",
-                    "extra_configurations": {}}
-            for stage in labels_mod.STAGE_NAMES
-        },
-    },
+    "gpu_check": _derived(
+        _SMOKE, {"trainer": "SpinemetsGPUCheckTrainer"},
+        description="scripts/gpu_check.sh: the smoke protocol (four configurations x 2 folds, nnU-Net's default "
+                    "training) for a few epochs on CUDA",
+        device="cuda", gpu_memory_target_gb=None, target_spacing=None,
+        resources={**_each_kind(time_min=60, mem_gb=32, cpus_per_task=8),
+                   "train": {"gpus_per_job": 1, "time_min": 60, "mem_gb": 32, "cpus_per_task": 8},
+                   "report": {"gpus_per_job": 1, "time_min": 60, "mem_gb": 32, "cpus_per_task": 8}}),
     "ci": _derived(_DEMO, {"trainer": "SpinemetsCITrainer"},
                    description="tests: the demo's configurations, a few iterations",
                    resources=_each_kind(time_min=20, mem_gb=4, cpus_per_task=1)),
@@ -360,6 +389,7 @@ def run_nnunet(program: str, args: Sequence[str], workspace: Workspace, log_file
     cmd = [_program(program), *map(str, args)]
     log.info("running %s", " ".join(cmd))
     environment = workspace.environment(extra_trainer_dirs, **dict(env or {}))
+    environment.setdefault("PYTHONUNBUFFERED", "1")  # its lines as they come, not in blocks through the pipe
     tail: list[str] = []
     handle = open(log_file, "a", encoding="utf-8") if log_file else contextlib.nullcontext()
     with handle as fh:
@@ -469,8 +499,14 @@ def plan_and_preprocess(stage: str, profile: str = "demo", configurations: Seque
         raise SpinemetsError(f"{ws.raw / name}: raw dataset not found; import it first (spinemets import --stage {stage})")
     plans_file = ws.plans_file(stage, dataset_id)
     if force or not plans_file.exists():
+        prof = get_profile(profile)
+        planner = []  # the profile's inputs to nnU-Net's planner, where they differ from nnU-Net's defaults
+        if prof["gpu_memory_target_gb"]:
+            planner += ["-gpu_memory_target", str(prof["gpu_memory_target_gb"])]
+        if prof["target_spacing"]:
+            planner += ["-overwrite_target_spacing", *map(str, prof["target_spacing"])]
         run_nnunet("nnUNetv2_plan_and_preprocess", ["-d", name.split("_")[0][7:], "--no_pp", "-npfp", str(processes),
-                                                    "--verify_dataset_integrity"], ws)
+                                                    "--verify_dataset_integrity", *planner], ws)
     for cfg_name, spec in entry["extra_configurations"].items():
         add_configuration(plans_file, cfg_name, spec)
     available = planned_configurations(plans_file)
@@ -486,9 +522,11 @@ def plan_and_preprocess(stage: str, profile: str = "demo", configurations: Seque
             raise SpinemetsError(f"{plans_file}: configuration {cfg!r} not planned; planned: {', '.join(available)}")
     plans = read_json(plans_file, "nnU-Net plans")
     todo = {}
-    for cfg in usable:
-        if cfg == "3d_cascade_fullres":
-            continue  # trains on 3d_fullres data plus the lowres predictions
+    needed = list(usable)
+    for cfg in usable:  # 3d_lowres's validation exports its predictions on the data of its next stage
+        following = plans["configurations"][cfg].get("next_stage") or []
+        needed += [following] if isinstance(following, str) else list(following)
+    for cfg in needed:  # the cascade's data is 3d_fullres's (same identifier), preprocessed once
         ident = _data_identifier(plans, cfg)
         if force or not (ws.preprocessed / name / ident).is_dir():
             todo.setdefault(ident, cfg)
@@ -566,6 +604,11 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     npz = find_best if npz is None else npz  # the selection ensembles the folds' validation probabilities
     usable = plan_and_preprocess(stage, profile, configurations, ws, dataset_id)
     name = ws.dataset_name(stage, dataset_id)
+    write_splits(stage, prof["cv_folds"], ws, dataset_id)
+    numbered = [f for f in folds if f != "all"]
+    if numbered and max(numbered) >= prof["cv_folds"]:
+        raise SpinemetsError(f"fold {max(numbered)}: profile {profile!r} splits the training cases into "
+                             f"{prof['cv_folds']} folds (0-{prof['cv_folds'] - 1})")
     log_file = ws.results / name / "spinemets_train.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = _cpu_environment() if device == "cpu" else {}
@@ -594,12 +637,48 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     if find_best:
         best = None if trained else _previous_selection(ws.results / name, usable, folds, trainer)
         if best is None:
-            best = find_best_configuration(stage, usable, folds, trainer, ws, dataset_id)
+            best = find_best_configuration(stage, usable, folds, trainer, ws, dataset_id, env)
         else:
             log.info("%s: every fold was trained before and the selection for them exists; reused", name)
     return {"dataset": name, "trainer": trainer, "plans": PLANS, "configurations": usable, "folds": folds,
             "model_folders": {cfg: str(ws.model_folder(stage, cfg, trainer, dataset_id)) for cfg in usable},
             "best": best, **seconds}
+
+
+SPLITS_FILE = "splits_final.json"
+
+
+def write_splits(stage: str, n_folds: int, workspace: Workspace | str | Path | None = None,
+                 dataset_id: int | None = None) -> Path | None:
+    """The cross-validation split of a stage's training cases into ``n_folds`` folds.
+
+    With 5 folds nothing is written: nnU-Net's trainer makes its own 5-fold split
+    (``splits_final.json`` in the preprocessed folder) the first time it trains. With another
+    number (the ``smoke`` profile's 2), the split is made by nnU-Net's own
+    ``generate_crossval_split`` (the same function and seed its trainer uses) and written there
+    before training, where nnU-Net reads it. An existing split file with another number of folds
+    is an error: models trained on it would not match. Returns the file, or None.
+    """
+    ws = _workspace(workspace)
+    name = ws.dataset_name(stage, dataset_id)
+    path = ws.preprocessed / name / SPLITS_FILE
+    if path.exists():
+        splits = read_json(path, "nnU-Net's cross-validation split")
+        if n_folds != 5 and (not isinstance(splits, list) or len(splits) != n_folds):
+            raise SpinemetsError(f"{path}: holds {len(splits) if isinstance(splits, list) else 'no'} folds, "
+                                 f"but the profile splits into {n_folds}; remove it to split again")
+        return path
+    if n_folds == 5:
+        return None
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    dataset = read_json(ws.raw / name / "dataset.json", "nnU-Net dataset")
+    suffix = dataset.get("file_ending", ".nii.gz")
+    cases = sorted(p.name[: -len(suffix)] for p in (ws.raw / name / "labelsTr").glob(f"*{suffix}"))
+    if len(cases) < n_folds:
+        raise SpinemetsError(f"{ws.raw / name}: {len(cases)} training cases cannot be split into {n_folds} folds")
+    write_json(path, generate_crossval_split(cases, seed=12345, n_splits=n_folds))
+    return path
 
 
 def _cpu_environment() -> dict[str, str]:
@@ -610,9 +689,13 @@ def _cpu_environment() -> dict[str, str]:
       measured 2 threads at 3.5x the time of 1 thread on a busy 2-core machine; passive waiting
       removed the loss).
     * ``nnUNet_n_proc_DA=1``: one data-loading worker; without augmentation it is idle most of the time.
+    * ``nnUNet_def_n_proc``: the processes of nnU-Net's final validation (export of the
+      predictions and probabilities); nnU-Net's default, 8, each a new Python importing torch,
+      costs more start-up than the export of a few small cases on 2 cores.
     """
     return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-            "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "1")}
+            "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "1"),
+            "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", str(min(2, os.cpu_count() or 1)))}
 
 
 def _children_cpu_seconds() -> float:
@@ -635,9 +718,12 @@ SELECTION_RECORD = "spinemets_selection.json"
 
 
 def find_best_configuration(stage: str, configurations: Sequence[str], folds: Sequence[int | str], trainer: str,
-                            workspace: Workspace | str | Path | None = None, dataset_id: int | None = None) -> dict:
+                            workspace: Workspace | str | Path | None = None, dataset_id: int | None = None,
+                            env: Mapping[str, str] | None = None) -> dict:
     """Run ``nnUNetv2_find_best_configuration`` (cross-validation Dice of each configuration and of
-    the ensembles of two) and return its ``inference_information.json``.
+    the ensembles of two) and return its ``inference_information.json``. ``env``: extra environment
+    variables for the program (:func:`train` passes its CPU settings, among them the number of
+    processes, nnU-Net's ``nnUNet_def_n_proc``).
 
     What the selection was made for (configurations, folds, trainer) is recorded beside it
     (:data:`SELECTION_RECORD`), so that a later :func:`train` that trains nothing new reuses it.
@@ -646,7 +732,7 @@ def find_best_configuration(stage: str, configurations: Sequence[str], folds: Se
     name = ws.dataset_name(stage, dataset_id)
     run_nnunet("nnUNetv2_find_best_configuration",
                [name.split("_")[0][7:], "-c", *configurations, "-tr", trainer, "-p", PLANS,
-                "-f", *map(str, folds)], ws)
+                "-f", *map(str, folds)], ws, env=env)
     info = ws.results / name / "inference_information.json"
     if not info.exists():
         return {}

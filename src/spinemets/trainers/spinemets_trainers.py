@@ -165,24 +165,60 @@ class SpinemetsCITrainer(SpinemetsTrainer):
     SAVE_EVERY = 1
 
 
-class SpinemetsGPUCheckTrainer(nnUNetTrainer):
-    """nnU-Net's default training (SGD, augmentation, 250 iterations per epoch) for a few epochs.
+class SpinemetsSmokeTrainer(nnUNetTrainer):
+    """nnU-Net's default training, unchanged but for its length: the ``smoke`` profile's trainer.
 
-    The number of epochs and of iterations per epoch come from ``SPINEMETS_GPU_CHECK_EPOCHS``
-    (default 3) and ``SPINEMETS_GPU_CHECK_ITERATIONS`` (default 250), so that
-    ``scripts/gpu_check.sh`` can fit its time budget and be dry-run on a CPU with 2 iterations.
-    The final validation on fold 'all' is skipped, as in :class:`SpinemetsTrainer`.
+    SGD with Nesterov momentum and the polynomial learning rate, the full data augmentation, deep
+    supervision, the final validation with mirroring and (with ``--npz``) the softmax export, the
+    ``3d_lowres`` export of its validation predictions for the cascade: all nnU-Net's own code. Only
+    the number of epochs and of iterations per epoch are small: ``EPOCHS`` x ``ITERATIONS`` (class
+    attributes), overridden by the environment variables ``SPINEMETS_<ENV>_EPOCHS`` and
+    ``SPINEMETS_<ENV>_ITERATIONS``. A checkpoint is written after every epoch, so that a killed
+    fold resumes (``nnUNetv2_train --c``) from its last epoch.
+
+    The final validation (nnU-Net's sliding-window prediction of every validation case, exported
+    as segmentations and, with ``--npz``, probabilities) runs without test-time mirroring when
+    ``VALIDATION_MIRRORING`` is False: on a CPU, mirroring multiplies its cost by 8 (3D) or 4 (2D)
+    and was most of a fold's time, while the code that runs is the same. The checkpoints keep
+    nnU-Net's mirroring axes (they are written before the validation), so inference is unaffected.
+    On fold 'all' the validation is skipped, as in :class:`SpinemetsTrainer`.
     """
+
+    ENV = "SMOKE"
+    EPOCHS = 2
+    ITERATIONS = 3
+    VALIDATION_MIRRORING = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = int(os.environ.get("SPINEMETS_GPU_CHECK_EPOCHS", "3"))
-        self.num_iterations_per_epoch = int(os.environ.get("SPINEMETS_GPU_CHECK_ITERATIONS", "250"))
+        self.num_epochs = int(os.environ.get(f"SPINEMETS_{self.ENV}_EPOCHS", self.EPOCHS))
+        self.num_iterations_per_epoch = int(os.environ.get(f"SPINEMETS_{self.ENV}_ITERATIONS", self.ITERATIONS))
         self.num_val_iterations_per_epoch = max(1, self.num_iterations_per_epoch // 10)
+        self.save_every = 1
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.fold == "all":
             self.print_to_log_file("Final validation skipped: on fold 'all' the validation cases are the training cases.")
             return
-        super().perform_actual_validation(save_probabilities)
+        axes = self.inference_allowed_mirroring_axes
+        if not self.VALIDATION_MIRRORING:
+            self.inference_allowed_mirroring_axes = None
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.inference_allowed_mirroring_axes = axes
+
+
+class SpinemetsGPUCheckTrainer(SpinemetsSmokeTrainer):
+    """The smoke trainer with GPU-sized defaults (``scripts/gpu_check.sh``): 3 epochs of 250 iterations,
+    and the final validation with mirroring, as nnU-Net's own.
+
+    ``SPINEMETS_GPU_CHECK_EPOCHS`` and ``SPINEMETS_GPU_CHECK_ITERATIONS`` set them, so that the
+    script can fit its time budget and be dry-run on a CPU with 2 iterations.
+    """
+
+    ENV = "GPU_CHECK"
+    EPOCHS = 3
+    ITERATIONS = 250
+    VALIDATION_MIRRORING = True  # nnU-Net's own validation: cheap on a GPU
