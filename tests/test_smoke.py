@@ -404,19 +404,14 @@ def test_fold_killed_mid_training_resumes_from_its_checkpoint(smoke_run, tmp_pat
 
 def table_shape(root: Path) -> dict[str, tuple]:
     """Every table of a run (evaluation and predictions) by its path: its columns and the rows that do not
-    depend on what the models predict (the cases of the evaluation, the case x vertebra rows of the
-    vertebra tables). Models trained for a few iterations, with random augmentation, predict
+    depend on what the models predict (the cases of the evaluation; the lesion and vertebra tables
+    have a row per predicted lesion or vertebra). Models trained for a few iterations, with random augmentation, predict
     differently in each run, so the lesion rows and the numbers are not compared."""
     ws = workspace_of(root)
     out = {}
     for path in sorted([*(ws.root / "evaluation").rglob("*.csv"), *ws.predictions.rglob("*.csv")]):
         table = pd.read_csv(path)
-        if "case" in table:
-            rows = tuple(sorted(set(table["case"])))
-        elif {"case_id", "vertebra"} <= set(table):
-            rows = tuple(map(tuple, table[["case_id", "vertebra"]].astype(str).values))
-        else:
-            rows = ()
+        rows = tuple(sorted(set(table["case"]))) if "case" in table else ()  # the evaluated cases
         out[str(path.relative_to(ws.root))] = (tuple(table.columns), rows)
     return out
 
