@@ -169,7 +169,7 @@ class SpinemetsSmokeTrainer(nnUNetTrainer):
     """nnU-Net's default training, unchanged but for its length: the ``smoke`` profile's trainer.
 
     SGD with Nesterov momentum and the polynomial learning rate, the full data augmentation, deep
-    supervision, the final validation with mirroring and (with ``--npz``) the softmax export, the
+    supervision, the final validation and (with ``--npz``) the softmax export, the
     ``3d_lowres`` export of its validation predictions for the cascade: all nnU-Net's own code. Only
     the number of epochs and of iterations per epoch are small: ``EPOCHS`` x ``ITERATIONS`` (class
     attributes), overridden by the environment variables ``SPINEMETS_<ENV>_EPOCHS`` and
