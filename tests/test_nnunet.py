@@ -12,13 +12,16 @@ import json
 import os
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
+import slicerio
 import torch
 
-from spinemets import figures, inference, nnunet
+from spinemets import domain, figures, inference, nnunet
 from spinemets.errors import SpinemetsError
 
+REAL_CT = Path(__file__).resolve().parents[1] / "book" / "data" / "real_ct" / "example_ct_sm.nii.gz"
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")
 
 
@@ -239,6 +242,27 @@ def test_end_to_end_train_predict_localize(tiny_workspace, tmp_path, clean_env):
         assert (out / case / name).exists()
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["models"]["vertebrae"][0]["trainer"] == "SpinemetsCITrainer"
+    # each model records what it was trained on; the held-out case of the same cohort is inside that domain
+    for stage in ("vertebrae", "metastases"):
+        record = json.loads((ws.model_folder(stage, f"demo_{stage}", "SpinemetsCITrainer") / domain.RECORD).read_text())
+        assert record["cohort"] == "synthetic" and record["cases"] == 4, stage
+        assert record["spacing_mm"]["min"] == [2.5, 2.5, 3.0] and record["intensity_hu"]["p50"]["min"] > -200
+        assert prov["domain"]["training"][stage]["cases"] == 4
+    assert prov["domain"]["cases"][case]["in_domain"], prov["domain"]["cases"][case]["problems"]
+    with open(out / "lesions.csv", newline="") as fh:
+        assert {r["domain_warning"] for r in csv.DictReader(fh)} <= {""}
+    # a real CT (3 mm, lower thorax) through the synthetic models: predicted as asked, and warned about
+    real = tmp_path / "pred_real"
+    inference.predict(REAL_CT, real, profile="ci", workspace=ws, device="cpu")
+    report = json.loads((real / "provenance.json").read_text())["domain"]["cases"]["example_ct_sm"]
+    assert not report["in_domain"]
+    assert {"vertebrae", "metastases"} == set(report["problems"])
+    assert any(p.startswith("field of view x 366 mm") for p in report["problems"]["vertebrae"])
+    assert "WARNING: case example_ct_sm is outside" in slicerio.read_segmentation(
+        str(real / "example_ct_sm" / "vertebrae.seg.nrrd"))["content"]
+    for table in ("lesions.csv", "vertebrae.csv"):
+        with open(real / table, newline="") as fh:
+            assert {r["domain_warning"] for r in csv.DictReader(fh)} <= {"outside training domain: spacing, field of view, intensity"}
     fig = figures.training_curves("metastases", workspace=ws, profile="ci")
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
     assert len(fig.axes[0].lines[0].get_xdata()) == 3

@@ -38,6 +38,7 @@ folders, per-case timings). Every file is written atomically.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -49,6 +50,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from . import domain as domain_mod
 from . import labels as labels_mod
 from . import nnunet
 from .errors import SpinemetsError, unknown_choice
@@ -57,6 +59,8 @@ from .io import (check_case_id, check_output_dir, describe_path, ijk_to_lps, ima
 from .postprocessing import check_min_ml, remove_small_components, remove_small_lesions, repair_vertebra_order
 from .provenance import provenance
 from .slicer import segmentation_from_labelmap
+
+log = logging.getLogger(__name__)
 
 ROI_MODES = ("none", "spine")
 OUTSIDE = "outside spine"
@@ -78,10 +82,11 @@ SINS_LOCATION: dict[str, tuple[str, int | None]] = {
 SINS_QUALITY: dict[str, int] = {"lytic": 2, "mixed": 1, "blastic": 0}
 
 LESION_COLUMNS = ["case_id", "lesion", "type", "level", "assignment", "distance_mm", "volume_ml", "voxels",
-                  "lytic_fraction", "mean_hu", "max_hu", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
+                  "lytic_fraction", "mean_hu", "max_hu", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+                  "domain_warning"]
 VERTEBRA_COLUMNS = ["case_id", "vertebra", "volume_ml", "lesions", "lesion_ids", "involved_fraction",
                     "lesion_quality", "sins_location_class", "sins_location_points", "sins_bone_quality_points",
-                    "partial_sins_points", "partial_sins_note"]
+                    "partial_sins_points", "partial_sins_note", "domain_warning"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +283,9 @@ class _Stage:
 
     def __init__(self, stage: str, profile: str, workspace, device: str, tta: bool, threads: int | None = None):
         self.models = nnunet.trained_models(stage, profile, workspace)
+        ws = nnunet._workspace(workspace)
+        #: What the model was trained on (:mod:`spinemets.domain`), for the domain check of each input.
+        self.domain = domain_mod.training_domain(self.models[0]["folder"], ws.raw / ws.dataset_name(stage))
         self.postprocessing = nnunet.selected_postprocessing(stage, profile, workspace)
         self.members = []
         for model in self.models:
@@ -391,10 +399,12 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", works
     started = time.perf_counter()
     stages = (_Stage("vertebrae", profile, workspace, device, opts.tta, opts.threads),
               _Stage("metastases", profile, workspace, device, opts.tta, opts.threads))
-    all_lesions, all_vertebrae, timings, notes = [], [], {}, {}
+    all_lesions, all_vertebrae, timings, notes, reports = [], [], {}, {}, {}
+    records = {"vertebrae": stages[0].domain, "metastases": stages[1].domain}
     for case, path in tqdm(cases.items(), desc="predict", unit="case"):
         t0 = time.perf_counter()
-        lesion_rows, vertebra_rows, note, times = predict_case(path, out_dir / case, case, stages, opts)
+        lesion_rows, vertebra_rows, note, times, reports[case] = predict_case(path, out_dir / case, case, stages,
+                                                                              opts, records)
         timings[case] = {**times, "total_s": round(time.perf_counter() - t0, 3)}
         if note:
             notes[case] = note
@@ -406,21 +416,40 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", works
         locals_={"input": str(input), "out_dir": str(out_dir), "profile": profile, "device": device, **asdict(opts)},
         models={"vertebrae": stages[0].models, "metastases": stages[1].models},
         postprocessing={"vertebrae": stages[0].postprocessing, "metastases": stages[1].postprocessing},
-        timings=timings, notes=notes, seconds=time.perf_counter() - started))
+        timings=timings, notes=notes, seconds=time.perf_counter() - started,
+        domain={"training": domain_mod.summary(records), "cases": reports}))
+    outside = [case for case, report in reports.items() if not report["in_domain"]]
+    if outside:
+        _loud(f"{len(outside)} of {len(reports)} case(s) are outside the training domain of the models "
+              f"({', '.join(outside[:5])}{' ...' if len(outside) > 5 else ''}); see the domain_warning column "
+              f"and {out_dir / 'provenance.json'}")
     return all_lesions
 
 
-def predict_case(path: Path, case_dir: Path, case: str, stages, options: PredictOptions) -> tuple[list[dict], list[dict], str, dict]:
+def _loud(message: str) -> None:
+    """A warning that must not scroll past unseen: logged at WARNING, which reaches standard error
+    also where nothing configured logging (a notebook: Python's last-resort handler)."""
+    log.warning("WARNING: %s", message)
+
+
+def predict_case(path: Path, case_dir: Path, case: str, stages, options: PredictOptions,
+                 domains: dict | None = None) -> tuple[list[dict], list[dict], str, dict, dict]:
     """Both stages and localization for one CT; writes the case folder.
 
     ``stages`` is (stage 1, stage 2), each called as ``stage(ct_array, spacing_zyx)``; ``options``
-    are resolved :class:`PredictOptions`. Returns (lesions, vertebrae, note, timings); timings also
-    count the small lesions and vertebra fragments removed and the vertebra voxels relabelled by
-    the order repair.
+    are resolved :class:`PredictOptions`; ``domains`` the training domain record of each stage
+    (:mod:`spinemets.domain`; None: no check). Returns (lesions, vertebrae, note, timings,
+    domain report); timings also count the small lesions and vertebra fragments removed and the
+    vertebra voxels relabelled by the order repair. A CT outside a training domain is predicted
+    as any other; the warning goes into its rows, its ``.seg.nrrd`` descriptions and the log.
     """
     stage1, stage2 = stages
     opts = options
     image = read_image(path, "CT")
+    report = domain_mod.check_case(case, domain_mod.image_properties(image), domains or {})
+    if report["warning"]:
+        _loud(report["warning"])
+    flag = domain_mod.short_warning(report)
     ct = sitk.GetArrayFromImage(image)
     spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
     t0 = time.perf_counter()
@@ -439,22 +468,27 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
         lesions[box] = stage2(np.ascontiguousarray(ct[box]), spacing)
     lesions, removed = remove_small_lesions(lesions, spacing, opts.min_lesion_ml)
     t2 = time.perf_counter()
-    lesion_rows = [{"case_id": case, **r}
+    lesion_rows = [{"case_id": case, **r, "domain_warning": flag}
                    for r in localize(lesions, vertebrae, ct, spacing, opts.near_mm, ijk_to_lps(image))]
-    vertebra_rows = [{"case_id": case, **r} for r in vertebra_table(lesion_rows, lesions, vertebrae, spacing)]
+    vertebra_rows = [{"case_id": case, **r, "domain_warning": flag}
+                     for r in vertebra_table(lesion_rows, lesions, vertebrae, spacing)]
     for stage, array in (("vertebrae", vertebrae), ("metastases", lesions)):
         labelmap = image_from_array(array.astype(np.uint8), image)
         write_image(labelmap, case_dir / f"{stage}.nii.gz")
-        segmentation_from_labelmap(labelmap, case_dir / f"{stage}.seg.nrrd", stage)
+        description = f"spinemets {stage} prediction of case {case}"
+        if report["warning"]:
+            description += f". WARNING: {report['warning']}"
+        segmentation_from_labelmap(labelmap, case_dir / f"{stage}.seg.nrrd", stage, description=description)
     write_csv(case_dir / "lesions.csv", lesion_rows, LESION_COLUMNS)
     write_csv(case_dir / "vertebrae.csv", vertebra_rows, VERTEBRA_COLUMNS)
     return lesion_rows, vertebra_rows, note, {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3),
                                               "small_lesions_removed": removed,
                                               "vertebra_fragments_removed": fragments,
-                                              "vertebra_voxels_relabelled": relabelled}
+                                              "vertebra_voxels_relabelled": relabelled}, report
 
 
-def _provenance(locals_: dict, models: dict, postprocessing: dict, timings: dict, notes: dict, seconds: float) -> dict:
+def _provenance(locals_: dict, models: dict, postprocessing: dict, timings: dict, notes: dict, seconds: float,
+                domain: dict) -> dict:
     return provenance(
         "spinemets.inference.predict",
         parameters=locals_,
@@ -464,4 +498,5 @@ def _provenance(locals_: dict, models: dict, postprocessing: dict, timings: dict
         notes=notes,
         timings_s=timings,
         total_seconds=round(seconds, 3),
+        domain=domain,
     )

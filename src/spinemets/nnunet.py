@@ -74,6 +74,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import domain
 from . import labels as labels_mod
 from .errors import SpinemetsError, unknown_choice
 from .io import one_line, read_json, write_json
@@ -633,6 +634,8 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
             trained = True
     seconds = {"train_wall_s": round(time.perf_counter() - wall0, 1),
                "train_cpu_s": round(_children_cpu_seconds() - cpu0, 1)}
+    for cfg in usable:  # what each model was trained on, for the domain check of inference
+        domain.write_record(ws.model_folder(stage, cfg, trainer, dataset_id), ws.raw / name)
     best = None
     if find_best:
         best = None if trained else _previous_selection(ws.results / name, usable, folds, trainer)

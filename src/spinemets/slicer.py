@@ -305,6 +305,7 @@ def write_segments(
     reference: sitk.Image,
     segments: list[dict],
     crop: bool = True,
+    description: str | None = None,
 ) -> Path:
     """Write named segments as a 3D Slicer ``.seg.nrrd`` on the grid of ``reference``.
 
@@ -313,6 +314,7 @@ def write_segments(
     to its structure), ``color`` (RGB 0-1) and ``id``. Overlapping segments go to further
     layers, as 3D Slicer stores them. With ``crop`` (Slicer's default) the grid is cropped to the
     union of the segments' extents and ``referenceImageExtentOffset`` records where it sits.
+    ``description`` goes into the NRRD ``content`` field, the file's description (one line).
     """
     size_zyx = np.array(reference.GetSize()[::-1])
     placed = []  # (item, mask, offset, bbox lo, bbox hi) in reference z-y-x indices
@@ -346,14 +348,18 @@ def write_segments(
     seg["referenceImageExtentOffset"] = [int(v) for v in lo[::-1]]
     seg["masterRepresentation"] = "Binary labelmap"
     seg["containedRepresentationNames"] = ["Binary labelmap"]
+    if description:
+        seg["content"] = " ".join(str(description).split())
     with atomic_path(path) as tmp:
         slicerio.write_segmentation(str(tmp), seg)
         drop_nrrd_write_date(tmp)
     return Path(path)
 
 
-def segmentation_from_labelmap(labelmap: sitk.Image, path: str | Path, stage: str, crop: bool = True) -> Path:
-    """Write a label map of ``stage`` as a ``.seg.nrrd`` with one named, coloured segment per present label."""
+def segmentation_from_labelmap(labelmap: sitk.Image, path: str | Path, stage: str, crop: bool = True,
+                               description: str | None = None) -> Path:
+    """Write a label map of ``stage`` as a ``.seg.nrrd`` with one named, coloured segment per present label
+    (``description``: the file's description, see :func:`write_segments`)."""
     array = sitk.GetArrayViewFromImage(labelmap)
     names = labels_mod.label_names(stage)
     unknown = sorted(set(np.unique(array).tolist()) - set(names))
@@ -364,4 +370,4 @@ def segmentation_from_labelmap(labelmap: sitk.Image, path: str | Path, stage: st
         name = names[value]
         segments.append({"id": f"{stage}_{name}", "name": name, "mask": array == value,
                          "color": labels_mod.colour(stage, name)})
-    return write_segments(path, labelmap, segments, crop=crop)
+    return write_segments(path, labelmap, segments, crop=crop, description=description)
