@@ -400,7 +400,7 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", works
     stages = (_Stage("vertebrae", profile, workspace, device, opts.tta, opts.threads),
               _Stage("metastases", profile, workspace, device, opts.tta, opts.threads))
     all_lesions, all_vertebrae, timings, notes, reports = [], [], {}, {}, {}
-    records = {"vertebrae": stages[0].domain, "metastases": stages[1].domain}
+    records = {stage: getattr(model, "domain", None) for stage, model in zip(("vertebrae", "metastases"), stages)}
     for case, path in tqdm(cases.items(), desc="predict", unit="case"):
         t0 = time.perf_counter()
         lesion_rows, vertebra_rows, note, times, reports[case] = predict_case(path, out_dir / case, case, stages,
