@@ -41,8 +41,17 @@ def _cmd_synth(a):
 
 def _cmd_scan(a):
     segs = _parse_assignments(a.segmentation, "--segmentation") or None
+    if a.mapping_template is not None and not a.explain:
+        raise SpinemetsError("--mapping-template: goes with --explain")
+    if a.explain:
+        if a.image is not None or segs is not None:
+            raise SpinemetsError("--explain: shows the discovered layout; leave out --image and --segmentation")
+        template = a.mapping_template or a.out.with_name(
+            (a.out.name[:-4] if a.out.name.lower().endswith(".csv") else a.out.name) + ".mapping.yaml")
+        print(_call("discovery.explain", root=a.root, mapping=a.mapping, template=template), end="")
+        return
     manifest = _call("dataset.scan", root=a.root, out_csv=a.out, image=a.image, segmentations=segs,
-                     holdout=a.holdout, pseudonymize=a.pseudonymize)
+                     holdout=a.holdout, pseudonymize=a.pseudonymize, mapping=a.mapping)
     print(f"wrote {a.out}: {manifest['case_id'].nunique()} case(s), {len(manifest)} row(s)")
 
 
@@ -172,13 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scan", help="list the cases of a folder in a manifest CSV (dataset.scan)")
     p.add_argument("root", type=Path, help="folder holding the cases")
     p.add_argument("--out", required=True, type=Path, help="manifest CSV to write")
-    p.add_argument("--image", default="{case}/ct.nrrd", help="image path pattern with {case} (default %(default)s)")
+    p.add_argument("--image", default=None,
+                   help="image path pattern with {case}, e.g. {case}/ct.nrrd (default: discover the layout)")
     p.add_argument("--segmentation", action="append", metavar="STAGE=PATTERN",
                    help="mask pattern per stage, e.g. metastases={case}/metastases.seg.nrrd (repeatable; "
-                        "default: the synthetic layout, both stages)")
+                        "default: discover the layout; with --image alone: the synthetic layout, both stages)")
     p.add_argument("--holdout", type=int, default=0, help="mark the last N cases as the test split")
     p.add_argument("--pseudonymize", action="store_true",
                    help="replace case IDs by pseudonyms; the private mapping stays beside the source data")
+    p.add_argument("--explain", action="store_true",
+                   help="dry run: print the discovered plan (cases, files, segment names and what they map to, "
+                        "files not used and why) and write a mapping template; no manifest (discovery.explain)")
+    p.add_argument("--mapping", type=Path, default=None,
+                   help="the filled mapping template (or a YAML/JSON mapping of names/values to labels) that "
+                        "answers the open questions of --explain; give it to import too")
+    p.add_argument("--mapping-template", type=Path, default=None,
+                   help="where --explain writes the mapping template (default: beside --out, NAME.mapping.yaml)")
     p.set_defaults(func=_cmd_scan)
 
     p = sub.add_parser("import", help="write an nnU-Net raw dataset from a manifest (dataset.import_dataset)")
@@ -186,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, choices=STAGE_NAMES)
     p.add_argument("--out", required=True, type=Path, help="nnU-Net raw folder (nnUNet_raw)")
     p.add_argument("--dataset-id", type=int, default=None, help="nnU-Net dataset id (default: 501 vertebrae, 502 metastases)")
-    p.add_argument("--mapping", type=Path, default=None, help="YAML/JSON file mapping segment names to labels (or null)")
+    p.add_argument("--mapping", type=Path, default=None,
+                   help="YAML/JSON file mapping segment names or label values to labels (or null), the filled "
+                        "template of scan --explain, or a built-in mapping: totalsegmentator, verse")
     p.add_argument("--jobs", type=int, default=1, help="parallel processes")
     p.set_defaults(func=_cmd_import)
 

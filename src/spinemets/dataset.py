@@ -5,9 +5,14 @@ curation tables: :func:`cohort_table`, :func:`qc_table`, :func:`label_volumes`).
 a plain function behind one command:
 
 * :func:`scan` finds the cases of a folder and writes a **manifest**: one row per case and stage
-  with the columns ``case_id, image, stage, segmentation, split``. File patterns name the case
-  with ``{case}``; the default is the synthetic cohort's layout
-  (``{case}/ct.nrrd``, ``{case}/vertebrae.seg.nrrd``, ``{case}/metastases.seg.nrrd``).
+  with the columns ``case_id, image, stage, segmentation, split`` (and ``mapping``, the built-in
+  mapping of a row's label values such as ``verse``, when a row has one). Without file patterns
+  the layout is discovered (:mod:`spinemets.discovery`: per-case folders, flat files,
+  ``images``/``labels`` trees, TotalSegmentator, VerSe, DICOM series beside ``.seg.nrrd``);
+  a layout with open questions is refused, and ``spinemets scan --explain`` shows the plan and
+  writes a mapping template to answer them. File patterns name the case with ``{case}``
+  (``{case}/ct.nrrd``, ``{case}/vertebrae.seg.nrrd`` ...); a pattern given for the image or one
+  stage alone takes the synthetic cohort's layout for the others.
 * :func:`import_dataset` (the command ``spinemets import``, shown in the Slicer notebook with
   :mod:`spinemets.slicer`) turns the manifest rows of one stage into
   ``DatasetNNN_Name/imagesTr/{case}_0000.nii.gz``, ``labelsTr/{case}.nii.gz`` and
@@ -19,6 +24,12 @@ previous dataset as it was (a rerun clears what a killed run left). A rerun reus
 cases whose inputs are unchanged (same SHA-256 of the image, mask, stage and mapping). Sources
 are only read. Empty masks: an error for the vertebra stage (every CT of that dataset must show
 vertebrae); allowed for the metastasis stage (a lesion-free case), and listed as such.
+
+Masks are ``.seg.nrrd`` files, label maps, or mask folders of per-structure binary masks
+(TotalSegmentator's ``segmentations/``), combined on the CT grid (:func:`labelmap_from_mask_folder`).
+A row's built-in mapping (``mapping`` column; a VerSe file ``*_seg-vert_msk.nii.gz`` gets
+``verse`` even without one) applies under the user's ``--mapping``, whose entries win; a
+different built-in ``--mapping`` for such a row is an error.
 """
 
 from __future__ import annotations
@@ -45,11 +56,14 @@ from .errors import SpinemetsError, unknown_choice
 from .io import (PARTIAL_PREFIX, case_id_problem, check_case_id, check_output_dir, check_output_file,
                  check_same_geometry, image_from_array, inside, one_line, output_folder, read_image, remove_partials,
                  read_json, require_dir, require_file, write_csv, write_image, write_json)
+from .domain import cohort_of
 from .slicer import labelmap_from_segmentation
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["case_id", "image", "stage", "segmentation", "split"]
+#: The optional column: the built-in mapping (:data:`spinemets.labels.NAMED_MAPPINGS`) of a row, or empty.
+MAPPING_COLUMN = "mapping"
 DEFAULT_IMAGE_PATTERN = "{case}/ct.nrrd"
 DEFAULT_SEGMENTATION_PATTERNS = {
     "vertebrae": "{case}/vertebrae.seg.nrrd",
@@ -98,15 +112,24 @@ def _find(root: Path, pattern: str, what: str = "image") -> dict[str, Path]:
 def scan(
     root: str | Path,
     out_csv: str | Path | None = None,
-    image: str = DEFAULT_IMAGE_PATTERN,
+    image: str | None = None,
     segmentations: Mapping[str, str] | None = None,
     holdout: int = 0,
     pseudonymize: bool = False,
+    mapping=None,
 ) -> pd.DataFrame:
     """Build the manifest of a folder; write it to ``out_csv`` when given.
 
+    Without ``image`` and ``segmentations`` the layout is discovered (:func:`spinemets.discovery.discover`),
+    with ``mapping`` (a mapping template filled in after ``spinemets scan --explain``, or a flat
+    mapping file) answering its open questions; open questions left are an error that lists
+    them, and nothing is written. A split table of the folder (TotalSegmentator's ``meta.csv``)
+    sets the splits; ``holdout`` with one is an error.
+
     ``image`` and each of ``segmentations`` (stage -> pattern) are paths relative to ``root``
-    with ``{case}`` where the case ID stands and optional ``*`` wildcards. ``holdout`` marks the
+    with ``{case}`` where the case ID stands and optional ``*`` wildcards; when only one of them
+    is given the other is the synthetic layout's (:data:`DEFAULT_IMAGE_PATTERN`,
+    :data:`DEFAULT_SEGMENTATION_PATTERNS`). ``holdout`` marks the
     last N case IDs (sorted) as ``split = test``. A mask without its image, a case ID matched twice
     and a folder without any image are errors.
 
@@ -119,6 +142,12 @@ def scan(
     root = require_dir(root, "folder to scan")
     if out_csv is not None:
         check_output_file(out_csv, "manifest file")
+    if image is None and segmentations is None:
+        return _scan_discovered(root, out_csv, holdout, pseudonymize, mapping)
+    if mapping is not None:
+        raise SpinemetsError("--mapping: scan reads a mapping only when it discovers the layout (no --image or "
+                             "--segmentation patterns); give it to spinemets import")
+    image = DEFAULT_IMAGE_PATTERN if image is None else image
     segmentations = dict(DEFAULT_SEGMENTATION_PATTERNS if segmentations is None else segmentations)
     for stage in segmentations:
         if stage not in labels_mod.STAGES:
@@ -126,22 +155,7 @@ def scan(
     images = _find(root, image)
     if not images:
         raise SpinemetsError(f"{root}: no image matches {image!r}")
-    bad_ids = [c for c in images if case_id_problem(c)]
-    if bad_ids and not pseudonymize:  # pseudonyms replace them anyway
-        raise SpinemetsError(f"{images[bad_ids[0]]}: {case_id_problem(bad_ids[0])}"
-                             + (f" ({len(bad_ids) - 1} more such case(s))" if len(bad_ids) > 1 else ""))
-    cases = sorted(images)
-    if not 0 <= holdout < len(cases):
-        raise SpinemetsError(f"{root}: holdout {holdout} must be between 0 and {len(cases) - 1} "
-                             f"(the folder has {len(cases)} cases)")
-    test_cases = set(cases[len(cases) - holdout:]) if holdout else set()
-    names = {case: case for case in cases}
-    if pseudonymize:
-        from .deidentify import mapping_path, pseudonymize as make_pseudonyms
-
-        names = make_pseudonyms(cases, mapping_path(root))
-        for case, name in names.items():
-            check_case_id(name, mapping_path(root))
+    cases, names, test_cases = _case_names(root, images, holdout, pseudonymize)
     rows = []
     for stage, pattern in segmentations.items():
         masks = _find(root, pattern, f"{stage} mask")
@@ -156,6 +170,59 @@ def scan(
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     if out_csv is not None:
         write_csv(out_csv, manifest.to_dict("records"), MANIFEST_COLUMNS)
+    return manifest
+
+
+def _case_names(root: Path, images: Mapping[str, Path], holdout: int, pseudonymize: bool, splits=None):
+    """Sorted source case IDs (checked), their names in the manifest (pseudonyms or themselves), and the
+    test cases (the last ``holdout``, or those ``splits`` says)."""
+    bad_ids = [c for c in images if case_id_problem(c)]
+    if bad_ids and not pseudonymize:  # pseudonyms replace them anyway
+        raise SpinemetsError(f"{images[bad_ids[0]]}: {case_id_problem(bad_ids[0])}"
+                             + (f" ({len(bad_ids) - 1} more such case(s))" if len(bad_ids) > 1 else ""))
+    cases = sorted(images)
+    if not 0 <= holdout < len(cases):
+        raise SpinemetsError(f"{root}: holdout {holdout} must be between 0 and {len(cases) - 1} "
+                             f"(the folder has {len(cases)} cases)")
+    test_cases = set(cases[len(cases) - holdout:]) if holdout else set()
+    if splits is not None:
+        test_cases = {case for case in cases if splits.get(case) == "test"}
+    names = {case: case for case in cases}
+    if pseudonymize:
+        from .deidentify import mapping_path, pseudonymize as make_pseudonyms
+
+        names = make_pseudonyms(cases, mapping_path(root))
+        for case, name in names.items():
+            check_case_id(name, mapping_path(root))
+    return cases, names, test_cases
+
+
+def _scan_discovered(root: Path, out_csv, holdout: int, pseudonymize: bool, mapping) -> pd.DataFrame:
+    """:func:`scan` of a layout found by :func:`spinemets.discovery.discover`."""
+    from . import discovery
+
+    plan = discovery.discover(root, mapping)
+    questions = plan.open_questions()
+    explain = f"spinemets scan {root} --out MANIFEST.csv --explain"
+    if not plan.cases:
+        first = f" ({len(questions)} open question(s), the first: {questions[0]})" if questions else ""
+        raise SpinemetsError(f"{root}: no image matches a CT of any known layout (NRRD, NIfTI, MHA/MHD files or "
+                             f"DICOM series folders){first}; see what was found with: {explain}")
+    if questions:
+        more = f" (and {len(questions) - 1} more open question(s))" if len(questions) > 1 else ""
+        raise SpinemetsError(f"{questions[0]}{more}; nothing was written. See the plan and get a mapping "
+                             f"template to answer them with: {explain}; then scan again with --mapping TEMPLATE")
+    if plan.splits is not None and holdout:
+        raise SpinemetsError(f"{plan.split_table}: sets the split of every case (column 'split'), so "
+                             f"--holdout {holdout} does not apply; leave out --holdout or move the table away")
+    images = {case: entry["image"].path for case, entry in plan.cases.items()}
+    cases, names, test_cases = _case_names(root, images, holdout, pseudonymize, plan.splits)
+    rows = [{**row, "case_id": names[row["case_id"]], "split": "test" if row["case_id"] in test_cases else "train"}
+            for row in discovery.rows(plan)]
+    columns = MANIFEST_COLUMNS + ([MAPPING_COLUMN] if any(r[MAPPING_COLUMN] for r in rows) else [])
+    manifest = pd.DataFrame(rows, columns=columns)
+    if out_csv is not None:
+        write_csv(out_csv, manifest.to_dict("records"), columns)
     return manifest
 
 
@@ -186,6 +253,12 @@ def read_manifest(manifest: str | Path | pd.DataFrame) -> pd.DataFrame:
     bad_stage = sorted(set(frame["stage"]) - set(labels_mod.STAGE_NAMES))
     if bad_stage:
         raise SpinemetsError(f"{source}: unknown stage(s) {bad_stage}; choose from {', '.join(labels_mod.STAGE_NAMES)}")
+    if MAPPING_COLUMN not in frame.columns:
+        frame[MAPPING_COLUMN] = ""
+    bad_mapping = sorted(set(frame[MAPPING_COLUMN]) - {"", *labels_mod.NAMED_MAPPINGS})
+    if bad_mapping:
+        raise SpinemetsError(f"{source}: column {MAPPING_COLUMN} holds {bad_mapping}; expected empty or a built-in "
+                             f"mapping ({', '.join(labels_mod.NAMED_MAPPINGS)})")
     return frame
 
 
@@ -209,8 +282,9 @@ def _sha256(path: Path, block: int = 1 << 22) -> str:
 
 
 def _case_key(task: dict) -> str:
+    mapping = None if task["mapping"] is None else {str(k): v for k, v in task["mapping"].items()}
     parts = [f"format={IMPORT_FORMAT}", f"stage={task['stage']}",
-             "mapping=" + json.dumps(task["mapping"], sort_keys=True),
+             "mapping=" + json.dumps(mapping, sort_keys=True),
              _sha256(Path(task["image"])), _sha256(Path(task["segmentation"]))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -254,10 +328,13 @@ def read_mask(path, ct: sitk.Image, stage: str, mapping=None, ct_path="the CT") 
 
     ``.seg.nrrd`` files go through :func:`spinemets.slicer.labelmap_from_segmentation`; any
     other image is a label map on the CT's grid, whose values are translated by
-    :func:`spinemets.labels.map_label_values` (e.g. ``mapping="totalsegmentator"``).
+    :func:`spinemets.labels.map_label_values` (e.g. ``mapping="totalsegmentator"``); a folder
+    is a mask folder (:func:`labelmap_from_mask_folder`).
     """
     if str(path).endswith(".seg.nrrd"):
         return labelmap_from_segmentation(path, ct, stage, mapping, ct_path=ct_path)
+    if Path(path).is_dir():
+        return labelmap_from_mask_folder(path, ct, stage, mapping, ct_path=ct_path)
     mask = read_image(path, "mask")
     check_same_geometry(ct, mask, ct_path, path)
     values = sitk.GetArrayFromImage(mask)
@@ -278,6 +355,55 @@ def read_mask(path, ct: sitk.Image, stage: str, mapping=None, ct_path="the CT") 
     report = {"segments": [{"name": str(v), "label": table[v]} for v in present if table[v]],
               "ignored": [str(v) for v in present if not table[v]], "contested_voxels": 0}
     return labelmap, report
+
+
+def labelmap_from_mask_folder(folder, ct: sitk.Image, stage: str, mapping=None,
+                              ct_path="the CT") -> tuple[sitk.Image, dict]:
+    """A folder of per-structure binary masks (TotalSegmentator: ``vertebrae_L1.nii.gz`` ...) as one
+    label map of ``stage`` on the CT's grid, with the report of what was mapped.
+
+    A structure's name is its file name without suffix, resolved like a segment name
+    (:func:`spinemets.labels.resolve_segment_name`: ``vertebrae_C1`` ... ``vertebrae_L5``,
+    ``vertebrae_S1`` and ``sacrum`` -> Sacrum); structures that resolve to nothing (organs, ribs
+    ...) or that the mapping ignores are left out and listed as ignored, and are not read. Each
+    mask must have the CT's geometry and hold only 0 and 1 (any non-zero voxel is inside).
+    Masks of one label are merged; masks of different labels that overlap are an error naming
+    both files (a TotalSegmentator folder never overlaps: its masks come from one label map).
+    """
+    from .discovery import structure_files, structure_name
+
+    folder = Path(folder)
+    files = structure_files(folder)
+    if not files:
+        raise SpinemetsError(f"{folder}: mask folder holds no structure masks (.nii.gz, .nii, .nrrd, .mha files)")
+    shape = ct.GetSize()[::-1]
+    labelmap = np.zeros(shape, dtype=np.uint8)
+    owner: dict[int, Path] = {}
+    report = {"segments": [], "ignored": [], "contested_voxels": 0}
+    for file in files:
+        name = structure_name(file)
+        try:
+            label = labels_mod.resolve_segment_name(name, stage, mapping)
+        except KeyError:
+            label = None
+        if label is None:
+            report["ignored"].append(name)
+            continue
+        mask = read_image(file, "structure mask")
+        check_same_geometry(ct, mask, ct_path, file)
+        values = sitk.GetArrayViewFromImage(mask)
+        inside_mask = values != 0
+        if np.any(inside_mask & (values != 1)):
+            raise SpinemetsError(f"{file}: structure mask holds values other than 0 and 1; expected a binary mask")
+        clash = inside_mask & (labelmap != 0) & (labelmap != label)
+        if clash.any():
+            other = owner[int(labelmap[clash][0])]
+            raise SpinemetsError(f"{file}: overlaps {other} in {int(clash.sum())} voxel(s); the structures of "
+                                 "a mask folder must not overlap")
+        labelmap[inside_mask] = label
+        owner.setdefault(int(label), file)
+        report["segments"].append({"name": name, "label": int(label), "voxels": int(inside_mask.sum())})
+    return image_from_array(labelmap, ct), report
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -308,12 +434,21 @@ def import_dataset(
     for column in ("image", "segmentation"):
         for path in frame[column]:
             _check_listed(path, column, source)
-    mapping_dict = labels_mod.load_mapping(mapping)
-    if isinstance(mapping, (str, Path)) and str(mapping) in labels_mod.NAMED_MAPPINGS:
-        where = f"--mapping: the built-in mapping {str(mapping)!r}"
+    mapping_dict = labels_mod.load_mapping(mapping, stage)
+    named = str(mapping) if isinstance(mapping, (str, Path)) and str(mapping) in labels_mod.NAMED_MAPPINGS else None
+    if named:
+        where = f"--mapping: the built-in mapping {named!r}"
     else:
         where = str(mapping) if mapping is not None and not isinstance(mapping, Mapping) else "mapping"
     labels_mod.check_mapping(mapping_dict, stage, where)
+    row_mappings = {}
+    for r in frame.itertuples():
+        builtin = getattr(r, MAPPING_COLUMN) or _builtin_mapping_of(r.segmentation)
+        if builtin and named and named != builtin:
+            raise SpinemetsError(f"{source}: case {r.case_id!r} has the built-in mapping {builtin!r}, and --mapping "
+                                 f"gives {named!r}; give a mapping file to add to {builtin!r} instead")
+        row_mappings[r.case_id] = ({**labels_mod.NAMED_MAPPINGS[builtin], **(mapping_dict or {})}
+                                   if builtin and not named else mapping_dict)
     dataset_id = labels_mod.STAGES[stage]["dataset_id"] if dataset_id is None else int(dataset_id)
     raw_dir = check_output_dir(raw_dir, "nnU-Net raw folder")
     name = dataset_folder_name(stage, dataset_id)
@@ -324,20 +459,30 @@ def import_dataset(
         for rel in _outputs(r.case_id, r.split):
             inside(final, rel, f"file of case {r.case_id!r}")
     with output_folder(raw_dir, "nnU-Net raw folder"):
-        return _import_into(frame, stage, raw_dir, name, final, mapping_dict, jobs)
+        return _import_into(frame, stage, raw_dir, name, final, mapping_dict, jobs, row_mappings)
+
+
+def _builtin_mapping_of(segmentation: str) -> str:
+    """The built-in mapping a segmentation's path implies: ``verse`` for VerSe's label maps
+    (:func:`spinemets.discovery.is_verse`), else ""."""
+    from .discovery import is_verse
+
+    return "verse" if not str(segmentation).endswith(".seg.nrrd") and is_verse(segmentation) else ""
 
 
 def _check_listed(path: str, column: str, source: str) -> None:
-    """A file the manifest lists must exist (an image may also be a DICOM series folder)."""
+    """A file the manifest lists must exist (an image may also be a DICOM series folder, a
+    segmentation a mask folder; neither with a file's suffix)."""
     if not str(path).strip():
         raise SpinemetsError(f"{source}: a row lists an empty {column} path")
     p = Path(path)
-    if p.is_dir() and column == "image":
+    if p.is_dir() and (column == "image" or not p.name.lower().endswith(FILE_SUFFIXES)):
         return
     require_file(p, f"{column} file listed in {source}")
 
 
-def _import_into(frame: pd.DataFrame, stage: str, raw_dir: Path, name: str, final: Path, mapping_dict, jobs: int) -> Path:
+def _import_into(frame: pd.DataFrame, stage: str, raw_dir: Path, name: str, final: Path, mapping_dict, jobs: int,
+                 row_mappings: Mapping | None = None) -> Path:
     remove_partials(raw_dir)
     previous_cases = _read_record(final).get("cases", {})
     staging = raw_dir / f"{PARTIAL_PREFIX}{name}"
@@ -348,7 +493,8 @@ def _import_into(frame: pd.DataFrame, stage: str, raw_dir: Path, name: str, fina
             (staging / sub).mkdir(parents=True)
 
     tasks = [{"case_id": r.case_id, "image": r.image, "segmentation": r.segmentation, "split": r.split,
-              "stage": stage, "mapping": mapping_dict, "staging": str(staging), "existing": str(final),
+              "stage": stage, "mapping": (row_mappings or {}).get(r.case_id, mapping_dict),
+              "staging": str(staging), "existing": str(final),
               "previous": previous_cases.get(r.case_id)} for r in frame.itertuples()]
     try:
         records = _run_tasks(tasks, jobs, f"import {stage}")
@@ -364,6 +510,8 @@ def _import_into(frame: pd.DataFrame, stage: str, raw_dir: Path, name: str, fina
         write_json(staging / IMPORT_RECORD, {
             "spinemets_version": __version__, "format": IMPORT_FORMAT, "stage": stage,
             "mapping": mapping_dict,
+            # what the CTs are (synthetic: written by spinemets synth), for the models' domain record
+            "cohort": cohort_of(frame["image"]),
             "cases": {r["case_id"]: {k: v for k, v in r.items() if k != "reused"} for r in records},
         })
     except BaseException:

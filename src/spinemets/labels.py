@@ -9,7 +9,16 @@ Metastasis stage: 0 background, 1 lytic, 2 sclerotic.
 Segment names found in real files vary (``L5``, ``vertebrae_L5``, ``Vertebra L5``,
 ``osteolytic``, ``blastic`` ...). :func:`resolve_segment_name` maps them to our labels,
 case-insensitively, and a user mapping file (YAML or JSON, ``{segment name: label name or
-null}``) adds names or tells the importer to ignore a segment.
+null}``) adds names or tells the importer to ignore a segment. The mapping template that
+``spinemets scan --explain`` writes (:mod:`spinemets.discovery`) holds one such mapping per stage
+(:func:`mapping_document`).
+
+Built-in mappings of label values (:data:`NAMED_MAPPINGS`): ``totalsegmentator`` (its "total"
+task) and ``verse`` (VerSe: 1-24 = C1-L5, 25 = L6, 26 = sacrum, 27 = coccyx, 28 = T13). Under
+``verse`` the transitional vertebrae L6 (25) and T13 (28), which our 25 labels do not have, are
+:class:`Refused`: a label map holding them is an error naming the file until a user mapping says
+what they are (``25: L5``, or ``25: null`` to leave them out); VerSe's 25 never becomes our 25
+(Sacrum). The coccyx (27) is ignored.
 """
 
 from __future__ import annotations
@@ -136,27 +145,65 @@ def read_mapping_file(path: str | Path) -> dict[str | int, str | None]:
         "overlapping sphere": lytic
         ribs: null
     """
+    data = _read_yaml_mapping(path)
+    if _is_template(data):
+        raise SpinemetsError(f"{path}: is a mapping template with one mapping per stage; "
+                             "read it with load_mapping(path, stage)")
+    return _checked_flat(data, str(path))
+
+
+def _read_yaml_mapping(path: str | Path):
     from .io import one_line, require_file
 
     path = require_file(path, "mapping file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SpinemetsError(f"{path}: mapping file is not valid YAML/JSON ({one_line(exc)})") from None
+
+
+def _checked_flat(data, source: str) -> dict:
+    """A flat mapping ``{segment name or label value: label name or null}``, checked for its types."""
     if not isinstance(data, dict) or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in data):
-        raise SpinemetsError(f"{path}: mapping file must map segment names or label values to label names or null")
+        raise SpinemetsError(f"{source}: mapping file must map segment names or label values to label names or null")
     for key in data:
         if isinstance(key, int) and key < 0:
-            raise SpinemetsError(f"{path}: label value {key} in the mapping is negative")
+            raise SpinemetsError(f"{source}: label value {key} in the mapping is negative")
     for key, value in data.items():
         if value is not None and not isinstance(value, str):
-            raise SpinemetsError(f"{path}: {key!r} maps to {value!r}; expected a label name or null")
+            raise SpinemetsError(f"{source}: {key!r} maps to {value!r}; expected a label name or null")
     return data
 
 
-#: Mappings known by name (``--mapping totalsegmentator``).
-NAMED_MAPPINGS: dict[str, dict[int, str]] = {
+class Refused(str):
+    """The target of a built-in mapping for a source label that none of ours stands for (VerSe's L6):
+    importing it is an error until a user mapping says what it is. ``meaning`` says what it is."""
+
+    meaning: str
+
+    def __new__(cls, name: str, meaning: str):
+        obj = super().__new__(cls, name)
+        obj.meaning = meaning
+        return obj
+
+    def __reduce__(self):  # picklable for the import's worker processes
+        return (Refused, (str(self), self.meaning))
+
+
+#: VerSe label value -> our vertebra label: 1-24 are C1...L5 in both; 26 (sacrum) is our Sacrum;
+#: 27 (coccyx) is ignored; 25 (L6) and 28 (T13), transitional vertebrae, are refused.
+VERSE_TO_VERTEBRAE: dict[int, str | None] = {
+    **{i + 1: name for i, name in enumerate(VERTEBRAE[:24])},
+    25: Refused("L6", "VerSe's L6, a transitional sixth lumbar vertebra"),
+    26: "Sacrum",
+    27: None,
+    28: Refused("T13", "VerSe's T13, a transitional thirteenth thoracic vertebra"),
+}
+
+#: Mappings known by name (``--mapping totalsegmentator``, ``--mapping verse``).
+NAMED_MAPPINGS: dict[str, dict[int, str | None]] = {
     "totalsegmentator": {ts: VERTEBRAE[ours - 1] for ts, ours in TOTALSEGMENTATOR_TOTAL_TO_VERTEBRAE.items()},
+    "verse": VERSE_TO_VERTEBRAE,
 }
 
 
@@ -227,17 +274,89 @@ def check_mapping(mapping: Mapping | None, stage: str, source: str = "mapping") 
     the mapping is loaded, so that the error names the mapping file rather than a case."""
     table = labels(stage)
     for key, target in (mapping or {}).items():
-        if target is not None:
+        if target is not None and not isinstance(target, Refused):
             _label_of(target, stage, table, f"{source}: {key!r} maps to {target!r}, which")
 
 
-def load_mapping(mapping) -> dict | None:
-    """A mapping given as a dict, the name of a built-in mapping, a path to a mapping file, or nothing."""
-    if mapping is None or isinstance(mapping, Mapping):
+def load_mapping(mapping, stage: str | None = None) -> dict | None:
+    """A mapping given as a dict, the name of a built-in mapping, a path to a mapping file, or nothing.
+
+    A mapping template (:func:`mapping_document`) holds one mapping per stage: ``stage`` picks it.
+    """
+    if mapping is None:
+        return None
+    if isinstance(mapping, Mapping) and not _is_template(mapping):
         return dict(mapping) if mapping else None
-    if str(mapping) in NAMED_MAPPINGS:
+    if not isinstance(mapping, Mapping) and str(mapping) in NAMED_MAPPINGS:
         return dict(NAMED_MAPPINGS[str(mapping)])
-    return read_mapping_file(mapping)
+    document = mapping_document(mapping)
+    if not document["template"]:
+        return document["stages"][STAGE_NAMES[0]]
+    if stage is None:
+        raise SpinemetsError(f"{document['source']}: a mapping template holds one mapping per stage; "
+                             "say which stage it is for")
+    check_stage(stage)
+    return document["stages"][stage]
+
+
+#: The key that marks a mapping template (``spinemets scan --explain``), and its version.
+TEMPLATE_KEY = "spinemets_mapping"
+TEMPLATE_VERSION = 1
+_TEMPLATE_KEYS = {TEMPLATE_KEY, "reviewed", "files", *STAGE_NAMES}
+#: What a file of a mapping template may be set to (besides null, to leave it out).
+FILE_ROLES = ("image", *STAGE_NAMES)
+
+
+def _is_template(data) -> bool:
+    return isinstance(data, Mapping) and TEMPLATE_KEY in data
+
+
+def mapping_document(mapping) -> dict:
+    """A mapping (flat file, template file, dict or built-in name) as ``{"template", "source", "stages", "files"}``.
+
+    ``stages`` is stage -> ``{name or value: label or null}`` (or None); ``files`` is path relative
+    to the scanned folder -> ``image``, a stage, or None (leave the file out). A flat mapping serves
+    every stage and sets no file. A template must say ``reviewed: true``: it is written with a null
+    for every open question, and null also means "ignore", so an unread template is refused.
+    """
+    if mapping is None:
+        return {"template": False, "source": "mapping", "stages": dict.fromkeys(STAGE_NAMES), "files": {}}
+    if isinstance(mapping, Mapping):
+        data, source = dict(mapping), "mapping"
+    elif str(mapping) in NAMED_MAPPINGS:
+        data, source = dict(NAMED_MAPPINGS[str(mapping)]), f"--mapping: the built-in mapping {str(mapping)!r}"
+    else:
+        data, source = _read_yaml_mapping(mapping), str(mapping)
+    if not _is_template(data):
+        flat = _checked_flat(data, source) or None
+        return {"template": False, "source": source, "stages": dict.fromkeys(STAGE_NAMES, flat), "files": {}}
+    unknown = sorted(map(str, set(data) - _TEMPLATE_KEYS))
+    if unknown:
+        raise SpinemetsError(f"{source}: mapping template has unknown key(s) {unknown}; "
+                             f"expected {', '.join(sorted(_TEMPLATE_KEYS))}")
+    if data[TEMPLATE_KEY] != TEMPLATE_VERSION:
+        raise SpinemetsError(f"{source}: {TEMPLATE_KEY}: {data[TEMPLATE_KEY]!r} is not a known version "
+                             f"(expected {TEMPLATE_VERSION})")
+    if data.get("reviewed") is not True:
+        raise SpinemetsError(f"{source}: the mapping template is not reviewed: replace each null that should "
+                             "be a label (a null ignores the segment or leaves the file out), then set "
+                             "'reviewed: true'")
+    stages = {}
+    for stage in STAGE_NAMES:
+        section = data.get(stage) or {}
+        if not isinstance(section, Mapping):
+            raise SpinemetsError(f"{source}: {stage}: must map segment names or label values to label names or null")
+        stages[stage] = _checked_flat(dict(section), f"{source}: {stage}") or None
+        check_mapping(stages[stage], stage, source)
+    files = data.get("files") or {}
+    if not isinstance(files, Mapping) or not all(isinstance(k, str) for k in files):
+        raise SpinemetsError(f"{source}: files: must map file paths (relative to the scanned folder) to "
+                             f"{', '.join(FILE_ROLES)} or null")
+    for key, role in files.items():
+        if role is not None and role not in FILE_ROLES:
+            raise SpinemetsError(f"{source}: files: {key!r} is set to {role!r}; choose one of "
+                                 f"{', '.join(FILE_ROLES)} or null (leave it out)")
+    return {"template": True, "source": source, "stages": stages, "files": dict(files)}
 
 
 def map_label_values(values, stage: str, mapping: Mapping | None, source: str) -> dict[int, int]:
@@ -258,6 +377,12 @@ def map_label_values(values, stage: str, mapping: Mapping | None, source: str) -
         return {int(v): int(v) for v in values}
     for value in values:
         target = mapping.get(int(value), mapping.get(str(int(value))))
+        if isinstance(target, Refused):
+            raise SpinemetsError(
+                f"{source}: label value {int(value)} is {target.meaning}, which the {stage} stage's labels "
+                f"do not have; say what it is in a mapping file (--mapping), e.g. '{int(value)}: L5' to count "
+                f"it as L5 or '{int(value)}: null' to leave it out"
+            )
         result[int(value)] = 0 if target is None else _label_of(target, stage, table,
                                                                   f"{source}: value {value}: {target!r}")
     return result
