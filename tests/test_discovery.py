@@ -217,6 +217,40 @@ def test_totalsegmentator_mask_folders_and_meta_csv(tmp_path):
         dataset.scan(root, holdout=1)
 
 
+def test_totalsegmentator_subjects_without_vertebrae_are_left_out_only_when_asked(tmp_path, caplog):
+    root = tmp_path / "Totalsegmentator_dataset"
+    _totalsegmentator(root)
+    ct = ct8(3)  # a head CT: TotalSegmentator writes every structure's mask, here all empty
+    write_ct(ct, root / "s0003" / "ct.nii.gz")
+    for name in ("vertebrae_L1", "vertebrae_S1", "brain"):
+        array = np.zeros(SHAPE[::-1], dtype=np.uint8)
+        array[..., :2] = name == "brain"
+        write_labelmap(array, ct, root / "s0003" / "segmentations" / f"{name}.nii.gz")
+    (root / "meta.csv").write_text("image_id;split\ns0001;train\ns0002;test\ns0003;train\n")
+    manifest = dataset.scan(root)
+    assert list(manifest["case_id"]) == ["s0001", "s0002", "s0003"]
+    with pytest.raises(SpinemetsError, match=r"s0003/segmentations: mask is empty .*--skip-empty"):
+        dataset.import_dataset(manifest, "vertebrae", tmp_path / "raw")
+    assert not (tmp_path / "raw" / "Dataset501_Vertebrae").exists()
+    with caplog.at_level("WARNING", logger="spinemets.dataset"):
+        out = dataset.import_dataset(manifest, "vertebrae", tmp_path / "raw", skip_empty=True)
+    record = yaml.safe_load((out / dataset.IMPORT_RECORD).read_text())
+    assert record["skipped"] == {"s0003": "its mask holds no vertebra"} and sorted(record["cases"]) == ["s0001", "s0002"]
+    assert yaml.safe_load((out / "dataset.json").read_text())["numTraining"] == 1
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["s0001_0000.nii.gz"]
+    assert any("1 case(s) left out" in r.getMessage() and "s0003" in r.getMessage() for r in caplog.records)
+
+
+def test_totalsegmentator_unpacked_into_its_own_folder_keeps_its_splits(tmp_path):
+    root = tmp_path / "data" / "totalsegmentator"
+    _totalsegmentator(root / "Totalsegmentator_dataset_v201")
+    (root / "Totalsegmentator_dataset_v201.zip").write_bytes(b"PK")  # the download, beside what it unpacked to
+    manifest = dataset.scan(root)
+    assert list(zip(manifest["case_id"], manifest["split"])) == [("s0001", "train"), ("s0002", "test")]
+    unused = dict(discovery.discover(root).unused)
+    assert "Totalsegmentator_dataset_v201/meta.csv" not in unused and "Totalsegmentator_dataset_v201.zip" in unused
+
+
 def test_overlapping_structures_are_an_error_naming_both_files(tmp_path):
     root = tmp_path / "ts"
     _totalsegmentator(root, overlap=True)

@@ -57,7 +57,7 @@ def _cmd_scan(a):
 
 def _cmd_import(a):
     folder = _call("dataset.import_dataset", manifest=a.manifest, stage=a.stage, raw_dir=a.out,
-                   dataset_id=a.dataset_id, mapping=a.mapping, jobs=a.jobs)
+                   dataset_id=a.dataset_id, mapping=a.mapping, jobs=a.jobs, skip_empty=a.skip_empty)
     print(f"wrote {folder}")
 
 
@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML/JSON file mapping segment names or label values to labels (or null), the filled "
                         "template of scan --explain, or a built-in mapping: totalsegmentator, verse")
     p.add_argument("--jobs", type=int, default=1, help="parallel processes")
+    p.add_argument("--skip-empty", action="store_true",
+                   help="vertebra stage: leave out cases whose mask holds no vertebra (listed in the log and "
+                        "the import record), instead of stopping")
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("evaluate", help="score predictions against references (metrics.evaluate_folders)")

@@ -173,6 +173,72 @@ def scan(
     return manifest
 
 
+def scan_stages(
+    sources: Mapping[str, str | Path],
+    out_csv: str | Path | None = None,
+    holdout: int | Mapping[str, int] = 0,
+    pseudonymize: bool | Mapping[str, bool] = False,
+    mapping=None,
+    image: str | None = None,
+    segmentations: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """The manifest of stages whose cases come from different folders: ``{stage: folder}``.
+
+    The paper's vertebra CTs are private, so stage 1 is trained on a public set (TotalSegmentator's
+    or VerSe) and stage 2 on the Zenodo release. Each folder is scanned with :func:`scan`
+    (discovery, or the patterns when given) and only the rows of its own stage(s) are kept; a
+    folder named for both stages is scanned once. ``holdout`` and ``pseudonymize`` may be given
+    per stage (``{"metastases": 8}``). A stage whose folder gives it no case is an error, and so
+    is a case ID that two folders both give (the CTs of different people under one name would be
+    paired in the evaluation). Writes ``out_csv`` when given.
+    """
+    for stage in sources:
+        labels_mod.check_stage(stage)
+    if not sources:
+        raise SpinemetsError("stage_data: name the folder of at least one stage")
+
+    def per_stage(value, stage, what):
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(labels_mod.STAGE_NAMES))
+            if unknown:
+                raise unknown_choice("stage", unknown[0], labels_mod.STAGE_NAMES, what)
+            return value.get(stage, 0 if what == "holdout" else False)
+        return value
+
+    groups: dict[Path, list[str]] = {}
+    for stage, folder in sources.items():
+        groups.setdefault(require_dir(folder, f"folder of the {stage} stage").resolve(), []).append(stage)
+    if out_csv is not None:
+        check_output_file(out_csv, "manifest file")
+    parts, owner = [], {}
+    for folder, stages in groups.items():
+        settings = {(per_stage(holdout, s, "holdout"), bool(per_stage(pseudonymize, s, "pseudonymize"))) for s in stages}
+        if len(settings) > 1:
+            raise SpinemetsError(f"{folder}: holds the cases of {' and '.join(stages)}, which are given different "
+                                 "holdout or pseudonymize settings; give the folder one setting")
+        (n_test, pseudo), = settings
+        patterns = None if segmentations is None else {s: p for s, p in segmentations.items() if s in stages}
+        frame = scan(folder, None, image=image, segmentations=patterns if image or patterns else None,
+                     holdout=n_test, pseudonymize=pseudo, mapping=mapping)
+        frame = frame[frame["stage"].isin(stages)]
+        for stage in stages:
+            if not (frame["stage"] == stage).any():
+                raise SpinemetsError(f"{folder}: no {stage} segmentation found (named as the {stage} stage's folder)")
+        for case in sorted(set(frame["case_id"])):
+            if case in owner and owner[case] != folder:
+                raise SpinemetsError(f"{folder}: case ID {case!r} is also a case of {owner[case]}; the stages' "
+                                     "folders must not share case IDs (rename the cases, or pseudonymize one folder)")
+            owner[case] = folder
+        parts.append(frame)
+    manifest = pd.concat(parts, ignore_index=True).fillna("")
+    columns = MANIFEST_COLUMNS + ([MAPPING_COLUMN] if MAPPING_COLUMN in manifest.columns
+                                  and manifest[MAPPING_COLUMN].astype(bool).any() else [])
+    manifest = manifest[columns]
+    if out_csv is not None:
+        write_csv(out_csv, manifest.to_dict("records"), columns)
+    return manifest
+
+
 def _case_names(root: Path, images: Mapping[str, Path], holdout: int, pseudonymize: bool, splits=None):
     """Sorted source case IDs (checked), their names in the manifest (pseudonyms or themselves), and the
     test cases (the last ``holdout``, or those ``splits`` says)."""
@@ -310,10 +376,12 @@ def _import_case(task: dict) -> dict:
     ct = read_image(task["image"], "CT")
     labelmap, report = read_mask(task["segmentation"], ct, task["stage"], task["mapping"], ct_path=task["image"])
     voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(labelmap)))
+    if voxels == 0 and task["stage"] == "vertebrae" and task.get("skip_empty"):
+        return {"case_id": case, "split": task["split"], "skipped": "its mask holds no vertebra", "reused": False}
     if voxels == 0 and task["stage"] == "vertebrae":
         raise SpinemetsError(
             f"{task['segmentation']}: mask is empty after mapping its segments; "
-            "every CT of the vertebra dataset must show vertebrae"
+            "every CT of the vertebra dataset must show vertebrae (--skip-empty leaves such cases out)"
         )
     write_image(ct, staging / image_rel)
     write_image(labelmap, staging / label_rel)
@@ -420,8 +488,15 @@ def import_dataset(
     dataset_id: int | None = None,
     mapping: str | Path | Mapping[str, str | None] | None = None,
     jobs: int = 1,
+    skip_empty: bool = False,
 ) -> Path:
-    """Write the nnU-Net raw dataset of ``stage`` from the manifest; return its folder."""
+    """Write the nnU-Net raw dataset of ``stage`` from the manifest; return its folder.
+
+    A vertebra case whose mask holds no vertebra is an error, unless ``skip_empty``: then it is
+    left out of the dataset (a public set such as TotalSegmentator's has many CTs of the head or
+    the legs), and listed in the import record (``skipped``) and the log. Nothing is left out
+    silently, and a dataset left with no case is an error.
+    """
     labels_mod.check_stage(stage)
     frame = read_manifest(manifest)
     frame = frame[frame["stage"] == stage]
@@ -459,7 +534,17 @@ def import_dataset(
         for rel in _outputs(r.case_id, r.split):
             inside(final, rel, f"file of case {r.case_id!r}")
     with output_folder(raw_dir, "nnU-Net raw folder"):
-        return _import_into(frame, stage, raw_dir, name, final, mapping_dict, jobs, row_mappings)
+        return _import_into(frame, stage, raw_dir, name, final, mapping_dict, jobs, row_mappings, skip_empty)
+
+
+def read_row_mask(row: Mapping, ct: sitk.Image, mapping=None) -> tuple[sitk.Image, dict]:
+    """The mask of one manifest row (``stage``, ``segmentation``, optional ``mapping``) on the CT's grid,
+    as the import reads it: the row's built-in mapping (VerSe's) under the user's ``mapping``."""
+    stage = row["stage"]
+    user = labels_mod.load_mapping(mapping, stage)
+    builtin = str(row.get(MAPPING_COLUMN) or "") or _builtin_mapping_of(row["segmentation"])
+    table = {**labels_mod.NAMED_MAPPINGS[builtin], **(user or {})} if builtin else user
+    return read_mask(row["segmentation"], ct, stage, table, ct_path=row.get("image", "the CT"))
 
 
 def _builtin_mapping_of(segmentation: str) -> str:
@@ -482,7 +567,7 @@ def _check_listed(path: str, column: str, source: str) -> None:
 
 
 def _import_into(frame: pd.DataFrame, stage: str, raw_dir: Path, name: str, final: Path, mapping_dict, jobs: int,
-                 row_mappings: Mapping | None = None) -> Path:
+                 row_mappings: Mapping | None = None, skip_empty: bool = False) -> Path:
     remove_partials(raw_dir)
     previous_cases = _read_record(final).get("cases", {})
     staging = raw_dir / f"{PARTIAL_PREFIX}{name}"
@@ -494,11 +579,19 @@ def _import_into(frame: pd.DataFrame, stage: str, raw_dir: Path, name: str, fina
 
     tasks = [{"case_id": r.case_id, "image": r.image, "segmentation": r.segmentation, "split": r.split,
               "stage": stage, "mapping": (row_mappings or {}).get(r.case_id, mapping_dict),
-              "staging": str(staging), "existing": str(final),
+              "staging": str(staging), "existing": str(final), "skip_empty": skip_empty,
               "previous": previous_cases.get(r.case_id)} for r in frame.itertuples()]
     try:
         records = _run_tasks(tasks, jobs, f"import {stage}")
-        n_train = int((frame["split"] == "train").sum())
+        skipped = {r["case_id"]: r["skipped"] for r in records if r.get("skipped")}
+        records = [r for r in records if not r.get("skipped")]
+        if skipped:
+            log.warning("%s: %d case(s) left out, their masks hold no vertebra: %s", name, len(skipped),
+                        ", ".join(sorted(skipped)))
+        if not any(r["split"] == "train" for r in records):
+            raise SpinemetsError(f"{raw_dir / name}: no training case left after leaving out the {len(skipped)} "
+                                 "case(s) whose masks hold no vertebra")
+        n_train = sum(r["split"] == "train" for r in records)
         write_json(staging / "dataset.json", {
             "channel_names": {"0": "CT"},
             "labels": labels_mod.dataset_json_labels(stage),
@@ -513,6 +606,7 @@ def _import_into(frame: pd.DataFrame, stage: str, raw_dir: Path, name: str, fina
             # what the CTs are (synthetic: written by spinemets synth), for the models' domain record
             "cohort": cohort_of(frame["image"]),
             "cases": {r["case_id"]: {k: v for k, v in r.items() if k != "reused"} for r in records},
+            "skipped": skipped,
         })
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

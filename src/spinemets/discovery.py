@@ -90,6 +90,7 @@ import yaml
 from . import labels as labels_mod
 from .errors import SpinemetsError
 from .io import PARTIAL_PREFIX, one_line, require_dir, write_text
+from .slicer import header_segment_names
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,10 @@ def discover(root: str | Path, mapping=None) -> Plan:
     root = require_dir(root, "folder to scan")
     document = labels_mod.mapping_document(mapping)
     plan = Plan(root=root)
-    roles = dict(document["files"])
+    # a template's files are those of the folder it was written for: one template may answer the
+    # questions of two folders (the stages' data), each folder taking its own files
+    written_for = document.get("root")
+    roles = dict(document["files"]) if not written_for or Path(written_for).resolve() == root.resolve() else {}
     cts, segs, images = [], [], []
     for item in _walk(root, plan, document):
         role = roles.pop(item.rel, "unset")
@@ -611,7 +615,9 @@ def _segment_names(item: Found, plan: Plan) -> list[str] | None:
         plan.ask(item, f"cannot read 3D Slicer segmentation header: {one_line(exc)[:200]}", [None])
         return None
     indices = sorted(int(m.group(1)) for key in header if (m := re.fullmatch(r"Segment(\d+)_ID", str(key))))
-    return [str(header.get(f"Segment{i}_Name") or header[f"Segment{i}_ID"]) for i in indices]
+    names = [str(header.get(f"Segment{i}_Name") or header[f"Segment{i}_ID"]) for i in indices]
+    utf8 = header_segment_names(item.path)  # pynrrd drops the non-ASCII characters of names
+    return utf8 if utf8 is not None and len(utf8) == len(names) else names
 
 
 def _label_values(item: Found) -> np.ndarray:
@@ -761,10 +767,17 @@ def _match(seg: Found, cts: list[Found], ids: dict, root: Path) -> tuple[Found |
 
 
 def _read_split_table(plan: Plan) -> None:
-    """TotalSegmentator's meta.csv: ``image_id`` and ``split`` (train, val, test) per case."""
+    """TotalSegmentator's meta.csv: ``image_id`` and ``split`` (train, val, test) per case; at the
+    scanned folder's top, or in its one sub-folder that has one (the folder its zip unpacks to,
+    ``Totalsegmentator_dataset_v201/``)."""
     path = plan.root / SPLIT_TABLE
     if not path.is_file():
-        return
+        below = [d / SPLIT_TABLE for d in sorted(plan.root.iterdir())
+                 if d.is_dir() and not d.name.startswith(".") and (d / SPLIT_TABLE).is_file()]
+        if len(below) != 1:
+            return
+        path = below[0]
+        plan.unused = [(rel, why) for rel, why in plan.unused if rel != _rel(plan.root, path)]
     import pandas as pd
 
     try:
@@ -772,7 +785,7 @@ def _read_split_table(plan: Plan) -> None:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise SpinemetsError(f"{path}: not a readable ';'-separated table ({one_line(exc)})") from None
     if not {"image_id", "split"} <= set(table.columns):
-        plan.unused.append((SPLIT_TABLE, "spreadsheet without the columns image_id and split (not read)"))
+        plan.unused.append((_rel(plan.root, path), "spreadsheet without the columns image_id and split (not read)"))
         return
     bad = sorted(set(table["split"]) - {"train", "val", "test"})
     if bad:
@@ -867,6 +880,8 @@ def template_text(plan: Plan, mapping=None) -> str:
            "# A null left in place ignores the segment or leaves the file out.",
            f"{labels_mod.TEMPLATE_KEY}: {labels_mod.TEMPLATE_VERSION}",
            "reviewed: false",
+           "# root: the folder these files are in (its files section applies to no other folder)",
+           f"root: {_yaml_key(str(plan.root.resolve()))[:-1]}",
            "# files: path relative to the scanned folder -> image (the CT), vertebrae, metastases",
            "# (a segmentation of that stage), or null (leave the file out).",
            "files:"]

@@ -122,12 +122,13 @@ def _read(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
-def _case_image(images: Path | None, case: str) -> Path | None:
+def _case_image(images: Path | Sequence[Path] | None, case: str) -> Path | None:
     if images is None:
         return None
-    for name in (f"{case}_0000.nii.gz", f"{case}.nii.gz", f"{case}.nrrd", f"{case}/ct.nrrd"):
-        if (images / name).exists():
-            return images / name
+    for folder in [images] if isinstance(images, Path) else images:
+        for name in (f"{case}_0000.nii.gz", f"{case}.nii.gz", f"{case}.nrrd", f"{case}/ct.nrrd"):
+            if (Path(folder) / name).exists():
+                return Path(folder) / name
     return None
 
 
@@ -136,13 +137,14 @@ def prediction_overlays(predictions: str | Path, images: str | Path | None = Non
     """Per case: a mid-sagittal and a mid-coronal CT slice with predicted vertebrae and lesions over them.
 
     ``predictions`` is the output folder of :func:`spinemets.inference.predict`; ``images`` the
-    folder of the CTs (``CASE_0000.nii.gz``, ``CASE.nrrd`` or ``CASE/ct.nrrd``); without it the
+    folder of the CTs (``CASE_0000.nii.gz``, ``CASE.nrrd`` or ``CASE/ct.nrrd``), or a list of such
+    folders; without it the
     label maps are drawn alone. Slices are taken through the centre of the predicted spine.
     """
     import matplotlib.pyplot as plt
 
     predictions = Path(predictions)
-    images = Path(images) if images else None
+    images = ([Path(i) for i in images] if isinstance(images, (list, tuple)) else Path(images)) if images else None
     cases = list(cases) if cases else sorted(p.name for p in predictions.iterdir() if (p / "vertebrae.nii.gz").exists())
     cases = cases[:max_cases]
     if not cases:

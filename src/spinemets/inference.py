@@ -220,13 +220,24 @@ def vertebra_table(lesion_rows: list[dict], lesions: np.ndarray, vertebrae: np.n
 # --------------------------------------------------------------------------------------------
 
 
-def find_inputs(input: str | Path) -> dict[str, Path]:
+def find_inputs(input: str | Path | Sequence[str | Path]) -> dict[str, Path]:
     """Case ID -> CT path: one image file, a folder of image files (case = name without suffix), or a
     folder of case folders holding ``ct.nrrd`` (the synthetic cohort's layout). ``.seg.nrrd`` files are skipped.
+    A list of these gives all their cases (the held-out CTs of two stages whose data differ).
 
     Every case ID passes the one rule of :func:`spinemets.io.check_case_id`; a broken link is
     reported as one, and two files of one case are an error.
     """
+    if isinstance(input, (list, tuple)):
+        if not input:
+            raise SpinemetsError("input: an empty list of CTs or folders")
+        cases: dict[str, Path] = {}
+        for item in input:
+            for case, path in find_inputs(item).items():
+                if case in cases and Path(cases[case]).resolve() != Path(path).resolve():
+                    raise SpinemetsError(f"{path}: second CT of case {case!r} (also {cases[case]})")
+                cases[case] = path
+        return cases
     input = Path(input)
     kind = describe_path(input)
     if kind in ("missing", "broken link"):
@@ -377,9 +388,10 @@ class PredictOptions:
         return out
 
 
-def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", workspace=None,
+def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profile: str = "demo", workspace=None,
             device: str | None = None, options: PredictOptions | None = None) -> list[dict]:
-    """Two-stage prediction, localization and partial SINS for one CT or a folder; return the cohort's lesion rows.
+    """Two-stage prediction, localization and partial SINS for one CT or a folder (or a list of
+    them, :func:`find_inputs`); return the cohort's lesion rows.
 
     ``profile`` picks the trained models (:func:`spinemets.nnunet.trained_models`); ``device``
     defaults to the profile's; ``options`` (:class:`PredictOptions`) say how the stages run and
@@ -390,10 +402,11 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", works
     prof = nnunet.get_profile(profile)
     cases = find_inputs(input)
     out_dir = check_output_dir(out_dir, "prediction folder")
-    source = Path(input).resolve()
-    if source.is_dir() and (out_dir.resolve() == source or source in out_dir.resolve().parents):
-        raise SpinemetsError(f"{out_dir}: prediction folder lies inside the input folder {input}; "
-                             "write predictions elsewhere (they would sit beside, or replace, source files)")
+    for item in input if isinstance(input, (list, tuple)) else [input]:
+        source = Path(item).resolve()
+        if source.is_dir() and (out_dir.resolve() == source or source in out_dir.resolve().parents):
+            raise SpinemetsError(f"{out_dir}: prediction folder lies inside the input folder {item}; "
+                                 "write predictions elsewhere (they would sit beside, or replace, source files)")
     check_inputs(cases)
     device = device or prof["device"]
     started = time.perf_counter()
@@ -413,7 +426,7 @@ def predict(input: str | Path, out_dir: str | Path, profile: str = "demo", works
     write_csv(out_dir / "lesions.csv", all_lesions, LESION_COLUMNS)
     write_csv(out_dir / "vertebrae.csv", all_vertebrae, VERTEBRA_COLUMNS)
     write_json(out_dir / "provenance.json", _provenance(
-        locals_={"input": str(input), "out_dir": str(out_dir), "profile": profile, "device": device, **asdict(opts)},
+        locals_={"input": [str(i) for i in input] if isinstance(input, (list, tuple)) else str(input), "out_dir": str(out_dir), "profile": profile, "device": device, **asdict(opts)},
         models={"vertebrae": stages[0].models, "metastases": stages[1].models},
         postprocessing={"vertebrae": stages[0].postprocessing, "metastases": stages[1].postprocessing},
         timings=timings, notes=notes, seconds=time.perf_counter() - started,

@@ -302,7 +302,7 @@ def load_mapping(mapping, stage: str | None = None) -> dict | None:
 #: The key that marks a mapping template (``spinemets scan --explain``), and its version.
 TEMPLATE_KEY = "spinemets_mapping"
 TEMPLATE_VERSION = 1
-_TEMPLATE_KEYS = {TEMPLATE_KEY, "reviewed", "files", *STAGE_NAMES}
+_TEMPLATE_KEYS = {TEMPLATE_KEY, "reviewed", "files", *STAGE_NAMES, "root"}
 #: What a file of a mapping template may be set to (besides null, to leave it out).
 FILE_ROLES = ("image", *STAGE_NAMES)
 
@@ -320,7 +320,7 @@ def mapping_document(mapping) -> dict:
     for every open question, and null also means "ignore", so an unread template is refused.
     """
     if mapping is None:
-        return {"template": False, "source": "mapping", "stages": dict.fromkeys(STAGE_NAMES), "files": {}}
+        return {"template": False, "source": "mapping", "stages": dict.fromkeys(STAGE_NAMES), "files": {}, "root": None}
     if isinstance(mapping, Mapping):
         data, source = dict(mapping), "mapping"
     elif str(mapping) in NAMED_MAPPINGS:
@@ -329,7 +329,8 @@ def mapping_document(mapping) -> dict:
         data, source = _read_yaml_mapping(mapping), str(mapping)
     if not _is_template(data):
         flat = _checked_flat(data, source) or None
-        return {"template": False, "source": source, "stages": dict.fromkeys(STAGE_NAMES, flat), "files": {}}
+        return {"template": False, "source": source, "stages": dict.fromkeys(STAGE_NAMES, flat), "files": {},
+                "root": None}
     unknown = sorted(map(str, set(data) - _TEMPLATE_KEYS))
     if unknown:
         raise SpinemetsError(f"{source}: mapping template has unknown key(s) {unknown}; "
@@ -356,7 +357,10 @@ def mapping_document(mapping) -> dict:
         if role is not None and role not in FILE_ROLES:
             raise SpinemetsError(f"{source}: files: {key!r} is set to {role!r}; choose one of "
                                  f"{', '.join(FILE_ROLES)} or null (leave it out)")
-    return {"template": True, "source": source, "stages": stages, "files": dict(files)}
+    root = data.get("root")
+    if root is not None and not isinstance(root, str):
+        raise SpinemetsError(f"{source}: root: must be the path of the scanned folder, not {root!r}")
+    return {"template": True, "source": source, "stages": stages, "files": dict(files), "root": root}
 
 
 def map_label_values(values, stage: str, mapping: Mapping | None, source: str) -> dict[int, int]:

@@ -668,9 +668,21 @@ def pair_cases(ref_dir: str | Path, pred_dir: str | Path, stage: str | None = No
     return {cid: (ref, pred) for cid, (ref, pred, _) in _paired_files(ref_dir, pred_dir, stage).items()}
 
 
-def _paired_files(ref_dir, pred_dir, stage) -> dict[str, tuple[Path, Path, Path | None]]:
-    """Case ID -> (reference, prediction, prediction's companion or None); every case in both folders."""
+def _paired_files(ref_dir, pred_dir, stage, cases=None) -> dict[str, tuple[Path, Path, Path | None]]:
+    """Case ID -> (reference, prediction, prediction's companion or None); every case in both folders
+    (every case of ``cases`` when given, the other files left unpaired)."""
     refs, preds = list_case_files(ref_dir, "reference", stage), list_case_files(pred_dir, "prediction", stage)
+    if cases is not None:
+        wanted = {str(c) for c in cases}
+        if not wanted:
+            raise SpinemetsError(f"{ref_dir}: no case to score (an empty list of cases)")
+        for what, found, folder in (("reference", refs, ref_dir), ("prediction", preds, pred_dir)):
+            missing = sorted(wanted - set(found))
+            if missing:
+                raise SpinemetsError(f"{folder}: no {what} file of case(s) {', '.join(missing[:20])}"
+                                     + (f" and {len(missing) - 20} more" if len(missing) > 20 else ""))
+        refs = {c: f for c, f in refs.items() if c in wanted}
+        preds = {c: f for c, f in preds.items() if c in wanted}
     no_pred = sorted(set(refs) - set(preds))
     no_ref = sorted(set(preds) - set(refs))
     if no_pred or no_ref:
@@ -846,13 +858,16 @@ def _json_clean(obj):
     return obj
 
 
-def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", jobs=1, *, connectivity=26) -> dict:
+def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", jobs=1, *, connectivity=26,
+                     cases=None) -> dict:
     """Evaluate every case of a prediction folder against a reference folder; write the tables.
 
     Files are paired by case ID (file name without ``.nii.gz``, ``.nii``, ``.nrrd``, ``.seg.nrrd``
     or ``.mha``); unmatched files, and pairs that do not share a voxel grid, raise
     :class:`SpinemetsError` naming the files before anything is written. Cases run in ``jobs``
-    processes. Writes, each atomically, into ``out_dir``:
+    processes. With ``cases``, only those case IDs are scored, and each must be in both folders;
+    other files are not paired (a prediction folder holding the held-out CTs of both stages, when
+    the stages' data come from different datasets). Writes, each atomically, into ``out_dir``:
 
     * ``per_case.csv``: long format ``case, class, metric, value``;
     * ``summary.csv``: ``class, metric, aggregate (mean|pooled), value, ci_low, ci_high, n, n_nan``;
@@ -877,7 +892,7 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
     check_output_dir(out_dir)
     for target in targets:
         check_output_file(target)
-    pairs = _paired_files(ref_dir, pred_dir, stage)
+    pairs = _paired_files(ref_dir, pred_dir, stage, cases)
     items = [(cid, ref, pred, comp, stage, beta, match, connectivity) for cid, (ref, pred, comp) in pairs.items()]
     per_case = _run_cases(items, jobs)
     summary = summarize(per_case, stage, beta)

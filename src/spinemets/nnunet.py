@@ -307,6 +307,20 @@ class Workspace:
     def test_labels(self, stage: str) -> Path:
         return self.raw / self.dataset_name(stage) / "labelsTs"
 
+    def held_out_cases(self, stage: str) -> list[str]:
+        """The case IDs of a stage's held-out CTs (``imagesTs``), sorted; [] without any."""
+        folder = self.test_images(stage)
+        return sorted(p.name[: -len("_0000.nii.gz")] for p in folder.glob("*_0000.nii.gz")) if folder.is_dir() else []
+
+    def held_out_images(self) -> list[Path]:
+        """The folders of the held-out CTs to predict: the vertebra dataset's ``imagesTs``, and the
+        metastasis dataset's too when it holds other cases (the stages' data come from different
+        datasets, e.g. vertebrae from TotalSegmentator's and lesions from the Zenodo release)."""
+        folders = [self.test_images("vertebrae")]
+        if self.held_out_cases("metastases") and self.held_out_cases("metastases") != self.held_out_cases("vertebrae"):
+            folders.append(self.test_images("metastases"))
+        return folders
+
     def variables(self, extra_trainer_dirs: Sequence[str | Path] = ()) -> dict[str, str]:
         """The nnU-Net variables only: the three folders and ``nnUNet_extTrainer``."""
         trainer_dirs = [str(TRAINER_DIR), *map(str, extra_trainer_dirs)]

@@ -56,7 +56,41 @@ def read_slicer_segmentation(path: str | Path) -> dict:
         ) from None
     check_segmentation(seg, path)
     _check_space_field(path)
+    names = header_segment_names(path)
+    if names is not None and len(names) == len(seg["segments"]):
+        for segment, name in zip(seg["segments"], names):
+            segment["name"] = name
     return seg
+
+
+def header_segment_names(path: str | Path) -> list[str] | None:
+    """The segment names of a ``.seg.nrrd`` header, in segment order, decoded as UTF-8.
+
+    3D Slicer writes names in UTF-8 ("Lītiska metastāze"); pynrrd decodes the header as ASCII and
+    drops every other character, so a name would reach the plan, the mapping and the import
+    mangled. Read here from the header bytes (Latin-1 where they are not UTF-8). None when the
+    header cannot be read this way (slicerio's names stand)."""
+    import re
+
+    try:
+        with open(path, "rb") as fh:
+            raw = b""
+            for line in fh:
+                if not line.strip():
+                    break
+                raw += line
+                if len(raw) > 1 << 22:  # no header is this long: leave it to pynrrd
+                    return None
+    except OSError:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    found: dict[int, dict[str, str]] = {}
+    for m in re.finditer(r"^Segment(\d+)_(ID|Name):=(.*?)\r?$", text, re.MULTILINE):
+        found.setdefault(int(m.group(1)), {})[m.group(2)] = m.group(3)
+    return [fields.get("Name") or fields.get("ID", "") for _, fields in sorted(found.items())]
 
 
 def _check_space_field(path: Path) -> None:
