@@ -18,7 +18,7 @@ from spinemets import labels, metrics, nnunet, results, runner
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-STEPS = ["01_dataset", "02_slicer", "03_training", "04_inference", "05_metrics"]
+STEPS = ["01_dataset", "02_slicer", "03_training", "04_inference", "05_metrics", "06_external"]
 COMMON_PARAMETERS = {"data_dir", "workspace", "profile", "device", "seed", "interactive"}
 
 

@@ -17,7 +17,8 @@ from spinemets import results, runner
 from conftest import REPO
 
 #: The executed copies: one per notebook, and one per stage of the training notebook.
-STEPS = ["01_dataset", "02_slicer", "03_training_vertebrae", "03_training_metastases", "04_inference", "05_metrics"]
+STEPS = ["01_dataset", "02_slicer", "03_training_vertebrae", "03_training_metastases", "04_inference", "05_metrics",
+         "06_external"]
 
 
 @pytest.mark.slow
@@ -45,7 +46,7 @@ def test_ci_profile_runs_every_notebook_and_builds_the_book(tmp_path):
     for value in shown:  # this run's numbers, not the paper's, are on the page
         assert value in page, value
     assert re.findall(r"<img [^>]*src=\"\.\./_images/", page), "the results page shows figures"
-    for step in ("03_training_vertebrae", "03_training_metastases", "04_inference", "05_metrics"):
+    for step in ("03_training_vertebrae", "03_training_metastases", "04_inference", "05_metrics", "06_external"):
         page = (html / "build" / "executed" / f"{step}.html").read_text()
         assert re.findall(r"<img ", page), f"{step} shows its figures"
     lesions = (tmp_path / "workspace" / "ci" / "predictions" / "lesions.csv").read_text().splitlines()

@@ -31,7 +31,8 @@ from spinemets.fetch import fetch_record
 
 RECORD = 13645871
 LATVIAN = {"lytic": "Lītiska metastāze", "sclerotic": "Sklerotiska metastāze"}
-STEPS = ["01_dataset", "02_slicer", "03_training_vertebrae", "03_training_metastases", "04_inference", "05_metrics"]
+STEPS = ["01_dataset", "02_slicer", "03_training_vertebrae", "03_training_metastases", "04_inference", "05_metrics",
+         "06_external"]
 
 
 def _renamed_segmentation(path: Path, names: dict[str, str]) -> bytes:

@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_jobs)
 
     p = sub.add_parser("predict", help="two-stage inference and lesion localization (inference.predict)")
-    p.add_argument("--input", required=True, type=Path, help="a CT file or a folder of CTs")
+    p.add_argument("--input", required=True, type=Path,
+                   help="a CT file, a folder of CTs, a DICOM series folder, or a folder of case folders each "
+                        "holding one DICOM series (TCIA's layout); DICOM inputs also get DICOM-SEG outputs")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--profile", default="demo")
     p.add_argument("--roi", choices=("none", "spine"), default="none",

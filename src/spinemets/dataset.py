@@ -8,7 +8,8 @@ a plain function behind one command:
   with the columns ``case_id, image, stage, segmentation, split`` (and ``mapping``, the built-in
   mapping of a row's label values such as ``verse``, when a row has one). Without file patterns
   the layout is discovered (:mod:`spinemets.discovery`: per-case folders, flat files,
-  ``images``/``labels`` trees, TotalSegmentator, VerSe, DICOM series beside ``.seg.nrrd``);
+  ``images``/``labels`` trees, TotalSegmentator, VerSe, DICOM series beside ``.seg.nrrd``,
+  TCIA's DICOM series with a DICOM-SEG series beside them);
   a layout with open questions is refused, and ``spinemets scan --explain`` shows the plan and
   writes a mapping template to answer them. File patterns name the case with ``{case}``
   (``{case}/ct.nrrd``, ``{case}/vertebrae.seg.nrrd`` ...); a pattern given for the image or one
@@ -25,8 +26,9 @@ cases whose inputs are unchanged (same SHA-256 of the image, mask, stage and map
 are only read. Empty masks: an error for the vertebra stage (every CT of that dataset must show
 vertebrae); allowed for the metastasis stage (a lesion-free case), and listed as such.
 
-Masks are ``.seg.nrrd`` files, label maps, or mask folders of per-structure binary masks
-(TotalSegmentator's ``segmentations/``), combined on the CT grid (:func:`labelmap_from_mask_folder`).
+Masks are ``.seg.nrrd`` files, DICOM-SEG files (:mod:`spinemets.dicomseg`), label maps, or mask
+folders of per-structure binary masks (TotalSegmentator's ``segmentations/``), combined on the CT
+grid (:func:`labelmap_from_mask_folder`).
 A row's built-in mapping (``mapping`` column; a VerSe file ``*_seg-vert_msk.nii.gz`` gets
 ``verse`` even without one) applies under the user's ``--mapping``, whose entries win; a
 different built-in ``--mapping`` for such a row is an error.
@@ -394,13 +396,21 @@ def _import_case(task: dict) -> dict:
 def read_mask(path, ct: sitk.Image, stage: str, mapping=None, ct_path="the CT") -> tuple[sitk.Image, dict]:
     """A mask on the CT's grid as a label map of ``stage``, with the report of what was mapped.
 
-    ``.seg.nrrd`` files go through :func:`spinemets.slicer.labelmap_from_segmentation`; any
-    other image is a label map on the CT's grid, whose values are translated by
-    :func:`spinemets.labels.map_label_values` (e.g. ``mapping="totalsegmentator"``); a folder
-    is a mask folder (:func:`labelmap_from_mask_folder`).
+    ``.seg.nrrd`` files go through :func:`spinemets.slicer.labelmap_from_segmentation`; a
+    DICOM-SEG (a file, or a folder holding exactly one, such as TCIA's SEG series folder)
+    through :func:`spinemets.dicomseg.read_dicom_seg`, with ``ct_path`` as the CT's series
+    folder when it is one; any other image is a label map on the CT's grid, whose values are
+    translated by :func:`spinemets.labels.map_label_values` (e.g. ``mapping="totalsegmentator"``);
+    any other folder is a mask folder (:func:`labelmap_from_mask_folder`).
     """
     if str(path).endswith(".seg.nrrd"):
         return labelmap_from_segmentation(path, ct, stage, mapping, ct_path=ct_path)
+    seg_file = _dicom_seg_file(Path(path))
+    if seg_file is not None:
+        from .dicomseg import read_dicom_seg
+
+        series = ct_path if isinstance(ct_path, (str, Path)) and Path(ct_path).is_dir() else None
+        return read_dicom_seg(seg_file, ct, stage, mapping, ct_path=ct_path, ct_series_dir=series)
     if Path(path).is_dir():
         return labelmap_from_mask_folder(path, ct, stage, mapping, ct_path=ct_path)
     mask = read_image(path, "mask")
@@ -423,6 +433,25 @@ def read_mask(path, ct: sitk.Image, stage: str, mapping=None, ct_path="the CT") 
     report = {"segments": [{"name": str(v), "label": table[v]} for v in present if table[v]],
               "ignored": [str(v) for v in present if not table[v]], "contested_voxels": 0}
     return labelmap, report
+
+
+def _dicom_seg_file(path: Path) -> Path | None:
+    """The DICOM-SEG ``path`` is or holds (a folder with exactly one DICOM-SEG file), else None.
+    A folder of DICOM files holding several SEGs is an error; other folders are mask folders."""
+    from .dicomseg import is_dicom_seg
+    from .discovery import _is_dicom_file
+
+    if path.is_file():
+        return path if not path.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")) \
+            and is_dicom_seg(path) else None
+    if not path.is_dir():
+        return None
+    segs = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".") and _is_dicom_file(p)
+            and is_dicom_seg(p)]
+    if len(segs) > 1:
+        raise SpinemetsError(f"{path}: folder holds {len(segs)} DICOM-SEG files ({', '.join(p.name for p in segs[:4])}"
+                             f"{' ...' if len(segs) > 4 else ''}); name the one to import")
+    return segs[0] if segs else None
 
 
 def labelmap_from_mask_folder(folder, ct: sitk.Image, stage: str, mapping=None,
@@ -552,7 +581,8 @@ def _builtin_mapping_of(segmentation: str) -> str:
     (:func:`spinemets.discovery.is_verse`), else ""."""
     from .discovery import is_verse
 
-    return "verse" if not str(segmentation).endswith(".seg.nrrd") and is_verse(segmentation) else ""
+    path = str(segmentation)
+    return "verse" if not path.endswith(".seg.nrrd") and not path.lower().endswith(".dcm") and is_verse(path) else ""
 
 
 def _check_listed(path: str, column: str, source: str) -> None:

@@ -51,8 +51,9 @@ Writing rules:
   source slice of each frame) and carries its Study Instance UID and Frame of Reference UID.
   The label map must be on the series' voxel grid.
 * Series Description and Content Description are ``description`` in one line, cut to the 64
-  characters their value representation (LO) allows; the Content Label is the stage
-  (``VERTEBRAE``, ``METASTASES``).
+  characters their value representation (LO) allows; a longer ``description`` (a prediction's
+  domain warning) is also kept whole, in one line, in Image Comments (LT, General Image module);
+  the Content Label is the stage (``VERTEBRAE``, ``METASTASES``).
 * Patient and study attributes: highdicom copies them from the source slices, so the SEG carries
   no identifier the source does not. With a ``pseudonym`` (the book's de-identification rules) the
   SEG follows the DICOM Basic Application Level Confidentiality Profile (PS3.15 Annex E) for the
@@ -98,6 +99,7 @@ FRACTIONAL_THRESHOLD = 0.5
 OVERLAPS_RESOLVED = {"vertebrae": False, "metastases": True}
 
 _LO_MAX = 64  # characters of a LO (Long String) value
+_LT_MAX = 10240  # characters of a LT (Long Text) value
 _TOL_MATRIX = 1e-3  # as spinemets.slicer: relative tolerance of spacing/direction agreement
 _TOL_OFFSET = 1e-2  # voxels: how far from the CT lattice a frame may sit
 
@@ -566,6 +568,9 @@ def build_segmentation(
         )
     if text:
         seg.SeriesDescription = text
+    whole = " ".join(str(description).split()) if description is not None else ""
+    if len(whole) > _LO_MAX:  # the whole text (a domain warning ...) where the 64 characters of LO cut it
+        seg.ImageComments = whole[:_LT_MAX]
     if pseudonym is not None:
         pseudonymise(seg, pseudonym)
     return seg

@@ -9,14 +9,19 @@ template to answer it.
 What is found (:func:`discover`)
     * **CTs**: ``.nrrd`` (not ``.seg.nrrd``), ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd`` files
       and DICOM series folders (a folder holding ``.dcm`` files or DICOM files without suffix,
-      e.g. TCIA's ``<case>/<study>/<series>/1-01.dcm``; a folder of DICOM SEG or RTSTRUCT objects
-      is not used).
+      e.g. TCIA's ``<case>/<study>/<series>/1-001.dcm``; a folder of RTSTRUCT or other non-image
+      objects is not used).
     * **Segmentations**: 3D Slicer ``.seg.nrrd`` files (segment names from the header),
-      label-map images (NIfTI/NRRD/MHA holding label values) and **mask folders** of
-      per-structure binary masks (TotalSegmentator: ``s0001/segmentations/vertebrae_L1.nii.gz``).
+      **DICOM-SEG** files (the files of a SEG series folder that
+      :func:`spinemets.dicomseg.is_dicom_seg` accepts, segment names from their Segment Labels:
+      TCIA's ``<case>/<study>/300.000000-Segmentation-NNNNN/1-1.dcm`` with ``T1 vertebra`` ...;
+      it belongs to the CT series of its study folder), label-map images (NIfTI/NRRD/MHA holding
+      label values) and **mask folders** of per-structure binary masks (TotalSegmentator:
+      ``s0001/segmentations/vertebrae_L1.nii.gz``).
     * **Not used**, each with its reason: spreadsheets, JSON (VerSe centroids ``*_ctd.json``,
       ``dataset.json``), pictures (VerSe ``*.png`` previews), documents, hidden files, further
-      image channels (``_0001``) ... Nothing is dropped silently. ``meta.csv`` at the top of a
+      image channels (``_0001``), TCIA's ``metadata.csv`` and clinical table
+      (``Spine-Mets-CT-SEG_clinical.csv``) ... Nothing is dropped silently. ``meta.csv`` at the top of a
       TotalSegmentator download (``;``-separated, columns ``image_id`` and ``split``) gives the
       splits: ``test`` stays ``test``, ``train`` and ``val`` become ``train``.
 
@@ -39,7 +44,7 @@ Cases
     the only CT of its folder or of the nearest folder above that holds any.
 
 Stage of a segmentation
-    From its content: a ``.seg.nrrd`` whose segment names all resolve for one stage
+    From its content: a ``.seg.nrrd`` or DICOM-SEG whose segment names all resolve for one stage
     (:func:`spinemets.labels.resolve_segment_name`, with the user mapping), a mask folder whose
     structure names resolve for one stage; then from a name hint (``vert``, ``spine`` ->
     vertebrae; ``met``, ``lesion``, ``lytic``, ``scler`` -> metastases); then, for a label map,
@@ -116,6 +121,10 @@ def is_verse(path: str | Path) -> bool:
     return bool(VERSE_SEGMENTATION.search(Path(path).name) or VERSE_WORD.search(str(path)))
 #: TotalSegmentator's table of its download: image_id;...;split.
 SPLIT_TABLE = "meta.csv"
+#: TCIA's tables of a download: the NBIA Data Retriever's ``metadata.csv``, and a collection's
+#: clinical spreadsheet (``Spine-Mets-CT-SEG_clinical.csv``); listed as not used.
+TCIA_METADATA = "metadata.csv"
+TCIA_CLINICAL = re.compile(r"_clinical\.(csv|xlsx?)$")
 
 CT_WORDS = {"ct", "image", "img", "0000"}
 SEG_WORDS = {"seg", "segmentation", "segmentations", "label", "labels", "labelmap", "mask", "masks", "msk"}
@@ -144,7 +153,7 @@ class Found:
 
     path: Path
     rel: str
-    kind: str  # "ct", "slicer", "labelmap", "mask-folder"
+    kind: str  # "ct", "slicer", "dicomseg", "labelmap", "mask-folder"
     key: str  # the file name without suffix and role words ("" when nothing is left)
     stage: str | None = None
     mapping: str = ""  # built-in mapping of its values ("verse"), or ""
@@ -310,9 +319,11 @@ def _walk(root: Path, plan: Plan, document) -> list[Found]:
             continue
         if dicom:
             modality = _dicom_modality(dicom[0])
-            if modality in ("SEG", "RTSTRUCT", "SR", "PR", "RTPLAN", "RTDOSE", "KO"):
-                plan.unused.append((_rel(root, folder), f"DICOM {modality} object(s), not read (export a DICOM SEG "
-                                                        "or RTSTRUCT from 3D Slicer as a .seg.nrrd)"))
+            if modality == "SEG":
+                _dicom_segs(root, dicom, found, plan)
+            elif modality in ("RTSTRUCT", "SR", "PR", "RTPLAN", "RTDOSE", "KO"):
+                plan.unused.append((_rel(root, folder), f"DICOM {modality} object(s), not read (export an "
+                                                        "RTSTRUCT from 3D Slicer as a .seg.nrrd)"))
             elif folder == root:
                 plan.ask(".", "DICOM files lie directly in the scanned folder; put each series in a folder "
                               "of its own case", [None])
@@ -325,6 +336,19 @@ def _walk(root: Path, plan: Plan, document) -> list[Found]:
                 found.append(item)
         stack.extend(reversed(subfolders))
     return sorted(found, key=lambda f: f.rel)
+
+
+def _dicom_segs(root: Path, files: list[Path], found: list[Found], plan: Plan) -> None:
+    """The DICOM-SEG files of a SEG series folder (:func:`spinemets.dicomseg.is_dicom_seg`); other
+    files there (a Surface Segmentation, another object) are not used."""
+    from .dicomseg import is_dicom_seg
+
+    for path in files:
+        if is_dicom_seg(path):  # the file name is an instance number, never a case name: no key
+            found.append(Found(path, _rel(root, path), "dicomseg", "", why="DICOM-SEG"))
+        else:
+            plan.unused.append((_rel(root, path), "DICOM object of a SEG series that is no voxel DICOM-SEG "
+                                                  "(a Surface Segmentation ...), not read"))
 
 
 def _rel(root: Path, path: Path) -> str:
@@ -357,14 +381,12 @@ def _is_dicom_file(path: Path) -> bool:
 
 def _dicom_modality(path: Path) -> str:
     """Modality (0008|0060) of one DICOM file: a technical tag, never one that identifies anybody."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.LoadPrivateTagsOff()
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
+    from .dicom import _header_reader
+
+    reader = _header_reader(path)
+    if reader is None or not reader.HasMetaDataKey("0008|0060"):
         return "?"
-    return reader.GetMetaData("0008|0060").strip().upper() if reader.HasMetaDataKey("0008|0060") else "?"
+    return reader.GetMetaData("0008|0060").strip().upper()
 
 
 def _is_mask_folder(folder: Path, structure_files: list[Path], document) -> bool:
@@ -428,6 +450,11 @@ def _file_item(root: Path, path: Path, mhd_stems: set[str], plan: Plan) -> Found
         return plan.unused.append((rel, "voxel data of the .mhd file beside it (read with it)"))
     if name == SPLIT_TABLE and path.parent == root:
         return None  # read by _read_split_table
+    if name == TCIA_METADATA:
+        return plan.unused.append((rel, "TCIA download table (NBIA Data Retriever's list of series; not read: "
+                                        "case IDs come from folder names)"))
+    if TCIA_CLINICAL.search(name):
+        return plan.unused.append((rel, "clinical table (not read by scan; the external validation reads it)"))
     for suffixes, reason in _NOT_USED.items():
         if name.endswith(suffixes):
             return plan.unused.append((rel, reason))
@@ -517,8 +544,8 @@ def _shown(stage: str, label) -> str:
 
 def _assess(item: Found, plan: Plan, document) -> None:
     """Decide the stage of a segmentation (unless set) and record what its names or values map to."""
-    if item.kind == "slicer":
-        names = _segment_names(item, plan)
+    if item.kind in ("slicer", "dicomseg"):
+        names = _segment_names(item, plan) if item.kind == "slicer" else _dicom_segment_names(item, plan)
         if names is None:
             return
         keys = names
@@ -588,7 +615,7 @@ def _decide(item: Found, keys, per_stage, hint, plan: Plan) -> tuple[str | None,
             return hint, f"named after the {hint} stage"
         what = "has no segments" if not keys else f"segment names {_listed(keys)} fit " + \
             ("both stages" if len(fits) == 2 else "neither stage")
-        plan.ask(item, f"3D Slicer segmentation {what}, and its name has no stage word", stages)
+        plan.ask(item, f"{_kind_name(item)} {what}, and its name has no stage word", stages)
         return None, ""
     partial = [s for s in stages if hits[s]]
     if len(partial) == 2:
@@ -618,6 +645,22 @@ def _segment_names(item: Found, plan: Plan) -> list[str] | None:
     names = [str(header.get(f"Segment{i}_Name") or header[f"Segment{i}_ID"]) for i in indices]
     utf8 = header_segment_names(item.path)  # pynrrd drops the non-ASCII characters of names
     return utf8 if utf8 is not None and len(utf8) == len(names) else names
+
+
+def _dicom_segment_names(item: Found, plan: Plan) -> list[str] | None:
+    """Segment Labels of a DICOM-SEG, from its header (the pixel data is not read)."""
+    import pydicom
+
+    from .dicomseg import _segment_labels
+
+    try:
+        ds = pydicom.dcmread(str(item.path), stop_before_pixels=True)
+        return list(_segment_labels(ds, item.path).values())
+    except SpinemetsError as exc:
+        plan.ask(item, str(exc).split(": ", 1)[-1], [None])
+    except Exception as exc:  # pydicom raises several types for damaged files
+        plan.ask(item, f"cannot read DICOM-SEG header: {one_line(exc)[:200]}", [None])
+    return None
 
 
 def _label_values(item: Found) -> np.ndarray:
@@ -822,7 +865,7 @@ def rows(plan: Plan) -> list[dict]:
 def _kind_name(item: Found) -> str:
     if item.kind == "ct":
         return "DICOM series" if item.path.is_dir() else "image"
-    return {"slicer": "3D Slicer segmentation", "labelmap": "label map",
+    return {"slicer": "3D Slicer segmentation", "labelmap": "label map", "dicomseg": "DICOM-SEG",
             "mask-folder": "mask folder"}.get(item.kind, item.kind)
 
 

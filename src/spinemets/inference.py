@@ -31,7 +31,9 @@ The inference step: it serves the command ``spinemets predict`` and the inferenc
 
 Outputs in ``out_dir``: per case ``CASE/vertebrae.nii.gz``, ``CASE/metastases.nii.gz`` (label
 maps on the CT grid), ``CASE/vertebrae.seg.nrrd`` and ``CASE/metastases.seg.nrrd`` (named,
-coloured segments for 3D Slicer), ``CASE/lesions.csv``, ``CASE/vertebrae.csv``; for the cohort
+coloured segments for 3D Slicer), for a DICOM series input also ``CASE/vertebrae.dcm`` and
+``CASE/metastases.dcm`` (DICOM-SEG referencing the series; none for an empty label map),
+``CASE/lesions.csv``, ``CASE/vertebrae.csv``; for the cohort
 ``lesions.csv``, ``vertebrae.csv`` and ``provenance.json`` (command, parameters, versions, model
 folders, per-case timings). Every file is written atomically.
 """
@@ -39,6 +41,7 @@ folders, per-case timings). Every file is written atomically.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -58,6 +61,7 @@ from .io import (check_case_id, check_output_dir, describe_path, ijk_to_lps, ima
                  require_file, write_csv, write_image, write_json)
 from .postprocessing import check_min_ml, remove_small_components, remove_small_lesions, repair_vertebra_order
 from .provenance import provenance
+from .dicomseg import write_dicom_seg
 from .slicer import segmentation_from_labelmap
 
 log = logging.getLogger(__name__)
@@ -221,8 +225,11 @@ def vertebra_table(lesion_rows: list[dict], lesions: np.ndarray, vertebrae: np.n
 
 
 def find_inputs(input: str | Path | Sequence[str | Path]) -> dict[str, Path]:
-    """Case ID -> CT path: one image file, a folder of image files (case = name without suffix), or a
-    folder of case folders holding ``ct.nrrd`` (the synthetic cohort's layout). ``.seg.nrrd`` files are skipped.
+    """Case ID -> CT path: one image file, a folder of image files (case = name without suffix), a
+    folder of case folders holding ``ct.nrrd`` (the synthetic cohort's layout), one DICOM series
+    folder (case = its name), or a folder of case folders each holding exactly one DICOM image
+    series at any depth (TCIA's ``<case>/<study>/<series>/1-001.dcm``; SEG and other non-image
+    series are not CTs; case = the case folder's name, never a DICOM header). ``.seg.nrrd`` files are skipped.
     A list of these gives all their cases (the held-out CTs of two stages whose data differ).
 
     Every case ID passes the one rule of :func:`spinemets.io.check_case_id`; a broken link is
@@ -246,6 +253,8 @@ def find_inputs(input: str | Path | Sequence[str | Path]) -> dict[str, Path]:
         if not input.name.lower().endswith(IMAGE_SUFFIXES) or input.name.lower().endswith(".seg.nrrd"):
             raise SpinemetsError(f"{input}: input is not a CT image ({', '.join(IMAGE_SUFFIXES)}) or a folder")
         return {check_case_id(_case_of(input), input): input}
+    if _is_dicom_series(input):
+        return {check_case_id(input.name, input): input}
     cases: dict[str, Path] = {}
     for path in sorted(input.iterdir()):
         if path.name.startswith("."):
@@ -255,6 +264,12 @@ def find_inputs(input: str | Path | Sequence[str | Path]) -> dict[str, Path]:
             case = _case_of(path)
         elif path.is_dir() and (path / "ct.nrrd").exists():
             found, case = path / "ct.nrrd", path.name
+        elif path.is_dir() and (series := _dicom_series_below(path)):
+            if len(series) > 1:
+                shown = ", ".join(str(s.relative_to(path)) for s in series[:3]) + (" ..." if len(series) > 3 else "")
+                raise SpinemetsError(f"{path}: case folder holds {len(series)} DICOM image series ({shown}); "
+                                     "leave one CT series per case folder, or give the series folder itself")
+            found, case = series[0], path.name
         else:
             continue
         check_case_id(case, found)
@@ -262,8 +277,36 @@ def find_inputs(input: str | Path | Sequence[str | Path]) -> dict[str, Path]:
             raise SpinemetsError(f"{found}: second CT of case {case!r} (also {cases[case]})")
         cases[case] = found
     if not cases:
-        raise SpinemetsError(f"{input}: no CT images ({', '.join(IMAGE_SUFFIXES)}) or case folders with ct.nrrd")
+        raise SpinemetsError(f"{input}: no CT images ({', '.join(IMAGE_SUFFIXES)}), case folders with ct.nrrd "
+                             "or DICOM series folders")
     return cases
+
+
+#: DICOM modalities whose series are no CT to predict on (segmentations, structure sets, reports ...).
+NOT_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "SR", "PR", "RTPLAN", "RTDOSE", "KO")
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    """Whether ``folder`` directly holds the files of a DICOM image series (its first DICOM file's
+    Modality is no SEG, RTSTRUCT ...)."""
+    from .discovery import _dicom_modality, _is_dicom_file
+
+    try:
+        first = next((p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
+                      and _is_dicom_file(p)), None)
+    except OSError:
+        return False
+    return first is not None and _dicom_modality(first) not in NOT_IMAGE_MODALITIES
+
+
+def _dicom_series_below(folder: Path) -> list[Path]:
+    """The DICOM image series folders at or below ``folder``, sorted (hidden folders skipped)."""
+    found = []
+    for current, subfolders, _ in os.walk(folder):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        if _is_dicom_series(Path(current)):
+            found.append(Path(current))
+    return sorted(found)
 
 
 def check_inputs(cases: dict[str, Path]) -> None:
@@ -455,6 +498,11 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
     domain report); timings also count the small lesions and vertebra fragments removed and the
     vertebra voxels relabelled by the order repair. A CT outside a training domain is predicted
     as any other; the warning goes into its rows, its ``.seg.nrrd`` descriptions and the log.
+    When ``path`` is a DICOM series folder, each stage is also written as a DICOM-SEG
+    (``vertebrae.dcm``, ``metastases.dcm``; :func:`spinemets.dicomseg.write_dicom_seg`) that
+    references the series, with the ``.seg.nrrd``'s description (cut to 64 characters in the
+    Series and Content Description, whole in Image Comments) and the case ID as patient name and
+    ID (the source's identifying attributes left out); an empty label map gives no file.
     """
     stage1, stage2 = stages
     opts = options
@@ -492,6 +540,13 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
         if report["warning"]:
             description += f". WARNING: {report['warning']}"
         segmentation_from_labelmap(labelmap, case_dir / f"{stage}.seg.nrrd", stage, description=description)
+        if Path(path).is_dir():  # a DICOM series: the prediction also as a DICOM-SEG that references it
+            # patient name and ID become the case ID, and the source's other identifying attributes are
+            # left out (PS3.15 Basic Profile): no identifier of an input header reaches an output
+            written = write_dicom_seg(labelmap, stage, path, case_dir / f"{stage}.dcm", description=description,
+                                      pseudonym=case)
+            if written is None:
+                (case_dir / f"{stage}.dcm").unlink(missing_ok=True)  # a rerun's SEG must not outlive its label map
     write_csv(case_dir / "lesions.csv", lesion_rows, LESION_COLUMNS)
     write_csv(case_dir / "vertebrae.csv", vertebra_rows, VERTEBRA_COLUMNS)
     return lesion_rows, vertebra_rows, note, {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3),
