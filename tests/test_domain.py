@@ -210,3 +210,18 @@ def test_report_table_from_a_provenance():
     assert table.loc["b", "in training domain"] == "NO"
     assert table.loc["b", "outside"] == "vertebrae: spacing x 0.8 mm (trained on 2.5-2.5 mm)"
     assert table.loc["b", "spacing (mm)"] == "0.8 × 2.5 × 3" and table.loc["a", "median HU"] == 40.0
+
+
+def test_configurations_of_one_dataset_share_one_built_record(tmp_path, monkeypatch):
+    folder, raw = _model_folder(tmp_path, [[3.0, 2.5, 2.5]], [[100, 48, 48]], [_image(np.zeros((2, 2, 2)))])
+    other = folder.with_name("T__P__2d")
+    other.mkdir()
+    (other / domain.FINGERPRINT).write_bytes((folder / domain.FINGERPRINT).read_bytes())
+    calls = []
+    real = domain.build_record
+    monkeypatch.setattr(domain, "build_record", lambda *a: calls.append(a) or real(*a))
+    built: dict = {}
+    for f in (folder, other):
+        domain.write_record(f, raw, built)
+    assert len(calls) == 1 and len(built) == 1
+    assert (folder / domain.RECORD).read_text() == (other / domain.RECORD).read_text()

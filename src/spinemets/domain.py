@@ -119,20 +119,25 @@ def build_record(model_folder: str | Path, raw_dataset: str | Path | None) -> di
     return record
 
 
-def write_record(model_folder: str | Path, raw_dataset: str | Path | None) -> Path | None:
+def write_record(model_folder: str | Path, raw_dataset: str | Path | None, built: dict | None = None) -> Path | None:
     """Write (or renew, when nnU-Net's fingerprint changed) the domain record of a trained model folder.
 
+    ``built`` (fingerprint hash -> record) keeps the records made in this call for the next: the
+    configurations of one dataset share its fingerprint and raw CTs, which are then read once.
     Returns its path, or None when the folder has no fingerprint (nothing was trained there)."""
     folder = Path(model_folder)
     if not (folder / FINGERPRINT).exists():
         return None
     path = folder / RECORD
+    key = _fingerprint_key(folder / FINGERPRINT)
     old = read_json(path, "domain record", missing={}) if path.exists() else {}
-    if (isinstance(old, dict) and old.get("format") == RECORD_FORMAT
-            and old.get("fingerprint_sha256") == _fingerprint_key(folder / FINGERPRINT)
+    if (isinstance(old, dict) and old.get("format") == RECORD_FORMAT and old.get("fingerprint_sha256") == key
             and (old.get("intensity_hu") is not None or raw_dataset is None)):
         return path
-    return write_json(path, build_record(folder, raw_dataset))
+    built = {} if built is None else built
+    if key not in built:
+        built[key] = build_record(folder, raw_dataset)
+    return write_json(path, built[key])
 
 
 def training_domain(model_folder: str | Path, raw_dataset: str | Path | None = None) -> dict | None:

@@ -648,8 +648,9 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
             trained = True
     seconds = {"train_wall_s": round(time.perf_counter() - wall0, 1),
                "train_cpu_s": round(_children_cpu_seconds() - cpu0, 1)}
+    built: dict = {}  # one dataset, one fingerprint: its raw CTs are read once for all configurations
     for cfg in usable:  # what each model was trained on, for the domain check of inference
-        domain.write_record(ws.model_folder(stage, cfg, trainer, dataset_id), ws.raw / name)
+        domain.write_record(ws.model_folder(stage, cfg, trainer, dataset_id), ws.raw / name, built)
     best = None
     if find_best:
         best = None if trained else _previous_selection(ws.results / name, usable, folds, trainer)
