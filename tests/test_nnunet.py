@@ -53,6 +53,12 @@ def test_user_settings_win(tmp_path, clean_env):
     assert ws.results == tmp_path / "elsewhere" and ws.raw == tmp_path / "ws" / "raw"
     assert ws.environment()["nnUNet_extTrainer"].split(os.pathsep) == [str(nnunet.TRAINER_DIR), str(tmp_path / "theirs")]
     assert nnunet._cpu_environment() == {"OMP_WAIT_POLICY": "ACTIVE", "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "5"}
+    clean_env.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's setting beats the profile's
+    assert nnunet._cpu_environment("ACTIVE")["OMP_WAIT_POLICY"] == "PASSIVE"
+    clean_env.delenv("OMP_WAIT_POLICY")
+    assert nnunet._cpu_environment()["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert nnunet._cpu_environment(nnunet.get_profile("demo")["omp_wait_policy"])["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert nnunet.get_profile("ci")["omp_wait_policy"] == "PASSIVE"  # tests and SLURM jobs train side by side
 
 
 def test_activated_sets_and_restores(tmp_path, clean_env):
@@ -225,12 +231,25 @@ def tiny_workspace(tmp_path_factory):
 def test_end_to_end_train_predict_localize(tiny_workspace, tmp_path, clean_env):
     ws = tiny_workspace
     for stage in ("vertebrae", "metastases"):
-        result = nnunet.train(stage, profile="ci", workspace=ws)
+        # the lesion stage trains for a wall-clock budget: 3 epochs still, their iterations set by the CPU's speed
+        budget = 12.0 if stage == "metastases" else None
+        result = nnunet.train(stage, profile="ci", workspace=ws, options=nnunet.TrainingOptions(budget_s=budget))
         fold = ws.model_folder(stage, f"demo_{stage}", "SpinemetsCITrainer") / "fold_all"
         assert (fold / "checkpoint_final.pth").exists(), stage
         assert result["configurations"] == [f"demo_{stage}"] and result["best"] is None
         log = figures.read_logging(fold)
         assert len(log["train_losses"]) == 3 and len(log["epoch_seconds"]) == 3
+        record = result["training"]["demo_" + stage + "/fold_all"]
+        assert record == json.loads((fold / nnunet.TRAINING_RECORD).read_text())
+        assert record["finished"] and record["epochs"] == 3 and record["budget_s"] == budget
+        assert record["channels_last"] and record["cpu"]["torch_capability"] and record["seconds_per_iteration"] > 0
+        text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+        lines = re.findall(r"spinemets: epoch (\d+)/3, .* about (\d+) s left", text)
+        assert [int(e) for e, _ in lines] == [1, 2, 3] and int(lines[-1][1]) == 0
+        if budget is None:
+            assert record["iterations"] == 3 * 2  # the trainer's own count
+        else:  # the first epoch runs a fifth of the class's count (at least 2), the others what fits
+            assert record["iterations"] >= 2 + 1 + 1 and "Training budget 12 s over 3 epochs" in text
     assert "nnUNet_results" not in os.environ
     images = ws.raw / ws.dataset_name("vertebrae") / "imagesTs"
     out = tmp_path / "pred"
@@ -468,3 +487,31 @@ def test_train_refuses_a_fold_beyond_the_split(tmp_path, clean_env):
         (plans.parent / f"nnUNetPlans_{c}").mkdir()
     with pytest.raises(SpinemetsError, match=r"fold 2: profile 'smoke' splits the training cases into 2 folds \(0-1\)"):
         nnunet.train("metastases", "smoke", configurations=["2d"], folds=[2], workspace=ws)
+
+
+def test_budget_iterations_fill_the_time_left():
+    from spinemets.trainers.spinemets_trainers import iterations_for
+
+    # 100 s left over 4 epochs, 2 s of validation and checkpoint each: (25 - 2) / 0.5 = 46 iterations
+    assert iterations_for(100.0, 4, 0.5, 2.0, cap=1000) == 46
+    assert iterations_for(100.0, 4, 0.5, 2.0, cap=30) == 30  # never more than the cap
+    assert iterations_for(-5.0, 2, 0.5, 2.0, cap=30) == 1  # over budget: one iteration per epoch, the schedule ends
+    assert iterations_for(10.0, 0, 0.5, 2.0, cap=30) == 1
+    assert iterations_for(10.0, 1, 0.0, 0.0, cap=7) == 7  # an unmeasurably cheap iteration
+
+
+def test_budget_setting(clean_env):
+    from spinemets.trainers.spinemets_trainers import budget_seconds
+
+    clean_env.delenv("SPINEMETS_TRAIN_BUDGET_S", raising=False)
+    assert budget_seconds() is None
+    clean_env.setenv("SPINEMETS_TRAIN_BUDGET_S", "")
+    assert budget_seconds() is None
+    clean_env.setenv("SPINEMETS_TRAIN_BUDGET_S", "90")
+    assert budget_seconds() == 90.0
+    for bad in ("0", "-3"):
+        clean_env.setenv("SPINEMETS_TRAIN_BUDGET_S", bad)
+        with pytest.raises(ValueError, match="positive number of seconds"):
+            budget_seconds()
+    assert nnunet.stage_plan("vertebrae", "demo")["budget_s"] == nnunet.DEMO_BUDGET_S["vertebrae"]
+    assert nnunet.stage_plan("vertebrae", "ci").get("budget_s") is None

@@ -78,3 +78,30 @@ def test_run_summaries_and_per_case_come_from_the_run_workspace(tmp_path):
     assert results.run_per_case(provenance, "metastases", tmp_path)["case"].tolist() == ["a"]
     assert results.run_per_case(provenance, "vertebrae", tmp_path) is None
     assert results.run_summaries(None) == {"vertebrae": None, "metastases": None}
+
+
+def test_training_statement_names_iterations_budget_and_cpu(tmp_path):
+    import json
+
+    from spinemets.nnunet import TRAINING_RECORD, Workspace
+
+    (tmp_path / "_toc.yml").write_text("root: intro\n")
+    (tmp_path / "profiles").mkdir()
+    ws = Workspace(tmp_path / "workspace" / "x")
+    provenance = {"notebooks": [{"parameters": {"workspace": "workspace/x"}}]}
+    assert results.run_training(provenance, tmp_path) == []
+    assert "no training record" in results.training_statement([])
+    cpu = {"model": "Some CPU", "cores": 2, "torch_capability": "AVX2", "bf16_units": False, "threads": 2}
+    for stage, iterations, budget in (("vertebrae", 123, 240.0), ("metastases", 6, None)):
+        fold = ws.model_folder(stage, f"demo_{stage}", "T") / "fold_all"
+        fold.mkdir(parents=True)
+        (fold / TRAINING_RECORD).write_text(json.dumps(
+            {"budget_s": budget, "iterations": iterations, "elapsed_s": 238.6, "seconds_per_iteration": 1.8,
+             "bf16_autocast": False, "device": "cpu", "cpu": cpu}))
+    rows = results.run_training(provenance, tmp_path)
+    assert [(r["stage"], r["model"], r["fold"], r["iterations"]) for r in rows] == [
+        ("vertebrae", "demo_vertebrae", "all", 123), ("metastases", "demo_metastases", "all", 6)]
+    text = results.training_statement(rows)
+    assert "vertebrae (demo_vertebrae, fold all): 123 iterations in 239 s of a 240 s budget, 1.80 s per iteration" in text
+    assert "metastases (demo_metastases, fold all): 6 iterations in 239 s (a fixed iteration count)" in text
+    assert "Some CPU, torch kernels AVX2, 2 threads, bfloat16 autocast off" in text

@@ -103,8 +103,10 @@ def _cmd_train(a):
         return
     _no_job_options(a)
     for stage in a.stage:
+        options = nnunet_options(budget_s=_call("nnunet.stage_budget", stage=stage, profile=a.profile,
+                                                total_min=a.train_budget))
         _call("nnunet.train", stage=stage, profile=a.profile, configurations=a.configurations, folds=a.folds,
-              device=a.device, workspace=a.workspace)
+              device=a.device, workspace=a.workspace, options=options)
 
 
 def _cmd_jobs(a):
@@ -124,8 +126,19 @@ def _cmd_predict(a):
     print(f"wrote {a.out}")
 
 
+def nnunet_options(**fields):
+    from .nnunet import TrainingOptions
+
+    return TrainingOptions(**fields)
+
+
 def _cmd_run(a):
     params = {name: value for name, value in (a.parameter or [])}
+    if a.train_budget is not None:
+        if a.executor:
+            raise SpinemetsError("--train-budget: cluster jobs train for the profile's budget; "
+                                 "it applies to local runs only")
+        params["train_budget_min"] = a.train_budget
     if a.executor:
         _submitted(a, _call("cluster.submit_run", profile=a.profile, parameters=params, jobs=_job_options(a)))
         return
@@ -231,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configurations", nargs="+", default=None, help="nnU-Net configurations (default: the profile's)")
     p.add_argument("--folds", nargs="+", default=None, help="folds, e.g. 0 1 2 3 4 or all (default: the profile's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the profile's")
+    p.add_argument("--train-budget", type=float, default=None, metavar="MINUTES",
+                   help="wall-clock minutes of training of both stages together, shared in the profile's "
+                        "proportions (demo: 4 min vertebrae, 2 min lesions); default: the profile's")
     p.add_argument("--workspace", type=Path, default=None, help="workspace folder (default: ./workspace)")
     _add_job_options(p, "one job per (stage, configuration, fold), chained by afterok dependencies")
     p.set_defaults(func=_cmd_train)
@@ -266,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a notebook parameter (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the profile and the parameters, print each notebook with its parameters, run nothing")
+    p.add_argument("--train-budget", type=float, default=None, metavar="MINUTES",
+                   help="wall-clock minutes of training for the run (both stages), shared in the profile's "
+                        "proportions; the demo's default is 6 (4 vertebrae, 2 lesions); same as -p train_budget_min")
     _add_job_options(p, "the notebooks before training as one job, one job per (stage, configuration, fold), "
                         "then the remaining notebooks and the book as one job (cluster.submit_run)")
     p.set_defaults(func=_cmd_run)

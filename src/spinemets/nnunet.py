@@ -88,6 +88,8 @@ PLANS = "nnUNetPlans"
 #: nnU-Net's checkpoint files of a fold: the final one, the latest (for resuming) and the best (EMA Dice).
 CHECKPOINT_FINAL, CHECKPOINT_LATEST, CHECKPOINT_BEST = "checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"
 CHECKPOINTS = (CHECKPOINT_FINAL, CHECKPOINT_LATEST, CHECKPOINT_BEST)
+#: Written by the project's trainers into each fold's folder: the budget and what training reached.
+TRAINING_RECORD = "spinemets_training.json"
 PAPER_CONFIGURATIONS = ("2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres")
 _STRIDES_5 = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 1, 1]]
 _STRIDES_4 = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
@@ -115,6 +117,11 @@ DEMO_CONFIGURATIONS: dict[str, dict] = {
         "batch_size": 2,
     },
 }
+
+#: The demo's wall-clock training budget per stage (seconds of each fold's training): the trainers
+#: fit their iterations into it on any CPU (see :mod:`spinemets.trainers.spinemets_trainers`).
+#: ``spinemets run --train-budget MINUTES`` scales both in these proportions.
+DEMO_BUDGET_S: dict[str, float] = {"vertebrae": 240.0, "metastases": 120.0}
 
 #: Job resources per step kind (plain data; :class:`spinemets.cluster.Resources` is built from it).
 #: The paper's 3d_fullres fold takes hours on one GPU at 250 epochs; nnU-Net's data augmentation
@@ -144,11 +151,13 @@ _DEMO = {
     "min_lesion_ml": 0.1,
     "min_vertebra_ml": 0.5,
     "repair_vertebra_order": True,
+    "omp_wait_policy": "ACTIVE",  # one fold at a time on a machine of its own: see _cpu_environment
     "resources": _each_kind(time_min=60, mem_gb=8, cpus_per_task=2),
     "stages": {
         stage: {"configurations": [f"demo_{stage}"], "folds": ["all"],
                 "trainer": f"Spinemets{stage.capitalize()}DemoTrainer",
-                "extra_configurations": {f"demo_{stage}": DEMO_CONFIGURATIONS[f"demo_{stage}"]}}
+                "extra_configurations": {f"demo_{stage}": DEMO_CONFIGURATIONS[f"demo_{stage}"]},
+                "budget_s": DEMO_BUDGET_S[stage]}
         for stage in labels_mod.STAGE_NAMES
     },
 }
@@ -219,10 +228,27 @@ PROFILES: dict[str, dict] = {
         resources={**_each_kind(time_min=60, mem_gb=32, cpus_per_task=8),
                    "train": {"gpus_per_job": 1, "time_min": 60, "mem_gb": 32, "cpus_per_task": 8},
                    "report": {"gpus_per_job": 1, "time_min": 60, "mem_gb": 32, "cpus_per_task": 8}}),
-    "ci": _derived(_DEMO, {"trainer": "SpinemetsCITrainer"},
+    "ci": _derived(_DEMO, {"trainer": "SpinemetsCITrainer", "budget_s": None},
                    description="tests: the demo's configurations, a few iterations",
+                   omp_wait_policy="PASSIVE",  # tests and SLURM jobs may train side by side
                    resources=_each_kind(time_min=20, mem_gb=4, cpus_per_task=1)),
 }
+
+
+def stage_budget(stage: str, profile: str, total_min: float | None = None) -> float | None:
+    """A stage's training budget per fold in seconds: the profile's, or the share of ``total_min``
+    (minutes of training for all stages) in the profile's proportions; None when the profile trains
+    for a fixed number of iterations and no total is given."""
+    stages = get_profile(profile)["stages"]
+    own = stage_plan(stage, profile).get("budget_s")
+    if total_min is None:
+        return own
+    if not float(total_min) > 0:
+        raise SpinemetsError(f"training budget {total_min!r} minutes: must be a positive number")
+    budgets = {name: entry.get("budget_s") for name, entry in stages.items()}
+    if not all(budgets.values()):  # no proportions to keep: an equal share per stage
+        return 60.0 * float(total_min) / len(stages)
+    return 60.0 * float(total_min) * float(own) / sum(map(float, budgets.values()))
 
 
 def profile_names() -> tuple[str, ...]:
@@ -576,7 +602,9 @@ class TrainingOptions:
     the validation probabilities the selection ensembles (default: when selecting); ``threads``
     limits torch's CPU threads in the project's trainers (e.g. 1 to train two stages side by side
     on two cores); ``num_gpus`` > 1 is nnU-Net's own multi-GPU training (``-num_gpus``);
-    ``dataset_id`` replaces the stage's default dataset id.
+    ``dataset_id`` replaces the stage's default dataset id; ``budget_s`` replaces the profile's
+    wall-clock training budget per fold (the project's trainers fit their iterations into it; 0
+    turns the budget off, so that the trainer's own iteration count applies).
     """
 
     trainer: str | None = None
@@ -586,6 +614,7 @@ class TrainingOptions:
     threads: int | None = None
     num_gpus: int = 1
     dataset_id: int | None = None
+    budget_s: float | None = None
 
 
 def train(stage: str, profile: str = "demo", configurations: Sequence[str] | None = None,
@@ -626,9 +655,13 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
                              f"{prof['cv_folds']} folds (0-{prof['cv_folds'] - 1})")
     log_file = ws.results / name / "spinemets_train.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = _cpu_environment() if device == "cpu" else {}
+    env = _cpu_environment(prof.get("omp_wait_policy", "PASSIVE")) if device == "cpu" else {}
     if threads:
         env["SPINEMETS_TORCH_THREADS"] = str(int(threads))  # honoured by the project's trainers
+    budget = entry.get("budget_s") if opts.budget_s is None else opts.budget_s
+    if budget is not None and float(budget) < 0:
+        raise SpinemetsError(f"training budget {budget!r}: must be a number of seconds >= 0")
+    env["SPINEMETS_TRAIN_BUDGET_S"] = f"{float(budget):g}" if budget else ""  # honoured by the project's trainers
     wall0, cpu0 = time.perf_counter(), _children_cpu_seconds()
     trained = False
     for cfg in tqdm(usable, desc=f"{stage}: configurations", unit="config"):
@@ -660,7 +693,31 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
             log.info("%s: every fold was trained before and the selection for them exists; reused", name)
     return {"dataset": name, "trainer": trainer, "plans": PLANS, "configurations": usable, "folds": folds,
             "model_folders": {cfg: str(ws.model_folder(stage, cfg, trainer, dataset_id)) for cfg in usable},
-            "best": best, **seconds}
+            "best": best, "budget_s": float(budget) if budget else None,
+            "training": training_records(stage, usable, folds, trainer, ws, dataset_id), **seconds}
+
+
+TRAINING_COLUMNS = ("budget_s", "elapsed_s", "epochs", "iterations", "seconds_per_iteration", "bf16_autocast")
+
+
+def training_table(records: Mapping[str, Mapping]) -> list[dict]:
+    """:func:`training_records` as rows for a table: model, budget, time, epochs, iterations, cost, CPU."""
+    return [{"model": name, **{key: rec.get(key) for key in TRAINING_COLUMNS},
+             "cpu": (rec.get("cpu") or {}).get("torch_capability")} for name, rec in records.items()]
+
+
+def training_records(stage: str, configurations: Sequence[str], folds: Sequence[int | str], trainer: str,
+                     workspace: Workspace | str | Path | None = None, dataset_id: int | None = None) -> dict:
+    """What each fold's training reached (``spinemets_training.json`` of the project's trainers):
+    ``{"configuration/fold_F": record}``; folds trained by other trainers are left out."""
+    ws = _workspace(workspace)
+    out = {}
+    for cfg in configurations:
+        for fold in folds:
+            path = ws.model_folder(stage, cfg, trainer, dataset_id) / f"fold_{fold}" / TRAINING_RECORD
+            if path.is_file():
+                out[f"{cfg}/fold_{fold}"] = read_json(path, "training record")
+    return out
 
 
 SPLITS_FILE = "splits_final.json"
@@ -699,19 +756,23 @@ def write_splits(stage: str, n_folds: int, workspace: Workspace | str | Path | N
     return path
 
 
-def _cpu_environment() -> dict[str, str]:
+def _cpu_environment(wait_policy: str = "PASSIVE") -> dict[str, str]:
     """Settings for training on a CPU, unless the user set them.
 
-    * ``OMP_WAIT_POLICY=PASSIVE``: nnU-Net runs torch with one thread per core; with OpenMP's
-      default busy-waiting, a core taken by any other process stalls every parallel region (we
-      measured 2 threads at 3.5x the time of 1 thread on a busy 2-core machine; passive waiting
-      removed the loss).
+    * ``OMP_WAIT_POLICY``: nnU-Net runs torch with one thread per core. ``PASSIVE`` (the default
+      here): a thread that waits sleeps at once; with OpenMP's busy-waiting, a core taken by any
+      other process stalls every parallel region (we measured 2 threads at 3.5x the time of 1
+      thread on a busy 2-core machine; passive waiting removed the loss). ``ACTIVE``: waiting
+      threads spin, which saves the wake-up of every parallel region: on an idle 2-core AVX2 CPU a
+      demo iteration took 1.14 s instead of 1.38 s (vertebrae) and 0.165 s instead of 0.244 s
+      (lesions), ``benchmarks/bench_train.py``. The demo profile, which trains one fold at a time
+      on a machine of its own, asks for it (``omp_wait_policy`` of :data:`PROFILES`).
     * ``nnUNet_n_proc_DA=1``: one data-loading worker; without augmentation it is idle most of the time.
     * ``nnUNet_def_n_proc``: the processes of nnU-Net's final validation (export of the
       predictions and probabilities); nnU-Net's default, 8, each a new Python importing torch,
       costs more start-up than the export of a few small cases on 2 cores.
     """
-    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", wait_policy),
             "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "1"),
             "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", str(min(2, os.cpu_count() or 1)))}
 

@@ -95,6 +95,44 @@ def provenance_statement(provenance: Mapping | None) -> str:
     return text
 
 
+def run_training(provenance: Mapping | None, root: str | Path | None = None) -> list[dict]:
+    """What each trained fold of a run's workspace reached (the project's trainers'
+    ``spinemets_training.json``): one dict per stage, configuration and fold, in stage order."""
+    workspace = run_workspace(provenance, root)
+    if workspace is None:
+        return []
+    from .nnunet import TRAINING_RECORD
+
+    ws, rows = _workspace(workspace), []
+    for stage in STAGE_NAMES:
+        for path in sorted((ws.results / ws.dataset_name(stage)).glob(f"*/fold_*/{TRAINING_RECORD}")):
+            record = read_json(path, "training record", missing=None)
+            if record:
+                rows.append({"stage": stage, "model": path.parent.parent.name.split("__")[-1],
+                             "fold": path.parent.name[len("fold_"):], **record})
+    return rows
+
+
+def training_statement(records: list[dict]) -> str:
+    """One Markdown paragraph: how long each stage trained, how far it got, and on what CPU."""
+    if not records:
+        return "This run's models carry no training record (trained elsewhere, or before records were kept)."
+    parts = []
+    for rec in records:
+        budget = f" of a {rec['budget_s']:.0f} s budget" if rec.get("budget_s") else " (a fixed iteration count)"
+        parts.append(f"{rec['stage']} ({rec['model']}, fold {rec['fold']}): {rec['iterations']} iterations in "
+                     f"{rec['elapsed_s']:.0f} s{budget}, {rec['seconds_per_iteration']:.2f} s per iteration")
+    cpus = {(r.get("device", "cpu"), (r.get("cpu") or {}).get("model", "?"), (r.get("cpu") or {}).get("torch_capability", "?"),
+             (r.get("cpu") or {}).get("threads", "?"), bool(r.get("bf16_autocast"))) for r in records}
+    where = "; ".join(
+        f"{model}, torch kernels {cap}, {threads} threads, bfloat16 autocast {'on' if bf16 else 'off'}"
+        if device == "cpu" else f"{device.upper()} (host CPU {model})"
+        for device, model, cap, threads, bf16 in sorted(cpus, key=str))
+    return ("**Training.** " + "; ".join(parts) + f". **Trained on:** {where}. "
+            "With a budget, a faster CPU trains more iterations in the same time, so these numbers hold for this "
+            "machine only.")
+
+
 def read_paper_results(path: str | Path | None = None) -> pd.DataFrame:
     """The paper's reported values (``book/data/paper_results.csv``): one row per stage, class and
     metric with either a ``value`` or a ``low``-``high`` range, and its ``source``."""

@@ -22,11 +22,13 @@ The results page itself is served by :mod:`spinemets.results`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -82,13 +84,20 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     clear_run(out)
     record = _provenance(root, prof, {k: parse_value(v) for k, v in dict(parameters or {}).items()}, plans, out)
+    expected = run_estimate(prof, plans, build_book)
+    if expected:
+        record["estimate"] = expected
+        for entry in record["notebooks"]:
+            entry["expected_s"] = round(expected["steps"].get(entry["step"], 0.0), 1)
     write_json(out / PROVENANCE, record)
     copies: dict[Path, int] = {}
-    for entry, (name, source, params) in zip(record["notebooks"], plans):
+    run_started = time.monotonic()
+    for index, (entry, (name, source, params)) in enumerate(zip(record["notebooks"], plans), start=1):
         started = time.monotonic()
         target = out / f"{name}.ipynb"
         try:
-            execute_notebook(source, target, params, cwd=root)
+            with _step_progress(name, index, len(plans), expected, time.monotonic() - run_started):
+                execute_notebook(source, target, params, cwd=root, progress_bar=not expected)
             if name != source.stem:  # one notebook run once per stage: tell its copies apart in the book
                 copies[source] = copies.get(source, 0) + 1
                 _mark_copy(target, name[len(source.stem) + 1:], first=copies[source] == 1)
@@ -101,7 +110,8 @@ def run(
     _finish(out, record, "executed")
     if build_book:
         try:
-            record["book"] = _rel(root, build(root, out))
+            with _step_progress("book", len(plans) + 1, len(plans) + 1, expected, time.monotonic() - run_started):
+                record["book"] = _rel(root, build(root, out))
         except SpinemetsError:
             _finish(out, record, "book build failed")
             raise
@@ -218,7 +228,68 @@ def declared_parameters(notebook: str | Path) -> set[str]:
     return set(papermill.inspect_notebook(str(path)))
 
 
-def execute_notebook(source: Path, target: Path, parameters: Mapping[str, Any], cwd: Path) -> Path:
+def run_estimate(prof: Profile, plans: list, build_book: bool) -> dict | None:
+    """Measure this machine for a few seconds and print the run's expected time per step and in all.
+
+    Returns ``{"machine", "steps": {step: seconds}}`` for the provenance, or None where the profile
+    has no reference times (:mod:`spinemets.estimate`) or a training step has no wall-clock budget.
+    """
+    from . import estimate, nnunet
+
+    budgets = {}
+    for name, _, params in plans:
+        if "stage" in params and name.startswith(TRAINING_NOTEBOOK):
+            budgets[name] = nnunet.stage_budget(params["stage"], params.get("profile", "demo"),
+                                                params.get("train_budget_min"))
+    steps = [name for name, _, _ in plans]
+    if not estimate.has_reference(prof.name, steps, budgets):
+        return None
+    machine = estimate.measure_machine()
+    expected = estimate.estimate_run(prof.name, steps, budgets, machine, book=build_book)
+    lines = estimate.format_estimate(expected, machine)
+    for line in lines:
+        print(line, flush=True)
+    return {"machine": machine, "steps": {k: round(v, 1) for k, v in expected.items()}}
+
+
+@contextlib.contextmanager
+def _step_progress(name: str, index: int, count: int, expected: dict | None, elapsed_s: float):
+    """Around one notebook: a line with the step's expected time and the run's time left, then a
+    bar that counts the step's seconds against its expected time (the terminal only; not the book)."""
+    if not expected:
+        yield
+        return
+    steps = expected["steps"]
+    names = list(steps)
+    left = sum(steps[n] for n in names[names.index(name):]) if name in steps else 0.0
+    print(f"[{index}/{count}] {name}: expected ~{steps.get(name, 0) / 60:.1f} min; run so far "
+          f"{elapsed_s / 60:.1f} min, about {left / 60:.1f} min left", flush=True)
+    from tqdm.auto import tqdm
+
+    total = max(1, int(round(steps.get(name, 1))))
+    bar = tqdm(total=total, desc=name, unit="s", bar_format="{desc}: {bar} {n_fmt}/{total_fmt} s "
+               "[{elapsed}, about {remaining} left]", leave=False)
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def tick():
+        while not stop.wait(1.0):
+            bar.n = min(total, int(time.monotonic() - start))
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        bar.close()
+        print(f"[{index}/{count}] {name}: done in {(time.monotonic() - start) / 60:.1f} min", flush=True)
+
+
+def execute_notebook(source: Path, target: Path, parameters: Mapping[str, Any], cwd: Path,
+                     progress_bar: bool = True) -> Path:
     """Execute one notebook with papermill into ``target``; a failure raises :class:`SpinemetsError`.
 
     The executed notebook is written as it runs and kept when a cell fails, with the error output
@@ -233,7 +304,7 @@ def execute_notebook(source: Path, target: Path, parameters: Mapping[str, Any], 
     try:
         papermill.execute_notebook(
             str(source), str(target), parameters=dict(parameters), cwd=str(cwd), kernel_name=kernel,
-            progress_bar=True, log_output=False, report_mode=False,
+            progress_bar=progress_bar, log_output=False, report_mode=False,
         )
     except PapermillExecutionError as exc:
         raise SpinemetsError(

@@ -1,0 +1,91 @@
+"""spinemets.estimate: the run's expected time on this machine, and the runner's lines before and during it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spinemets import estimate, runner
+from spinemets.errors import SpinemetsError
+from test_runner import project  # noqa: F401  (the fixture: a tiny project of two notebooks)
+
+REFERENCE_MACHINE = {"torch_s": estimate.REFERENCE["torch_s"], "numpy_s": estimate.REFERENCE["numpy_s"],
+                     "cores": 2, "torch_threads": 2, "torch_capability": "AVX2"}
+
+
+def test_measure_machine_times_both_workloads():
+    machine = estimate.measure_machine(seconds=0.3)
+    assert machine["torch_s"] > 0 and machine["numpy_s"] > 0 and machine["cores"] >= 1
+    assert machine["torch_capability"]
+
+
+def test_speed_ratio_is_the_mean_of_both_time_ratios():
+    assert estimate.speed_ratio(REFERENCE_MACHINE) == pytest.approx(1.0)
+    twice_as_slow_torch = dict(REFERENCE_MACHINE, torch_s=2 * estimate.REFERENCE["torch_s"])
+    assert estimate.speed_ratio(twice_as_slow_torch) == pytest.approx(1.5)
+
+
+def test_estimate_adds_the_training_budget_to_the_scaled_reference_times():
+    ref = estimate.REFERENCE["steps"]["demo"]
+    steps = ["01_dataset", "03_training_vertebrae"]
+    budgets = {"03_training_vertebrae": 100.0}
+    faster = dict(REFERENCE_MACHINE, torch_s=REFERENCE_MACHINE["torch_s"] / 2, numpy_s=REFERENCE_MACHINE["numpy_s"] / 2)
+    expected = estimate.estimate_run("demo", steps, budgets, faster)
+    assert expected == pytest.approx({"01_dataset": ref["01_dataset"] / 2,
+                                      "03_training_vertebrae": ref["03_training_vertebrae"] / 2 + 100.0,
+                                      "book": ref["book"] / 2})
+    assert "book" not in estimate.estimate_run("demo", steps, budgets, faster, book=False)
+    # no reference times for the profile, an unknown step, or a training step without a budget: no estimate
+    assert estimate.estimate_run("paper", steps, budgets, faster) is None
+    assert estimate.estimate_run("demo", steps + ["07_new"], budgets, faster) is None
+    assert estimate.estimate_run("demo", steps, {"03_training_vertebrae": None}, faster) is None
+    lines = estimate.format_estimate(expected, faster)
+    assert lines[0].startswith("This machine: 2 cores, torch kernels AVX2, 0.50x the reference machine's time")
+    assert lines[-1].split() == ["total", f"~{sum(expected.values()) / 60:.1f}", "min", "(expected", "on", "this",
+                                 "machine)"]
+
+
+def test_run_prints_the_estimate_and_the_time_left_per_step(project, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setitem(estimate.REFERENCE["steps"], "tiny", {"a_write": 30.0, "b_read": 90.0, "book": 60.0})
+    monkeypatch.setattr(estimate, "measure_machine", lambda seconds=3.0: dict(REFERENCE_MACHINE))
+    out = runner.run("tiny", build_book=False, root=project)
+    printed = capsys.readouterr().out
+    assert "a_write  ~0.5 min" in printed and "total    ~2.0 min" in printed
+    assert "[1/2] a_write: expected ~0.5 min; run so far 0.0 min, about 2.0 min left" in printed
+    assert "[2/2] b_read: expected ~1.5 min;" in printed and "about 1.5 min left" in printed
+    assert "[2/2] b_read: done in" in printed
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["estimate"]["steps"] == {"a_write": 30.0, "b_read": 90.0}
+    assert [n["expected_s"] for n in record["notebooks"]] == [30.0, 90.0]
+    # a profile without reference times runs as before, without an estimate
+    monkeypatch.delitem(estimate.REFERENCE["steps"], "tiny")
+    out = runner.run("tiny", build_book=False, root=project)
+    assert "estimate" not in json.loads((out / "provenance.json").read_text())
+    assert "expected ~" not in capsys.readouterr().out
+
+
+def test_stage_budget_shares_a_total_in_the_profiles_proportions():
+    from spinemets import nnunet
+
+    own = nnunet.DEMO_BUDGET_S
+    assert nnunet.stage_budget("vertebrae", "demo") == own["vertebrae"]
+    assert nnunet.stage_budget("vertebrae", "demo", 6) == pytest.approx(360 * own["vertebrae"] / sum(own.values()))
+    assert nnunet.stage_budget("metastases", "demo", 6) == pytest.approx(360 * own["metastases"] / sum(own.values()))
+    assert nnunet.stage_budget("vertebrae", "ci") is None  # a fixed iteration count
+    assert nnunet.stage_budget("metastases", "ci", 4) == pytest.approx(120.0)  # no proportions: an equal share
+    for bad in (0, -1):
+        with pytest.raises(SpinemetsError, match="must be a positive number"):
+            nnunet.stage_budget("vertebrae", "demo", bad)
+
+
+def test_cli_train_budget_reaches_the_training_notebooks(capsys):
+    from spinemets import cli
+
+    assert cli.main(["run", "--profile", "demo", "--dry-run", "--train-budget", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    training = [line for line in lines if line.startswith("03_training")]
+    assert len(training) == 2 and all("'train_budget_min': 3" in line for line in training)
+    assert not any("train_budget_min" in line for line in lines if not line.startswith("03_training"))
+    assert cli.main(["run", "--profile", "demo", "--executor", "slurm", "--train-budget", "3"]) != 0
+    assert "--train-budget: cluster jobs train for the profile's budget" in capsys.readouterr().err
