@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the profile's")
     p.add_argument("--train-budget", type=float, default=None, metavar="MINUTES",
                    help="wall-clock minutes of training of both stages together, shared in the profile's "
-                        "proportions (demo: 4 min vertebrae, 2 min lesions); default: the profile's")
+                        "proportions (demo: 12 min vertebrae, 3 min lesions); default: the profile's")
     p.add_argument("--workspace", type=Path, default=None, help="workspace folder (default: ./workspace)")
     _add_job_options(p, "one job per (stage, configuration, fold), chained by afterok dependencies")
     p.set_defaults(func=_cmd_train)
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the profile and the parameters, print each notebook with its parameters, run nothing")
     p.add_argument("--train-budget", type=float, default=None, metavar="MINUTES",
                    help="wall-clock minutes of training for the run (both stages), shared in the profile's "
-                        "proportions; the demo's default is 6 (4 vertebrae, 2 lesions); same as -p train_budget_min")
+                        "proportions; the demo's default is 15 (12 vertebrae, 3 lesions); same as -p train_budget_min")
     _add_job_options(p, "the notebooks before training as one job, one job per (stage, configuration, fold), "
                         "then the remaining notebooks and the book as one job (cluster.submit_run)")
     p.set_defaults(func=_cmd_run)

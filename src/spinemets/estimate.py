@@ -26,18 +26,18 @@ import numpy as np
 #: bfloat16 units); ``torch_s`` and ``numpy_s`` are :func:`measure_machine` on that machine.
 REFERENCE: dict = {
     "machine": "2 cores, AVX2 (no AVX-512, no bfloat16 units)",
-    "torch_s": 0.060,
-    "numpy_s": 0.115,
+    "torch_s": 0.070,
+    "numpy_s": 0.019,
     "steps": {
         "demo": {
-            "01_dataset": 60.0,
-            "02_slicer": 30.0,
-            "03_training_vertebrae": 40.0,
-            "03_training_metastases": 30.0,
-            "04_inference": 90.0,
-            "05_metrics": 30.0,
-            "06_external": 60.0,
-            "book": 60.0,
+            "01_dataset": 10.0,
+            "02_slicer": 28.0,
+            "03_training_vertebrae": 45.0,
+            "03_training_metastases": 40.0,
+            "04_inference": 60.0,
+            "05_metrics": 6.0,
+            "06_external": 22.0,
+            "book": 15.0,
         },
     },
 }

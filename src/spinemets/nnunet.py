@@ -120,8 +120,12 @@ DEMO_CONFIGURATIONS: dict[str, dict] = {
 
 #: The demo's wall-clock training budget per stage (seconds of each fold's training): the trainers
 #: fit their iterations into it on any CPU (see :mod:`spinemets.trainers.spinemets_trainers`).
-#: ``spinemets run --train-budget MINUTES`` scales both in these proportions.
-DEMO_BUDGET_S: dict[str, float] = {"vertebrae": 240.0, "metastases": 120.0}
+#: ``spinemets run --train-budget MINUTES`` scales both in these proportions. The vertebra stage
+#: needs several hundred iterations of its network before it tells the levels apart: on 2 AVX2
+#: cores (about one iteration a second) 300 s gave 278 iterations and a held-out per-vertebra Dice
+#: of 0.06; 700 iterations gave 0.69-0.76 before. 720 s buys about 700 there, and more than twice
+#: as many on a CPU with bfloat16 units. The lesion stage's iterations cost a fifth of a vertebra one.
+DEMO_BUDGET_S: dict[str, float] = {"vertebrae": 720.0, "metastases": 180.0}
 
 #: Job resources per step kind (plain data; :class:`spinemets.cluster.Resources` is built from it).
 #: The paper's 3d_fullres fold takes hours on one GPU at 250 epochs; nnU-Net's data augmentation
