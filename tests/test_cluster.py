@@ -357,6 +357,7 @@ def test_run_steps_of_the_paper_profile(tmp_path):
     prepare = by_name["run/prepare"]
     assert prepare.kwargs["notebooks"] == ["01_dataset", "02_slicer"]
     assert prepare.kwargs["build_book"] is False and prepare.kwargs["out_dir"] == "build/executed-prepare"
+    assert prepare.kwargs["estimate"] is False  # the jobs do not measure the machine for an estimate
     for stage in ("vertebrae", "metastases"):
         assert by_name[f"{stage}/plan"].after == ("run/prepare",)
         assert by_name[f"{stage}/plan"].kwargs["workspace"] == str(root / "ws" / "paper")
@@ -366,6 +367,7 @@ def test_run_steps_of_the_paper_profile(tmp_path):
     assert report.after == ("vertebrae/finalize", "metastases/finalize")
     assert "notebooks" not in report.kwargs and report.kwargs["out_dir"] == "build/executed"
     assert report.kwargs["parameters"] == {"folds": "[0, 1]", "workspace": "ws/paper"}
+    assert report.kwargs["estimate"] is False
     cluster._check_graph(steps)
     import importlib
     import inspect
@@ -380,6 +382,8 @@ def test_run_steps_refuse_what_cannot_run(tmp_path):
     root = copy_project(tmp_path)
     with pytest.raises(SpinemetsError, match=r"not declared by any notebook"):
         cluster.run_steps("ci", {"no_such_parameter": "1"}, root)
+    with pytest.raises(SpinemetsError, match=r"train_budget_min: jobs train for the profile's budget"):
+        cluster.run_steps("demo", {"train_budget_min": "5"}, root)
     (root / "profiles" / "nothing.yaml").write_text(
         "description: curation only\ncohort: synthetic\nnotebooks:\n  - path: notebooks/01_dataset.ipynb\n")
     with pytest.raises(SpinemetsError, match=r"nothing\.yaml: profile 'nothing' has no training notebook"):

@@ -58,6 +58,10 @@ def test_run_prints_the_estimate_and_the_time_left_per_step(project, monkeypatch
     record = json.loads((out / "provenance.json").read_text())
     assert record["estimate"]["steps"] == {"a_write": 30.0, "b_read": 90.0}
     assert [n["expected_s"] for n in record["notebooks"]] == [30.0, 90.0]
+    # the jobs of a cluster run leave the estimate out
+    out = runner.run("tiny", build_book=False, root=project, estimate=False)
+    assert "estimate" not in json.loads((out / "provenance.json").read_text())
+    assert "expected ~" not in capsys.readouterr().out
     # a profile without reference times runs as before, without an estimate
     monkeypatch.delitem(estimate.REFERENCE["steps"], "tiny")
     out = runner.run("tiny", build_book=False, root=project)
@@ -74,7 +78,7 @@ def test_stage_budget_shares_a_total_in_the_profiles_proportions():
     assert nnunet.stage_budget("metastases", "demo", 6) == pytest.approx(360 * own["metastases"] / sum(own.values()))
     assert nnunet.stage_budget("vertebrae", "ci") is None  # a fixed iteration count
     assert nnunet.stage_budget("metastases", "ci", 4) == pytest.approx(120.0)  # no proportions: an equal share
-    for bad in (0, -1):
+    for bad in (0, -1, float("inf"), float("nan"), "soon"):
         with pytest.raises(SpinemetsError, match="must be a positive number"):
             nnunet.stage_budget("vertebrae", "demo", bad)
 
@@ -89,3 +93,5 @@ def test_cli_train_budget_reaches_the_training_notebooks(capsys):
     assert not any("train_budget_min" in line for line in lines if not line.startswith("03_training"))
     assert cli.main(["run", "--profile", "demo", "--executor", "slurm", "--train-budget", "3"]) != 0
     assert "--train-budget: cluster jobs train for the profile's budget" in capsys.readouterr().err
+    assert cli.main(["train", "--stage", "vertebrae", "--executor", "slurm", "--train-budget", "3"]) != 0
+    assert "--train-budget: jobs train for the profile's budget" in capsys.readouterr().err

@@ -325,6 +325,11 @@ def test_training_resumes_after_interruption(tiny_workspace, tmp_path, clean_env
     resumed_text = "".join(p.read_text() for p in set(fold.glob("training_log_*.txt")) - first_logs)
     epochs = [int(m) for m in re.findall(r": Epoch (\d+)\s*$", resumed_text, flags=re.MULTILINE)]
     assert epochs == [2, 3]
+    # the training record counts each epoch once: the two before the checkpoint and the two after
+    record = json.loads((fold / nnunet.TRAINING_RECORD).read_text())
+    assert record["finished"] and record["epochs"] == 4 and len(record["epoch_log"]) == 4
+    assert record["iterations"] == 4 * 2 == sum(n for n, _ in record["epoch_log"])
+    assert record["elapsed_s"] == pytest.approx(sum(s for _, s in record["epoch_log"]), abs=1.0)
     nnunet.train("metastases", **kwargs)  # finished folds are skipped, not retrained
     assert torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["current_epoch"] == 4
 
@@ -515,3 +520,41 @@ def test_budget_setting(clean_env):
             budget_seconds()
     assert nnunet.stage_plan("vertebrae", "demo")["budget_s"] == nnunet.DEMO_BUDGET_S["vertebrae"]
     assert nnunet.stage_plan("vertebrae", "ci").get("budget_s") is None
+    for bad in ("inf", "nan", "soon"):
+        clean_env.setenv("SPINEMETS_TRAIN_BUDGET_S", bad)
+        with pytest.raises(ValueError, match="positive number of seconds"):
+            budget_seconds()
+    from spinemets.trainers import spinemets_trainers
+
+    assert spinemets_trainers.TRAINING_RECORD == nnunet.TRAINING_RECORD  # one name, defined on both sides
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_project_trainer_puts_its_network_in_channels_last_on_the_cpu(tmp_path, clean_env, dims):
+    from spinemets.trainers.spinemets_trainers import SpinemetsCITrainer
+
+    plans = json.loads(_plans(tmp_path).read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    if dims == 2:  # a 2-D configuration: Conv2d weights take the 2-D channels-last layout
+        arch = cfg["architecture"]["arch_kwargs"]
+        arch.update(conv_op="torch.nn.modules.conv.Conv2d", kernel_sizes=[[3, 3]] * 5,
+                    strides=[[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]],
+                    norm_op="torch.nn.modules.instancenorm.InstanceNorm2d")
+        cfg.update(patch_size=[48, 48], spacing=[2.5, 2.5])
+    plans["configurations"] = {"cfg": cfg}
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lytic": 1, "sclerotic": 2},
+                    "numTraining": 1, "file_ending": ".nii.gz"}
+    ws = nnunet.Workspace(tmp_path / "ws")
+    data = ws.preprocessed / "Dataset999_X" / cfg["data_identifier"]
+    data.mkdir(parents=True)
+    (data / "case.b2nd").touch()  # initialize() infers the dataset's file format from the folder; no data is read
+    with ws.activated():
+        trainer = SpinemetsCITrainer(dict(plans, continue_training=False), "cfg", "all", dataset_json,
+                                     device=torch.device("cpu"))
+        trainer.initialize()
+    layout = torch.channels_last_3d if dims == 3 else torch.channels_last
+    weights = [p for p in trainer.network.parameters() if p.dim() == dims + 2]
+    assert weights and all(p.is_contiguous(memory_format=layout) for p in weights)
+    x = torch.zeros(1, 1, *cfg["patch_size"])
+    with torch.no_grad():
+        assert trainer.network(x)[0].shape == (1, 3, *cfg["patch_size"])

@@ -442,4 +442,5 @@ def test_smoke_run_on_slurm_produces_the_same_tables(slurm, smoke_run, tmp_path)
         assert log_text.count("Training done.") == 2 * len(SLURM_CONFIGURATIONS)
         selection = json.loads((workspace_of(root).results / workspace_of(root).dataset_name(stage)
                                 / "inference_information.json").read_text())
-        assert {m["configuration"] for m in selection["selected_model_or_models"]} <= set(SLURM_CONFIGURATIONS)
+        chosen = selection["best_model_or_ensemble"]["selected_model_or_models"]
+        assert {m["configuration"] for m in chosen} <= set(SLURM_CONFIGURATIONS)

@@ -97,6 +97,8 @@ def _no_job_options(a) -> None:
 
 
 def _cmd_train(a):
+    if a.executor and a.train_budget is not None:
+        raise SpinemetsError("--train-budget: jobs train for the profile's budget; it applies to local training only")
     if a.executor:
         _submitted(a, _call("cluster.submit", stages=a.stage, profile=a.profile, workspace=a.workspace,
                             configurations=a.configurations, folds=a.folds, device=a.device, jobs=_job_options(a)))
@@ -246,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the profile's")
     p.add_argument("--train-budget", type=float, default=None, metavar="MINUTES",
                    help="wall-clock minutes of training of both stages together, shared in the profile's "
-                        "proportions (demo: 12 min vertebrae, 3 min lesions); default: the profile's")
+                        "proportions (demo: 12 min vertebrae, 3 min lesions), for each configuration and fold "
+                        "(the demo trains one per stage); default: the profile's")
     p.add_argument("--workspace", type=Path, default=None, help="workspace folder (default: ./workspace)")
     _add_job_options(p, "one job per (stage, configuration, fold), chained by afterok dependencies")
     p.set_defaults(func=_cmd_train)
@@ -283,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the profile and the parameters, print each notebook with its parameters, run nothing")
     p.add_argument("--train-budget", type=float, default=None, metavar="MINUTES",
-                   help="wall-clock minutes of training for the run (both stages), shared in the profile's "
-                        "proportions; the demo's default is 15 (12 vertebrae, 3 lesions); same as -p train_budget_min")
+                   help="wall-clock minutes of training for the run (both stages, per configuration and fold: the demo "
+                        "trains one per stage), shared in the profile's proportions; the demo's default is 15 "
+                        "(12 vertebrae, 3 lesions); same as -p train_budget_min")
     _add_job_options(p, "the notebooks before training as one job, one job per (stage, configuration, fold), "
                         "then the remaining notebooks and the book as one job (cluster.submit_run)")
     p.set_defaults(func=_cmd_run)

@@ -328,12 +328,15 @@ def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, 
     plans = runner.plan_run(prof, root, None, parameters)
     names = [name for name, _, _ in plans]
     training = [i for i, (_, source, _) in enumerate(plans) if source.stem == runner.TRAINING_NOTEBOOK]
+    if any(params.get("train_budget_min") is not None for _, _, params in plans):
+        raise SpinemetsError("train_budget_min: jobs train for the profile's budget; it applies to local runs only")
     if not training:
         raise SpinemetsError(f"{prof.source}: profile {prof.name!r} has no training notebook "
                              f"({runner.TRAINING_NOTEBOOK}); nothing to submit as jobs")
     common = {"profile": str(prof.source), "parameters": dict(parameters or {}), "root": str(root)}
     prepare = Step("run/prepare", "prepare", "run", "spinemets.runner:run",
-                   {**common, "notebooks": names[:training[0]], "out_dir": f"{out_dir}-prepare", "build_book": False})
+                   {**common, "notebooks": names[:training[0]], "out_dir": f"{out_dir}-prepare", "build_book": False,
+                    "estimate": False})
     has_prepare = training[0] > 0
     steps = [prepare] if has_prepare else []
     trainers: list[str] = []
@@ -352,8 +355,8 @@ def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, 
     if len(set(trainers)) > 1:
         raise SpinemetsError(f"profile {prof.name!r}: the training notebooks use different training profiles "
                              f"{sorted(set(trainers))}; one run submits one")
-    steps.append(Step("run/report", "report", "run", "spinemets.runner:run", {**common, "out_dir": out_dir},
-                      tuple(finals)))
+    steps.append(Step("run/report", "report", "run", "spinemets.runner:run",
+                      {**common, "out_dir": out_dir, "estimate": False}, tuple(finals)))
     return steps, trainers[0]
 
 

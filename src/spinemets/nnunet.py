@@ -59,6 +59,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -247,12 +248,16 @@ def stage_budget(stage: str, profile: str, total_min: float | None = None) -> fl
     own = stage_plan(stage, profile).get("budget_s")
     if total_min is None:
         return own
-    if not float(total_min) > 0:
+    try:
+        total = float(total_min)
+    except (TypeError, ValueError):
+        total = math.nan
+    if not (math.isfinite(total) and total > 0):
         raise SpinemetsError(f"training budget {total_min!r} minutes: must be a positive number")
     budgets = {name: entry.get("budget_s") for name, entry in stages.items()}
     if not all(budgets.values()):  # no proportions to keep: an equal share per stage
-        return 60.0 * float(total_min) / len(stages)
-    return 60.0 * float(total_min) * float(own) / sum(map(float, budgets.values()))
+        return 60.0 * total / len(stages)
+    return 60.0 * total * float(own) / sum(map(float, budgets.values()))
 
 
 def profile_names() -> tuple[str, ...]:
@@ -663,8 +668,8 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     if threads:
         env["SPINEMETS_TORCH_THREADS"] = str(int(threads))  # honoured by the project's trainers
     budget = entry.get("budget_s") if opts.budget_s is None else opts.budget_s
-    if budget is not None and float(budget) < 0:
-        raise SpinemetsError(f"training budget {budget!r}: must be a number of seconds >= 0")
+    if budget is not None and not (math.isfinite(float(budget)) and float(budget) >= 0):
+        raise SpinemetsError(f"training budget {budget!r}: must be a finite number of seconds >= 0")
     env["SPINEMETS_TRAIN_BUDGET_S"] = f"{float(budget):g}" if budget else ""  # honoured by the project's trainers
     wall0, cpu0 = time.perf_counter(), _children_cpu_seconds()
     trained = False
@@ -683,6 +688,11 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
                 args += ["-num_gpus", str(int(num_gpus))]  # nnU-Net's own multi-GPU (DDP) training
             run_nnunet("nnUNetv2_train", args, ws, log_file, extra_trainer_dirs, env)
             trained = True
+    records = training_records(stage, usable, folds, trainer, ws, dataset_id)
+    if budget and not records:
+        log.warning("%s: trainer %s keeps no training record, so it did not train for the %g s budget "
+                    "(only the project's trainers do); it trained for its own number of iterations",
+                    name, trainer, float(budget))
     seconds = {"train_wall_s": round(time.perf_counter() - wall0, 1),
                "train_cpu_s": round(_children_cpu_seconds() - cpu0, 1)}
     built: dict = {}  # one dataset, one fingerprint: its raw CTs are read once for all configurations
@@ -697,8 +707,8 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
             log.info("%s: every fold was trained before and the selection for them exists; reused", name)
     return {"dataset": name, "trainer": trainer, "plans": PLANS, "configurations": usable, "folds": folds,
             "model_folders": {cfg: str(ws.model_folder(stage, cfg, trainer, dataset_id)) for cfg in usable},
-            "best": best, "budget_s": float(budget) if budget else None,
-            "training": training_records(stage, usable, folds, trainer, ws, dataset_id), **seconds}
+            "best": best, "budget_s": float(budget) if budget and records else None,
+            "training": records, **seconds}
 
 
 TRAINING_COLUMNS = ("budget_s", "elapsed_s", "epochs", "iterations", "seconds_per_iteration", "bf16_autocast")

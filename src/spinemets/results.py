@@ -116,7 +116,8 @@ def run_training(provenance: Mapping | None, root: str | Path | None = None) -> 
 def training_statement(records: list[dict]) -> str:
     """One Markdown paragraph: how long each stage trained, how far it got, and on what CPU."""
     if not records:
-        return "This run's models carry no training record (trained elsewhere, or before records were kept)."
+        return ("This run's models carry no training record: their trainer keeps none (nnU-Net's own trainers, "
+                "as in the paper profile), or they were trained before records were kept.")
     parts = []
     for rec in records:
         budget = f" of a {rec['budget_s']:.0f} s budget" if rec.get("budget_s") else " (a fixed iteration count)"

@@ -64,6 +64,7 @@ def run(
     out_dir: str | Path = DEFAULT_OUT_DIR,
     build_book: bool = True,
     root: str | Path | None = None,
+    estimate: bool = True,
 ) -> Path:
     """Execute the notebooks of ``profile`` in order and build the book; return the run folder.
 
@@ -84,7 +85,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     clear_run(out)
     record = _provenance(root, prof, {k: parse_value(v) for k, v in dict(parameters or {}).items()}, plans, out)
-    expected = run_estimate(prof, plans, build_book)
+    expected = run_estimate(prof, plans, build_book) if estimate else None
     if expected:
         record["estimate"] = expected
         for entry in record["notebooks"]:
@@ -267,25 +268,30 @@ def _step_progress(name: str, index: int, count: int, expected: dict | None, ela
     from tqdm.auto import tqdm
 
     total = max(1, int(round(steps.get(name, 1))))
-    bar = tqdm(total=total, desc=name, unit="s", bar_format="{desc}: {bar} {n_fmt}/{total_fmt} s "
-               "[{elapsed}, about {remaining} left]", leave=False)
-    stop = threading.Event()
     start = time.monotonic()
+    stop = threading.Event()
+    bar = thread = None
+    if sys.stderr.isatty():  # a bar redrawn every second only where it is seen, not in a log file
+        bar = tqdm(total=total, desc=name, unit="s", bar_format="{desc}: {bar} {n_fmt}/{total_fmt} s "
+                   "[{elapsed}, about {remaining} left]", leave=False)
 
-    def tick():
-        while not stop.wait(1.0):
-            bar.n = min(total, int(time.monotonic() - start))
-            bar.refresh()
+        def tick():
+            while not stop.wait(1.0):
+                bar.n = min(total, int(time.monotonic() - start))
+                bar.refresh()
 
-    thread = threading.Thread(target=tick, daemon=True)
-    thread.start()
+        thread = threading.Thread(target=tick, daemon=True)
+        thread.start()
+    outcome = "failed after"
     try:
         yield
+        outcome = "done in"
     finally:
         stop.set()
-        thread.join(timeout=5)
-        bar.close()
-        print(f"[{index}/{count}] {name}: done in {(time.monotonic() - start) / 60:.1f} min", flush=True)
+        if thread is not None:
+            thread.join(timeout=5)
+            bar.close()
+        print(f"[{index}/{count}] {name}: {outcome} {(time.monotonic() - start) / 60:.1f} min", flush=True)
 
 
 def execute_notebook(source: Path, target: Path, parameters: Mapping[str, Any], cwd: Path,

@@ -3,7 +3,8 @@
 The demo trains on 2 CPU cores in minutes, so these trainers change nnU-Net's defaults
 (1000 epochs x 250 iterations, SGD lr 1e-2, full augmentation) to:
 
-* **few iterations**: ``EPOCHS x ITERATIONS`` set per class; a handful of validation iterations
+* **few iterations**: ``EPOCHS x ITERATIONS`` set per class (without a budget; with one, the
+  epochs stay and the iterations follow the CPU, see below); a handful of validation iterations
   per epoch, enough for the pseudo-Dice curve in the checkpoint logging;
 * **AdamW with a polynomial decay** (lr ``LR``, nnU-Net's weight decay): with few iterations SGD
   at 1e-2 learned nothing in our measurements;
@@ -40,6 +41,7 @@ Hyperparameters are class attributes, so a variant is a three-line subclass.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -82,8 +84,11 @@ def budget_seconds() -> float | None:
     value = os.environ.get("SPINEMETS_TRAIN_BUDGET_S", "").strip()
     if not value:
         return None
-    budget = float(value)
-    if not budget > 0:
+    try:
+        budget = float(value)
+    except ValueError:
+        budget = float("nan")
+    if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"SPINEMETS_TRAIN_BUDGET_S must be a positive number of seconds, not {value!r}")
     return budget
 
@@ -159,6 +164,7 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
         self._epoch_costs: list[tuple[int, float, float]] = []  # (iterations, training s, other s) per epoch
         self._elapsed_before = 0.0  # seconds of earlier runs of this fold (resumed with --c)
         self._iterations_before = 0
+        self._epoch_log_before: list[tuple[int, float]] = []
 
     def initialize(self):
         super().initialize()
@@ -170,7 +176,8 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
 
         self.logger.plot_progress_png = plot_now_and_then
         if self.device.type == "cpu":
-            self.network.to(memory_format=torch.channels_last_3d)  # in place: the optimizer keeps its parameters
+            layout = torch.channels_last_3d if len(self.configuration_manager.patch_size) == 3 else torch.channels_last
+            self.network.to(memory_format=layout)  # in place: the optimizer keeps its parameters
         self.bf16 = use_cpu_bf16(self.device)
         if self.bf16:
             autocast_forward(self.network)
@@ -182,9 +189,16 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
         super().on_train_start()
         self._t0 = time.monotonic()
         record = self._read_record()
-        if record and self.current_epoch > 0:  # resumed: what the earlier runs spent counts
-            self._elapsed_before = float(record.get("elapsed_s", 0.0))
-            self._iterations_before = int(record.get("iterations", 0))
+        if record and self.current_epoch > 0:  # resumed: the epochs before the checkpoint count
+            # the record is renewed every epoch, the checkpoint every few: the epochs after it are trained again
+            done = [tuple(e) for e in record.get("epoch_log", [])[:self.current_epoch]]
+            self._epoch_log_before = done
+            self._elapsed_before = float(sum(seconds for _, seconds in done))
+            self._iterations_before = int(sum(n for n, _ in done))
+        if self.budget_s is not None and self.is_ddp:
+            # each process would fit its own iteration count and the gradient all-reduce would wait forever
+            self.print_to_log_file("Training budget ignored with several GPUs (DDP): the trainer's own iteration count")
+            self.budget_s = None
         if self.budget_s is not None:
             # until an epoch has been measured, a fifth of the class's iterations per epoch
             self.num_iterations_per_epoch = max(2, self.ITERATIONS // 5)
@@ -204,6 +218,7 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
         super().on_epoch_end()
         total = time.monotonic() - self._epoch_t0
         self._epoch_costs.append((self._train_n, self._train_s, max(0.0, total - self._train_s)))
+        self._epoch_seconds = getattr(self, "_epoch_seconds", []) + [round(total, 2)]
         elapsed = self._elapsed_before + time.monotonic() - self._t0
         left = self.num_epochs - self.current_epoch
         per_it, per_epoch = self._costs()
@@ -239,7 +254,10 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
                   "seconds_per_epoch_other": round(per_epoch, 3), "batch_size": self.batch_size,
                   "patch_size": list(self.configuration_manager.patch_size), "bf16_autocast": self.bf16,
                   "channels_last": self.device.type == "cpu", "device": self.device.type,
-                  "cpu": cpu_description(), "torch": torch.__version__}
+                  "cpu": cpu_description(), "torch": torch.__version__,
+                  # (iterations, seconds) per epoch: a resumed run counts the epochs its checkpoint holds
+                  "epoch_log": [list(e) for e in self._epoch_log_before]
+                  + [[n, sec] for (n, _, _), sec in zip(self._epoch_costs, self._epoch_seconds)]}
         path = Path(self.output_folder) / TRAINING_RECORD
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
