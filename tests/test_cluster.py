@@ -358,6 +358,7 @@ def test_run_steps_of_the_paper_profile(tmp_path):
     assert prepare.kwargs["notebooks"] == ["01_dataset", "02_slicer"]
     assert prepare.kwargs["build_book"] is False and prepare.kwargs["out_dir"] == "build/executed-prepare"
     assert prepare.kwargs["estimate"] is False  # the jobs do not measure the machine for an estimate
+    assert prepare.kwargs["parameters"] == {"workspace": "ws/paper"}  # folds: a training notebook's parameter
     for stage in ("vertebrae", "metastases"):
         assert by_name[f"{stage}/plan"].after == ("run/prepare",)
         assert by_name[f"{stage}/plan"].kwargs["workspace"] == str(root / "ws" / "paper")

@@ -334,8 +334,11 @@ def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, 
         raise SpinemetsError(f"{prof.source}: profile {prof.name!r} has no training notebook "
                              f"({runner.TRAINING_NOTEBOOK}); nothing to submit as jobs")
     common = {"profile": str(prof.source), "parameters": dict(parameters or {}), "root": str(root)}
+    # the notebooks before training get the overrides they declare (e.g. not a training notebook's folds)
+    before = set().union(*(runner.declared_parameters(src) for _, src, _ in plans[:training[0]]))
     prepare = Step("run/prepare", "prepare", "run", "spinemets.runner:run",
-                   {**common, "notebooks": names[:training[0]], "out_dir": f"{out_dir}-prepare", "build_book": False,
+                   {**common, "parameters": {k: v for k, v in common["parameters"].items() if k in before},
+                    "notebooks": names[:training[0]], "out_dir": f"{out_dir}-prepare", "build_book": False,
                     "estimate": False})
     has_prepare = training[0] > 0
     steps = [prepare] if has_prepare else []
