@@ -162,9 +162,7 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
         self.save_every = self.SAVE_EVERY
         self.budget_s = budget_seconds()
         self._epoch_costs: list[tuple[int, float, float]] = []  # (iterations, training s, other s) per epoch
-        self._elapsed_before = 0.0  # seconds of earlier runs of this fold (resumed with --c)
-        self._iterations_before = 0
-        self._epoch_log_before: list[tuple[int, float]] = []
+        self._epoch_log_before: list[tuple[int, float]] = []  # (iterations, s) of the epochs before a resume
 
     def initialize(self):
         super().initialize()
@@ -188,13 +186,11 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
     def on_train_start(self):
         super().on_train_start()
         self._t0 = time.monotonic()
+        self._cpu = cpu_description()
         record = self._read_record()
         if record and self.current_epoch > 0:  # resumed: the epochs before the checkpoint count
             # the record is renewed every epoch, the checkpoint every few: the epochs after it are trained again
-            done = [tuple(e) for e in record.get("epoch_log", [])[:self.current_epoch]]
-            self._epoch_log_before = done
-            self._elapsed_before = float(sum(seconds for _, seconds in done))
-            self._iterations_before = int(sum(n for n, _ in done))
+            self._epoch_log_before = [tuple(e) for e in record.get("epoch_log", [])[:self.current_epoch]]
         if self.budget_s is not None and self.is_ddp:
             # each process would fit its own iteration count and the gradient all-reduce would wait forever
             self.print_to_log_file("Training budget ignored with several GPUs (DDP): the trainer's own iteration count")
@@ -218,8 +214,7 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
         super().on_epoch_end()
         total = time.monotonic() - self._epoch_t0
         self._epoch_costs.append((self._train_n, self._train_s, max(0.0, total - self._train_s)))
-        self._epoch_seconds = getattr(self, "_epoch_seconds", []) + [round(total, 2)]
-        elapsed = self._elapsed_before + time.monotonic() - self._t0
+        elapsed = sum(seconds for _, seconds in self._epoch_log_before) + time.monotonic() - self._t0
         left = self.num_epochs - self.current_epoch
         per_it, per_epoch = self._costs()
         if self.budget_s is not None and left > 0:
@@ -247,17 +242,16 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
         if self.local_rank != 0:
             return
         per_it, per_epoch = self._costs()
+        # (iterations, seconds) per epoch: a resumed run counts the epochs its checkpoint holds
+        epoch_log = [list(e) for e in self._epoch_log_before] + [[n, round(t + o, 2)] for n, t, o in self._epoch_costs]
         record = {"trainer": type(self).__name__, "budget_s": self.budget_s, "finished": done,
                   "epochs": self.current_epoch, "epochs_planned": self.num_epochs,
-                  "iterations": self._iterations_before + sum(n for n, _, _ in self._epoch_costs),
+                  "iterations": int(sum(n for n, _ in epoch_log)),
                   "elapsed_s": round(elapsed, 1), "seconds_per_iteration": round(per_it, 4),
                   "seconds_per_epoch_other": round(per_epoch, 3), "batch_size": self.batch_size,
                   "patch_size": list(self.configuration_manager.patch_size), "bf16_autocast": self.bf16,
                   "channels_last": self.device.type == "cpu", "device": self.device.type,
-                  "cpu": cpu_description(), "torch": torch.__version__,
-                  # (iterations, seconds) per epoch: a resumed run counts the epochs its checkpoint holds
-                  "epoch_log": [list(e) for e in self._epoch_log_before]
-                  + [[n, sec] for (n, _, _), sec in zip(self._epoch_costs, self._epoch_seconds)]}
+                  "cpu": self._cpu, "torch": torch.__version__, "epoch_log": epoch_log}
         path = Path(self.output_folder) / TRAINING_RECORD
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
