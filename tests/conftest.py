@@ -18,6 +18,10 @@ from spinemets import labels
 from spinemets.slicer import write_segments
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The book builds of the tests (each in its own copy of the project) share one cache of the niivue
+# package taken from the npm registry (spinemets.viewer.vendor_niivue), instead of one per copy.
+os.environ.setdefault("SPINEMETS_VENDOR_DIR", str(REPO / "build" / "vendor"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

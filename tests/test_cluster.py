@@ -392,40 +392,6 @@ def test_run_steps_refuse_what_cannot_run(tmp_path):
     assert not (root / "runs").exists()  # nothing submitted
 
 
-@pytest.mark.slow
-def test_ci_run_as_jobs_on_slurm_builds_the_book(slurm, tmp_path):
-    """``spinemets run --profile ci --executor slurm --wait``: every step a SLURM job, the book at the end."""
-    from spinemets import cli
-
-    root = copy_project(tmp_path / "project")
-    run = tmp_path / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            mp.delenv(var, raising=False)
-        mp.chdir(root)
-        code = cli.main(["run", "--profile", "ci", "--executor", "slurm", "--run-folder", str(run), "--wait",
-                         "--poll", "2"])
-    table = cluster.status(run)
-    assert code == 0, table.to_string()
-    assert list(table["step"]) == ["run/prepare", "vertebrae/plan", "vertebrae/demo_vertebrae/fold_all",
-                                   "vertebrae/finalize", "metastases/plan", "metastases/demo_metastases/fold_all",
-                                   "metastases/finalize", "run/report"]
-    assert all_done(table) and len(set(table["job"])) == len(table)  # one SLURM job each
-    provenance = json.loads((root / "build" / "executed" / "provenance.json").read_text())
-    steps = yaml.safe_load((root / "profiles" / "ci.yaml").read_text())["notebooks"]
-    assert provenance["status"] == "ok" and [n["status"] for n in provenance["notebooks"]] == ["ok"] * len(steps)
-    assert (root / "_build" / "html" / "index.html").exists()
-    assert "<table" in (root / "_build" / "html" / "book" / "results.html").read_text()
-    # the training notebooks of the report found their folds trained by the jobs: trained once
-    ws = nnunet.Workspace(root / "workspace" / "ci")
-    for stage in ("vertebrae", "metastases"):
-        log_text = (ws.results / ws.dataset_name(stage) / "spinemets_train.log").read_text()
-        assert log_text.count("Training done.") == 1, stage
-    # the notebooks of the preparing job ran into their own folder
-    assert sorted(p.name for p in (root / "build" / "executed-prepare").glob("*.ipynb")) == [
-        "01_dataset.ipynb", "02_slicer.ipynb"]
-
-
 def test_wait_reports_failed_steps_with_their_logs(tmp_path, monkeypatch):
     rows = [{"step": "a/plan", "kind": "plan", "stage": "a", "configuration": "", "fold": "", "job": "3",
              "attempt": 1, "state": "COMPLETED", "status": "done", "reason": "", "elapsed": "", "log": "/l/3.out"},

@@ -703,3 +703,53 @@ def test_evaluate_writes_its_three_files_together_or_none(tmp_path):
     (tmp_path / "out" / "summary.json").rmdir()
     metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["per_case.csv", "summary.csv", "summary.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Error analysis: every lesion's outcome, and the vertebra labels that are shifted
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lesion_errors_lists_each_lesion_with_its_outcome_place_and_vertebra():
+    ref = np.zeros((10, 10, 10), np.uint8)
+    pred = ref.copy()
+    vertebrae = ref.copy()
+    vertebrae[:5], vertebrae[5:] = 20, 21  # L1 above, L2 below
+    ref[1:3, 1:3, 1:3] = pred[1:3, 1:3, 1:3] = 1  # found: a lytic lesion of 8 voxels in L1
+    ref[6:8, 6:8, 6:8] = 2  # missed: a sclerotic lesion in L2
+    pred[7:9, 1, 1] = 1  # invented: 2 voxels in L2
+    pred[6:8, 6:8, 6] = 1  # overlaps the missed lesion, but with the wrong class: no match
+    rows = metrics.lesion_errors(ref, pred, spacing_zyx=(2.0, 1.0, 1.0), vertebrae=vertebrae)
+    by = {(r["outcome"], r["class"], r["volume_ml"]): r for r in rows}
+    assert sorted(by) == [("FN", "sclerotic", 0.016), ("FP", "lytic", 0.004), ("FP", "lytic", 0.008),
+                          ("TP", "lytic", 0.016)]
+    tp = by[("TP", "lytic", 0.016)]
+    assert (tp["z"], tp["y"], tp["x"], tp["iou"], tp["vertebra"]) == (1.5, 1.5, 1.5, 1.0, "L1")
+    fn = by[("FN", "sclerotic", 0.016)]
+    assert (fn["z"], fn["vertebra"]) == (6.5, "L2") and np.isnan(fn["iou"])
+    assert by[("FP", "lytic", 0.004)]["vertebra"] == "L2" and by[("FP", "lytic", 0.004)]["z"] == 7.5
+    # the counts agree with the lesion-level metrics' own
+    counts = metrics.match_components(ref, pred).counts(3)
+    assert (counts.tp[1], counts.fp[1], counts.fn[2]) == (1, 2, 1)
+    assert metrics.lesion_errors(np.zeros((3, 3, 3), np.uint8), np.zeros((3, 3, 3), np.uint8)) == []
+
+
+def test_lesion_errors_outside_every_vertebra_names_none():
+    ref = np.zeros((4, 4, 4), np.uint8)
+    ref[0, 0, 0] = 1
+    (row,) = metrics.lesion_errors(ref, np.zeros_like(ref), vertebrae=np.zeros_like(ref))
+    assert row["outcome"] == "FN" and row["vertebra"] == ""
+
+
+def test_vertebra_shifts_reports_the_majority_label_of_each_reference_vertebra():
+    ref = np.zeros((12, 4, 4), np.uint8)
+    ref[:4], ref[4:8], ref[8:] = 14, 15, 16  # T7, T8, T9
+    pred = np.zeros_like(ref)
+    pred[:4] = 14  # T7 right
+    pred[4:7], pred[7:8] = 16, 15  # T8 mostly called T9 (3 of 4 slices)
+    pred[8:9] = 16  # T9 mostly missed (1 of 4 slices found)
+    rows = {r["reference"]: r for r in metrics.vertebra_shifts(ref, pred)}
+    assert list(rows) == ["T7", "T8", "T9"]
+    assert (rows["T7"]["predicted"], rows["T7"]["share"], rows["T7"]["shift"]) == ("T7", 1.0, 0.0)
+    assert (rows["T8"]["predicted"], rows["T8"]["share"], rows["T8"]["shift"]) == ("T9", 0.75, 1.0)
+    assert rows["T9"]["predicted"] == "" and rows["T9"]["share"] == 0.75 and np.isnan(rows["T9"]["shift"])

@@ -558,3 +558,63 @@ def test_project_trainer_puts_its_network_in_channels_last_on_the_cpu(tmp_path, 
     x = torch.zeros(1, 1, *cfg["patch_size"])
     with torch.no_grad():
         assert trainer.network(x)[0].shape == (1, 3, *cfg["patch_size"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the tools' output goes (clean pages)
+# ---------------------------------------------------------------------------------------------
+
+
+def _noisy_program(tmp_path: Path, code: int = 0) -> Path:
+    script = tmp_path / "noisy"
+    script.write_text("#!/bin/sh\necho 'Searching for class nnUNetTrainer'\n"
+                      "printf ' 50%%|#####     | 1/2\\r100%%|##########| 2/2\\n'\n"
+                      f"echo 'Inspecting module x'\nexit {code}\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_tool_output_log_keeps_the_programs_lines_out_of_the_console(tmp_path, monkeypatch, capsys):
+    ws = nnunet.Workspace(tmp_path / "ws")
+    monkeypatch.setattr(nnunet, "_program", lambda name: str(_noisy_program(tmp_path)))
+    monkeypatch.setenv(nnunet.TOOL_OUTPUT_ENV, "log")
+    nnunet.run_nnunet("nnUNetv2_plan_and_preprocess", ["-d", "1"], ws)
+    out = capsys.readouterr().out
+    assert "Searching for class" not in out and "Inspecting module" not in out and "100%" not in out
+    assert out.count("\n") == 1 and "nnUNetv2_plan_and_preprocess: done in" in out
+    text = (ws.logs / "nnUNetv2_plan_and_preprocess.log").read_text()
+    assert text.startswith("$ ") and "Searching for class" in text and "Inspecting module x" in text
+    nnunet.log_block(ws.logs / "nnUNetv2_plan_and_preprocess.log", "plan")  # outside a notebook: the tail as text
+    shown = capsys.readouterr().out
+    assert shown.splitlines()[-2:] == ["100%|##########| 2/2", "Inspecting module x"]
+
+
+def test_tool_output_console_is_the_default_and_a_failure_names_the_log(tmp_path, monkeypatch, capsys):
+    ws = nnunet.Workspace(tmp_path / "ws")
+    monkeypatch.setattr(nnunet, "_program", lambda name: str(_noisy_program(tmp_path)))
+    monkeypatch.delenv(nnunet.TOOL_OUTPUT_ENV, raising=False)
+    nnunet.run_nnunet("nnUNetv2_plan_and_preprocess", [], ws)
+    assert "Inspecting module x" in capsys.readouterr().out and not ws.logs.exists()
+    monkeypatch.setattr(nnunet, "_program", lambda name: str(_noisy_program(tmp_path, code=3)))
+    monkeypatch.setenv(nnunet.TOOL_OUTPUT_ENV, "log")
+    with pytest.raises(SpinemetsError, match=r"exit 3.*nnUNetv2_train\.log"):
+        nnunet.run_nnunet("nnUNetv2_train", [], ws)
+    monkeypatch.setenv(nnunet.TOOL_OUTPUT_ENV, "loud")
+    with pytest.raises(SpinemetsError, match="SPINEMETS_TOOL_OUTPUT='loud'"):
+        nnunet.tool_output()
+
+
+def test_captured_output_sends_in_process_prints_to_the_workspace_log(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    ws = nnunet.Workspace(tmp_path / "ws")
+    monkeypatch.setenv(nnunet.TOOL_OUTPUT_ENV, "log")
+    with nnunet.captured_output(ws, "nnUNetPredictor"):
+        print("perform_everything_on_device=True is only supported for cuda devices!")
+        warnings.warn("a tool's warning")
+    assert "cuda devices" not in capsys.readouterr().out
+    assert "cuda devices" in (ws.logs / "nnUNetPredictor.log").read_text()
+    monkeypatch.setenv(nnunet.TOOL_OUTPUT_ENV, "console")
+    with nnunet.captured_output(ws, "nnUNetPredictor"):
+        print("shown")
+    assert "shown" in capsys.readouterr().out

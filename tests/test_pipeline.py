@@ -14,7 +14,9 @@ import pytest
 
 from spinemets import results, runner
 
+import browser
 from conftest import REPO
+from test_viewer import THEME_ERRORS, _chromium_or_skip
 
 #: The executed copies: one per notebook, and one per stage of the training notebook.
 STEPS = ["01_dataset", "02_slicer", "03_training_vertebrae", "03_training_metastases", "04_inference", "05_metrics",
@@ -49,5 +51,27 @@ def test_ci_profile_runs_every_notebook_and_builds_the_book(tmp_path):
     for step in ("03_training_vertebrae", "03_training_metastases", "04_inference", "05_metrics", "06_external"):
         page = (html / "build" / "executed" / f"{step}.html").read_text()
         assert re.findall(r"<img ", page), f"{step} shows its figures"
+    # clean pages: nnU-Net's messages and progress bars are in log files, at most in a collapsed block
+    noise = re.compile(r"Searching for class|Inspecting module|only supported for cuda devices|"
+                       r"Fingerprint extraction|\d+%\|[^|]*\|\s*\d+/\d+|Using device:|"
+                       r"#{5,} *\n|Epoch \d+|train_loss")
+    for page_file in sorted(html.rglob("*.html")):
+        text = re.sub(r"<details class=\"spinemets-log\">.*?</details>", "", page_file.read_text(), flags=re.S)
+        found = noise.search(text)
+        assert found is None, f"{page_file.relative_to(html)} shows a tool log: {text[found.start() - 80:found.end() + 80]!r}"
+    training = (html / "build" / "executed" / "03_training_vertebrae.html").read_text()
+    assert '<details class="spinemets-log">' in training and "Training done." in training
+    logs = tmp_path / "workspace" / "ci" / "logs"
+    assert (logs / "nnUNetv2_plan_and_preprocess.log").read_text().startswith("$ ")
+    assert (logs / "nnUNetPredictor.log").exists()
+    # the 3-D viewer of the inference page, vendored into the book, draws offline in headless Chromium
+    inference_page = html / "build" / "executed" / "04_inference.html"
+    assert (html / "_static" / "niivue" / "niivue.umd.js").is_file()
+    assert inference_page.read_text().count('class="niivue-viewer"') >= 1
+    exe = _chromium_or_skip()
+    found = browser.check_viewer(inference_page, executable=exe, timeout=180)
+    errors = [e for e in found["console_errors"] if not any(k in e for k in THEME_ERRORS)]
+    assert errors == [] and found["messages"] == [], found
+    assert found["viewers"] >= 1 and found["nonblank"] and found["differs"], found
     lesions = (tmp_path / "workspace" / "ci" / "predictions" / "lesions.csv").read_text().splitlines()
     assert lesions[0].startswith("case_id")

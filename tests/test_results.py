@@ -105,3 +105,133 @@ def test_training_statement_names_iterations_budget_and_cpu(tmp_path):
     assert "vertebrae (demo_vertebrae, fold all): 123 iterations in 239 s of a 240 s budget, 1.80 s per iteration" in text
     assert "metastases (demo_metastases, fold all): 6 iterations in 239 s (a fixed iteration count)" in text
     assert "Some CPU, torch kernels AVX2, 2 threads, bfloat16 autocast off" in text
+
+
+# --- per vertebra (the paper's Table 2), per lesion type, and the figure ------------------------
+
+import math
+
+import numpy as np
+import pytest
+
+from spinemets import labels
+
+
+def _per_case(rows):
+    return pd.DataFrame(rows, columns=["case", "class", "metric", "value"])
+
+
+def _paper(rows):
+    return pd.DataFrame(rows, columns=["stage", "configuration", "class", "metric", "value", "low", "high", "source"])
+
+
+NAN = float("nan")
+TWO_CASES = _per_case([
+    ("a", "L1", "dice", 0.8), ("b", "L1", "dice", 0.9),
+    ("a", "L1", "fbeta", 0.7), ("b", "L1", "fbeta", NAN),
+    ("a", "L1", "pq", 0.5), ("b", "L1", "pq", 0.6),
+    ("a", "L2", "dice", 0.6), ("b", "L2", "dice", NAN),
+    ("a", "C1", "dice", NAN), ("b", "C1", "dice", NAN),
+    ("a", "all", "dice", 0.1), ("a", "L1", "iou", 0.3),
+])
+
+
+def test_per_vertebra_table_is_the_mean_over_cases_per_vertebra():
+    paper = _paper([
+        ("vertebrae", "3d_fullres", "L1", "dice", 0.9, NAN, NAN, "x"),
+        ("vertebrae", "3d_fullres", "L1", "pq", 0.4, NAN, NAN, "x"),
+        ("vertebrae", "3d_fullres", "all vertebrae", "dice", NAN, 0.87, 0.96, "x"),
+        ("metastases", "3d_cascade_fullres", "lytic", "dice", 0.71, NAN, NAN, "x"),
+    ])
+    table = results.per_vertebra_table(paper, TWO_CASES)
+    assert list(table.index) == list(labels.VERTEBRAE) and len(table) == 25
+    assert list(table.columns) == ["paper Dice", "paper F2", "paper PQ", "ours Dice", "ours F2", "ours PQ", "n"]
+    assert table.loc["L1", "ours Dice"] == pytest.approx(0.85)
+    assert table.loc["L1", "ours F2"] == pytest.approx(0.7)  # NaN of case b skipped
+    assert table.loc["L1", "ours PQ"] == pytest.approx(0.55)
+    assert table.loc["L1", "n"] == 2
+    assert table.loc["L2", "ours Dice"] == pytest.approx(0.6) and table.loc["L2", "n"] == 1
+    assert math.isnan(table.loc["C1", "ours Dice"]) and table.loc["C1", "n"] == 0  # absent: NaN, not 0
+    assert math.isnan(table.loc["Sacrum", "ours Dice"]) and table.loc["Sacrum", "n"] == 0
+    assert table.loc["L1", "paper Dice"] == pytest.approx(0.9) and table.loc["L1", "paper PQ"] == pytest.approx(0.4)
+    assert math.isnan(table.loc["L1", "paper F2"]) and math.isnan(table.loc["T5", "paper Dice"])
+    without_run = results.per_vertebra_table(paper, None)
+    assert len(without_run) == 25 and without_run["ours Dice"].isna().all() and (without_run["n"] == 0).all()
+
+
+def test_compare_with_paper_leaves_single_vertebrae_to_the_per_vertebra_table():
+    paper = results.read_paper_results(REPO / "book" / "data" / "paper_results.csv")
+    extra = _paper([("vertebrae", "3d_fullres", "L1", "dice", 0.9, NAN, NAN, "x")])
+    both = pd.concat([paper, extra], ignore_index=True)
+    ranges_and_lesions = paper[~paper["class"].isin(labels.VERTEBRAE)]
+    assert len(results.compare_with_paper(both, {})) == len(ranges_and_lesions)
+    assert results.paper_has_per_vertebra_values(both) and not results.paper_has_per_vertebra_values(
+        ranges_and_lesions)
+
+
+def test_per_lesion_type_table_sets_ours_beside_the_papers():
+    paper = results.read_paper_results(REPO / "book" / "data" / "paper_results.csv")
+    mets = _per_case([("a", "lytic", "dice", 0.5), ("b", "lytic", "dice", 0.7), ("a", "lytic", "pq", 0.2),
+                      ("a", "sclerotic", "dice", NAN), ("b", "sclerotic", "dice", NAN)])
+    table = results.per_lesion_type_table(paper, mets)
+    assert list(table.index) == ["lytic", "sclerotic"]
+    assert table.loc["lytic", "paper Dice"] == pytest.approx(0.71)
+    assert table.loc["sclerotic", "paper PQ"] == pytest.approx(0.30)
+    assert table.loc["lytic", "paper configuration"] == "3d_cascade_fullres"
+    assert table.loc["lytic", "ours Dice"] == pytest.approx(0.6) and table.loc["lytic", "n"] == 2
+    assert table.loc["lytic", "ours PQ"] == pytest.approx(0.2) and math.isnan(table.loc["lytic", "ours F2"])
+    assert math.isnan(table.loc["sclerotic", "ours Dice"]) and table.loc["sclerotic", "n"] == 0
+
+
+def test_paper_file_values_are_fractions_with_sources_and_vertebrae_come_complete():
+    paper = results.read_paper_results(REPO / "book" / "data" / "paper_results.csv")
+    values = pd.concat([paper["value"], paper["low"], paper["high"]]).dropna()
+    assert ((values >= 0) & (values <= 1)).all()
+    assert paper["source"].fillna("").str.contains("Edelmers et al. 2024").all()
+    assert set(paper["metric"]) <= set(results.OUR_METRIC)
+    single = paper[(paper["stage"] == "vertebrae") & paper["class"].isin(labels.VERTEBRAE)]
+    for metric, rows in single.groupby("metric"):
+        # a metric of the paper's Table 2 is entered for all 25 vertebrae or not at all
+        assert sorted(rows["class"]) == sorted(labels.VERTEBRAE), metric
+        assert rows["value"].notna().all(), metric
+
+
+def test_read_paper_cohort(tmp_path):
+    assert results.read_paper_cohort(tmp_path / "none.csv") is None
+    (tmp_path / "bad.csv").write_text("characteristic,value\nsex,female\n")
+    with pytest.raises(Exception, match="missing column"):
+        results.read_paper_cohort(tmp_path / "bad.csv")
+
+
+def test_per_vertebra_dice_figure_has_one_tick_per_vertebra():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spinemets import figures
+
+    paper = _paper([("vertebrae", "3d_fullres", "L1", "dice", 0.9, NAN, NAN, "x")])
+    table = results.per_vertebra_table(paper, TWO_CASES)
+    fig = figures.per_vertebra_dice(table, TWO_CASES)
+    ax = fig.axes[0]
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(labels.VERTEBRAE)
+    assert len(ax.get_xticks()) == 25
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["ours, per case", "ours, mean over cases", "Edelmers et al. 2024"]
+    points = [c.get_offsets().data.copy() for c in ax.collections]
+    again = [c.get_offsets().data.copy() for c in figures.per_vertebra_dice(table, TWO_CASES).axes[0].collections]
+    assert len(points) == len(again) == 4  # per-case points of L1 and L2, our means, the paper's
+    assert all(np.array_equal(p, q) for p, q in zip(points, again))  # deterministic
+    assert points[0].tolist() == [[18.75, 0.8], [19.25, 0.9]]  # L1's two cases, spread by rank
+    assert np.allclose(points[2], [[labels.VERTEBRAE.index("L1"), 0.85], [labels.VERTEBRAE.index("L2"), 0.6]])
+    assert points[3].tolist() == [[labels.VERTEBRAE.index("L1"), 0.9]]
+    empty = figures.per_vertebra_dice(results.per_vertebra_table(_paper([]), None))
+    assert len(empty.axes[0].get_xticks()) == 25 and empty.axes[0].get_legend() is None
+    banded = figures.per_vertebra_dice(table, TWO_CASES, paper_range=(0.87, 0.96)).axes[0]
+    (band,) = banded.patches  # the paper's range over vertebrae, across the axis
+    ys = band.get_path().transformed(band.get_patch_transform()).vertices[:, 1]
+    assert np.allclose([ys.min(), ys.max()], [0.87, 0.96])
+    assert any("range over vertebrae (0.87–0.96)" in t.get_text() for t in banded.get_legend().get_texts())
+    plt.close("all")

@@ -416,19 +416,38 @@ def table_shape(root: Path) -> dict[str, tuple]:
     return out
 
 
+#: The configurations of the SLURM run: the cascade and the low-resolution model it waits for (the
+#: one dependency between training jobs) and the selection between them. The local run above has
+#: trained all four; the jobs of the other two differ from these only in their arguments.
+SLURM_CONFIGURATIONS = ["3d_lowres", "3d_cascade_fullres"]
+
+
 def test_smoke_run_on_slurm_produces_the_same_tables(slurm, smoke_run, tmp_path):
     root = copy_project(tmp_path / "project")
     run = tmp_path / "run"
     code = run_in(root, ["run", "--profile", "smoke", "--executor", "slurm", "--run-folder", str(run), "--wait",
-                         "--poll", "5"])
+                         "--poll", "5", "-p", "configurations", json.dumps(SLURM_CONFIGURATIONS)])
     table = cluster.status(run)
     assert code == 0, table.to_string()
     trains = [s for s in table["step"] if "/fold_" in s]
-    assert len(trains) == 2 * 4 * 2 and (table["status"] == "done").all()
+    assert sorted(trains) == sorted(f"{stage}/{cfg}/fold_{fold}" for stage in STAGE_NAMES
+                                    for cfg in SLURM_CONFIGURATIONS for fold in (0, 1))
+    assert (table["status"] == "done").all()
     assert len(set(table["job"])) == len(table)
     local, on_slurm = table_shape(smoke_run), table_shape(root)
     assert local and on_slurm == local
-    assert (root / "_build" / "html" / "book" / "results.html").exists()
+    assert list(table["step"])[:2] == ["run/prepare", "vertebrae/plan"] and list(table["step"])[-1] == "run/report"
+    provenance = json.loads((root / "build" / "executed" / "provenance.json").read_text())
+    steps = yaml.safe_load((root / "profiles" / "smoke.yaml").read_text())["notebooks"]
+    assert provenance["status"] == "ok" and [n["status"] for n in provenance["notebooks"]] == ["ok"] * len(steps)
+    assert "<table" in (root / "_build" / "html" / "book" / "results.html").read_text()
+    # the notebooks of the preparing job ran into their own folder
+    assert sorted(p.name for p in (root / "build" / "executed-prepare").glob("*.ipynb")) == [
+        "01_dataset.ipynb", "02_slicer.ipynb"]
     for stage in STAGE_NAMES:  # the report found every fold trained by the jobs: each trained once
         log_text = (workspace_of(root).results / workspace_of(root).dataset_name(stage) / "spinemets_train.log").read_text()
-        assert log_text.count("Training done.") == 2 * 4
+        assert log_text.count("Training done.") == 2 * len(SLURM_CONFIGURATIONS)
+        selection = json.loads((workspace_of(root).results / workspace_of(root).dataset_name(stage)
+                                / "inference_information.json").read_text())
+        chosen = selection["best_model_or_ensemble"]["selected_model_or_models"]
+        assert {m["configuration"] for m in chosen} <= set(SLURM_CONFIGURATIONS)

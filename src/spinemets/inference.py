@@ -337,7 +337,7 @@ class _Stage:
 
     def __init__(self, stage: str, profile: str, workspace, device: str, tta: bool, threads: int | None = None):
         self.models = nnunet.trained_models(stage, profile, workspace)
-        ws = nnunet._workspace(workspace)
+        ws = self.workspace = nnunet._workspace(workspace)
         #: What the model was trained on (:mod:`spinemets.domain`), for the domain check of each input.
         self.domain = domain_mod.training_domain(self.models[0]["folder"], ws.raw / ws.dataset_name(stage))
         self.postprocessing = nnunet.selected_postprocessing(stage, profile, workspace)
@@ -359,6 +359,10 @@ class _Stage:
         return segmentation
 
     def _predict(self, array: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+        with nnunet.captured_output(self.workspace, "nnUNetPredictor"):  # its messages into a log, where asked
+            return self._predict_members(array, spacing_zyx)
+
+    def _predict_members(self, array: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
         props = {"spacing": [float(s) for s in spacing_zyx]}
         data = array[None].astype(np.float32)
         probs = None

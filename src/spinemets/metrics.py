@@ -300,6 +300,9 @@ class Matches:
     ref_ids: np.ndarray
     pred_ids: np.ndarray
     ious: np.ndarray
+    #: The component maps (ids as in ``ref_class``/``pred_class``), where asked for (``keep_components``).
+    ref_components: np.ndarray | None = None
+    pred_components: np.ndarray | None = None
 
     def counts(self, n_labels: int) -> Counts:
         """Instance TP, FP, FN and summed IoU per class (arrays indexed by class value)."""
@@ -351,12 +354,14 @@ def _c_array(array: np.ndarray) -> np.ndarray:
     return np.array(array, order="C")
 
 
-def match_components(ref: np.ndarray, pred: np.ndarray, match: str = "iou", connectivity: int = 26) -> Matches:
+def match_components(ref: np.ndarray, pred: np.ndarray, match: str = "iou", connectivity: int = 26,
+                     keep_components: bool = False) -> Matches:
     """Connected components of every class in both label arrays, matched within each class.
 
     One multi-label ``cc3d.connected_components`` pass per array (components never join different
     labels), then one count of (reference component, predicted component) pairs over the foreground
-    gives every overlap, and from it every IoU, at once.
+    gives every overlap, and from it every IoU, at once. ``keep_components`` keeps the two
+    component maps in the result (for :func:`lesion_errors`).
     """
     import cc3d
 
@@ -378,7 +383,70 @@ def match_components(ref: np.ndarray, pred: np.ndarray, match: str = "iou", conn
     r, p, inter = pair_table(rc[both], pc[both], n_ref + 1, n_pred + 1)
     same = ref_class[r] == pred_class[p]
     ref_ids, pred_ids, ious = match_pairs(r[same], p[same], inter[same], ref_size, pred_size, match)
+    if keep_components:
+        return Matches(ref_class, pred_class, ref_ids, pred_ids, ious, ref_cc, pred_cc)
     return Matches(ref_class, pred_class, ref_ids, pred_ids, ious)
+
+
+#: Columns of :func:`lesion_errors`.
+LESION_ERROR_COLUMNS = ("outcome", "class", "component", "volume_ml", "z", "y", "x", "iou", "vertebra")
+
+
+def lesion_errors(ref: np.ndarray, pred: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0), vertebrae: np.ndarray | None = None,
+                  match: str = "iou", connectivity: int = 26) -> list[dict]:
+    """Every lesion of a case with its outcome, for error analysis: the matched ones (``TP``, from the
+    reference), the missed reference lesions (``FN``) and the predicted lesions without a match (``FP``).
+
+    The matching is the lesion-level metrics' own (:func:`match_components`). Each row has the
+    lesion's class name, component id, volume (mL), centroid (voxel indices z, y, x), IoU with its
+    match (NaN otherwise) and, given a vertebra label map on the same grid, the vertebra holding
+    most of its voxels (``""`` outside every vertebra).
+    """
+    from .labels import label_names
+
+    lesion_names = label_names("metastases")
+    vertebra_names = label_names("vertebrae")
+    found = match_components(ref, pred, match, connectivity, keep_components=True)
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    matched_ref = dict(zip(found.ref_ids.tolist(), found.ious.tolist()))
+    matched_pred = set(found.pred_ids.tolist())
+    rows = []
+    for side, components, classes in (("ref", found.ref_components, found.ref_class),
+                                      ("pred", found.pred_components, found.pred_class)):
+        ids = components.ravel()
+        nonzero = np.flatnonzero(ids)
+        if not nonzero.size:
+            continue
+        comp = ids[nonzero]
+        n = len(classes)
+        size = np.bincount(comp, minlength=n)
+        zyx = np.unravel_index(nonzero, components.shape)
+        sums = [np.bincount(comp, weights=axis, minlength=n) for axis in zyx]
+        host = {}
+        if vertebrae is not None:
+            levels = vertebrae.ravel()[nonzero].astype(np.int64)
+            inside = levels > 0
+            if inside.any():
+                pairs = np.stack([comp[inside], levels[inside]], axis=1)
+                uniq, counts = np.unique(pairs, axis=0, return_counts=True)
+                for (c, level), count in zip(uniq.tolist(), counts.tolist()):
+                    if count > host.get(c, (0, 0))[1]:
+                        host[c] = (level, count)
+        for c in range(1, n):
+            if size[c] == 0:
+                continue
+            if side == "ref":
+                outcome, iou = ("TP", matched_ref[c]) if c in matched_ref else ("FN", math.nan)
+            elif c in matched_pred:
+                continue  # a matched prediction: its reference lesion's row stands for the pair
+            else:
+                outcome, iou = "FP", math.nan
+            level = host.get(c, (0, 0))[0]
+            rows.append({"outcome": outcome, "class": lesion_names.get(int(classes[c]), str(classes[c])), "component": c,
+                         "volume_ml": float(size[c]) * voxel_ml,
+                         **{axis: float(total[c] / size[c]) for axis, total in zip("zyx", sums)},
+                         "iou": iou, "vertebra": vertebra_names.get(level, "") if level else ""})
+    return rows
 
 
 def label_instance_counts(voxels: Counts, match: str = "iou") -> Counts:
@@ -930,3 +998,29 @@ __all__ = [
     "identification", "evaluate_case", "evaluate_pair", "case_id", "list_cases", "pair_cases",
     "summarize", "bootstrap_ci", "evaluate_folders",
 ]
+
+
+def vertebra_shifts(ref: np.ndarray, pred: np.ndarray) -> list[dict]:
+    """For each reference vertebra, the predicted label covering most of its voxels, for error analysis.
+
+    Rows: ``reference``, ``predicted`` (name, ``""`` where the vertebra is missed, that is mostly
+    background), ``share`` (the fraction of its voxels with that label) and ``shift`` (predicted minus
+    reference level, in label steps: +1 is one level too low, e.g. T8 for T7; 0 correct; NaN missed).
+    """
+    from .labels import label_names
+
+    names = label_names("vertebrae")
+    n = max(names) + 1
+    fg = ref != 0
+    table = np.bincount(ref[fg].astype(np.int64) * n + np.clip(pred[fg].astype(np.int64), 0, n - 1),
+                        minlength=n * n).reshape(n, n)
+    rows = []
+    for level in range(1, n):
+        total = int(table[level].sum())
+        if total == 0:
+            continue
+        best = int(np.argmax(table[level]))
+        rows.append({"reference": names.get(level, str(level)), "predicted": names.get(best, "") if best else "",
+                     "share": float(table[level, best]) / total,
+                     "shift": float(best - level) if best else math.nan})
+    return rows

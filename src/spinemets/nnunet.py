@@ -332,6 +332,11 @@ class Workspace:
     def predictions(self) -> Path:
         return self.root / "predictions"
 
+    @property
+    def logs(self) -> Path:
+        """The output of nnU-Net's programs when it goes to files (:data:`TOOL_OUTPUT_ENV`)."""
+        return self.root / "logs"
+
     def evaluation(self, stage: str) -> Path:
         labels_mod.check_stage(stage)
         return self.root / "evaluation" / stage
@@ -428,10 +433,91 @@ def _program(name: str) -> str:
     return found
 
 
+#: Where the output of nnU-Net's programs (and of its in-process predictor) goes: ``console`` (the
+#: default: as they print it) or ``log`` (only into files under :attr:`Workspace.logs`, or the
+#: training log; the caller sees one line per program and, in a notebook, the last lines in a
+#: collapsed block). The batch runner sets ``log`` for the notebooks it executes, so that the book
+#: shows no tool logs; a value the user set wins.
+TOOL_OUTPUT_ENV = "SPINEMETS_TOOL_OUTPUT"
+TOOL_OUTPUTS = ("console", "log")
+
+
+def tool_output() -> str:
+    """The current :data:`TOOL_OUTPUT_ENV` setting (``console`` when unset)."""
+    value = os.environ.get(TOOL_OUTPUT_ENV, "").strip().lower() or "console"
+    if value not in TOOL_OUTPUTS:
+        raise SpinemetsError(f"{TOOL_OUTPUT_ENV}={value!r}: must be one of {', '.join(TOOL_OUTPUTS)}")
+    return value
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working folder where it lies below it (no machine-specific prefix on a page)."""
+    with contextlib.suppress(ValueError):
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    return str(path)
+
+
+def log_block(log_file: str | Path, title: str, lines: int = 30) -> None:
+    """Show the last ``lines`` of a log file: collapsed (an HTML ``<details>`` block) in a notebook, as text elsewhere."""
+    import html
+
+    path = Path(log_file)
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    tail = text.splitlines()[-lines:]
+    if not _in_notebook():
+        print("\n".join(tail))
+        return
+    from IPython.display import HTML, display
+
+    display(HTML(f"<details class=\"spinemets-log\"><summary>log: {html.escape(title)} (last {len(tail)} lines of "
+                 f"<code>{html.escape(_shown_path(path))}</code>)</summary><pre>{html.escape(chr(10).join(tail))}"
+                 "</pre></details>"))
+
+
+@contextlib.contextmanager
+def captured_output(workspace: Workspace, name: str) -> Iterator[None]:
+    """With :data:`TOOL_OUTPUT_ENV` ``log``: what nnU-Net prints in this process (its messages, warnings
+    and progress bars) goes to ``logs/NAME.log`` of the workspace instead of the console or the notebook."""
+    if tool_output() != "log":
+        yield
+        return
+    workspace.logs.mkdir(parents=True, exist_ok=True)
+    with open(workspace.logs / f"{name}.log", "a", encoding="utf-8") as fh, \
+            contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        yield
+
+
+def verify_dataset(folder: str | Path, workspace: Workspace | str | Path | None = None, jobs: int = 1) -> None:
+    """nnU-Net's own ``verify_dataset_integrity`` on a raw dataset folder, in this process; its
+    messages go where :data:`TOOL_OUTPUT_ENV` says (``logs/verify_dataset_integrity.log`` with ``log``).
+    Raises :class:`SpinemetsError` naming the folder when nnU-Net finds a problem."""
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    folder = Path(folder)
+    ws = _workspace(workspace)
+    try:
+        with captured_output(ws, "verify_dataset_integrity"):
+            verify_dataset_integrity(str(folder), num_processes=max(1, int(jobs)))
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        raise SpinemetsError(f"{folder}: nnU-Net's dataset integrity check failed: {one_line(exc)[:300]}") from None
+    print(f"{folder.name}: nnU-Net's dataset integrity check passed")
+
+
 def run_nnunet(program: str, args: Sequence[str], workspace: Workspace, log_file: Path | None = None,
                extra_trainer_dirs: Sequence[str | Path] = (), env: Mapping[str, str] | None = None) -> None:
     """Run one nnU-Net program with the workspace environment; its output goes to the console (and ``log_file``).
 
+    With :data:`TOOL_OUTPUT_ENV` ``log`` it goes only to ``log_file`` (default ``logs/PROGRAM.log`` of
+    the workspace), and one line says how long the program took and where its output is.
     The program runs in its own process group: when it ends (or this call is interrupted), what
     is left of that group (data-loading workers of a killed training hold its output open) is
     terminated. A non-zero exit raises :class:`SpinemetsError` with the command and the last lines of its output.
@@ -440,15 +526,25 @@ def run_nnunet(program: str, args: Sequence[str], workspace: Workspace, log_file
     log.info("running %s", " ".join(cmd))
     environment = workspace.environment(extra_trainer_dirs, **dict(env or {}))
     environment.setdefault("PYTHONUNBUFFERED", "1")  # its lines as they come, not in blocks through the pipe
+    quiet = tool_output() == "log"
+    if quiet and log_file is None:
+        log_file = workspace.logs / f"{program}.log"
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     tail: list[str] = []
+    started = time.monotonic()
     handle = open(log_file, "a", encoding="utf-8") if log_file else contextlib.nullcontext()
     with handle as fh:
+        if fh and quiet:
+            fh.write(f"$ {' '.join(cmd)}\n")
+            fh.flush()
         proc = subprocess.Popen(cmd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1, start_new_session=True)
 
         def relay():
             for line in proc.stdout:
-                sys.stdout.write(line)
+                if not quiet:
+                    sys.stdout.write(line)
                 if fh:
                     fh.write(line)
                 tail[:] = (tail + [line.rstrip()])[-15:]
@@ -460,6 +556,8 @@ def run_nnunet(program: str, args: Sequence[str], workspace: Workspace, log_file
         finally:
             _end_group(proc.pid)
             reader.join(timeout=10)
+    if quiet and code == 0:
+        print(f"{program}: done in {time.monotonic() - started:.0f} s; its output is in {_shown_path(log_file)}")
     if code != 0:
         for line in tail:
             log.error("%s: %s", program, line)
@@ -688,6 +786,8 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
                 args += ["-num_gpus", str(int(num_gpus))]  # nnU-Net's own multi-GPU (DDP) training
             run_nnunet("nnUNetv2_train", args, ws, log_file, extra_trainer_dirs, env)
             trained = True
+            if tool_output() == "log" and _in_notebook():
+                log_block(log_file, f"nnUNetv2_train {cfg} fold {fold}")
     records = training_records(stage, usable, folds, trainer, ws, dataset_id)
     if budget and not records:
         log.warning("%s: trainer %s keeps no training record, so it did not train for the %g s budget "
@@ -955,10 +1055,12 @@ def load_predictor(model: Mapping, device: str = "cpu", tta: bool = False, works
     if not all((folder / f"fold_{f}" / checkpoint).exists() for f in model["folds"]):
         checkpoint = CHECKPOINT_BEST
     check_model_folder(folder, model["folds"], checkpoint)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
-                                perform_everything_on_device=device == "cuda", device=torch.device(device),
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    with _workspace(workspace).activated():
+    with captured_output(_workspace(workspace), "nnUNetPredictor"):
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
+                                    perform_everything_on_device=device == "cuda", device=torch.device(device),
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    ws = _workspace(workspace)
+    with ws.activated(), captured_output(ws, "nnUNetPredictor"):
         try:
             predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(model["folds"]),
                                                            checkpoint_name=checkpoint)

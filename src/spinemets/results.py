@@ -166,10 +166,14 @@ def compare_with_paper(paper: pd.DataFrame, summaries: Mapping[str, pd.DataFrame
     (:data:`OUR_METRIC`; the paper's F2 is compared with our voxel-level F-beta, beta = 2) with its
     bootstrap 95 % interval. For a paper range over all vertebrae, ours is the range of the
     per-vertebra means (vertebrae present in at least one reference) and their mean. Missing runs
-    or classes show "–".
+    or classes show "–". Rows of single vertebrae are left to :func:`per_vertebra_table`.
     """
+    from .labels import VERTEBRAE
+
     rows = []
     for rec in paper.to_dict("records"):
+        if rec["stage"] == "vertebrae" and rec["class"] in VERTEBRAE:
+            continue  # single vertebrae belong to per_vertebra_table (the paper's Table 2)
         summary = summaries.get(rec["stage"])
         ours, n = "–", "–"
         metric = OUR_METRIC.get(rec["metric"], rec["metric"])
@@ -199,3 +203,103 @@ def _workspace(folder: Path):
     from .nnunet import Workspace
 
     return Workspace(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per vertebra (the paper's Table 2) and per lesion type, paper beside ours
+# ---------------------------------------------------------------------------------------------
+
+#: Paper metrics of the per-vertebra and per-lesion-type tables, in column order, with their labels.
+TABLE_METRICS: tuple[tuple[str, str], ...] = (("dice", "Dice"), ("f2", "F2"), ("pq", "PQ"))
+
+
+def _paper_values(paper: pd.DataFrame, stage: str, classes) -> pd.DataFrame:
+    """The paper's single values of ``stage`` as a class x paper-metric frame (NaN where the paper
+    file has none); rows in the order of ``classes``."""
+    rows = paper[(paper["stage"] == stage) & paper["class"].isin(list(classes)) & paper["value"].notna()]
+    wide = rows.pivot_table(index="class", columns="metric", values="value", aggfunc="first")
+    return wide.reindex(index=list(classes), columns=[m for m, _ in TABLE_METRICS])
+
+
+def _our_means(per_case: pd.DataFrame | None, classes) -> tuple[pd.DataFrame, pd.Series]:
+    """Mean over cases of each paper metric's counterpart (:data:`OUR_METRIC`) per class, skipping
+    NaN, and the number of cases with a finite Dice per class (0 where none)."""
+    columns = [m for m, _ in TABLE_METRICS]
+    if per_case is None or per_case.empty:
+        return (pd.DataFrame(float("nan"), index=list(classes), columns=columns),
+                pd.Series(0, index=list(classes), dtype=int))
+    data = per_case[per_case["class"].isin(list(classes))]
+    data = data.assign(value=pd.to_numeric(data["value"], errors="coerce"))
+    means = pd.DataFrame(index=list(classes), columns=columns, dtype=float)
+    for paper_metric in columns:
+        ours = data[data["metric"] == OUR_METRIC[paper_metric]].groupby("class")["value"].mean()
+        means[paper_metric] = ours.reindex(list(classes))
+    dice = data[data["metric"] == OUR_METRIC["dice"]].dropna(subset=["value"])
+    n = dice.groupby("class")["case"].nunique().reindex(list(classes)).fillna(0).astype(int)
+    return means, n
+
+
+def per_vertebra_table(paper: pd.DataFrame, per_case: pd.DataFrame | None) -> pd.DataFrame:
+    """The paper's Table 2 beside ours: one row per vertebra, C1 ... Sacrum in label order (25 rows).
+
+    Columns ``paper Dice``, ``paper F2``, ``paper PQ`` (the paper file's single values of stage
+    ``vertebrae`` for that vertebra; NaN where it has none), ``ours Dice``, ``ours F2``, ``ours PQ``
+    (the mean over cases of our per-vertebra Dice, voxel-level F-beta and PQ of the vertebra stage's
+    ``per_case.csv``, NaN values skipped) and ``n`` (cases with a finite Dice for that vertebra). A
+    vertebra absent from all our cases has NaN, never 0, and n = 0. Numbers, not strings:
+    format them for display.
+    """
+    from .labels import VERTEBRAE
+
+    paper_values = _paper_values(paper, "vertebrae", VERTEBRAE)
+    ours, n = _our_means(per_case, VERTEBRAE)
+    table = pd.DataFrame(index=pd.Index(VERTEBRAE, name="vertebra"))
+    for metric, label in TABLE_METRICS:
+        table[f"paper {label}"] = paper_values[metric].astype(float)
+    for metric, label in TABLE_METRICS:
+        table[f"ours {label}"] = ours[metric].astype(float)
+    table["n"] = n
+    return table
+
+
+def per_lesion_type_table(paper: pd.DataFrame, per_case: pd.DataFrame | None) -> pd.DataFrame:
+    """The metastasis stage per lesion type (lytic, sclerotic), paper beside ours, like
+    :func:`per_vertebra_table`: columns ``paper configuration``, ``paper Dice/F2/PQ``, ``ours
+    Dice/F2/PQ`` (mean over cases of the metastasis stage's ``per_case.csv``) and ``n``."""
+    from .labels import LESION_TYPES
+
+    paper_values = _paper_values(paper, "metastases", LESION_TYPES)
+    rows = paper[(paper["stage"] == "metastases") & paper["class"].isin(LESION_TYPES)]
+    configuration = rows.groupby("class")["configuration"].agg(lambda s: ", ".join(sorted(set(s.dropna()))))
+    ours, n = _our_means(per_case, LESION_TYPES)
+    table = pd.DataFrame(index=pd.Index(LESION_TYPES, name="lesion type"))
+    table["paper configuration"] = configuration.reindex(LESION_TYPES).fillna("")
+    for metric, label in TABLE_METRICS:
+        table[f"paper {label}"] = paper_values[metric].astype(float)
+    for metric, label in TABLE_METRICS:
+        table[f"ours {label}"] = ours[metric].astype(float)
+    table["n"] = n
+    return table
+
+
+def paper_has_per_vertebra_values(paper: pd.DataFrame) -> bool:
+    """Whether the paper file holds any single per-vertebra value (stage vertebrae, class a vertebra)."""
+    from .labels import VERTEBRAE
+
+    return bool(((paper["stage"] == "vertebrae") & paper["class"].isin(VERTEBRAE) & paper["value"].notna()).any())
+
+
+PAPER_COHORT = "book/data/paper_cohort.csv"
+
+
+def read_paper_cohort(path: str | Path | None = None) -> pd.DataFrame | None:
+    """The paper's cohort table (Table 1) as kept in ``book/data/paper_cohort.csv`` (columns
+    characteristic, value, n, percent, source), or None when the file is absent."""
+    path = Path(path) if path is not None else find_project_root() / PAPER_COHORT
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path)
+    missing = {"characteristic", "value", "n", "percent", "source"} - set(frame.columns)
+    if missing:
+        raise SpinemetsError(f"{path}: missing column(s) {sorted(missing)}")
+    return frame

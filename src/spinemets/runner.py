@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 
@@ -294,12 +294,29 @@ def _step_progress(name: str, index: int, count: int, expected: dict | None, ela
         print(f"[{index}/{count}] {name}: {outcome} {(time.monotonic() - start) / 60:.1f} min", flush=True)
 
 
+#: The environment of the kernels that execute a run's notebooks, where the user has not set these:
+#: nnU-Net's output goes to log files beside the run's outputs (``spinemets.nnunet.TOOL_OUTPUT_ENV``)
+#: and no progress bars are drawn into the pages (the runner's own progress stays on the terminal).
+NOTEBOOK_ENVIRONMENT = {"SPINEMETS_TOOL_OUTPUT": "log", "TQDM_DISABLE": "1"}
+
+
+@contextlib.contextmanager
+def _notebook_environment() -> Iterator[None]:
+    added = {k: v for k, v in NOTEBOOK_ENVIRONMENT.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def execute_notebook(source: Path, target: Path, parameters: Mapping[str, Any], cwd: Path,
                      progress_bar: bool = True) -> Path:
     """Execute one notebook with papermill into ``target``; a failure raises :class:`SpinemetsError`.
 
     The executed notebook is written as it runs and kept when a cell fails, with the error output
-    in the failing cell.
+    in the failing cell. Its kernel gets :data:`NOTEBOOK_ENVIRONMENT`.
     """
     import nbformat
     import papermill
@@ -308,10 +325,11 @@ def execute_notebook(source: Path, target: Path, parameters: Mapping[str, Any], 
     kernel = nbformat.read(source, as_version=4).metadata.get("kernelspec", {}).get("name", "python3")
     log.info("executing %s -> %s", source.name, target)
     try:
-        papermill.execute_notebook(
-            str(source), str(target), parameters=dict(parameters), cwd=str(cwd), kernel_name=kernel,
-            progress_bar=progress_bar, log_output=False, report_mode=False,
-        )
+        with _notebook_environment():
+            papermill.execute_notebook(
+                str(source), str(target), parameters=dict(parameters), cwd=str(cwd), kernel_name=kernel,
+                progress_bar=progress_bar, log_output=False, report_mode=False,
+            )
     except PapermillExecutionError as exc:
         raise SpinemetsError(
             f"{source}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue}; "
