@@ -209,7 +209,8 @@ def test_book_builds_with_results_table_and_figures(tmp_path):
     assert len(shown) >= 5, "our run's numbers are in the table"
     for value in shown:  # our numbers, not the paper's, are what the page must show
         assert value in page, value
-    assert len(re.findall(r"<img [^>]*src=\"\.\./_images/", page)) == 2, "two box-plot figures"
+    assert len(re.findall(r"<img [^>]*src=\"\.\./_images/", page)) == 3, "per-vertebra Dice and two box-plot figures"
+    assert "Per vertebra (the paper" in page and page.count("<tr") > 25  # the 25-row per-vertebra table
     for page in ["intro", "dataset", "methods", "reproducing", "references"]:
         assert (html / "book" / f"{page}.html").exists()
     for step in STEPS:
