@@ -196,3 +196,22 @@ def test_error_analysis_annotates_the_missed_and_false_lesions_and_the_shifted_l
     with pytest.raises(SpinemetsError, match="differ in shape"):
         sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 5, 5), np.uint8)), str(paths["ref_l"]))
         figures.error_analysis("case", tmp_path, {"vertebrae": paths["ref_v"], "metastases": paths["ref_l"]})
+
+
+def test_surface_of_a_fragmented_label_thinner_than_the_step_is_still_drawn():
+    """A label predicted as scattered fragments (tests/data/fragmented_label.npz: vertebra 16 of a
+    case of the rehearsal's release, 140 voxels spread over 96 x 34 x 41) has no surface at a coarse
+    marching-cubes step; the rendering takes a finer step for it instead of failing."""
+    from pathlib import Path
+
+    saved = np.load(Path(__file__).parent / "data" / "fragmented_label.npz")
+    shape = tuple(int(n) for n in saved["shape"])
+    mask = np.unpackbits(saved["bits"])[:int(np.prod(shape))].reshape(shape).astype(bool)
+    assert mask.sum() == 140
+    triangles, normals = figures._surface(mask, np.array([2.0, 1.0, 1.0]), step=5)
+    assert len(triangles) > 0 and normals.shape == (len(triangles), 3)
+    volume = np.zeros((shape[0] + 4, shape[1] + 4, shape[2] + 4), np.uint8)
+    volume[2:-2, 2:-2, 2:-2][mask] = 16
+    volume[2:-2, 2:6, 2:6] = 20  # a solid neighbour, so that the face budget forces a coarse step
+    fig = figures.render_surfaces((volume, (1.0, 1.0, 2.0)), max_faces=300)
+    assert any(getattr(c, "spinemets_label", None) == ("vertebrae", 16) for ax in fig.axes for c in ax.collections)

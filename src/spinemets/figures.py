@@ -394,8 +394,15 @@ def _surface(mask: np.ndarray, spacing_zyx: np.ndarray, step: int,
                                     else 1.0)
     if field.max() <= 0.5:  # smoothed away: take the padded mask itself
         field = np.pad(crop, 2 * step).astype(np.float32)
-    verts, faces, _, _ = measure.marching_cubes(field, 0.5, spacing=tuple(spacing), step_size=step,
-                                                allow_degenerate=False)
+    for attempt in dict.fromkeys((step, 1)):  # a mask thinner than the step has no surface at that step
+        try:
+            verts, faces, _, _ = measure.marching_cubes(field, 0.5, spacing=tuple(spacing), step_size=attempt,
+                                                        allow_degenerate=False)
+            break
+        except (RuntimeError, ValueError):
+            continue
+    else:  # no surface at any step (cannot happen for a non-empty padded mask; kept safe)
+        return np.zeros((0, 3, 3)), np.zeros((0, 3))
     # back to the full grid, in mm (an upsampled voxel j lies at (j - (factor - 1) / 2) / factor)
     verts = verts + (np.asarray(offset) + lo - (2 * step + (factor - 1) / 2) / factor) * spacing_zyx
     tri = verts[faces][:, :, ::-1]  # (z, y, x) -> (x, y, z)
@@ -483,6 +490,7 @@ def render_surfaces(vertebrae, lesions=None, *, spacing=None, views=("anterior",
         if total <= max_faces or step >= 8:
             break
         step += 1
+    meshes = [mesh for mesh in meshes if len(mesh[3])]
 
     unknown = [v for v in views if (isinstance(v, str) and v not in SURFACE_VIEWS)
                or (not isinstance(v, str) and len(v) != 2)]
