@@ -251,15 +251,7 @@ def per_vertebra_table(paper: pd.DataFrame, per_case: pd.DataFrame | None) -> pd
     """
     from .labels import VERTEBRAE
 
-    paper_values = _paper_values(paper, "vertebrae", VERTEBRAE)
-    ours, n = _our_means(per_case, VERTEBRAE)
-    table = pd.DataFrame(index=pd.Index(VERTEBRAE, name="vertebra"))
-    for metric, label in TABLE_METRICS:
-        table[f"paper {label}"] = paper_values[metric].astype(float)
-    for metric, label in TABLE_METRICS:
-        table[f"ours {label}"] = ours[metric].astype(float)
-    table["n"] = n
-    return table
+    return _side_by_side(pd.DataFrame(index=pd.Index(VERTEBRAE, name="vertebra")), paper, per_case, "vertebrae")
 
 
 def per_lesion_type_table(paper: pd.DataFrame, per_case: pd.DataFrame | None) -> pd.DataFrame:
@@ -268,16 +260,21 @@ def per_lesion_type_table(paper: pd.DataFrame, per_case: pd.DataFrame | None) ->
     Dice/F2/PQ`` (mean over cases of the metastasis stage's ``per_case.csv``) and ``n``."""
     from .labels import LESION_TYPES
 
-    paper_values = _paper_values(paper, "metastases", LESION_TYPES)
     rows = paper[(paper["stage"] == "metastases") & paper["class"].isin(LESION_TYPES)]
     configuration = rows.groupby("class")["configuration"].agg(lambda s: ", ".join(sorted(set(s.dropna()))))
-    ours, n = _our_means(per_case, LESION_TYPES)
     table = pd.DataFrame(index=pd.Index(LESION_TYPES, name="lesion type"))
     table["paper configuration"] = configuration.reindex(LESION_TYPES).fillna("")
-    for metric, label in TABLE_METRICS:
-        table[f"paper {label}"] = paper_values[metric].astype(float)
-    for metric, label in TABLE_METRICS:
-        table[f"ours {label}"] = ours[metric].astype(float)
+    return _side_by_side(table, paper, per_case, "metastases")
+
+
+def _side_by_side(table: pd.DataFrame, paper: pd.DataFrame, per_case: pd.DataFrame | None, stage: str) -> pd.DataFrame:
+    """``table`` (indexed by class) with the paper's and our Dice/F2/PQ columns and ``n`` added."""
+    classes = list(table.index)
+    paper_values = _paper_values(paper, stage, classes)
+    ours, n = _our_means(per_case, classes)
+    for source, values in (("paper", paper_values), ("ours", ours)):
+        for metric, label in TABLE_METRICS:
+            table[f"{source} {label}"] = values[metric].astype(float)
     table["n"] = n
     return table
 
