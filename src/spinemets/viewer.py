@@ -426,7 +426,7 @@ def _markup(viewer_id: str, title: str, volumes: list[dict], shape, spacing, hei
     # "</" cannot occur in the JSON (base64, numbers, escaped names), so the script block is safe.
     data = json.dumps({"volumes": volumes}, separators=(",", ":")).replace("</", "<\\/")
     facts = (f"{'×'.join(map(str, shape))} voxels of {' × '.join(f'{s:.2f}' for s in spacing)} mm "
-             f"(downsampled for the page); drag to rotate or move the crosshair, scroll to change slice.")
+             f"(the grid of this page, within its size budget); drag to rotate or move the crosshair, scroll to change slice.")
     heading = f'<div class="niivue-title" style="font-weight:bold">{esc(title)}</div>' if title else ""
     return (
         f'<div class="niivue-viewer" id="{viewer_id}">{heading}'
