@@ -358,7 +358,12 @@ class _Stage:
             segmentation = nnunet.apply_postprocessing(segmentation, self.postprocessing)
         return segmentation
 
+    #: The workspace whose ``logs/`` receive nnU-Net's messages (:func:`spinemets.nnunet.captured_output`).
+    workspace = None
+
     def _predict(self, array: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+        if self.workspace is None:
+            return self._predict_members(array, spacing_zyx)
         with nnunet.captured_output(self.workspace, "nnUNetPredictor"):  # its messages into a log, where asked
             return self._predict_members(array, spacing_zyx)
 
