@@ -248,11 +248,9 @@ class Layer:
 
 def stage_layer(stage: str, path: str | Path, name: str | None = None, opacity: float = 0.6) -> Layer:
     """A :class:`Layer` coloured and named from :mod:`spinemets.labels` (``vertebrae``/``metastases``)."""
-    from . import labels as lab
-
-    fg = lab.foreground_labels(stage)
+    fg = labels_mod.foreground_labels(stage)
     display = name or {"vertebrae": "vertebrae", "metastases": "lesions"}.get(stage, stage)
-    return Layer(display, path, {v: lab.colour(stage, k) for k, v in fg.items()}, {v: k for k, v in fg.items()},
+    return Layer(display, path, {v: labels_mod.colour(stage, k) for k, v in fg.items()}, {v: k for k, v in fg.items()},
                  opacity)
 
 
@@ -451,20 +449,9 @@ LIVE_VIEWER = "ipyniivue"
 
 
 def _label_lut(stage: str) -> dict:
-    """niivue's label colour table of a stage: background transparent, the colours of :mod:`spinemets.labels`."""
-    names = labels_mod.label_names(stage)
-    top = max(names)
-    table = {"R": [0] * (top + 1), "G": [0] * (top + 1), "B": [0] * (top + 1), "A": [0] * (top + 1),
-             "I": list(range(top + 1)), "labels": ["background"] + [""] * top}
-    for value, name in names.items():
-        if value == 0:
-            continue
-        rgb = labels_mod.colour(stage, name)
-        for key, level in zip("RGB", rgb):
-            table[key][value] = int(round(255 * level))
-        table["A"][value] = 255
-        table["labels"][value] = name
-    return table
+    """niivue's label colour table of a stage (as the book's viewer uses: :func:`stage_layer`)."""
+    layer = stage_layer(stage, "")
+    return _colour_table(layer.colours, layer.names)
 
 
 def _clean_copy(image, folder: Path, name: str, label: bool) -> Path:
@@ -473,10 +460,7 @@ def _clean_copy(image, folder: Path, name: str, label: bool) -> Path:
     import SimpleITK as sitk
 
     if not isinstance(image, sitk.Image):
-        path = Path(image)
-        if not path.is_file():
-            raise SpinemetsError(f"{path}: not found; nothing to show in the viewer")
-        image = sitk.ReadImage(str(path))
+        image = _read(image, sitk)
     array = sitk.GetArrayFromImage(image)
     clean = sitk.GetImageFromArray(array.astype(np.uint8) if label else array.astype(np.float32))
     clean.SetSpacing(image.GetSpacing())
