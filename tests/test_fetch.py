@@ -255,6 +255,25 @@ def test_file_names_escaping_the_folder_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("files", "message"),
+    [({"a.txt": b"first", "./a.txt": b"second, longer"}, r"lists one file twice \('a.txt' and './a.txt'\)"),
+     ({"sub//b.bin": b"x", "sub/b.bin": b"y"}, "lists one file twice"),
+     ({"sub": b"a file", "sub/b.bin": b"a file in a folder of that name"}, "'sub' of the record is also the folder"),
+     ({"a\\b": b"x", "a/b": b"y"}, "lists one file twice")],
+    ids=["dot-slash", "double-slash", "file-and-folder", "backslash"],
+)
+def test_two_names_for_one_path_are_refused_before_anything_is_written(tmp_path, files, message):
+    """Names that differ as text but land on one path would overwrite each other (found by fuzzing:
+    ``a.txt`` then ``./a.txt``); the record is refused before the first download."""
+    with FakeZenodo() as fake:
+        fake.add_record(5, files)
+        with pytest.raises(SpinemetsError, match=message):
+            fetch_record(5, tmp_path / "out", api_url=fake.api_url, retries=0, backoff=0)
+        assert not [path for path, _ in fake.requests if "/files/" in path]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
     "value, expected",
     [
         (13645871, "13645871"),

@@ -1734,7 +1734,7 @@ def kept_fetch_files(case: fz.Case, recipe: FetchRecipe, served: dict) -> str | 
         if index in served:
             name = entry[0] if entry[5] == "bytes" else (
                 f"archive{index}.tar.gz" if entry[5].startswith("tar") else f"archive{index}.zip")
-            names[PurePosixPath(name.replace("\\", "/")).as_posix()] = served[index][1]
+            names[PurePosixPath(name).as_posix()] = served[index][1]  # the path written: 'a\\b' is one name
     for path in sorted(Path(case.out).rglob("*")):
         if path.is_dir() and not path.is_symlink():
             continue
@@ -1754,6 +1754,7 @@ def check_fetch(case: fz.Case, recipe: FetchRecipe, served: dict) -> None:
     if recipe.record not in ("ok", "entries-list", "entries-dict", "metadata-string"):
         raise fz.Invalid(f"record answer {recipe.record!r} lists no files")
     expected: dict[str, bytes] = {}
+    paths: set[str] = set()
     members: dict[str, bytes] = {}
     for index, (name, _size, checksum, size_kind, link, content) in enumerate(recipe.entries):
         if content != "bytes":
@@ -1778,8 +1779,9 @@ def check_fetch(case: fz.Case, recipe: FetchRecipe, served: dict) -> None:
             raise fz.Invalid(f"entry {index}: the bytes served do not match the listed checksum")
         if size_kind in ("huge", "negative", "string", "float", "bool", "small"):
             raise fz.Invalid(f"entry {index}: size {size_kind}")
-        if pure.as_posix() in expected:
+        if pure.as_posix() in paths:  # 'a.txt' and './a.txt' (or 'a//b' and 'a\\b') would overwrite each other
             raise fz.Invalid("two entries name one file")
+        paths.add(pure.as_posix())
         expected[name] = data
     clash = sorted(set(members) & ({PurePosixPath(n).as_posix() for n in expected} | {"download.json"}))
     if clash:

@@ -242,29 +242,42 @@ def steer(ws: nnunet.Workspace, configurations: list[str]) -> Path:
     return Path(best["postprocessing_file"])
 
 
-def nnunet_predicts(ws: nnunet.Workspace, configuration: str, out: Path, *extra: str) -> Path:
-    images = ws.test_images(STAGE)
+@pytest.fixture(scope="module")
+def one_case(steerable, tmp_path_factory) -> Path:
+    """A folder with the first held-out CT of the stage alone: every selection outcome is compared
+    on it (each outcome runs up to four predictions of nnU-Net's and ours; one case keeps it short)."""
+    first = sorted(steerable.test_images(STAGE).glob("*_0000.nii.gz"))[0]
+    folder = tmp_path_factory.mktemp("one-case")
+    shutil.copy2(first, folder / first.name)
+    return folder
+
+
+def nnunet_predicts(ws: nnunet.Workspace, configuration: str, out: Path, *extra: str, images: Path | None = None
+                    ) -> Path:
+    images = images or ws.test_images(STAGE)
     nnunet_program("nnUNetv2_predict", ["-i", str(images), "-o", str(out), "-d", ws.dataset_name(STAGE),
                                         "-c", configuration, "-tr", TRAINER, "-f", "0", "1", "--disable_tta",
                                         "-device", "cpu", "-npp", "1", "-nps", "1", *extra], ws)
     return out
 
 
-def nnunet_reference(ws: nnunet.Workspace, outcome: str, tmp: Path, pp: Path) -> tuple[Path, dict[str, Path]]:
-    """What nnU-Net's own programs predict for an outcome: (postprocessed folder, raw folders by name)."""
+def nnunet_reference(ws: nnunet.Workspace, outcome: str, tmp: Path, pp: Path, images: Path
+                     ) -> tuple[Path, dict[str, Path]]:
+    """What nnU-Net's own programs predict for an outcome on the CTs in ``images``: (postprocessed
+    folder, raw folders by name)."""
     raw = {}
     if outcome == "single":
-        raw["3d_fullres"] = nnunet_predicts(ws, "3d_fullres", tmp / "3d_fullres")
+        raw["3d_fullres"] = nnunet_predicts(ws, "3d_fullres", tmp / "3d_fullres", images=images)
         final = raw["3d_fullres"]
     elif outcome == "ensemble":
         for cfg in OUTCOMES["ensemble"]:
-            raw[cfg] = nnunet_predicts(ws, cfg, tmp / cfg, "--save_probabilities")
+            raw[cfg] = nnunet_predicts(ws, cfg, tmp / cfg, "--save_probabilities", images=images)
         final = nnunet.ensemble([raw[c] for c in OUTCOMES["ensemble"]], tmp / "ensemble", ws)
     else:
-        raw["3d_lowres"] = nnunet_predicts(ws, "3d_lowres", tmp / "3d_lowres")
-        raw["3d_fullres"] = nnunet_predicts(ws, "3d_fullres", tmp / "3d_fullres")
+        raw["3d_lowres"] = nnunet_predicts(ws, "3d_lowres", tmp / "3d_lowres", images=images)
+        raw["3d_fullres"] = nnunet_predicts(ws, "3d_fullres", tmp / "3d_fullres", images=images)
         final = nnunet_predicts(ws, "3d_cascade_fullres", tmp / "cascade", "-prev_stage_predictions",
-                                str(raw["3d_lowres"]))
+                                str(raw["3d_lowres"]), images=images)
     plans = ws.model_folder(STAGE, OUTCOMES[outcome][0], TRAINER) / "plans.json"
     nnunet_program("nnUNetv2_apply_postprocessing", ["-i", str(final), "-o", str(tmp / "postprocessed"),
                                                      "-pp_pkl_file", str(pp), "-np", "1", "-plans_json", str(plans),
@@ -273,7 +286,7 @@ def nnunet_reference(ws: nnunet.Workspace, outcome: str, tmp: Path, pp: Path) ->
 
 
 @pytest.mark.parametrize("outcome", list(OUTCOMES))
-def test_each_selection_outcome_predicts_what_nnunet_predicts(steerable, outcome, tmp_path):
+def test_each_selection_outcome_predicts_what_nnunet_predicts(steerable, one_case, outcome, tmp_path):
     ws = steerable
     pp = steer(ws, OUTCOMES[outcome])
     models = nnunet.trained_models(STAGE, "smoke", ws)
@@ -281,10 +294,9 @@ def test_each_selection_outcome_predicts_what_nnunet_predicts(steerable, outcome
     assert nnunet.selected_postprocessing(STAGE, "smoke", ws) == pp
 
     ours = tmp_path / "ours"
-    inference.predict(ws.test_images(STAGE), ours, profile="smoke", workspace=ws,
-                      options=inference.PredictOptions(roi="none"))
-    reference, raw = nnunet_reference(ws, outcome, tmp_path / "nnunet", pp)
-    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in ws.test_images(STAGE).glob("*_0000.nii.gz"))
+    inference.predict(one_case, ours, profile="smoke", workspace=ws, options=inference.PredictOptions(roi="none"))
+    reference, raw = nnunet_reference(ws, outcome, tmp_path / "nnunet", pp, one_case)
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in one_case.glob("*_0000.nii.gz"))
     assert cases
     for case in cases:
         mine = sitk.GetArrayFromImage(sitk.ReadImage(str(ours / case / "metastases.nii.gz")))

@@ -193,10 +193,28 @@ def record_files(meta: dict, source: str, api_url: str, record_id: str) -> list[
     if not files:
         raise SpinemetsError(f"{source}: the record lists no files (empty or restricted record)")
     parsed = [_remote_file(entry, source, api_url, record_id) for entry in files]
-    names = [f.name for f in parsed]
-    if len(set(names)) != len(names):
-        raise SpinemetsError(f"{source}: the record lists one file name twice")
+    _check_distinct_paths([f.name for f in parsed], source)
     return parsed
+
+
+def _check_distinct_paths(names: list[str], source: str) -> None:
+    """Raise if two names are one file (``a.txt`` and ``./a.txt``) or a file is a folder of another."""
+    seen: dict[str, str] = {}
+    for name in names:
+        path = _relative_path(name)
+        if path in seen:
+            raise SpinemetsError(f"{source}: the record lists one file twice ('{seen[path]}' and '{name}')")
+        seen[path] = name
+    for path, name in seen.items():
+        for parent in PurePosixPath(path).parents:
+            if parent.as_posix() in seen:
+                raise SpinemetsError(f"{source}: file '{seen[parent.as_posix()]}' of the record is also the "
+                                     f"folder of its file '{name}'")
+
+
+def _relative_path(name: str) -> str:
+    """The path ``name`` is written to, relative to the output folder (``./a//b`` is ``a/b``)."""
+    return PurePosixPath(name.replace("\\", "/")).as_posix()
 
 
 def _remote_file(entry, source: str, api_url: str, record_id: str) -> RemoteFile:
@@ -238,7 +256,7 @@ def _check_relative_name(name: str, where) -> None:
     """Raise unless ``name`` is a relative path that stays inside the folder it is written to."""
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise SpinemetsError(f"{where}: entry {name!r} holds control characters; refusing it")
-    pure = PurePosixPath(name.replace("\\", "/"))
+    pure = PurePosixPath(_relative_path(name))
     if pure.is_absolute() or ".." in pure.parts or re.match(r"^[A-Za-z]:", name) or not pure.parts:
         raise SpinemetsError(f"{where}: entry '{name}' would be written outside the output folder; refusing it")
     if any(part.startswith(PARTIAL_PREFIX) for part in pure.parts):
@@ -389,8 +407,8 @@ def unpack_archive(archive: str | Path, dest: str | Path, protected: Iterable[st
     archive, dest = Path(archive), Path(dest)
     entries = _archive_entries(archive)
     files = [(name, size) for name, size, is_dir in entries if not is_dir]
-    keep = {PurePosixPath(p.replace("\\", "/")).as_posix() for p in protected}
-    clash = sorted(n for n, _ in files if PurePosixPath(n.replace("\\", "/")).as_posix() in keep)
+    keep = {_relative_path(p) for p in protected}
+    clash = sorted(n for n, _ in files if _relative_path(n) in keep)
     if clash:
         raise SpinemetsError(f"{archive}: entry '{clash[0]}' would overwrite a file of the record; refusing to unpack")
     if all((dest / n).is_file() and (dest / n).stat().st_size == s for n, s in files):
