@@ -145,7 +145,30 @@ def setup(app):  # pragma: no cover - exercised by the book build in tests/test_
         app.add_js_file(NIIVUE_STATIC_PATH)
 
     app.connect("builder-inited", _vendor)
+    app.connect("html-page-context", _one_copy_of_each_script, priority=999)  # after the theme's own
     return {"version": NIIVUE_VERSION, "parallel_read_safe": True, "parallel_write_safe": True}
+
+
+def _one_copy_of_each_script(app, pagename, templatename, context, doctree) -> None:
+    """Drop a script the page would load twice (same file or inline body, same attributes).
+
+    sphinx-thebe's inline configuration (``const THEBE_JS_URL = ...``) and sphinx-togglebutton's
+    reach each page twice (once named ``None``, once ``''``), so every page declared the constant
+    twice and the browser reported a SyntaxError. The first copy stays, in its place.
+    """
+    scripts = context.get("script_files")
+    if not scripts:
+        return
+    seen, kept = set(), []
+    for script in scripts:
+        attributes = getattr(script, "attributes", {}) or {}
+        name = getattr(script, "filename", script) or ""  # an inline script's is None or ''
+        key = (str(name), tuple(sorted((k, str(v)) for k, v in attributes.items())))
+        if key not in seen:
+            seen.add(key)
+            kept.append(script)
+    if len(kept) != len(scripts):
+        context["script_files"] = kept  # a new list: the one given is shared by every page
 
 
 # ---------------------------------------------------------------------------------------------
