@@ -213,7 +213,9 @@ def _check_distinct_paths(names: list[str], source: str) -> None:
 
 
 def _relative_path(name: str) -> str:
-    """The path ``name`` is written to, relative to the output folder (``./a//b`` is ``a/b``)."""
+    """``name`` as a path relative to the output folder, backslashes read as separators (``./a//b``
+    and ``a\\b`` are ``a/b``): the form in which names are compared with each other and checked for
+    leaving the folder. (The file itself is written under the name as given.)"""
     return PurePosixPath(name.replace("\\", "/")).as_posix()
 
 
