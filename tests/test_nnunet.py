@@ -10,10 +10,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import re
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import slicerio
 import torch
@@ -410,9 +412,6 @@ def test_project_trainer_applies_its_schedule_and_thread_setting(tmp_path, clean
 
 
 def test_selected_postprocessing_is_found_and_applied(tmp_path, clean_env):
-    import pickle
-
-    import numpy as np
     from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
 
     ws = nnunet.Workspace(tmp_path / "ws")
@@ -618,3 +617,47 @@ def test_captured_output_sends_in_process_prints_to_the_workspace_log(tmp_path, 
     with nnunet.captured_output(ws, "nnUNetPredictor"):
         print("shown")
     assert "shown" in capsys.readouterr().out
+
+
+def _blosc2_cases(folder, n=2):
+    """``n`` tiny preprocessed cases in nnU-Net's blosc2 format; returns {identifier: (data, seg)}."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    cases = {}
+    for i in range(n):
+        data = rng.standard_normal((1, 6, 7, 8)).astype(np.float32)
+        seg = rng.integers(-1, 3, (1, 6, 7, 8)).astype(np.int8)
+        nnUNetDatasetBlosc2.save_case(data, seg, {"class_locations": {1: np.zeros((0, 4), int)}, "case": i},
+                                      str(folder / f"case_{i}"))
+        cases[f"case_{i}"] = (data, seg)
+    return cases
+
+
+def test_in_memory_cases_read_each_case_once_and_hand_out_copies(tmp_path, monkeypatch):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    from spinemets.trainers import spinemets_trainers as st
+
+    cases = _blosc2_cases(tmp_path / "pre")
+    reads = []
+    base_load = nnUNetDatasetBlosc2.load_case
+    monkeypatch.setattr(nnUNetDatasetBlosc2, "load_case", lambda self, i: reads.append(i) or base_load(self, i))
+    dataset = st.IN_MEMORY[nnUNetDatasetBlosc2](str(tmp_path / "pre"), sorted(cases))
+    for _ in range(3):
+        for identifier, (data, seg) in cases.items():
+            got_data, got_seg, got_prev, props = dataset.load_case(identifier)
+            assert isinstance(got_data, np.ndarray) and np.array_equal(got_data, data) and np.array_equal(got_seg, seg)
+            assert got_prev is None and props["case"] == int(identifier[-1])
+            got_data[:] = 0  # what a caller does to its copy does not reach the kept case
+    assert reads == sorted(cases)  # one read per case
+    assert pickle.loads(pickle.dumps(dataset)).load_case("case_1")[0].tolist() == cases["case_1"][0].tolist()
+    # beyond the memory cap, cases are read at every use (and still right)
+    monkeypatch.setattr(st, "IN_MEMORY_BYTES", 2000)  # a case is 1344 data + 336 seg bytes: one fits
+    capped = st.InMemoryBlosc2(str(tmp_path / "pre"), sorted(cases))
+    reads.clear()
+    for _ in range(2):
+        for identifier, (data, _seg) in cases.items():
+            assert np.array_equal(capped.load_case(identifier)[0], data)
+    assert reads == ["case_0", "case_1", "case_1"]  # case_0 kept, case_1 read at every use

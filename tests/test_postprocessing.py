@@ -128,3 +128,98 @@ def test_ground_truth_like_spines_of_every_region_stay_unchanged():
     for start, stop in ((V["C1"], V["T3"]), (V["T4"], V["L1"]), (V["T10"], V["Sacrum"])):
         spine, _ = _spine(range(start, stop + 1))
         assert postprocessing.repair_vertebra_order(spine, SPACING)[1] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# One type per lesion part: merge_small_type_parts
+# --------------------------------------------------------------------------------------------
+LESION_SPACING = (1.0, 1.0, 1.0)  # 1 voxel = 0.001 mL
+
+
+def test_a_speck_of_the_other_type_on_a_lesion_takes_the_lesions_type():
+    lesions = np.zeros((12, 12, 12), np.uint8)
+    lesions[2:8, 2:8, 2:8] = 2  # a sclerotic lesion of 216 voxels
+    lesions[2:4, 2:4, 8] = 1  # 4 lytic voxels on its rim
+    out, merged = postprocessing.merge_small_type_parts(lesions, LESION_SPACING, 0.01)
+    assert merged == 1
+    assert (out[2:4, 2:4, 8] == 2).all() and set(np.unique(out)) == {0, 2}
+    assert lesions[2, 2, 8] == 1  # the input is not modified
+
+
+def test_a_mixed_lesion_keeps_both_parts_when_each_is_lesion_sized():
+    lesions = np.zeros((12, 12, 12), np.uint8)
+    lesions[2:8, 2:8, 2:6] = 1  # 144 lytic voxels
+    lesions[2:8, 2:8, 6:9] = 2  # 108 sclerotic voxels touching them
+    out, merged = postprocessing.merge_small_type_parts(lesions, LESION_SPACING, 0.1)
+    assert merged == 0 and out is lesions
+    # with a threshold above the smaller part, the smaller part joins the main type
+    out, merged = postprocessing.merge_small_type_parts(lesions, LESION_SPACING, 0.12)
+    assert merged == 1 and set(np.unique(out)) == {0, 1} and (out > 0).sum() == 252
+
+
+def test_small_parts_of_the_main_type_and_lone_small_lesions_are_left_alone():
+    lesions = np.zeros((16, 16, 16), np.uint8)
+    lesions[1:3, 1:3, 1:3] = 1  # a lone lytic speck (8 voxels): remove_small_lesions' business
+    lesions[8:14, 8:14, 8:14] = 2  # sclerotic lesion
+    lesions[8, 8, 14] = 1  # lytic speck on it: merged
+    lesions[13, 13, 14] = 1  # a second one: merged too
+    out, merged = postprocessing.merge_small_type_parts(lesions, LESION_SPACING, 0.05)
+    assert merged == 2
+    assert out[1:3, 1:3, 1:3].tolist() == lesions[1:3, 1:3, 1:3].tolist()
+    assert out[8, 8, 14] == 2 and out[13, 13, 14] == 2
+
+
+def test_on_a_tie_the_lesion_is_lytic_and_alternating_specks_become_one_type():
+    lesions = np.zeros((4, 4, 12), np.uint8)
+    lesions[1, 1, 1:9] = [1, 2, 1, 2, 1, 2, 1, 2]  # eight one-voxel parts in a row, four of each type
+    out, merged = postprocessing.merge_small_type_parts(lesions, LESION_SPACING, 0.01)
+    assert merged == 4 and out[1, 1, 1:9].tolist() == [1] * 8
+
+
+def test_merging_agrees_with_a_slow_per_part_count():
+    rng = np.random.default_rng(3)
+    lesions = (rng.random((10, 10, 10)) < 0.3).astype(np.uint8) * rng.integers(1, 3, (10, 10, 10), dtype=np.uint8)
+    out, merged = postprocessing.merge_small_type_parts(lesions, LESION_SPACING, 0.003)
+    import cc3d
+    whole = cc3d.connected_components(lesions > 0, connectivity=26)
+    parts = cc3d.connected_components(lesions, connectivity=26)
+    expected, count = lesions.copy(), 0
+    for p in range(1, parts.max() + 1):
+        where = parts == p
+        w = whole[where][0]
+        types = lesions[whole == w]
+        main = 2 if (types == 2).sum() > (types == 1).sum() else 1
+        if where.sum() < 3 and lesions[where][0] != main:
+            expected[where] = main
+            count += 1
+    assert merged == count > 0 and np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("bad", [np.full((3, 3, 3), 3, np.uint8), np.full((3, 3, 3), -1, np.int16)])
+def test_a_map_that_is_not_a_lesion_map_is_refused(bad):
+    with pytest.raises(postprocessing.SpinemetsError, match="lesion map"):
+        postprocessing.merge_small_type_parts(bad, LESION_SPACING, 0.01)
+
+
+def test_no_threshold_or_no_lesion_changes_nothing():
+    lesions = np.zeros((5, 5, 5), np.uint8)
+    assert postprocessing.merge_small_type_parts(lesions, LESION_SPACING, 0.01) == (lesions, 0)
+    lesions[1, 1, 1:3] = [1, 2]
+    out, merged = postprocessing.merge_small_type_parts(lesions, LESION_SPACING, 0.0)
+    assert out is lesions and merged == 0
+
+
+def test_the_demos_smallest_lesion_is_half_the_smallest_synthetic_lesion():
+    from spinemets import nnunet, synth
+
+    preset = synth.PRESETS["demo"]
+    voxel_ml = min(preset["spacing_xy"]) ** 2 * min(preset["slice_thickness"]) / 1000.0
+    smallest_ml = preset["min_lesion_voxels"] * voxel_ml
+    assert nnunet.PROFILES["demo"]["min_lesion_ml"] == nnunet.DEMO_MIN_LESION_ML
+    assert 0.45 * smallest_ml <= nnunet.DEMO_MIN_LESION_ML <= 0.5 * smallest_ml
+    # a component of half a lesion's voxels or fewer cannot reach IoU > 0.5 with it
+    lesion = np.zeros((1, 1, 40), bool)
+    lesion[0, 0, :20] = True
+    half = np.zeros_like(lesion)
+    half[0, 0, :10] = True
+    assert (lesion & half).sum() / (lesion | half).sum() == 0.5

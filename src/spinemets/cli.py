@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--workspace", type=Path, default=None)
     p.add_argument("--min-lesion-ml", type=float, default=None,
-                   help="clear predicted lesions smaller than this (mL); default: the profile's (paper: 0)")
+                   help="clear predicted lesions smaller than this (mL), after giving a lesion's parts of the other "
+                        "type below it the lesion's main type; default: the profile's (paper: 0)")
     p.add_argument("--min-vertebra-ml", type=float, default=None,
                    help="clear fragments of a vertebra label smaller than this (mL); default: the profile's (paper: 0)")
     p.add_argument("--repair-order", action=argparse.BooleanOptionalAction, default=None,

@@ -9,9 +9,12 @@ The inference step: it serves the command ``spinemets predict`` and the inferenc
    paper, which also found sternal lesions), or on the bounding box of the stage-1 vertebrae
    grown by ``margin_mm`` on every side (``roi="spine"``), pasted back into an empty map of the
    CT's size. With ``roi="spine"`` and no vertebra found, stage 2 runs on the whole CT (noted in
-   the provenance). Predicted lesions smaller than ``min_lesion_ml`` are then cleared
-   (:func:`remove_small_lesions`; the demo profile's smallest synthetic lesion is 0.375 mL, and
-   specks of a few voxels are noise; the paper profile removes nothing). Likewise, fragments of a
+   the provenance). A part of a predicted lesion that is of the other type and smaller than
+   ``min_lesion_ml`` then takes the lesion's main type (:func:`merge_small_type_parts`: a few
+   lytic voxels on the rim of a sclerotic lesion are not a lytic lesion), and predicted lesions
+   smaller than ``min_lesion_ml`` are cleared (:func:`remove_small_lesions`; the demo profile's
+   0.18 mL is half its smallest synthetic lesion, 0.375 mL, and a smaller prediction cannot match
+   a lesion with IoU > 0.5; the paper profile changes nothing). Likewise, fragments of a
    vertebra label smaller than ``min_vertebra_ml`` are cleared from the stage-1 map, and, where
    the profile asks for it (the demo), its labels are put in the spine's order
    (:func:`spinemets.postprocessing.repair_vertebra_order`).
@@ -59,7 +62,8 @@ from . import nnunet
 from .errors import SpinemetsError, unknown_choice
 from .io import (check_case_id, check_output_dir, describe_path, ijk_to_lps, image_from_array, read_image,
                  require_file, write_csv, write_image, write_json)
-from .postprocessing import check_min_ml, remove_small_components, remove_small_lesions, repair_vertebra_order
+from .postprocessing import (check_min_ml, merge_small_type_parts, remove_small_components, remove_small_lesions,
+                             repair_vertebra_order)
 from .provenance import provenance
 from .dicomseg import write_dicom_seg
 from .slicer import segmentation_from_labelmap
@@ -402,8 +406,9 @@ class PredictOptions:
     grown by ``margin_mm`` (``"spine"``). ``near_mm``: the largest distance from a lesion to the
     vertebra it is localized to without overlap. ``tta``: nnU-Net's mirroring (where the trainer
     allows it). ``threads``: torch's CPU threads for this process (default: torch's own choice; 1
-    is faster on a CPU that other processes keep busy). ``min_lesion_ml`` clears predicted
-    lesions smaller than that before localization (:func:`remove_small_lesions`),
+    is faster on a CPU that other processes keep busy). ``min_lesion_ml`` gives a lesion's parts
+    of the other type smaller than that the lesion's main type (:func:`merge_small_type_parts`)
+    and clears predicted lesions smaller than that before localization (:func:`remove_small_lesions`),
     ``min_vertebra_ml`` the fragments of a vertebra label smaller than that
     (:func:`remove_small_components`, label by label: a vertebra is one connected object, and
     specks of a neighbour's label at its border would each count as a whole false vertebra);
@@ -504,7 +509,8 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
     ``stages`` is (stage 1, stage 2), each called as ``stage(ct_array, spacing_zyx)``; ``options``
     are resolved :class:`PredictOptions`; ``domains`` the training domain record of each stage
     (:mod:`spinemets.domain`; None: no check). Returns (lesions, vertebrae, note, timings,
-    domain report); timings also count the small lesions and vertebra fragments removed and the
+    domain report); timings also count the small lesions and vertebra fragments removed, the
+    lesion parts given their lesion's main type, and the
     vertebra voxels relabelled by the order repair. A CT outside a training domain is predicted
     as any other; the warning goes into its rows, its ``.seg.nrrd`` descriptions and the log.
     When ``path`` is a DICOM series folder, each stage is also written as a DICOM-SEG
@@ -536,6 +542,7 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
         lesions = stage2(ct, spacing)
     else:
         lesions[box] = stage2(np.ascontiguousarray(ct[box]), spacing)
+    lesions, merged = merge_small_type_parts(lesions, spacing, opts.min_lesion_ml)
     lesions, removed = remove_small_lesions(lesions, spacing, opts.min_lesion_ml)
     t2 = time.perf_counter()
     lesion_rows = [{"case_id": case, **r, "domain_warning": flag}
@@ -560,6 +567,7 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
     write_csv(case_dir / "vertebrae.csv", vertebra_rows, VERTEBRA_COLUMNS)
     return lesion_rows, vertebra_rows, note, {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3),
                                               "small_lesions_removed": removed,
+                                              "lesion_parts_merged": merged,
                                               "vertebra_fragments_removed": fragments,
                                               "vertebra_voxels_relabelled": relabelled}, report
 

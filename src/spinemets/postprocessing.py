@@ -2,6 +2,8 @@
 
 * :func:`remove_small_components`: clears connected components below a size in millilitres
   (lesion specks; fragments of a neighbour's vertebra label at a vertebra's border).
+* :func:`merge_small_type_parts`: gives a lesion's part of one type that is too small to be a
+  lesion of its own (a few lytic voxels on the rim of a sclerotic lesion) the lesion's main type.
 * :func:`repair_vertebra_order`: makes the vertebra labels follow the anatomical order along the
   spine (C1, C2, ... L5, sacrum from head to feet, one level per vertebra).
 
@@ -51,6 +53,7 @@ from .errors import SpinemetsError
 #: Number of vertebra labels (C1 ... Sacrum); the sacrum is the last.
 N_LEVELS = len(labels_mod.VERTEBRAE)
 SACRUM = N_LEVELS
+LYTIC, SCLEROTIC = labels_mod.LYTIC, labels_mod.SCLEROTIC
 DISC_DEPTH = 0.35
 WINDOW_MM = 15.0
 TALL = 1.3
@@ -93,6 +96,49 @@ def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_ml
     cleaned = labels.copy()
     cleaned[small[components]] = 0
     return cleaned, int(small.sum())
+
+
+def merge_small_type_parts(lesions: np.ndarray, spacing: Sequence[float], min_ml: float) -> tuple[np.ndarray, int]:
+    """Give each part of a lesion that is smaller than ``min_ml`` millilitres and not of the lesion's
+    main type the main type; return the map (the input when nothing changes; never modified) and
+    the number of parts relabelled.
+
+    A *lesion* is a connected component (26-connectivity) of lytic and sclerotic voxels together; a
+    *part* is a connected component of one type within it; the *main type* is the type with more
+    of the lesion's voxels (lytic on a tie). Lesion-level metrics count each type's components as
+    lesions of that type, so a speck of lytic voxels on the rim of a predicted sclerotic lesion
+    would count as a lytic lesion of its own: with ``min_ml`` the size below which the profile
+    does not call anything a lesion (``min_lesion_ml``), it is none. A part of the other type at
+    least ``min_ml`` large stays (a mixed lesion: a lytic and a sclerotic lesion that touch), and
+    a lesion of one type is left as it is.
+    """
+    check_min_ml(min_ml)
+    if min_ml == 0 or not lesions.any():
+        return lesions, 0
+    if lesions.min() < 0 or lesions.max() > SCLEROTIC:
+        raise SpinemetsError(f"a lesion map holds 0, {LYTIC} (lytic) and {SCLEROTIC} (sclerotic), not "
+                             f"{int(lesions.min())}...{int(lesions.max())}")
+    whole, n_whole = cc3d.connected_components(lesions > 0, connectivity=26, return_N=True)
+    parts, n_parts = cc3d.connected_components(lesions, connectivity=26, return_N=True)
+    fg = lesions > 0
+    part_of, whole_of, kind = parts[fg], whole[fg], lesions[fg].astype(np.int64)
+    part_size = np.bincount(part_of, minlength=n_parts + 1)
+    part_whole = np.zeros(n_parts + 1, dtype=np.int64)
+    part_whole[part_of] = whole_of
+    part_kind = np.zeros(n_parts + 1, dtype=np.int64)
+    part_kind[part_of] = kind
+    votes = np.zeros((n_whole + 1, SCLEROTIC + 1), dtype=np.int64)  # voxels per lesion and type
+    np.add.at(votes, (whole_of, kind), 1)
+    main = np.where(votes[:, SCLEROTIC] > votes[:, LYTIC], SCLEROTIC, LYTIC)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    relabel = (part_size * voxel_ml < min_ml) & (part_kind != main[part_whole])
+    relabel[0] = False
+    if not relabel.any():
+        return lesions, 0
+    out = lesions.copy()
+    moved = relabel[parts]
+    out[moved] = main[whole[moved]].astype(lesions.dtype)
+    return out, int(relabel.sum())
 
 
 def remove_small_lesions(lesions: np.ndarray, spacing: Sequence[float], min_ml: float) -> tuple[np.ndarray, int]:
