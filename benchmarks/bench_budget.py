@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 
 from spinemets import inference, metrics, nnunet
+from spinemets.io import write_json, write_text
 from spinemets.labels import STAGE_NAMES, check_stage
 
 PROFILE = "demo"
@@ -108,10 +108,11 @@ def run(workspace: Path, stage: str, budgets: list[float], workdir: Path) -> dic
     ws = nnunet.Workspace(workspace)
     other = next(s for s in STAGE_NAMES if s != stage)
     with results_folder(None):
-        if not record(ws, stage) or not record(ws, other):
+        peer = record(ws, stage)
+        if not peer or not record(ws, other):
             raise SystemExit(f"{workspace}: no demo models of both stages; run `make demo` first")
         log(f"peer: the workspace's own {stage} model")
-        rows = [{"budget": "profile", **record(ws, stage), **evaluate(ws, stage, workdir / "peer")}]
+        rows = [{"budget": "profile", **peer, **evaluate(ws, stage, workdir / "peer")}]
         own_results = ws.results
     for budget in budgets:
         folder = workdir / f"budget_{budget:g}"
@@ -184,11 +185,10 @@ def main(argv=None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     text = report(result, argv)
     print(text)
-    for path, content in ((a.out, text), (a.json, json.dumps(result, indent=1) + "\n")):
-        if path:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(content, encoding="utf-8")
-            os.replace(tmp, path)
+    if a.out:
+        write_text(a.out, text)
+    if a.json:
+        write_json(a.json, result)
     return 0
 
 

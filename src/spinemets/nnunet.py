@@ -160,8 +160,6 @@ _DEMO = {
     "gpu_memory_target_gb": None,
     "target_spacing": None,
     "cv_folds": 5,
-    # half the smallest lesion the synthetic annotators draw (20 voxels of 18.75 mm^3, 0.375 mL): a
-    # predicted component below half a reference lesion's volume cannot match it with IoU > 0.5
     "min_lesion_ml": DEMO_MIN_LESION_ML,
     "min_vertebra_ml": 0.5,
     "repair_vertebra_order": True,

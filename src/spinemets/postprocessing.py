@@ -118,9 +118,9 @@ def merge_small_type_parts(lesions: np.ndarray, spacing: Sequence[float], min_ml
     if lesions.min() < 0 or lesions.max() > SCLEROTIC:
         raise SpinemetsError(f"a lesion map holds 0, {LYTIC} (lytic) and {SCLEROTIC} (sclerotic), not "
                              f"{int(lesions.min())}...{int(lesions.max())}")
-    whole, n_whole = cc3d.connected_components(lesions > 0, connectivity=26, return_N=True)
-    parts, n_parts = cc3d.connected_components(lesions, connectivity=26, return_N=True)
     fg = lesions > 0
+    whole, n_whole = cc3d.connected_components(fg, connectivity=26, return_N=True)
+    parts, n_parts = cc3d.connected_components(lesions, connectivity=26, return_N=True)
     part_of, whole_of, kind = parts[fg], whole[fg], lesions[fg].astype(np.int64)
     part_size = np.bincount(part_of, minlength=n_parts + 1)
     part_whole = np.zeros(n_parts + 1, dtype=np.int64)

@@ -159,11 +159,9 @@ class InMemoryCases:
         if identifier not in kept:
             data, seg, seg_prev, properties = super().load_case(identifier)
             arrays = tuple(None if a is None else np.asarray(a[...]) for a in (data, seg, seg_prev))
-            size = sum(a.nbytes for a in arrays if a is not None)
-            used = self.__dict__.get("_spinemets_bytes", 0)
-            if used + size > IN_MEMORY_BYTES:
+            used = sum(a.nbytes for case in kept.values() for a in case[:3] if a is not None)
+            if used + sum(a.nbytes for a in arrays if a is not None) > IN_MEMORY_BYTES:
                 return (*arrays, properties)
-            self._spinemets_bytes = used + size
             kept[identifier] = (*arrays, properties)
         data, seg, seg_prev, properties = kept[identifier]
         return data.copy(), seg.copy(), None if seg_prev is None else seg_prev.copy(), properties
