@@ -42,6 +42,8 @@ from spinemets.io import write_json, write_text
 from spinemets.labels import STAGE_NAMES, check_stage
 
 PROFILE = "demo"
+#: The variables that limit PyTorch's and oneDNN's kernels (``bench_train.py``'s ``avx2`` mode), named in the report.
+CPU_ENV = ("SPINEMETS_CPU_BF16", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
 
 def log(*args) -> None:
@@ -155,8 +157,10 @@ def report(result: dict, argv: list[str]) -> str:
                  fmt(row.get("trained_s"), 0), fmt(row.get("torch_capability")), fmt(row.get("bf16_autocast"))]
         cells += [fmt(row.get(k)) for k in keys] + [fmt(ratio, 2) + "x"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"CPU: {peer.get('cpu')}. Quality follows the iterations reached; another CPU reaches "
-              "other iteration counts in the same budget (see `bench_train.md`)."]
+    env = ", ".join(f"{k}={os.environ[k]}" for k in CPU_ENV if os.environ.get(k)) or "none set"
+    lines += ["", f"CPU: {peer.get('cpu')}; kernel limits in the environment: {env}. Quality follows the "
+              "iterations reached; another CPU reaches other iteration counts in the same budget "
+              "(`benchmarks/results/bench_train_*.md`)."]
     return "\n".join(lines) + "\n"
 
 

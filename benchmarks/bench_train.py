@@ -50,7 +50,7 @@ noisy; the ratios, measured in the same process minutes apart, are what count. T
 times.
 
     .venv/bin/python benchmarks/bench_train.py [--quick] [--modes native,bf16-off] [--iterations 10]
-        [--workdir DIR] [--out benchmarks/results/bench_train.md]
+        [--workdir DIR] [--out benchmarks/results/bench_train_<cpu>.md]
 """
 
 from __future__ import annotations
@@ -354,6 +354,7 @@ def worker(stages: list[str], iterations: int, warmup: int, dense_seconds: float
             "mode": mode,
             "import_s": import_s,
             "torch": torch.__version__,
+            "cpu_model": spinemets_trainers.cpu_description()["model"],
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_bf16_supported": spinemets_trainers.cpu_bf16_supported(),
             "threads": torch.get_num_threads(),
@@ -421,7 +422,8 @@ def _f(value, digits=3, suffix="") -> str:
 
 def report(results: list[dict], setup_info: dict, args) -> str:
     lines = ["# One demo training iteration in nnU-Net vs the floor", ""]
-    lines.append(f"`{' '.join(['benchmarks/bench_train.py', *args.argv])}`; {platform.machine()}, {os.cpu_count()} "
+    cpu = results[0].get("cpu_model", platform.machine()) if results else platform.machine()
+    lines.append(f"`{' '.join(['benchmarks/bench_train.py', *args.argv])}`; {cpu}, {os.cpu_count()} "
                  f"CPUs, Python {platform.python_version()}, torch {results[0]['torch'] if results else '?'}; "
                  f"{args.iterations} timed iterations (median) after {args.warmup} warm-up.")
     lines.append(f"Setup: {setup_info['seconds']} s ({args.cases} synthetic demo cases; 0 where reused).")
