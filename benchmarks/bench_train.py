@@ -422,7 +422,7 @@ def _f(value, digits=3, suffix="") -> str:
 
 def report(results: list[dict], setup_info: dict, args) -> str:
     lines = ["# One demo training iteration in nnU-Net vs the floor", ""]
-    cpu = results[0].get("cpu_model", platform.machine()) if results else platform.machine()
+    cpu = (results[0] if results else {}).get("cpu_model", platform.machine())
     lines.append(f"`{' '.join(['benchmarks/bench_train.py', *args.argv])}`; {cpu}, {os.cpu_count()} "
                  f"CPUs, Python {platform.python_version()}, torch {results[0]['torch'] if results else '?'}; "
                  f"{args.iterations} timed iterations (median) after {args.warmup} warm-up.")
