@@ -115,6 +115,27 @@ def copy_project(root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ci_run(tmp_path_factory) -> Path:
+    """``spinemets run --profile ci`` (every notebook, then the book) in a copy of the project, once
+    per session; returns the project folder: the run in ``build/executed/``, the book in
+    ``_build/html/``, the workspace (trained models, predictions, evaluation) in ``workspace/ci/``.
+
+    Every test that needs trained models, predictions or a built book reads this run; a test that
+    trains or writes must work on a copy of what it needs (:func:`copy_workspace`).
+    ``SPINEMETS_CI_PROJECT=FOLDER`` reuses the project folder of a finished run instead (when
+    working on these tests).
+    """
+    from spinemets import runner
+
+    reuse = os.environ.get("SPINEMETS_CI_PROJECT")
+    if reuse:
+        return Path(reuse)
+    root = copy_project(tmp_path_factory.mktemp("ci") / "project")
+    runner.run("ci", root=root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def slurm():
     """A running one-node SLURM with accounting; ``SLURM_CONF`` and ``PYTHONPATH`` (for the payloads) set."""
     reason = slurm_cluster.unavailable_reason()
