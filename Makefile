@@ -3,21 +3,45 @@
 VENV   ?= .venv
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed-stamp
+# What the tests use beyond the environment, installed here so that no test reaches a package
+# registry: the live viewer's extra as a layer of its own (tests/viewer-extra.txt).
+VIEWER_EXTRA := build/viewer-extra/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast install-test vendor clean
 
 # The demo: the notebooks of profiles/demo.yaml executed with papermill into build/executed/,
 # then the book in _build/html (open _build/html/index.html).
-demo: $(STAMP)
+demo: $(STAMP) vendor
 	$(VENV)/bin/spinemets run --profile demo
 
-test: $(STAMP)
+# The full suite, as CI runs it.
+test: install-test
 	$(VENV)/bin/python -m pytest
+
+# Everything the tests use, installed (the only step of `make test` that needs a network).
+install-test: $(STAMP) $(VIEWER_EXTRA) vendor
+
+# Daily work: every unit, corpus and fuzz test, without the pipeline runs, on both cores (minutes).
+test-fast: install-test
+	$(VENV)/bin/python -m pytest -m "not slow" -n 2 --dist loadfile
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -e ".[test]"
 	touch $(STAMP)
+
+$(VIEWER_EXTRA): tests/viewer-extra.txt $(STAMP)
+	rm -rf build/viewer-extra.partial
+	$(VENV)/bin/python -m pip install --quiet --no-deps --target build/viewer-extra.partial -r tests/viewer-extra.txt
+	cp tests/viewer-extra.txt build/viewer-extra.partial/.installed
+	rm -rf build/viewer-extra
+	mv build/viewer-extra.partial build/viewer-extra
+
+# niivue (the book's 3-D viewer) packed from the npm registry once into build/vendor; every later
+# book build, the tests' included, reads it from there. Without npm the book leaves the viewer out.
+vendor: $(STAMP)
+	@bash scripts/vendor_niivue.sh >/dev/null \
+	  || echo "make: niivue not vendored (npm missing or no registry): the book builds without its 3-D viewer" >&2
 
 clean:
 	rm -rf build _build

@@ -30,18 +30,6 @@ def find_chromium() -> str | None:
     return None
 
 
-def install_chromium() -> str | None:
-    """Run ``scripts/install_browser.sh`` (quick when already installed); return the executable."""
-    if find_chromium():
-        return find_chromium()
-    script = Path(__file__).resolve().parents[1] / "scripts" / "install_browser.sh"
-    try:
-        subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return find_chromium()
-
-
 def check_viewer(html_file: str | Path, timeout: float = 90.0, executable: str | None = None,
                  screenshot: str | Path | None = None) -> dict:
     """Load ``html_file`` headless with ``#selftest``; return what the page did.

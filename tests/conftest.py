@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
+import pipeline_guard as pipeline_guard_module
 import slurm_cluster
 from spinemets import labels
 from spinemets.slicer import write_segments
@@ -21,8 +23,65 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The book builds of the tests (each in its own copy of the project) share one cache of the niivue
 # package taken from the npm registry (spinemets.viewer.vendor_niivue), instead of one per copy.
+# `make test` fills it before the tests start; no test fetches it (SPINEMETS_NO_DOWNLOAD).
 os.environ.setdefault("SPINEMETS_VENDOR_DIR", str(REPO / "build" / "vendor"))
+os.environ["SPINEMETS_NO_DOWNLOAD"] = "1"
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def require_niivue_cache() -> Path:
+    """The npm tarball of niivue that ``make test`` (``make vendor``) put in the vendoring cache; a
+    test whose book must embed the viewer skips without it (fails with ``SPINEMETS_REQUIRE_BROWSER``,
+    as in CI)."""
+    from spinemets import viewer
+
+    tarball = Path(os.environ["SPINEMETS_VENDOR_DIR"]) / f"niivue-niivue-{viewer.NIIVUE_VERSION}.tgz"
+    if not tarball.is_file():
+        reason = f"niivue is not in the vendoring cache ({tarball}); run `make vendor` (needs npm)"
+        if os.environ.get("SPINEMETS_REQUIRE_BROWSER"):
+            pytest.fail(f"SPINEMETS_REQUIRE_BROWSER is set but {reason}")
+        pytest.skip(reason)
+    return tarball
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pipeline_guard():
+    """Counts the session's pipeline runs as they start (tests/pipeline_guard.py)."""
+    from spinemets import cluster, runner
+
+    guard = pipeline_guard_module.Guard()
+    wrapped = {}
+
+    def counting(module, name):
+        original = getattr(module, name)
+
+        def call(profile, *args, **kwargs):
+            guard.started(profile)
+            return original(profile, *args, **kwargs)
+
+        wrapped[(module, name)] = original
+        setattr(module, name, call)
+
+    counting(runner, "run")
+    counting(cluster, "submit_run")
+    yield guard
+    for (module, name), original in wrapped.items():
+        setattr(module, name, original)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when it launched more nnU-Net trainings than its fixtures need."""
+    basetemp = getattr(session.config, "_tmp_path_factory", None)
+    try:
+        root = basetemp.getbasetemp() if basetemp else None
+    except (OSError, ValueError):
+        root = None
+    if root is None or not Path(root).is_dir():
+        return
+    problem = pipeline_guard_module.training_problem(pipeline_guard_module.training_launches(root))
+    if problem:
+        sys.stderr.write(f"\nERROR (pipeline guard): {problem}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -133,6 +192,24 @@ def ci_run(tmp_path_factory) -> Path:
     root = copy_project(tmp_path_factory.mktemp("ci") / "project")
     runner.run("ci", root=root)
     return root
+
+
+def copy_workspace(src, dst: Path, stages=("vertebrae", "metastases"), parts=("raw", "preprocessed")):
+    """A new workspace at ``dst`` holding ``parts`` (``raw``, ``preprocessed``, ``results``) of the
+    stages' datasets of the workspace ``src`` (a folder or a Workspace), for a test that trains or
+    writes where the shared run must stay as it is. Absolute paths in the selection's files are
+    pointed at the copy."""
+    from spinemets.nnunet import Workspace
+
+    src, dst = Workspace(getattr(src, "root", src)), Workspace(dst)
+    for part in parts:
+        for stage in stages:
+            name = src.dataset_name(stage)
+            if (getattr(src, part) / name).exists():
+                shutil.copytree(getattr(src, part) / name, getattr(dst, part) / name, symlinks=True)
+    for info in dst.results.glob("*/inference_information.json"):
+        info.write_text(info.read_text().replace(str(src.results), str(dst.results)))
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ exit non-zero and print that message.
 from __future__ import annotations
 
 import contextlib
-import functools
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import fuzzing
 from badinput.builders import BUILDERS, Context
 from spinemets.errors import SpinemetsError
 from spinemets.io import PARTIAL_PREFIX
@@ -73,23 +73,42 @@ def _cli() -> Path | None:
     return Path(found) if found else None
 
 
-@functools.lru_cache(maxsize=None)
-def _cli_has(command: str) -> bool:
-    exe = _cli()
-    if exe is None:
-        return False
-    done = subprocess.run([str(exe), command, "--help"], capture_output=True, text=True, timeout=120)
-    return done.returncode == 0
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_bad_input_cli(case, tmp_path):
+    """Every case through the command line's ``main``, in this process (as the fuzzer runs it):
+    a non-zero exit, the message on stderr, no traceback, no escaped exception, no leftovers."""
     with prepared(case, tmp_path) as prep:
         if prep.argv is None:
             pytest.skip("no command-line form for this case (the CLI's retry waits would make it slow)")
-        assert _cli_has(prep.argv[0]), f"the spinemets command line has no '{prep.argv[0]}' command"
-        done = subprocess.run([str(_cli()), *prep.argv], capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
+        done = fuzzing.run_cli(prep.argv, cwd=Path.cwd(), timeout_s=120)
+    assert done.escaped is None, done.escaped
+    assert done.rc not in (0, None), (done.rc, done.stderr)
     assert case["error"] in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert _leftovers(tmp_path, prep.absent) == []
+
+
+#: Each area of the corpus also runs as a real process, with its first case that has a
+#: command-line form: the installed ``spinemets`` program's exit status and stderr, as a shell sees
+#: them (the in-process runs above check the same messages for every case).
+AREAS = sorted({c["area"] for c in CASES})
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_bad_input_through_the_installed_program(area, tmp_path):
+    exe = _cli()
+    assert exe is not None, "the spinemets program is not installed beside this Python or on PATH"
+    for n, case in enumerate(c for c in CASES if c["area"] == area):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        with prepared(case, folder) as prep:
+            if prep.argv is None:
+                continue
+            done = subprocess.run([str(exe), *prep.argv], capture_output=True, text=True, timeout=120)
+        break
+    else:
+        pytest.skip(f"no case of area {area} has a command-line form")
+    assert done.returncode == 2, (case["id"], done.returncode, done.stderr)
+    assert case["error"] in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("spinemets: error: ") and "Traceback" not in done.stderr
+    assert _leftovers(folder, prep.absent) == []

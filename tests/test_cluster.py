@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO, copy_project
+from conftest import REPO, copy_project, copy_workspace
 from spinemets import cluster, nnunet
 from spinemets.cluster import Resources, Step
 from spinemets.errors import SpinemetsError
@@ -157,14 +156,11 @@ def test_failed_job_is_reported_with_reason_and_log(slurm, tmp_path):
 
 
 @pytest.mark.slow
-def test_nnunet_ci_training_on_slurm_is_cancelled_and_resumes(slurm, tmp_path):
-    """The real protocol graph of one stage with nnU-Net's smallest training (profile ``ci``)."""
-    from spinemets import dataset, synth
-
+def test_nnunet_ci_training_on_slurm_is_cancelled_and_resumes(slurm, ci_run, tmp_path):
+    """The real protocol graph of one stage with nnU-Net's smallest training (profile ``ci``), on a
+    copy of the lesion dataset of the session's ci run (tests/conftest.py), planned, without its models."""
     ws = tmp_path / "ws"
-    synth.synthesize_cohort(tmp_path / "cohort", cases=5, seed=0, preset="demo")
-    dataset.scan(tmp_path / "cohort", out_csv=tmp_path / "manifest.csv")
-    dataset.import_dataset(tmp_path / "manifest.csv", "metastases", ws / "raw")
+    copy_workspace(ci_run / "workspace" / "ci", ws, stages=("metastases",))
     run = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:  # nnU-Net's folders come from the workspace, not the caller's environment
         for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

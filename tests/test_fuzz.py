@@ -1843,6 +1843,7 @@ def test_cli_keeps_the_invariant(command, bases, zenodo, say):
 
 
 @pytest.mark.fuzz
+@pytest.mark.slow  # the long run: out of the fast loop (pytest -m "not slow") too
 @pytest.mark.parametrize("command", list(DEFAULT_EXAMPLES))
 def test_cli_keeps_the_invariant_long(command, bases, zenodo, say):
     """The long run (``pytest -m fuzz``): SPINEMETS_FUZZ_EXAMPLES cases in all (default 3000)."""

@@ -1,8 +1,9 @@
 """nnU-Net workspace, plans configurations, trainer discovery, training with resume, end to end on CPU.
 
-The slow tests share one tiny synthetic workspace (5 cases, built once per module by a fixture):
-planning, a few training iterations of both stages, two-stage prediction, and an interrupted
-training that resumes from its checkpoint.
+The slow tests read the session's trained ci workspace (``ci_run`` in tests/conftest.py: both
+stages planned and trained for a few iterations by the notebooks): its training records, a
+two-stage prediction with the domain check; on copies of its datasets, a training for a budget
+and an interrupted training that resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 
 from spinemets import domain, figures, inference, nnunet
 from spinemets.errors import SpinemetsError
+
+from conftest import copy_workspace
 
 REAL_CT = Path(__file__).resolve().parents[1] / "book" / "data" / "real_ct" / "example_ct_sm.nii.gz"
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")
@@ -211,49 +214,65 @@ def test_selection_is_reused_only_when_nothing_new_was_trained(tmp_path, monkeyp
 
 
 # ------------------------------------------------------------------------------------------
-# Slow: a tiny synthetic workspace, trained for a few iterations
+# Slow: the session's trained ci workspace (tests/conftest.py: ci_run), read as it is; a test that
+# trains works on a copy of the datasets it needs
 # ------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def tiny_workspace(tmp_path_factory):
-    from spinemets.dataset import import_dataset, scan
-    from spinemets.synth import synthesize_cohort
-
-    root = tmp_path_factory.mktemp("nnunet")
-    synthesize_cohort(root / "cohort", cases=5, seed=3, preset="demo")
-    manifest = scan(root / "cohort", holdout=1)
-    ws = nnunet.Workspace(root / "ws")
-    for stage in ("vertebrae", "metastases"):
-        import_dataset(manifest, stage, ws.raw)
-    return ws
+def ci_workspace(ci_run) -> nnunet.Workspace:
+    return nnunet.Workspace(ci_run / "workspace" / "ci")
 
 
 @pytest.mark.slow
-def test_end_to_end_train_predict_localize(tiny_workspace, tmp_path, clean_env):
-    ws = tiny_workspace
+def test_ci_run_trained_both_stages_with_their_records(ci_workspace, tmp_path, clean_env):
+    ws = copy_workspace(ci_workspace, tmp_path / "ws", parts=("raw", "preprocessed", "results"))
     for stage in ("vertebrae", "metastases"):
-        # the lesion stage trains for a wall-clock budget: 3 epochs still, their iterations set by the CPU's speed
-        budget = 12.0 if stage == "metastases" else None
-        result = nnunet.train(stage, profile="ci", workspace=ws, options=nnunet.TrainingOptions(budget_s=budget))
         fold = ws.model_folder(stage, f"demo_{stage}", "SpinemetsCITrainer") / "fold_all"
         assert (fold / "checkpoint_final.pth").exists(), stage
+        result = nnunet.train(stage, profile="ci", workspace=ws)  # trained: every fold skipped, the record returned
         assert result["configurations"] == [f"demo_{stage}"] and result["best"] is None
+        assert not list(fold.glob("training_log_*.txt"))[1:], "a trained fold was trained again"
         log = figures.read_logging(fold)
         assert len(log["train_losses"]) == 3 and len(log["epoch_seconds"]) == 3
         record = result["training"]["demo_" + stage + "/fold_all"]
         assert record == json.loads((fold / nnunet.TRAINING_RECORD).read_text())
-        assert record["finished"] and record["epochs"] == 3 and record["budget_s"] == budget
+        assert record["finished"] and record["epochs"] == 3 and record["budget_s"] is None
+        assert record["iterations"] == 3 * 2  # the trainer's own count
         assert record["channels_last"] and record["cpu"]["torch_capability"] and record["seconds_per_iteration"] > 0
         text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
         lines = re.findall(r"spinemets: epoch (\d+)/3, .* about (\d+) s left", text)
         assert [int(e) for e, _ in lines] == [1, 2, 3] and int(lines[-1][1]) == 0
-        if budget is None:
-            assert record["iterations"] == 3 * 2  # the trainer's own count
-        else:  # the first epoch runs a fifth of the class's count (at least 2), the others what fits
-            assert record["iterations"] >= 2 + 1 + 1 and "Training budget 12 s over 3 epochs" in text
     assert "nnUNet_results" not in os.environ
-    images = ws.raw / ws.dataset_name("vertebrae") / "imagesTs"
+    fig = figures.training_curves("metastases", workspace=ws, profile="ci")
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
+    assert len(fig.axes[0].lines[0].get_xdata()) == 3
+
+
+@pytest.mark.slow
+def test_training_for_a_budget_fits_its_iterations_to_the_cpu(ci_workspace, tmp_path, clean_env):
+    ws = copy_workspace(ci_workspace, tmp_path / "ws", stages=("metastases",))
+    # the lesion stage trains for a wall-clock budget: 3 epochs still, their iterations set by the CPU's speed
+    result = nnunet.train("metastases", profile="ci", workspace=ws, options=nnunet.TrainingOptions(budget_s=12.0))
+    fold = ws.model_folder("metastases", "demo_metastases", "SpinemetsCITrainer") / "fold_all"
+    assert (fold / "checkpoint_final.pth").exists()
+    record = result["training"]["demo_metastases/fold_all"]
+    assert record == json.loads((fold / nnunet.TRAINING_RECORD).read_text())
+    assert record["finished"] and record["epochs"] == 3 and record["budget_s"] == 12.0
+    text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    lines = re.findall(r"spinemets: epoch (\d+)/3, .* about (\d+) s left", text)
+    assert [int(e) for e, _ in lines] == [1, 2, 3] and int(lines[-1][1]) == 0
+    # the first epoch runs a fifth of the class's count (at least 2), the others what fits
+    assert record["iterations"] >= 2 + 1 + 1 and "Training budget 12 s over 3 epochs" in text
+
+
+@pytest.mark.slow
+def test_two_stage_prediction_and_localization_with_the_domain_check(ci_workspace, tmp_path, clean_env):
+    ws = ci_workspace
+    first = sorted((ws.raw / ws.dataset_name("vertebrae") / "imagesTs").glob("*_0000.nii.gz"))[0]
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / first.name).symlink_to(first)
     out = tmp_path / "pred"
     inference.predict(images, out, profile="ci", workspace=ws, device="cpu", options=inference.PredictOptions(roi="spine"))
     (case,) = [p.name for p in out.iterdir() if p.is_dir()]
@@ -284,9 +303,6 @@ def test_end_to_end_train_predict_localize(tiny_workspace, tmp_path, clean_env):
     for table in ("lesions.csv", "vertebrae.csv"):
         with open(real / table, newline="") as fh:
             assert {r["domain_warning"] for r in csv.DictReader(fh)} <= {"outside training domain: spacing, field of view, intensity"}
-    fig = figures.training_curves("metastases", workspace=ws, profile="ci")
-    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
-    assert len(fig.axes[0].lines[0].get_xdata()) == 3
 
 
 INTERRUPTING_TRAINER = textwrap.dedent('''
@@ -309,8 +325,11 @@ INTERRUPTING_TRAINER = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_training_resumes_after_interruption(tiny_workspace, tmp_path, clean_env):
-    ws = tiny_workspace
+def test_training_resumes_after_interruption(ci_workspace, tmp_path, clean_env):
+    """A training that dies (its process gone at once, no clean-up: as a SIGKILL, an OOM kill or a
+    node failure) resumes from its latest checkpoint when trained again. The same mechanism on
+    SLURM (a cancelled job resubmitted) is tests/test_cluster.py's."""
+    ws = copy_workspace(ci_workspace, tmp_path / "ws", stages=("metastases",))
     (tmp_path / "interrupting_trainer.py").write_text(INTERRUPTING_TRAINER)
     kwargs = dict(profile="ci", workspace=ws, options=nnunet.TrainingOptions(
         trainer="SpinemetsInterruptOnceTrainer", extra_trainer_dirs=(tmp_path,)))
@@ -324,9 +343,11 @@ def test_training_resumes_after_interruption(tiny_workspace, tmp_path, clean_env
     nnunet.train("metastases", **kwargs)  # finds the checkpoint and continues with --c
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 4 and len(final["logging"]["train_losses"]) == 4
-    resumed_text = "".join(p.read_text() for p in set(fold.glob("training_log_*.txt")) - first_logs)
+    resumed_logs = set(fold.glob("training_log_*.txt")) - first_logs
+    assert len(first_logs) == 1 and len(resumed_logs) == 1  # one log per attempt
+    resumed_text = "".join(p.read_text() for p in resumed_logs)
     epochs = [int(m) for m in re.findall(r": Epoch (\d+)\s*$", resumed_text, flags=re.MULTILINE)]
-    assert epochs == [2, 3]
+    assert epochs == [2, 3]  # continued from the checkpoint, not from epoch 0
     # the training record counts each epoch once: the two before the checkpoint and the two after
     record = json.loads((fold / nnunet.TRAINING_RECORD).read_text())
     assert record["finished"] and record["epochs"] == 4 and len(record["epoch_log"]) == 4
@@ -334,12 +355,14 @@ def test_training_resumes_after_interruption(tiny_workspace, tmp_path, clean_env
     assert record["elapsed_s"] == pytest.approx(sum(s for _, s in record["epoch_log"]), abs=1.0)
     nnunet.train("metastases", **kwargs)  # finished folds are skipped, not retrained
     assert torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["current_epoch"] == 4
+    assert len(list(fold.glob("training_log_*.txt"))) == 2
 
 
 @pytest.mark.slow
-def test_dropped_lowres_is_reported_and_skipped(tiny_workspace, capsys, clean_env):
+def test_dropped_lowres_is_reported_and_skipped(ci_workspace, tmp_path, capsys, clean_env):
+    ws = copy_workspace(ci_workspace, tmp_path / "ws", stages=("metastases",))
     usable = nnunet.plan_and_preprocess("metastases", "paper", ["3d_lowres", "3d_fullres", "3d_cascade_fullres"],
-                                        workspace=tiny_workspace)
+                                        workspace=ws)
     assert usable == ["3d_fullres"]
     out = capsys.readouterr().out
     assert "3d_lowres is not in the plans" in out and "3d_cascade_fullres is not in the plans" in out

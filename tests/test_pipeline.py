@@ -1,13 +1,13 @@
 """The whole product end to end: the ci profile of the same notebooks the demo runs, then the book.
 
 Every notebook executes with papermill (synthetic cohort -> import -> both trainings ->
-two-stage inference -> evaluation) in a copy of the project, and the book is built from the
-executed notebooks with ``-n -W --keep-going``. Minutes on two cores.
+two-stage inference -> evaluation -> external check) in a copy of the project, and the book is
+built from the executed notebooks with ``-n -W --keep-going``: the session fixture ``ci_run``
+(tests/conftest.py), which the other tests that need trained models or a built book share.
 """
 
 import json
 import re
-import shutil
 
 import nbformat
 import pytest
@@ -15,7 +15,7 @@ import pytest
 from spinemets import results, runner
 
 import browser
-from conftest import REPO
+from conftest import require_niivue_cache
 from test_viewer import _chromium_or_skip
 
 #: The executed copies: one per notebook, and one per stage of the training notebook.
@@ -24,12 +24,10 @@ STEPS = ["01_dataset", "02_slicer", "03_training_vertebrae", "03_training_metast
 
 
 @pytest.mark.slow
-def test_ci_profile_runs_every_notebook_and_builds_the_book(tmp_path):
-    for name in ("_config.yml", "_toc.yml"):
-        shutil.copy(REPO / name, tmp_path / name)
-    for folder in ("book", "notebooks", "profiles"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
-    out = runner.run("ci", root=tmp_path)
+def test_ci_profile_runs_every_notebook_and_builds_the_book(ci_run):
+    tmp_path = ci_run  # the session's one ci run (tests/conftest.py)
+    require_niivue_cache()
+    out = tmp_path / runner.DEFAULT_OUT_DIR
     provenance = json.loads((out / "provenance.json").read_text())
     assert [n["status"] for n in provenance["notebooks"]] == ["ok"] * len(STEPS)
     for step in STEPS:

@@ -18,11 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +28,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
+import slurm_cluster
 from conftest import REPO, copy_project
 from spinemets import cluster, inference, nnunet
 from spinemets.labels import STAGE_NAMES
@@ -53,9 +50,16 @@ def run_in(root: Path, args: list[str]) -> int:
         return cli.main(args)
 
 
+def _slurm_wanted() -> bool:
+    return slurm_cluster.unavailable_reason() is None or os.environ.get("SPINEMETS_REQUIRE_SLURM") == "1"
+
+
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory) -> Path:
-    """``spinemets run --profile smoke`` in a copy of the project; returns the project folder.
+def smoke_run(tmp_path_factory, request) -> Path:
+    """``spinemets run --profile smoke`` in a copy of the project, once per session; returns the
+    project folder. Where SLURM can run (CI requires it) the run is submitted as jobs to the
+    one-node cluster (``--executor slurm --wait``; its run folder is ``SMOKE_JOBS`` beside the
+    project), else it runs with the local executor.
 
     ``SPINEMETS_SMOKE_PROJECT=FOLDER`` reuses the project folder of a finished run instead (when
     working on these tests; the tests that edit a run work on copies of it).
@@ -64,11 +68,21 @@ def smoke_run(tmp_path_factory) -> Path:
     if reuse:
         return Path(reuse)
     root = copy_project(tmp_path_factory.mktemp("smoke") / "project")
+    args = ["run", "--profile", "smoke"]
+    if _slurm_wanted():
+        request.getfixturevalue("slurm")  # started once per session (tests/conftest.py), or a failure
+        args += ["--executor", "slurm", "--run-folder", str(root.parent / SMOKE_JOBS), "--wait", "--poll", "5"]
     start = time.perf_counter()
-    code = run_in(root, ["run", "--profile", "smoke"])
-    print(f"spinemets run --profile smoke: {time.perf_counter() - start:.0f} s")
+    code = run_in(root, args)
+    print(f"spinemets {' '.join(args)}: {time.perf_counter() - start:.0f} s")
+    if (root.parent / SMOKE_JOBS).is_dir():
+        assert code == 0, cluster.status(root.parent / SMOKE_JOBS).to_string()
     assert code == 0, (root / "build" / "executed" / "provenance.json").read_text()
     return root
+
+
+#: The run folder of the smoke run's jobs, beside its project folder (when it ran on SLURM).
+SMOKE_JOBS = "jobs"
 
 
 def workspace_of(root: Path) -> nnunet.Workspace:
@@ -368,98 +382,53 @@ def test_postprocessing_from_a_real_pkl_removes_a_component(steerable, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
-# A fold killed mid-training resumes from its checkpoint
+# The run went through SLURM: one job per step, the right order, each fold trained once
 # ---------------------------------------------------------------------------------------------
 
 
-def test_fold_killed_mid_training_resumes_from_its_checkpoint(smoke_run, tmp_path):
-    src = workspace_of(smoke_run)
-    ws = nnunet.Workspace(tmp_path / "ws")
-    name = ws.dataset_name(STAGE)
-    shutil.copytree(src.raw / name, ws.raw / name)
-    shutil.copytree(src.preprocessed / name, ws.preprocessed / name)
-    fold = ws.model_folder(STAGE, "2d", TRAINER) / "fold_0"
-    cmd = [sys.executable, "-m", "spinemets.cli", "train", "--stage", STAGE, "--profile", "smoke",
-           "--workspace", str(ws.root), "--configurations", "2d", "--folds", "0"]
-    env = {k: v for k, v in os.environ.items() if k not in NNUNET_VARS}
-    env.update(SPINEMETS_SMOKE_EPOCHS="6", SPINEMETS_SMOKE_ITERATIONS="3")
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    # "Epoch 2" is logged once epoch 1 has ended and its checkpoint is written completely
-    while not any("Epoch 2" in p.read_text() for p in fold.glob("training_log_*.txt")):
-        assert first.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
-        time.sleep(0.05)
-    trainer = subprocess.run(["pgrep", "-f", f"nnUNetv2_train {name[7:10]} 2d 0"], capture_output=True, text=True)
-    pid = int(trainer.stdout.split()[0])
-    os.killpg(os.getpgid(pid), signal.SIGKILL)  # the trainer and its data-loading workers, mid-epoch
-    assert first.wait(timeout=60) != 0
-    assert (fold / nnunet.CHECKPOINT_LATEST).exists() and not (fold / nnunet.CHECKPOINT_FINAL).exists()
-
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert (fold / nnunet.CHECKPOINT_FINAL).exists()
-    logs = sorted(fold.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
-    assert len(logs) == 2
-    resumed_at = int(re.search(r"Epoch (\d+)", logs[-1].read_text()).group(1))
-    assert resumed_at >= 2  # continued from the checkpoint, not from epoch 0
-    assert "Epoch 0\n" not in logs[-1].read_text()
-    import torch
-
-    final = torch.load(fold / nnunet.CHECKPOINT_FINAL, map_location="cpu", weights_only=False)
-    assert final["current_epoch"] == 6
-
-
-# ---------------------------------------------------------------------------------------------
-# The same run on the one-node SLURM
-# ---------------------------------------------------------------------------------------------
-
-
-def table_shape(root: Path) -> dict[str, tuple]:
-    """Every table of a run (evaluation and predictions) by its path: its columns and the rows that do not
-    depend on what the models predict (the cases of the evaluation; the lesion and vertebra tables
-    have a row per predicted lesion or vertebra). Models trained for a few iterations, with random augmentation, predict
-    differently in each run, so the lesion rows and the numbers are not compared."""
-    ws = workspace_of(root)
+def table_shape(ws_root: Path) -> dict[str, tuple]:
+    """Every table of a run (evaluation and predictions) by its path in the workspace: its columns.
+    Models trained for a few iterations predict differently in each run, so the rows and numbers
+    are not compared."""
     out = {}
-    for path in sorted([*(ws.root / "evaluation").rglob("*.csv"), *ws.predictions.rglob("*.csv")]):
-        table = pd.read_csv(path)
-        rows = tuple(sorted(set(table["case"]))) if "case" in table else ()  # the evaluated cases
-        out[str(path.relative_to(ws.root))] = (tuple(table.columns), rows)
+    for path in sorted([*(ws_root / "evaluation").rglob("*.csv"), *(ws_root / "predictions").rglob("*.csv")]):
+        out[str(path.relative_to(ws_root))] = tuple(pd.read_csv(path).columns)
     return out
 
 
-#: The configurations of the SLURM run: the cascade and the low-resolution model it waits for (the
-#: one dependency between training jobs) and the selection between them. The local run above has
-#: trained all four; the jobs of the other two differ from these only in their arguments.
-SLURM_CONFIGURATIONS = ["3d_lowres", "3d_cascade_fullres"]
-
-
-def test_smoke_run_on_slurm_produces_the_same_tables(slurm, smoke_run, tmp_path):
-    root = copy_project(tmp_path / "project")
-    run = tmp_path / "run"
-    code = run_in(root, ["run", "--profile", "smoke", "--executor", "slurm", "--run-folder", str(run), "--wait",
-                         "--poll", "5", "-p", "configurations", json.dumps(SLURM_CONFIGURATIONS)])
+def test_smoke_run_went_through_slurm_jobs_and_wrote_the_tables_of_a_local_run(smoke_run, ci_run):
+    run = smoke_run.parent / SMOKE_JOBS
+    if not run.is_dir():
+        pytest.skip("the smoke run ran with the local executor (SLURM cannot run here)")
     table = cluster.status(run)
-    assert code == 0, table.to_string()
     trains = [s for s in table["step"] if "/fold_" in s]
     assert sorted(trains) == sorted(f"{stage}/{cfg}/fold_{fold}" for stage in STAGE_NAMES
-                                    for cfg in SLURM_CONFIGURATIONS for fold in (0, 1))
+                                    for cfg in nnunet.PAPER_CONFIGURATIONS for fold in (0, 1))
     assert (table["status"] == "done").all()
     assert len(set(table["job"])) == len(table)
-    local, on_slurm = table_shape(smoke_run), table_shape(root)
-    assert local and on_slurm == local
     assert list(table["step"])[:2] == ["run/prepare", "vertebrae/plan"] and list(table["step"])[-1] == "run/report"
-    provenance = json.loads((root / "build" / "executed" / "provenance.json").read_text())
-    steps = yaml.safe_load((root / "profiles" / "smoke.yaml").read_text())["notebooks"]
+    # the cascade's jobs waited for the low-resolution model they train on (the one dependency
+    # between training jobs)
+    record = cluster.load_record(run)
+    after = {e["name"]: set(e["after"]) for e in record["steps"]}
+    for stage in STAGE_NAMES:
+        for fold in (0, 1):
+            assert f"{stage}/3d_lowres/fold_{fold}" in after[f"{stage}/3d_cascade_fullres/fold_{fold}"], after
+    provenance = json.loads((smoke_run / "build" / "executed" / "provenance.json").read_text())
+    steps = yaml.safe_load((smoke_run / "profiles" / "smoke.yaml").read_text())["notebooks"]
     assert provenance["status"] == "ok" and [n["status"] for n in provenance["notebooks"]] == ["ok"] * len(steps)
-    assert "<table" in (root / "_build" / "html" / "book" / "results.html").read_text()
+    assert "<table" in (smoke_run / "_build" / "html" / "book" / "results.html").read_text()
     # the notebooks of the preparing job ran into their own folder
-    assert sorted(p.name for p in (root / "build" / "executed-prepare").glob("*.ipynb")) == [
+    assert sorted(p.name for p in (smoke_run / "build" / "executed-prepare").glob("*.ipynb")) == [
         "01_dataset.ipynb", "02_slicer.ipynb"]
+    ws = workspace_of(smoke_run)
     for stage in STAGE_NAMES:  # the report found every fold trained by the jobs: each trained once
-        log_text = (workspace_of(root).results / workspace_of(root).dataset_name(stage) / "spinemets_train.log").read_text()
-        assert log_text.count("Training done.") == 2 * len(SLURM_CONFIGURATIONS)
-        selection = json.loads((workspace_of(root).results / workspace_of(root).dataset_name(stage)
-                                / "inference_information.json").read_text())
-        chosen = selection["best_model_or_ensemble"]["selected_model_or_models"]
-        assert {m["configuration"] for m in chosen} <= set(SLURM_CONFIGURATIONS)
+        log_text = (ws.results / ws.dataset_name(stage) / "spinemets_train.log").read_text()
+        assert log_text.count("Training done.") == 2 * len(nnunet.PAPER_CONFIGURATIONS)
+        # each stage evaluated on exactly its held-out cases
+        held_out = sorted(p.name[: -len(".nii.gz")] for p in ws.test_labels(stage).glob("*.nii.gz"))
+        per_case = pd.read_csv(ws.evaluation(stage) / "per_case.csv")
+        assert sorted(set(per_case["case"])) == held_out, stage
+    # the same tables, with the same columns, as the local executor's run of the same notebooks (the ci run)
+    on_slurm, local = table_shape(ws.root), table_shape(ci_run / "workspace" / "ci")
+    assert on_slurm and {path: local.get(path) for path in on_slurm} == on_slurm

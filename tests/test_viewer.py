@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 import browser
+from conftest import require_niivue_cache
 from spinemets import viewer
 from spinemets.errors import SpinemetsError
 from spinemets.viewer import niivue_html, nifti1_bytes, stage_layer
@@ -108,22 +109,33 @@ def test_no_identifiers_reach_the_page(tmp_path):
 
 
 def test_vendor_error_is_clear(tmp_path, monkeypatch):
+    monkeypatch.delenv(viewer.NO_DOWNLOAD_ENV, raising=False)
     monkeypatch.setattr(viewer.shutil, "which", lambda name: None)
     with pytest.raises(SpinemetsError, match="npm is not installed"):
         viewer.vendor_niivue(tmp_path / "static", tmp_path / "cache")
 
 
+def test_vendor_without_download_reads_only_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(viewer.NO_DOWNLOAD_ENV, "1")
+    monkeypatch.setattr(viewer.subprocess, "run", lambda *a, **k: pytest.fail("npm pack was run"))
+    with pytest.raises(SpinemetsError, match=r"not in the cache and SPINEMETS_NO_DOWNLOAD=1 forbids"):
+        viewer.vendor_niivue(tmp_path / "static", tmp_path / "cache")
+    assert not (tmp_path / "static" / "niivue").exists()
+
+
 def _chromium_or_skip() -> str:
-    exe = browser.install_chromium()
+    """The installed headless Chromium; no test installs one (``scripts/install_browser.sh`` does)."""
+    exe = browser.find_chromium()
     if exe is None:
         if os.environ.get("SPINEMETS_REQUIRE_BROWSER"):
-            pytest.fail("chromium could not be installed (scripts/install_browser.sh) and SPINEMETS_REQUIRE_BROWSER is set")
-        pytest.skip("chromium could not be installed (scripts/install_browser.sh); set SPINEMETS_REQUIRE_BROWSER to fail instead")
+            pytest.fail("no chromium installed (scripts/install_browser.sh) and SPINEMETS_REQUIRE_BROWSER is set")
+        pytest.skip("no chromium installed (scripts/install_browser.sh); set SPINEMETS_REQUIRE_BROWSER to fail instead")
     return exe
 
 
 def test_book_page_in_headless_chromium(tmp_path):
     exe = _chromium_or_skip()
+    require_niivue_cache()
     book = tmp_path / "book"
     book.mkdir()
     ct, layers = _case(tmp_path)

@@ -48,6 +48,9 @@ NIIVUE_BUNDLE = "package/dist/niivue.umd.js"
 NIIVUE_STATIC_PATH = "niivue/niivue.umd.js"
 #: Environment variable naming the vendoring cache folder (default ``<book root>/build/vendor``).
 VENDOR_DIR_ENV = "SPINEMETS_VENDOR_DIR"
+#: Environment variable: ``1`` vendors only from the cache and never runs ``npm pack`` (the
+#: tests set it, so that no test reaches the npm registry; ``make test`` fills the cache first).
+NO_DOWNLOAD_ENV = "SPINEMETS_NO_DOWNLOAD"
 
 #: Default size budget of one viewer block (the whole HTML, base64 volumes included): 1.5 MB.
 DEFAULT_MAX_BYTES = 1_500_000
@@ -68,6 +71,9 @@ def _npm_tarball(cache_dir: Path, version: str) -> Path:
     tarball = cache_dir / f"niivue-niivue-{version}.tgz"
     if tarball.is_file() and tarball.stat().st_size > 0:
         return tarball
+    if os.environ.get(NO_DOWNLOAD_ENV) == "1":
+        raise SpinemetsError(f"vendoring niivue: {tarball} is not in the cache and {NO_DOWNLOAD_ENV}=1 forbids "
+                             "fetching it (`make vendor` or scripts/vendor_niivue.sh fills the cache)")
     npm = shutil.which("npm")
     if npm is None:
         raise SpinemetsError("vendoring niivue: npm is not installed (it fetches "

@@ -1,0 +1,43 @@
+"""The suite's guard against running a pipeline twice (tests/pipeline_guard.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+import pipeline_guard
+from spinemets import runner
+
+
+def test_a_second_run_of_a_pipeline_profile_fails_at_once_naming_the_test(monkeypatch):
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/test_new.py::test_mine (call)")
+    guard = pipeline_guard.Guard({"ci": 1, "demo": 0})
+    guard.started("ci")
+    guard.started("tiny")  # not a pipeline: the runner's own toy profiles are not counted
+    guard.started("tiny")
+    with pytest.raises(pipeline_guard.PipelineRunAgain, match=r"test_new.py::test_mine runs `spinemets run "
+                                                              r"--profile ci` again \(run 2 .* at most 1"):
+        guard.started("profiles/ci.yaml")
+    with pytest.raises(pipeline_guard.PipelineRunAgain, match="at most 0"):
+        guard.started(runner.load_profile("demo"))
+
+
+def test_the_session_guard_counts_runner_runs(pipeline_guard):
+    assert runner.run.__name__ == "call"  # wrapped for the session (tests/conftest.py)
+    before = sum(pipeline_guard.runs.values())
+    pipeline_guard.started("smoke-not-a-profile")
+    assert sum(pipeline_guard.runs.values()) == before
+
+
+def test_training_launches_are_counted_per_test_folder_from_the_training_logs(tmp_path):
+    for folder, n in (("ci0", 2), ("test_resume0", 3)):
+        for i in range(n):
+            log = tmp_path / folder / "ws" / "results" / f"fold_{i}" / f"training_log_2026_12_6_{i}.txt"
+            log.parent.mkdir(parents=True)
+            log.write_text("Epoch 0\n")
+    (tmp_path / "other0" / "training_log.txt").parent.mkdir()
+    (tmp_path / "other0" / "training_log.txt").write_text("")  # not nnU-Net's name
+    counts = pipeline_guard.training_launches(tmp_path)
+    assert counts == {"ci0": 2, "test_resume0": 3}
+    assert pipeline_guard.training_problem(counts, limit=5) is None
+    problem = pipeline_guard.training_problem(counts, limit=4)
+    assert "launched nnUNetv2_train 5 times, more than the 4" in problem and "test_resume0: 3, ci0: 2" in problem
