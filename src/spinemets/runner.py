@@ -442,22 +442,56 @@ def run_toc(root: Path, out: Path) -> Path:
     return path
 
 
-def _mark_copy(path: Path, stage: str, first: bool) -> None:
-    """Tell the executed copies of a notebook run once per stage apart in the book: the title gets
-    the stage, and every copy but the first its own label (``(nb-training)=`` ->
-    ``(nb-training-metastases)=``), so that cross-references find the first and no label is doubled."""
+#: The tag of a markdown cell that belongs to one stage (``stage-vertebrae``) of a notebook run once per stage.
+STAGE_TAG = "stage-"
+
+
+def _cell_stages(cell) -> set[str]:
+    return {tag[len(STAGE_TAG):] for tag in cell.get("metadata", {}).get("tags", []) if tag.startswith(STAGE_TAG)}
+
+
+def stage_page(nb, stage: str, first: bool = True):
+    """The executed copy of a notebook run once per stage, made the page of ``stage`` (in place; returns ``nb``).
+
+    - The title (the first ``# `` line of the first markdown cell) becomes the notebook's own title
+      for the stage, ``metadata.spinemets.stage_titles[stage]``; a notebook without one gets
+      ``TITLE: stage``.
+    - Markdown cells tagged ``stage-OTHER`` (:data:`STAGE_TAG`) are dropped; the stage's own
+      cells directly after the first cell replace the text below the title (the notebook's opening
+      for both stages), so that the page opens with its stage's own paragraph; its other own
+      cells stay where they are.
+    - Every copy but the first gets its own label (``(nb-training)=`` -> ``(nb-training-metastases)=``),
+      so that cross-references find the first and no label is doubled.
+    """
     import re
 
+    titles = nb.metadata.get("spinemets", {}).get("stage_titles", {})
+    nb.cells = [cell for cell in nb.cells if not _cell_stages(cell) or stage in _cell_stages(cell)]
+    at = next((i for i, cell in enumerate(nb.cells) if cell.cell_type == "markdown"), None)
+    if at is None:
+        return nb
+    head = nb.cells[at]
+    opening = []
+    while (at + 1 < len(nb.cells) and nb.cells[at + 1].cell_type == "markdown"
+           and stage in _cell_stages(nb.cells[at + 1])):
+        opening.append(nb.cells.pop(at + 1).source.strip())
+    title = re.search(r"^# (.+)$", head.source, flags=re.M)
+    text = head.source
+    if title:
+        new_title = f"# {titles[stage]}" if stage in titles else f"{title.group(0)}: {stage}"
+        below = "\n\n".join(opening) if opening else text[title.end():].strip("\n")
+        text = text[:title.start()] + new_title + ("\n\n" + below if below else "")
+    if not first:
+        text = re.sub(r"^\((nb-[a-z-]+)\)=$", lambda m: f"({m.group(1)}-{stage})=", text, count=1, flags=re.M)
+    head.source = text
+    return nb
+
+
+def _mark_copy(path: Path, stage: str, first: bool) -> None:
+    """Make the executed copy ``path`` of a notebook run once per stage the page of its stage (:func:`stage_page`)."""
     import nbformat
 
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            text = re.sub(r"^(# .+)$", lambda m: f"{m.group(1)}: {stage}", cell.source, count=1, flags=re.M)
-            if not first:
-                text = re.sub(r"^\((nb-[a-z-]+)\)=$", lambda m: f"({m.group(1)}-{stage})=", text, count=1, flags=re.M)
-            cell.source = text
-            break
+    nb = stage_page(nbformat.read(path, as_version=4), stage, first)
     with atomic_path(path) as tmp:
         nbformat.write(nb, tmp)
 
