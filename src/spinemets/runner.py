@@ -529,6 +529,37 @@ def build(root: str | Path | None = None, run_dir: str | Path | None = None) -> 
     return root / "_build" / "html" / "index.html"
 
 
+#: Run statuses after which every notebook has executed (a book can be built from the run).
+EXECUTED_STATUSES = ("executed", "ok", "book build failed")
+
+
+def build_run_book(root: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT_DIR) -> Path:
+    """Build the book again from a finished run in ``out_dir``, executing no notebook and training
+    nothing (``spinemets book``, ``make book``); return ``_build/html/index.html``.
+
+    The run's ``provenance.json`` must say that every notebook executed (:data:`EXECUTED_STATUSES`);
+    it then records the book, the time it was built and the status ``ok`` (or ``book build failed``).
+    """
+    root = find_project_root(root)
+    out = _inside(root, out_dir)
+    record = read_json(out / PROVENANCE, "run provenance", missing=None)
+    if record is None:
+        raise SpinemetsError(f"{out}: no run here (no {PROVENANCE}); run the notebooks first "
+                             "(spinemets run --profile demo)")
+    if record.get("status") not in EXECUTED_STATUSES:
+        raise SpinemetsError(f"{out}: the run has not executed all its notebooks (status: {record.get('status')}); "
+                             "run them first (spinemets run --profile NAME)")
+    try:
+        index = build(root, out)
+    except SpinemetsError:
+        record.update(status="book build failed", book_built=now())
+        write_json(out / PROVENANCE, record)
+        raise
+    record.update(status="ok", book=_rel(root, index), book_built=now())
+    write_json(out / PROVENANCE, record)
+    return index
+
+
 # ---------------------------------------------------------------------------------------------
 # The results page
 # ---------------------------------------------------------------------------------------------
