@@ -298,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "then the remaining notebooks and the book as one job (cluster.submit_run)")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("book", help="build the book again from a finished run, without executing or training "
-                                    "anything (runner.build_run_book)")
+    what = "build the book again from a finished run, without executing or training anything (runner.build_run_book)"
+    p = sub.add_parser("book", help=what, description=what)
     p.add_argument("--run", type=Path, default=Path("build/executed"), metavar="FOLDER",
                    help="the run folder, relative to the project root (default: build/executed)")
     p.set_defaults(func=_cmd_book)

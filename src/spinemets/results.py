@@ -1,11 +1,15 @@
-"""The results page of the book (``book/results.md``): which run it shows, and its numbers beside the paper's.
+"""The book's pages that set a run beside the paper (``book/results.md``, ``book/dataset.md``).
 
 :func:`run_dir` finds the run (the folder :func:`spinemets.runner.run` executed the notebooks
 into, named by :data:`spinemets.runner.RUN_DIR_ENV` during the book build), :func:`read_provenance`
 reads what produced it, :func:`run_summaries` and :func:`run_per_case` read the tables the
 evaluation wrote into the run's workspace (:meth:`spinemets.nnunet.Workspace.evaluation`), and
-:func:`compare_with_paper` sets them beside the paper's values (``book/data/paper_results.csv``).
-This module serves the book; the command that produces what it shows is ``spinemets run``.
+:func:`compare_with_paper`, :func:`per_vertebra_table` and :func:`per_lesion_type_table` set them
+beside the paper's values (:func:`read_paper_results`: its Tables 2 and 3 as transcribed in
+``book/data/paper/``, and ``book/data/paper_results.csv``), :func:`with_intervals` with our
+bootstrap intervals. :func:`cohort_beside_paper` sets the paper's Table 1 (:func:`read_paper_cohort`)
+beside the cohort a run used (:func:`run_cohort`). This module serves the book; the command that
+produces what it shows is ``spinemets run`` (``spinemets book`` builds the book again).
 """
 
 from __future__ import annotations
