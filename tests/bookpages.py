@@ -23,10 +23,13 @@ def _text(element) -> str:
 
 
 def title_and_opening(page: str | Path) -> tuple[str, str]:
-    """The page's title (its first ``<h1>`` in the article) and the first paragraph after it."""
-    soup = _soup(page)
-    article = soup.find("article") or soup
-    heading = article.find("h1")
+    """The page's title (its first ``<h1>``) and the first paragraph after it. Only the part of the
+    page from the title on is parsed: a notebook page can carry megabytes of embedded viewer data."""
+    html = Path(page).read_text() if isinstance(page, Path) else page
+    start = html.find("<h1")
+    if start < 0:
+        raise AssertionError("the page has no title (<h1>)")
+    heading = _soup(html[start:start + 20000]).find("h1")
     if heading is None:
         raise AssertionError("the page has no title (<h1>)")
     paragraph = heading.find_next("p")

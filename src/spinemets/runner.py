@@ -17,7 +17,10 @@
    clone builds a complete book without any run. The results page (``book/results.md``) finds the
    run through the environment variable :data:`RUN_DIR_ENV`, which is set for the book build only.
 
-The results page itself is served by :mod:`spinemets.results`.
+A notebook run once per stage (``03_training``) gets an executed copy per stage, each made the page
+of its stage by :func:`stage_page` (its title and opening paragraph). :func:`build_run_book`
+(``spinemets book``, ``make book``) builds the book again from a finished run without executing
+anything. The results page itself is served by :mod:`spinemets.results`.
 """
 
 from __future__ import annotations
