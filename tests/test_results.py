@@ -311,7 +311,7 @@ def test_per_vertebra_dice_figure_has_one_tick_per_vertebra():
     assert [t.get_text() for t in ax.get_xticklabels()] == list(labels.VERTEBRAE)
     assert len(ax.get_xticks()) == 25
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["ours, per case", "ours, mean over cases", "Edelmers et al. 2024"]
+    assert legend == ["ours, per case", "ours, mean over cases", "Edelmers et al. 2024 (Table 2)"]
     points = [c.get_offsets().data.copy() for c in ax.collections]
     again = [c.get_offsets().data.copy() for c in figures.per_vertebra_dice(table, TWO_CASES).axes[0].collections]
     assert len(points) == len(again) == 4  # per-case points of L1 and L2, our means, the paper's
