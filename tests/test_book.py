@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
+import bookpages
 from spinemets import labels, metrics, nnunet, results, runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,12 +179,18 @@ def _fake_evaluated_run(root: Path) -> Path:
     for stage in ("vertebrae", "metastases"):
         metrics.evaluate_folders(workspace / "ref" / stage, workspace / "pred" / stage, stage,
                                  nnunet.Workspace(workspace).evaluation(stage))
+    cohort = root / "data" / "synthetic-test"
+    cohort.mkdir(parents=True)
+    (cohort / "cohort.csv").write_text("case_id,sex,age,metastasis_type,primary_site\ncase0,F,61,lytic,breast\n"
+                                       "case1,M,70,mixed,prostate\ncase2,F,55,lytic,lung\n")
     out = root / "build" / "executed"
     out.mkdir(parents=True)
     (out / "provenance.json").write_text(json.dumps({
         "command": "spinemets run --profile demo", "status": "ok", "finished": "2026-01-01T00:00:00+00:00",
         "profile": {"name": "demo", "file": "profiles/demo.yaml", "cohort": "synthetic"},
-        "notebooks": [{"notebook": "notebooks/05_metrics.ipynb",
+        "notebooks": [{"notebook": "notebooks/01_dataset.ipynb",
+                       "parameters": {"data_dir": "data/synthetic-test", "workspace": "workspace/test"}, "status": "ok"},
+                      {"notebook": "notebooks/05_metrics.ipynb",
                        "parameters": {"workspace": "workspace/test", "device": "cpu"}, "status": "ok"}],
     }))
     return out
@@ -195,8 +202,10 @@ def test_book_builds_with_results_table_and_figures(tmp_path):
     for folder in ("book", "notebooks", "profiles"):
         shutil.copytree(REPO / folder, tmp_path / folder)
     out = _fake_evaluated_run(tmp_path)
-    index = runner.build(tmp_path, out)  # -n -W --keep-going: any warning fails the build
+    index = runner.build_run_book(tmp_path)  # `make book`; -n -W --keep-going: any warning fails the build
     assert index == tmp_path / "_build" / "html" / "index.html" and index.exists()
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["status"] == "ok" and record["book"] == "_build/html/index.html" and record["book_built"]
     html = tmp_path / "_build" / "html"
     page = (html / "book" / "results.html").read_text()
     assert "<strong>demo</strong> profile" in page
@@ -211,9 +220,76 @@ def test_book_builds_with_results_table_and_figures(tmp_path):
         assert value in page, value
     assert len(re.findall(r"<img [^>]*src=\"\.\./_images/", page)) == 3, "per-vertebra Dice and two box-plot figures"
     assert "Per vertebra (the paper" in page and page.count("<tr") > 25  # the 25-row per-vertebra table
+    per_vertebra = _check_per_vertebra_table(html / "book" / "results.html")
+    for name in ("T12", "L1", "L2"):  # the fake run's vertebrae: our mean with its bootstrap interval
+        assert re.fullmatch(r"\d\.\d\d \(\d\.\d\d–\d\.\d\d\)", per_vertebra[name]["ours Dice (95 % CI)"]), name
+        assert per_vertebra[name]["n"] == "3"
+    assert per_vertebra["C1"]["ours Dice (95 % CI)"] == "–" and per_vertebra["C1"]["n"] == "0"
+    assert "not yet" not in page, "the paper's tables are transcribed"
+    lesions = {row[""]: row for row in bookpages.table_with_caption(html / "book" / "results.html", "Per lesion type")}
+    assert [lesions[t]["paper Dice"] for t in ("lytic", "sclerotic")] == ["0.71", "0.61"]
+    cohort = _check_cohort_table(html / "book" / "dataset.html")
+    assert cohort["Lytic"]["this run"] == "2 (67 %)" and cohort["mixed"]["this run"] == "1 (33 %)"
+    assert cohort["Female"]["this run"] == "–", "a synthetic cohort's drawn sex is not set beside the paper's"
+    title, opening = bookpages.title_and_opening(html / "notebooks" / "03_training.html")
+    assert title == "Training a stage" and "once per stage" in opening  # the committed notebook: both stages
     for page in ["intro", "dataset", "methods", "reproducing", "references"]:
         assert (html / "book" / f"{page}.html").exists()
     for step in STEPS:
         assert (html / "notebooks" / f"{step}.html").exists()
     references = (html / "book" / "references.html").read_text()
     assert "Diagnostics" in references and "Panoptic quality should be avoided" in references
+
+
+def _check_per_vertebra_table(page: Path) -> dict[str, dict[str, str]]:
+    """The results page's per-vertebra table: the paper's Dice, F2 and PQ of all 25 vertebrae as
+    its Table 2 prints them (book/data/paper/table2_vertebrae.csv); its rows by vertebra."""
+    rows = {row[""]: row for row in bookpages.table_with_caption(page, "Per vertebra")}
+    assert list(rows) == list(labels.VERTEBRAE)
+    table2 = pd.read_csv(REPO / "book" / "data" / "paper" / "table2_vertebrae.csv", dtype=str).set_index("vertebra")
+    for name, printed in table2.iterrows():
+        shown = [rows[name][f"paper {label}"] for label in ("Dice", "F2", "PQ")]
+        assert shown == [printed["dice"], printed["fbeta"], printed["pq"]], name
+    return rows
+
+
+def _check_cohort_table(page: Path) -> dict[str, dict[str, str]]:
+    """The data chapter's summary of the paper's Table 1 (38 rows, 19 lytic and 19 sclerotic, as
+    its README says); its rows by value."""
+    rows = {row[""]: row for row in bookpages.table_with_caption(page, "The paper's Table 1")}
+    assert rows[""]["paper"] == "38"  # cases
+    assert rows["Lytic"]["paper"] == rows["Sclerotic"]["paper"] == "19 (50 %)"
+    assert rows["Breast"]["paper"] == "15 (39 %)"
+    return rows
+
+
+@pytest.mark.slow
+def test_ci_book_shows_the_papers_tables_and_titles_each_page_for_its_stage(ci_run):
+    """The ci run's book (conftest's ci_run): the paper's 25 per-vertebra values beside ours on the
+    results page, Table 1's summary beside the run's cohort, and every page titled for itself: a
+    notebook run once per stage has a page per stage whose title and first paragraph name that
+    stage (and whose title does not name the other), and no two pages share a title."""
+    html = ci_run / "_build" / "html"
+    rows = _check_per_vertebra_table(html / "book" / "results.html")
+    assert any(row["ours Dice (95 % CI)"] != "–" for row in rows.values()), "the run's own numbers are shown"
+    page = (html / "book" / "results.html").read_text()
+    assert len(re.findall(r"<img [^>]*src=\"\.\./_images/", page)) == 3
+    cohort = _check_cohort_table(html / "book" / "dataset.html")
+    assert cohort[""]["this run"] not in ("", "–")  # the ci cohort's cases
+    record = json.loads((ci_run / "build" / "executed" / "provenance.json").read_text())
+    words = {"vertebrae": "vertebra", "metastases": "metasta"}
+    staged = {entry["step"]: entry["parameters"]["stage"] for entry in record["notebooks"]
+              if "stage" in entry["parameters"]}
+    assert sorted(staged.values()) == sorted(words), "a notebook runs once per stage"
+    for step, stage in staged.items():
+        title, opening = bookpages.title_and_opening(html / "build" / "executed" / f"{step}.html")
+        other = next(word for name, word in words.items() if name != stage)
+        assert words[stage] in title.lower() and other not in title.lower(), (step, title)
+        assert words[stage] in opening.lower(), (step, opening)
+    titles = {}
+    for path in sorted(html.rglob("*.html")):
+        if path.relative_to(html).as_posix() in ("index.html", "genindex.html", "search.html") \
+                or "_static" in path.parts:  # index.html: a redirect to the root page
+            continue
+        titles.setdefault(bookpages.title_and_opening(path)[0], []).append(path.relative_to(html).as_posix())
+    assert all(len(pages) == 1 for pages in titles.values()), {t: p for t, p in titles.items() if len(p) > 1}

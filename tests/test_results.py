@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from conftest import REPO
-from spinemets import results, runner
+from spinemets import labels, results, runner
 
 
 def _summary(rows):
@@ -38,7 +38,8 @@ def test_compare_with_paper():
     assert table.loc[("vertebrae", "all vertebrae", "Dice"), "ours"] == "0.80–0.90 (mean 0.85)"
     assert table.loc[("metastases", "sclerotic", "PQ"), "paper"] == "0.30"
     without_run = results.compare_with_paper(paper, {})
-    assert (without_run["ours"] == "–").all() and len(without_run) == len(paper)
+    assert (without_run["ours"] == "–").all()
+    assert len(without_run) == len(paper[~paper["class"].isin(labels.VERTEBRAE)]) == 7  # single vertebrae: Table 2
 
 
 def test_provenance_statement_says_where_numbers_come_from():
@@ -115,6 +116,7 @@ import numpy as np
 import pytest
 
 from spinemets import labels
+from spinemets.errors import SpinemetsError
 
 
 def _per_case(rows):
@@ -196,11 +198,101 @@ def test_paper_file_values_are_fractions_with_sources_and_vertebrae_come_complet
         assert rows["value"].notna().all(), metric
 
 
-def test_read_paper_cohort(tmp_path):
-    assert results.read_paper_cohort(tmp_path / "none.csv") is None
-    (tmp_path / "bad.csv").write_text("characteristic,value\nsex,female\n")
-    with pytest.raises(Exception, match="missing column"):
-        results.read_paper_cohort(tmp_path / "bad.csv")
+PAPER_DIR = REPO / "book" / "data" / "paper"
+
+
+def test_the_papers_tables_come_into_the_paper_values_as_printed():
+    """Table 2 (25 vertebrae) and Table 3 (2 lesion types) as transcribed, each value with its table's source."""
+    paper = results.read_paper_results(REPO / "book" / "data" / "paper_results.csv")
+    table2 = pd.read_csv(PAPER_DIR / "table2_vertebrae.csv")
+    vertebrae = paper[(paper["stage"] == "vertebrae") & paper["class"].isin(labels.VERTEBRAE)]
+    assert len(vertebrae) == 75 and set(vertebrae["configuration"]) == {"3d_fullres"}
+    assert vertebrae["source"].str.contains("Edelmers et al. 2024, Table 2").all()
+    for column, metric in (("dice", "dice"), ("fbeta", "f2"), ("pq", "pq")):
+        values = vertebrae[vertebrae["metric"] == metric].set_index("class")["value"]
+        assert values.to_dict() == table2.set_index("vertebra")[column].to_dict(), metric
+    dice = vertebrae[vertebrae["metric"] == "dice"].set_index("class")["value"]
+    assert dice["T7"] == 0.87 and dice["Sacrum"] == 0.96 and dice["C2"] == 0.95
+    # the range over vertebrae the paper's text states is the range of its Table 2
+    text = paper[paper["class"] == "all vertebrae"].iloc[0]
+    assert (text["low"], text["high"]) == (dice.min(), dice.max())
+    lesions = paper[paper["stage"] == "metastases"].set_index(["class", "metric"])["value"]
+    assert lesions[("sclerotic", "f2")] == 0.57 and lesions[("lytic", "pq")] == 0.45
+    assert results.paper_has_per_vertebra_values(paper)
+    table = results.per_vertebra_table(paper, None)
+    assert table["paper Dice"].notna().all() and table.loc["T6", "paper F2"] == 0.87
+    assert table.loc["L4", "paper F2"] == 0.89 and table.loc["L4", "paper PQ"] == 0.84
+
+
+def test_a_paper_table_must_hold_every_class_once_with_fractions(tmp_path):
+    table2 = pd.read_csv(PAPER_DIR / "table2_vertebrae.csv")
+    table3 = pd.read_csv(PAPER_DIR / "table3_metastases.csv")
+    table3.to_csv(tmp_path / "table3_metastases.csv", index=False)
+    for broken, message in ((table2.drop(index=6), "expected each of"),
+                            (table2.assign(pq=table2["pq"].where(table2["vertebra"] != "L1", 83.0)), "between 0 and 1"),
+                            (table2.rename(columns={"fbeta": "f2"}), "columns")):
+        broken.to_csv(tmp_path / "table2_vertebrae.csv", index=False)
+        with pytest.raises(SpinemetsError, match=message):
+            results.read_paper_results(REPO / "book" / "data" / "paper_results.csv", tables=tmp_path)
+    with pytest.raises(SpinemetsError, match="Table 2 not found"):
+        results.read_paper_table(2, tmp_path / "none")
+
+
+def test_with_intervals_shows_our_mean_with_its_bootstrap_interval():
+    paper = results.read_paper_results(REPO / "book" / "data" / "paper_results.csv")
+    table = results.per_vertebra_table(paper, TWO_CASES)
+    summary = _summary([("L1", "dice", "mean", 0.85, 0.8, 0.9, 2, 0), ("L1", "dice", "pooled", 0.1, 0.0, 0.2, 2, 0),
+                        ("L1", "pq", "mean", 0.55, NAN, NAN, 2, 0)])
+    shown = results.with_intervals(table, summary)
+    assert list(shown.columns) == ["paper Dice", "paper F2", "paper PQ", "ours Dice (95 % CI)", "ours F2 (95 % CI)",
+                                   "ours PQ (95 % CI)", "n"]
+    assert shown.loc["L1"].tolist() == ["0.95", "0.94", "0.83", "0.85 (0.80–0.90)", "0.70", "0.55", 2]
+    assert shown.loc["C1"].tolist() == ["0.94", "0.94", "0.75", "–", "–", "–", 0]
+    assert shown.loc["L2", "ours Dice (95 % CI)"] == "0.60"  # no interval in the summary: the mean alone
+    per_type = results.with_intervals(results.per_lesion_type_table(paper, None), None)
+    assert per_type.loc["lytic", "paper configuration"] == "3d_cascade_fullres"
+    assert per_type.loc["sclerotic"].tolist()[1:4] == ["0.61", "0.57", "0.30"]
+
+
+def test_cohort_beside_paper_summarises_table_1_and_the_runs_cohort():
+    paper = results.read_paper_cohort(PAPER_DIR / "table1_cohort.csv")
+    assert len(paper) == 38 and list(paper.columns) == ["sex", "age", "metastasis_type", "primary_site"]
+    cohort = pd.DataFrame({"case_id": ["a", "b", "c", "d"], "sex": ["F", "M", "F", "F"], "age": [50, 60, 70, 80],
+                           "metastasis_type": ["lytic", "mixed", "lytic", "none"],
+                           "primary_site": ["breast", "lung", "prostate", "breast"]})
+    real = results.cohort_beside_paper(paper, cohort, synthetic=False)
+    assert real.loc[("cases", ""), "paper"] == "38" and real.loc[("cases", ""), "this run"] == "4"
+    assert real.loc[("type of metastasis", "Lytic")].tolist() == ["19 (50 %)", "2 (50 %)"]
+    assert real.loc[("type of metastasis", "Sclerotic")].tolist() == ["19 (50 %)", "–"]
+    assert real.loc[("type of metastasis", "mixed")].tolist() == ["–", "1 (25 %)"]
+    assert real.loc[("sex", "Female"), "this run"] == "3 (75 %)"  # F read as female
+    assert real.loc[("primary site", "Breast")].tolist() == ["15 (39 %)", "2 (50 %)"]
+    assert real.loc[("primary site", "Blader"), "paper"] == "1 (3 %)"  # the paper's spelling
+    assert real.loc[("age (years)", "mean ± SD (range)"), "this run"] == "65.0 ± 12.9 (50–80)"
+    synthetic = results.cohort_beside_paper(paper, cohort, synthetic=True)
+    assert synthetic.loc[("type of metastasis", "Lytic"), "this run"] == "2 (50 %)"
+    shown = synthetic.drop(index=["cases", "type of metastasis"], level=0)["this run"]
+    assert (shown == "–").all(), "a synthetic cohort's drawn sex, age and site are not set beside the paper's"
+    alone = results.cohort_beside_paper(paper, None, synthetic=False)
+    assert (alone["this run"] == "–").all() and alone["paper"].ne("–").all()
+
+
+def test_run_cohort_is_the_cohort_csv_of_the_runs_lesion_cases(tmp_path):
+    (tmp_path / "_toc.yml").write_text("root: intro\n")  # tmp_path is the project root
+    (tmp_path / "profiles").mkdir()
+    for folder in ("data/both", "data/lesions"):
+        (tmp_path / folder).mkdir(parents=True)
+        pd.DataFrame({"case_id": [folder], "sex": ["F"], "age": [1]}).to_csv(tmp_path / folder / "cohort.csv",
+                                                                          index=False)
+    one = {"notebooks": [{"parameters": {"data_dir": "data/both"}}]}
+    cohort, path = results.run_cohort(one, tmp_path)
+    assert cohort["case_id"].tolist() == ["data/both"] and path == tmp_path / "data/both/cohort.csv"
+    staged = {"notebooks": [{"parameters": {"data_dir": "data/both",
+                                            "stage_data": {"vertebrae": "data/v", "metastases": "data/lesions"}}}]}
+    assert results.run_cohort(staged, tmp_path)[0]["case_id"].tolist() == ["data/lesions"]
+    none = {"notebooks": [{"parameters": {"data_dir": "data/missing"}}]}
+    assert results.run_cohort(none, tmp_path) == (None, tmp_path / "data/missing/cohort.csv")
+    assert results.run_cohort(None, tmp_path) == (None, None)
 
 
 def test_per_vertebra_dice_figure_has_one_tick_per_vertebra():
@@ -219,7 +311,7 @@ def test_per_vertebra_dice_figure_has_one_tick_per_vertebra():
     assert [t.get_text() for t in ax.get_xticklabels()] == list(labels.VERTEBRAE)
     assert len(ax.get_xticks()) == 25
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["ours, per case", "ours, mean over cases", "Edelmers et al. 2024"]
+    assert legend == ["ours, per case", "ours, mean over cases", "Edelmers et al. 2024 (Table 2)"]
     points = [c.get_offsets().data.copy() for c in ax.collections]
     again = [c.get_offsets().data.copy() for c in figures.per_vertebra_dice(table, TWO_CASES).axes[0].collections]
     assert len(points) == len(again) == 4  # per-case points of L1 and L2, our means, the paper's

@@ -268,3 +268,77 @@ def test_a_notebook_run_once_per_stage_gets_a_copy_per_stage_in_the_book(project
     (project / "profiles" / "twice.yaml").write_text(yaml.safe_dump(profile))
     with pytest.raises(SpinemetsError, match=r"notebook\(s\) listed twice: \['b_read_vertebrae'\]"):
         load_profile("twice", project)
+
+
+# ---------------------------------------------------------------------------------------------
+# A notebook run once per stage: each copy titled and opened for its stage
+# ---------------------------------------------------------------------------------------------
+
+#: A word that names each stage in a title or a paragraph.
+STAGE_WORDS = {"vertebrae": "vertebra", "metastases": "metasta"}
+
+
+def _title_and_opening(nb) -> tuple[str, str]:
+    """The page title (first ``# `` line) and the first paragraph below it, as the book shows them."""
+    import re
+
+    text = "\n\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    title = re.search(r"^# (.+)$", text, re.M)
+    paragraphs = [p for p in re.split(r"\n\s*\n", text[title.end():]) if p.strip()]
+    return title.group(1), paragraphs[0]
+
+
+def test_stage_page_titles_and_opens_a_copy_for_its_own_stage():
+    nb = new_notebook(cells=[new_markdown_cell("(nb-fit)=\n# Fitting a stage\n\nOne notebook, both stages."),
+                             new_markdown_cell("Stage 1 fits the vertebrae."),
+                             new_markdown_cell("Stage 2 fits the metastases."),
+                             new_code_cell("x = 1"),
+                             new_markdown_cell("## Later\n\nMore on metastases.")],
+                      metadata={"spinemets": {"stage_titles": {"vertebrae": "Fitting the vertebra stage",
+                                                               "metastases": "Fitting the metastasis stage"}}})
+    nb.cells[1].metadata["tags"] = ["stage-vertebrae"]
+    nb.cells[2].metadata["tags"] = ["stage-metastases"]
+    nb.cells[4].metadata["tags"] = ["stage-metastases"]
+    first = runner.stage_page(nbformat.from_dict(json.loads(json.dumps(nb))), "vertebrae", first=True)
+    second = runner.stage_page(nbformat.from_dict(json.loads(json.dumps(nb))), "metastases", first=False)
+    assert first.cells[0].source == "(nb-fit)=\n# Fitting the vertebra stage\n\nStage 1 fits the vertebrae."
+    assert second.cells[0].source == "(nb-fit-metastases)=\n# Fitting the metastasis stage\n\nStage 2 fits the metastases."
+    assert [c.source for c in first.cells[1:]] == ["x = 1"]  # the other stage's cells are gone
+    assert [c.source for c in second.cells[1:]] == ["x = 1", "## Later\n\nMore on metastases."]
+    # without titles or stage cells: the notebook's title with the stage, its opening kept
+    plain = new_notebook(cells=[new_markdown_cell("(nb-fit)=\n# Fitting\n\nBoth stages.")])
+    assert runner.stage_page(plain, "metastases", first=False).cells[0].source == (
+        "(nb-fit-metastases)=\n# Fitting: metastases\n\nBoth stages.")
+
+
+def test_every_notebook_run_once_per_stage_has_a_title_and_opening_for_each_stage():
+    """The repository's profiles run 03_training once per stage: each copy's title and first
+    paragraph name its own stage, and its title not the other's."""
+    per_stage = {}
+    for name in ("demo", "ci", "smoke", "paper"):
+        for step in load_profile(name, REPO).notebooks:
+            if "stage" in step.parameters:
+                per_stage.setdefault(REPO / step.path, set()).add(step.parameters["stage"])
+    assert per_stage, "a notebook runs once per stage"
+    for path, stages in per_stage.items():
+        nb = nbformat.read(path, as_version=4)
+        assert set(nb.metadata["spinemets"]["stage_titles"]) == stages == set(STAGE_WORDS), path.name
+        for stage in stages:
+            title, opening = _title_and_opening(runner.stage_page(nbformat.read(path, as_version=4), stage))
+            other = STAGE_WORDS[next(s for s in STAGE_WORDS if s != stage)]
+            assert STAGE_WORDS[stage] in title.lower() and other not in title.lower(), (path.name, stage, title)
+            assert STAGE_WORDS[stage] in opening.lower(), (path.name, stage, opening)
+
+
+def test_book_of_a_run_needs_a_run_whose_notebooks_all_executed(tmp_path):
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\n")
+    (tmp_path / "profiles").mkdir()
+    out = tmp_path / "build" / "executed"
+    with pytest.raises(SpinemetsError, match="no run here"):
+        runner.build_run_book(tmp_path)
+    out.mkdir(parents=True)
+    for status in ("running", "failed"):
+        (out / "provenance.json").write_text(json.dumps({"status": status, "notebooks": []}))
+        with pytest.raises(SpinemetsError, match=f"has not executed all its notebooks \\(status: {status}\\)"):
+            runner.build_run_book(tmp_path)
+    # an executed run's book: tests/test_book.py::test_book_builds_with_results_table_and_figures

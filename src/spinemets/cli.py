@@ -168,6 +168,10 @@ def _add_job_options(p: argparse.ArgumentParser, what: str) -> None:
     jobs.add_argument("--num-gpus", type=int, default=None, help="GPUs per training (nnU-Net's own DDP)")
 
 
+def _cmd_book(a):
+    print(_call("runner.build_run_book", out_dir=a.run))
+
+
 def _cmd_fetch(a):
     path = _call("fetch.fetch_record", record=a.record, out_dir=a.out, api_url=a.api_url, retries=a.retries,
                  backoff=a.backoff)
@@ -293,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(p, "the notebooks before training as one job, one job per (stage, configuration, fold), "
                         "then the remaining notebooks and the book as one job (cluster.submit_run)")
     p.set_defaults(func=_cmd_run)
+
+    what = "build the book again from a finished run, without executing or training anything (runner.build_run_book)"
+    p = sub.add_parser("book", help=what, description=what)
+    p.add_argument("--run", type=Path, default=Path("build/executed"), metavar="FOLDER",
+                   help="the run folder, relative to the project root (default: build/executed)")
+    p.set_defaults(func=_cmd_book)
 
     p = sub.add_parser("fetch", help="download a Zenodo record with checksums and resume (fetch.fetch_record)")
     p.add_argument("--record", required=True, help="Zenodo record id, e.g. 13645871")

@@ -276,7 +276,7 @@ def per_vertebra_dice(table, per_case=None, *, paper_range: tuple[float, float] 
     ``n`` columns, one row per vertebra in anatomical order); ``per_case`` (the vertebra stage's
     ``per_case.csv``, optional) adds our per-case Dice as small grey points, spread sideways by
     their rank (no randomness, so the figure is deterministic). Our mean is a black dot, the paper's
-    value a red diamond; a vertebra without a value shows no marker. ``paper_range`` (low, high), the
+    value (its Table 2) a red diamond; a vertebra without a value shows no marker. ``paper_range`` (low, high), the
     range over vertebrae that the paper reports, is drawn as a red band. One x tick per row of ``table``.
     """
     import matplotlib.pyplot as plt
@@ -304,7 +304,7 @@ def per_vertebra_dice(table, per_case=None, *, paper_range: tuple[float, float] 
                    label="ours, mean over cases")
     if np.isfinite(paper).any():
         ax.scatter(x[np.isfinite(paper)], paper[np.isfinite(paper)], s=40, marker="D", facecolor="none", edgecolor="tab:red", linewidth=1.5, zorder=4,
-                   label="Edelmers et al. 2024")
+                   label="Edelmers et al. 2024 (Table 2)")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=90)
     ax.set(xlim=(-0.6, len(names) - 0.4), ylim=(-0.02, 1.02), ylabel="Dice", title=title)

@@ -1,18 +1,22 @@
-"""The results page of the book (``book/results.md``): which run it shows, and its numbers beside the paper's.
+"""The book's pages that set a run beside the paper (``book/results.md``, ``book/dataset.md``).
 
 :func:`run_dir` finds the run (the folder :func:`spinemets.runner.run` executed the notebooks
 into, named by :data:`spinemets.runner.RUN_DIR_ENV` during the book build), :func:`read_provenance`
 reads what produced it, :func:`run_summaries` and :func:`run_per_case` read the tables the
 evaluation wrote into the run's workspace (:meth:`spinemets.nnunet.Workspace.evaluation`), and
-:func:`compare_with_paper` sets them beside the paper's values (``book/data/paper_results.csv``).
-This module serves the book; the command that produces what it shows is ``spinemets run``.
+:func:`compare_with_paper`, :func:`per_vertebra_table` and :func:`per_lesion_type_table` set them
+beside the paper's values (:func:`read_paper_results`: its Tables 2 and 3 as transcribed in
+``book/data/paper/``, and ``book/data/paper_results.csv``), :func:`with_intervals` with our
+bootstrap intervals. :func:`cohort_beside_paper` sets the paper's Table 1 (:func:`read_paper_cohort`)
+beside the cohort a run used (:func:`run_cohort`). This module serves the book; the command that
+produces what it shows is ``spinemets run`` (``spinemets book`` builds the book again).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import pandas as pd
 
@@ -134,9 +138,15 @@ def training_statement(records: list[dict]) -> str:
             "machine only.")
 
 
-def read_paper_results(path: str | Path | None = None) -> pd.DataFrame:
-    """The paper's reported values (``book/data/paper_results.csv``): one row per stage, class and
-    metric with either a ``value`` or a ``low``-``high`` range, and its ``source``."""
+def read_paper_results(path: str | Path | None = None, tables: str | Path | None = None) -> pd.DataFrame:
+    """The paper's reported values: one row per stage, class and metric with either a ``value`` or a
+    ``low``-``high`` range, its ``configuration`` and its ``source``.
+
+    The values come from two places: ``book/data/paper_results.csv`` (``path``; values the paper
+    states in its text, such as the range of Dice over vertebrae) and the paper's Table 2 (per
+    vertebra) and Table 3 (per lesion type) as transcribed in ``book/data/paper/`` (``tables``;
+    default: the folder ``paper`` beside ``path``), see :func:`read_paper_table`.
+    """
     path = Path(path) if path is not None else find_project_root() / PAPER_RESULTS
     try:
         frame = pd.read_csv(path)
@@ -145,7 +155,66 @@ def read_paper_results(path: str | Path | None = None) -> pd.DataFrame:
     missing = {"stage", "configuration", "class", "metric", "value", "low", "high", "source"} - set(frame.columns)
     if missing:
         raise SpinemetsError(f"{path}: missing column(s) {sorted(missing)}")
-    return frame
+    tables = Path(tables) if tables is not None else path.parent / "paper"
+    rows = [frame]
+    for table in PAPER_TABLES.values():
+        values = read_paper_table(table.number, tables)
+        long = values.melt(id_vars=table.key, var_name="metric", value_name="value").rename(columns={table.key: "class"})
+        rows.append(long.assign(stage=table.stage, configuration=table.configuration,
+                                metric=long["metric"].map(PAPER_METRIC), low=float("nan"), high=float("nan"),
+                                source=paper_source(table.number)))
+    return pd.concat(rows, ignore_index=True)[list(frame.columns)]
+
+
+class _PaperTable(NamedTuple):
+    number: int
+    file: str
+    stage: str
+    key: str  # the column naming the class
+    configuration: str  # the paper's configuration the table reports, as its caption names it
+
+
+#: The paper's per-class tables as transcribed in ``book/data/paper/`` (columns: key, dice, fbeta, pq).
+PAPER_TABLES: dict[int, _PaperTable] = {
+    2: _PaperTable(2, "table2_vertebrae.csv", "vertebrae", "vertebra", "3d_fullres"),
+    3: _PaperTable(3, "table3_metastases.csv", "metastases", "type", "3d_cascade_fullres"),
+}
+#: The paper metric (:data:`OUR_METRIC`'s keys) of each column of its Tables 2 and 3.
+PAPER_METRIC = {"dice": "dice", "fbeta": "f2", "pq": "pq"}
+#: The folder of the paper's tables, relative to the project root.
+PAPER_TABLES_DIR = "book/data/paper"
+
+
+def paper_source(table: int | None = None) -> str:
+    """The citation of a value of the paper (of its Table ``table``, where given)."""
+    where = f", Table {table}" if table else ""
+    return (f"Edelmers et al. 2024{where} (preprint doi:10.20944/preprints202409.0633.v1; "
+            "Diagnostics 14(21):2458, doi:10.3390/diagnostics14212458)")
+
+
+def read_paper_table(number: int, folder: str | Path | None = None) -> pd.DataFrame:
+    """The paper's Table 2 (per vertebra, C1 ... Sacrum in label order) or Table 3 (per lesion type)
+    as transcribed in ``book/data/paper/``: the class column and ``dice``, ``fbeta``, ``pq``, checked
+    to hold every class of its stage once and values between 0 and 1."""
+    from .labels import LESION_TYPES, VERTEBRAE
+
+    table = PAPER_TABLES[number]
+    folder = Path(folder) if folder is not None else find_project_root() / PAPER_TABLES_DIR
+    path = folder / table.file
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise SpinemetsError(f"{path}: the paper's Table {number} not found") from None
+    columns = [table.key, *PAPER_METRIC]
+    if list(frame.columns) != columns:
+        raise SpinemetsError(f"{path}: columns {list(frame.columns)}, expected {columns}")
+    classes = list(VERTEBRAE if table.stage == "vertebrae" else LESION_TYPES)
+    if sorted(frame[table.key]) != sorted(classes):
+        raise SpinemetsError(f"{path}: classes {list(frame[table.key])}, expected each of {classes} once")
+    values = frame[list(PAPER_METRIC)].apply(pd.to_numeric, errors="coerce")
+    if values.isna().any().any() or not ((values >= 0) & (values <= 1)).all().all():
+        raise SpinemetsError(f"{path}: every value must be a number between 0 and 1")
+    return frame.set_index(table.key).reindex(classes).reset_index()
 
 
 #: Our metric (in ``summary.csv`` of :func:`spinemets.metrics.evaluate_folders`) for each paper metric.
@@ -286,17 +355,110 @@ def paper_has_per_vertebra_values(paper: pd.DataFrame) -> bool:
     return bool(((paper["stage"] == "vertebrae") & paper["class"].isin(VERTEBRAE) & paper["value"].notna()).any())
 
 
-PAPER_COHORT = "book/data/paper_cohort.csv"
+def with_intervals(table: pd.DataFrame, summary: pd.DataFrame | None) -> pd.DataFrame:
+    """:func:`per_vertebra_table` or :func:`per_lesion_type_table` for display: the paper's values
+    with two decimals, ours as "mean (low–high)" with the bootstrap 95 % interval of the stage's
+    ``summary.csv`` (its mean-over-cases rows of the class and metric), the mean alone where the
+    summary has no interval, "–" where we have no value; other columns as they are."""
+    intervals = {}
+    if summary is not None:
+        means = summary[summary["aggregate"] == "mean"]
+        intervals = {(r["class"], r["metric"]): (r["ci_low"], r["ci_high"]) for r in means.to_dict("records")}
+    shown = pd.DataFrame(index=table.index)
+    for column in table.columns:
+        source, _, label = column.partition(" ")
+        metric = next((m for m, lab in TABLE_METRICS if lab == label), None)
+        if source not in ("paper", "ours") or metric is None:
+            shown[column] = table[column]
+            continue
+        texts = []
+        for name, value in table[column].items():
+            if pd.isna(value):
+                texts.append("–")
+                continue
+            low, high = intervals.get((name, OUR_METRIC[metric]), (float("nan"), float("nan")))
+            texts.append(f"{value:.2f} ({low:.2f}–{high:.2f})" if source == "ours" and pd.notna(low) and pd.notna(high)
+                         else f"{value:.2f}")
+        shown[column] = texts
+    return shown.rename(columns={f"ours {label}": f"ours {label} (95 % CI)" for _, label in TABLE_METRICS})
 
 
-def read_paper_cohort(path: str | Path | None = None) -> pd.DataFrame | None:
-    """The paper's cohort table (Table 1) as kept in ``book/data/paper_cohort.csv`` (columns
-    characteristic, value, n, percent, source), or None when the file is absent."""
+# ---------------------------------------------------------------------------------------------
+# The cohort: the paper's Table 1 beside the cohort of a run
+# ---------------------------------------------------------------------------------------------
+
+#: The paper's Table 1 as transcribed (one row per listed patient row), relative to the project root.
+PAPER_COHORT = "book/data/paper/table1_cohort.csv"
+#: Its columns, and the ``cohort.csv`` column (the synthetic cohort's, :data:`spinemets.synth.COHORT_COLUMNS`) of each.
+PAPER_COHORT_COLUMNS = {"sex": "sex", "age": "age", "metastasis_type": "metastasis_type",
+                        "primary_site_as_printed": "primary_site"}
+_CHARACTERISTICS = (("sex", "sex"), ("metastasis_type", "type of metastasis"), ("primary_site", "primary site"))
+_SEX = {"f": "female", "m": "male"}  # the synthetic cohort writes F and M
+
+
+def read_paper_cohort(path: str | Path | None = None) -> pd.DataFrame:
+    """The paper's Table 1 (``book/data/paper/table1_cohort.csv``): one row per row the paper prints,
+    with the columns of a ``cohort.csv`` (sex, age, metastasis_type, primary_site; the site as printed)."""
     path = Path(path) if path is not None else find_project_root() / PAPER_COHORT
-    if not path.is_file():
-        return None
-    frame = pd.read_csv(path)
-    missing = {"characteristic", "value", "n", "percent", "source"} - set(frame.columns)
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise SpinemetsError(f"{path}: the paper's Table 1 not found") from None
+    missing = {"row", *PAPER_COHORT_COLUMNS} - set(frame.columns)
     if missing:
         raise SpinemetsError(f"{path}: missing column(s) {sorted(missing)}")
-    return frame
+    return frame[list(PAPER_COHORT_COLUMNS)].rename(columns=PAPER_COHORT_COLUMNS)
+
+
+def run_cohort(provenance: Mapping | None, root: str | Path | None = None) -> tuple[pd.DataFrame | None, Path | None]:
+    """The ``cohort.csv`` of the lesion cases a run used, and its path: the data notebook's
+    ``stage_data`` folder of the metastasis stage where given, else its ``data_dir`` (relative
+    paths are relative to the project root). (None, path) where that folder has no ``cohort.csv``,
+    (None, None) without a run."""
+    if not provenance:
+        return None, None
+    folder = (run_parameter(provenance, "stage_data") or {}).get("metastases") or run_parameter(provenance, "data_dir")
+    if folder is None:
+        return None, None
+    folder = Path(folder) if Path(folder).is_absolute() else find_project_root(root) / folder
+    path = folder / "cohort.csv"
+    return (pd.read_csv(path) if path.is_file() else None), path
+
+
+def _counts(cohort: pd.DataFrame, column: str) -> dict[str, tuple[str, str]]:
+    """lower-case value -> (the value as first written, "n (%)"), most frequent first, ties by value."""
+    if column not in cohort.columns:
+        return {}
+    text = cohort[column].dropna().astype(str).str.strip()
+    if column == "sex":
+        text = text.map(lambda v: _SEX.get(v.lower(), v).capitalize())
+    keys = text.str.lower()
+    counts = sorted(keys.value_counts().items(), key=lambda item: (-item[1], item[0]))
+    return {key: (text[keys == key].iloc[0], f"{n} ({100 * n / len(cohort):.0f} %)") for key, n in counts}
+
+
+def _age(cohort: pd.DataFrame) -> str:
+    age = pd.to_numeric(cohort.get("age", pd.Series(dtype=float)), errors="coerce").dropna()
+    if age.empty:
+        return "–"
+    return f"{age.mean():.1f} ± {age.std():.1f} ({age.min():g}–{age.max():g})"
+
+
+def cohort_beside_paper(paper: pd.DataFrame, cohort: pd.DataFrame | None, synthetic: bool) -> pd.DataFrame:
+    """The paper's Table 1 summarised (cases; sex, type of metastasis and primary site as n (%);
+    age as mean ± SD (range)) beside the same summary of a run's ``cohort.csv``: one row per
+    characteristic and value, columns ``paper`` and ``this run``. Values are compared
+    case-insensitively (``F``/``M`` read as female/male). For a ``synthetic`` cohort only the
+    number of cases and the types of metastasis are shown: its sex, age and site are drawn, not
+    observed. "–" where a cohort has no such value, or no cohort.
+    """
+    rows = [("cases", "", str(len(paper)), str(len(cohort)) if cohort is not None else "–"),
+            ("age (years)", "mean ± SD (range)", _age(paper), _age(cohort) if cohort is not None and not synthetic else "–")]
+    for column, label in _CHARACTERISTICS:
+        ours = _counts(cohort, column) if cohort is not None and (column == "metastasis_type" or not synthetic) else {}
+        theirs = _counts(paper, column)
+        for key in [*theirs, *(k for k in ours if k not in theirs)]:
+            shown = (theirs.get(key) or ours[key])[0]
+            rows.append((label, shown, theirs.get(key, ("", "–"))[1], ours.get(key, ("", "–"))[1]))
+    table = pd.DataFrame(rows, columns=["characteristic", "value", "paper", "this run"])
+    return table.set_index(["characteristic", "value"])

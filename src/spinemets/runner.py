@@ -17,7 +17,10 @@
    clone builds a complete book without any run. The results page (``book/results.md``) finds the
    run through the environment variable :data:`RUN_DIR_ENV`, which is set for the book build only.
 
-The results page itself is served by :mod:`spinemets.results`.
+A notebook run once per stage (``03_training``) gets an executed copy per stage, each made the page
+of its stage by :func:`stage_page` (its title and opening paragraph). :func:`build_run_book`
+(``spinemets book``, ``make book``) builds the book again from a finished run without executing
+anything. The results page itself is served by :mod:`spinemets.results`.
 """
 
 from __future__ import annotations
@@ -442,22 +445,56 @@ def run_toc(root: Path, out: Path) -> Path:
     return path
 
 
-def _mark_copy(path: Path, stage: str, first: bool) -> None:
-    """Tell the executed copies of a notebook run once per stage apart in the book: the title gets
-    the stage, and every copy but the first its own label (``(nb-training)=`` ->
-    ``(nb-training-metastases)=``), so that cross-references find the first and no label is doubled."""
+#: The tag of a markdown cell that belongs to one stage (``stage-vertebrae``) of a notebook run once per stage.
+STAGE_TAG = "stage-"
+
+
+def _cell_stages(cell) -> set[str]:
+    return {tag[len(STAGE_TAG):] for tag in cell.get("metadata", {}).get("tags", []) if tag.startswith(STAGE_TAG)}
+
+
+def stage_page(nb, stage: str, first: bool = True):
+    """The executed copy of a notebook run once per stage, made the page of ``stage`` (in place; returns ``nb``).
+
+    - The title (the first ``# `` line of the first markdown cell) becomes the notebook's own title
+      for the stage, ``metadata.spinemets.stage_titles[stage]``; a notebook without one gets
+      ``TITLE: stage``.
+    - Markdown cells tagged ``stage-OTHER`` (:data:`STAGE_TAG`) are dropped; the stage's own
+      cells directly after the first cell replace the text below the title (the notebook's opening
+      for both stages), so that the page opens with its stage's own paragraph; its other own
+      cells stay where they are.
+    - Every copy but the first gets its own label (``(nb-training)=`` -> ``(nb-training-metastases)=``),
+      so that cross-references find the first and no label is doubled.
+    """
     import re
 
+    titles = nb.metadata.get("spinemets", {}).get("stage_titles", {})
+    nb.cells = [cell for cell in nb.cells if not _cell_stages(cell) or stage in _cell_stages(cell)]
+    at = next((i for i, cell in enumerate(nb.cells) if cell.cell_type == "markdown"), None)
+    if at is None:
+        return nb
+    head = nb.cells[at]
+    opening = []
+    while (at + 1 < len(nb.cells) and nb.cells[at + 1].cell_type == "markdown"
+           and stage in _cell_stages(nb.cells[at + 1])):
+        opening.append(nb.cells.pop(at + 1).source.strip())
+    title = re.search(r"^# (.+)$", head.source, flags=re.M)
+    text = head.source
+    if title:
+        new_title = f"# {titles[stage]}" if stage in titles else f"{title.group(0)}: {stage}"
+        below = "\n\n".join(opening) if opening else text[title.end():].strip("\n")
+        text = text[:title.start()] + new_title + ("\n\n" + below if below else "")
+    if not first:
+        text = re.sub(r"^\((nb-[a-z-]+)\)=$", lambda m: f"({m.group(1)}-{stage})=", text, count=1, flags=re.M)
+    head.source = text
+    return nb
+
+
+def _mark_copy(path: Path, stage: str, first: bool) -> None:
+    """Make the executed copy ``path`` of a notebook run once per stage the page of its stage (:func:`stage_page`)."""
     import nbformat
 
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            text = re.sub(r"^(# .+)$", lambda m: f"{m.group(1)}: {stage}", cell.source, count=1, flags=re.M)
-            if not first:
-                text = re.sub(r"^\((nb-[a-z-]+)\)=$", lambda m: f"({m.group(1)}-{stage})=", text, count=1, flags=re.M)
-            cell.source = text
-            break
+    nb = stage_page(nbformat.read(path, as_version=4), stage, first)
     with atomic_path(path) as tmp:
         nbformat.write(nb, tmp)
 
@@ -493,6 +530,37 @@ def build(root: str | Path | None = None, run_dir: str | Path | None = None) -> 
         raise SpinemetsError(f"{root}: the book build failed (jupyter-book exit {result.returncode}); "
                              "the last lines of its output are above")
     return root / "_build" / "html" / "index.html"
+
+
+#: Run statuses after which every notebook has executed (a book can be built from the run).
+EXECUTED_STATUSES = ("executed", "ok", "book build failed")
+
+
+def build_run_book(root: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT_DIR) -> Path:
+    """Build the book again from a finished run in ``out_dir``, executing no notebook and training
+    nothing (``spinemets book``, ``make book``); return ``_build/html/index.html``.
+
+    The run's ``provenance.json`` must say that every notebook executed (:data:`EXECUTED_STATUSES`);
+    it then records the book, the time it was built and the status ``ok`` (or ``book build failed``).
+    """
+    root = find_project_root(root)
+    out = _inside(root, out_dir)
+    record = read_json(out / PROVENANCE, "run provenance", missing=None)
+    if record is None:
+        raise SpinemetsError(f"{out}: no run here (no {PROVENANCE}); run the notebooks first "
+                             "(spinemets run --profile demo)")
+    if record.get("status") not in EXECUTED_STATUSES:
+        raise SpinemetsError(f"{out}: the run has not executed all its notebooks (status: {record.get('status')}); "
+                             "run them first (spinemets run --profile NAME)")
+    try:
+        index = build(root, out)
+    except SpinemetsError:
+        record.update(status="book build failed", book_built=now())
+        write_json(out / PROVENANCE, record)
+        raise
+    record.update(status="ok", book=_rel(root, index), book_built=now())
+    write_json(out / PROVENANCE, record)
+    return index
 
 
 # ---------------------------------------------------------------------------------------------
