@@ -49,7 +49,8 @@ Checking a series for prediction
       made and written as NIfTI, ``.seg.nrrd`` and tables; the reason goes into the log and the
       provenance, and no DICOM-SEG or SR is written.
 
-    Missing Study Date, Time or ID are no obstacle (type 2: the outputs carry them empty).
+    Missing Study Date, Time or ID, Accession Number and the like are no obstacle (type 2: the
+    outputs carry them empty; :func:`read_series_headers` adds them empty in memory).
     Compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE) are decoded by GDCM inside
     SimpleITK; a slice GDCM cannot decode is an error naming the series.
 
@@ -85,6 +86,9 @@ _SAFE_SUMMARY_TAGS = {"modality": "0008|0060", "rows": "0028|0010", "columns": "
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MULTIFRAME_CT_STORAGE = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
                          "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage"}
+#: Type 2 patient and study attributes that a SEG or SR copies from its source (added empty where missing).
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "StudyID", "AccessionNumber", "ReferringPhysicianName")
 #: Most degrees between the slice normal and the direction the slices are stacked in (gantry tilt).
 MAX_TILT_DEG = 0.5
 
@@ -192,7 +196,8 @@ def check_series(folder: str | Path, series_uid: str | None = None) -> dict:
 
 def read_series_headers(files: list[Path]) -> list:
     """The pydicom headers (no pixels) of ``files``, each with the in-memory repairs of
-    :func:`check_series` (a blank SOP Class UID taken from the file meta); the files are not changed."""
+    :func:`check_series` (a blank SOP Class UID taken from the file meta; the type 2 patient and
+    study attributes that DICOM outputs copy, added empty where missing); the files are not changed."""
     import pydicom
 
     headers = []
@@ -204,6 +209,9 @@ def read_series_headers(files: list[Path]) -> list:
         meta_class = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", "") or "")
         if not str(ds.get("SOPClassUID", "") or "") and meta_class:
             ds.SOPClassUID = meta_class
+        for keyword in _TYPE2_COPIED:  # type 2 in the outputs, which copy them: present, if empty
+            if keyword not in ds:
+                setattr(ds, keyword, "")
         headers.append(ds)
     return headers
 

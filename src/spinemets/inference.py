@@ -599,7 +599,7 @@ def _dicom_output(record: dict, target: Path, write) -> Path | None:
             written = write()
         except Exception as exc:  # highdicom checks what it writes; any refusal means: no valid DICOM object
             record["not_written"] = f"{target.name} not written: {one_line(exc)[:300]}"
-            _loud(f"{target}: {record['not_written']}")
+            _loud(f"{target.parent}: {record['not_written']}")
     if written is None:
         target.unlink(missing_ok=True)  # a rerun's DICOM output must not outlive the prediction it showed
     else:
