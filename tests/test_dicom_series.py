@@ -138,6 +138,16 @@ def test_series_that_predict_write_valid_dicom_or_say_why_not(kind, tmp_path):
     assert "outside the training domain" in sr["warning"] and sr["warning"] == " ".join(report["warning"].split())
     ds = pydicom.dcmread(case_dir / SR_FILE)
     assert str(ds.PatientName) == "case1" == ds.PatientID and ds.PatientIdentityRemoved == "YES"
+    source = pydicom.dcmread(next(p for p in sorted(folder.iterdir()) if p.name != "old-seg.dcm"))
+    identifiers = {str(source.get(k, "")) for k in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName",
+                                                    "StudyDate", "AccessionNumber", "ReferringPhysicianName")}
+    identifiers = {v for v in identifiers if len(v) >= 6}
+    assert identifiers, "the source carries identifiers to look for"
+    for name in dicom:  # no identifier of the source header in any DICOM output (values compared whole;
+        # the source's UIDs are kept, to reference it, and their digits may hold a date)
+        values = {str(el.value) for el in pydicom.dcmread(case_dir / name).iterall()
+                  if el.VR not in ("SQ", "UI") and el.keyword != "PixelData"}
+        assert not identifiers & values, name
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     if kind == "sop-class-in-file-meta-only":
         assert record["repaired"] == ["SOP Class UID blank in the data set: taken from the file meta "
@@ -207,3 +217,30 @@ def test_read_lesion_report_refuses_other_files(tmp_path):
     (tmp_path / "x.dcm").write_text("not dicom")
     with pytest.raises(SpinemetsError, match="x.dcm: cannot read DICOM file"):
         read_lesion_report(tmp_path / "x.dcm")
+
+
+def test_a_nifti_ct_sent_as_a_dicom_series_gives_the_pacs_view(tmp_path):
+    """The inference chapter's section: a CT kept as NIfTI written as a DICOM series
+    (spinemets.tcia.write_ct_series), predicted, and its SEG read back onto the CT."""
+    from spinemets.dicomseg import read_dicom_seg
+    from spinemets.tcia import write_ct_series
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 300, (8, 14, 12)).astype(np.float32))
+    image.SetSpacing((0.8, 0.9, 2.0))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # as nnU-Net's import often leaves them (RAS on disk)
+    series_dir = write_ct_series(image, tmp_path / "dicom-input" / "case_001", "case_001")
+    ct = read_image(series_dir)
+    np.testing.assert_allclose(ct.GetOrigin(), image.GetOrigin(), atol=1e-3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ct),
+                                  np.trunc(np.clip(sitk.GetArrayFromImage(image), -32768, 32767)))
+    assert check_series(series_dir)["dicom_output"]
+    case_dir = tmp_path / "predictions-dicom" / "case_001"
+    inference.predict_case(series_dir, case_dir, "case_001", _stages(), OPTIONS)
+    check_valid(case_dir / "metastases.dcm", SEG_WARNINGS)
+    check_valid(case_dir / SR_FILE, SR_WARNINGS)
+    _round_trip(case_dir)
+    labelmap, _ = read_dicom_seg(case_dir / "metastases.dcm", ct, "metastases", ct_series_dir=series_dir)
+    assert (sitk.GetArrayFromImage(labelmap) == _maps(sitk.GetArrayFromImage(ct).shape)[1]).all()
+    with pytest.raises(SpinemetsError, match="case ID"):
+        write_ct_series(image, tmp_path / "x", "bad name")

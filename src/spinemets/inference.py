@@ -35,10 +35,14 @@ The inference step: it serves the command ``spinemets predict`` and the inferenc
 Outputs in ``out_dir``: per case ``CASE/vertebrae.nii.gz``, ``CASE/metastases.nii.gz`` (label
 maps on the CT grid), ``CASE/vertebrae.seg.nrrd`` and ``CASE/metastases.seg.nrrd`` (named,
 coloured segments for 3D Slicer), for a DICOM series input also ``CASE/vertebrae.dcm`` and
-``CASE/metastases.dcm`` (DICOM-SEG referencing the series; none for an empty label map),
+``CASE/metastases.dcm`` (DICOM-SEG referencing the series; none for an empty label map) and
+``CASE/report.dcm`` (the lesion report as a DICOM SR, :mod:`spinemets.dicomsr`),
 ``CASE/lesions.csv``, ``CASE/vertebrae.csv``; for the cohort
 ``lesions.csv``, ``vertebrae.csv`` and ``provenance.json`` (command, parameters, versions, model
-folders, per-case timings). Every file is written atomically.
+folders, per-case timings, and per DICOM case the DICOM objects written, or why none were:
+``dicom_outputs``). Every file is written atomically. A DICOM series is checked before any model
+runs (:func:`spinemets.dicom.check_series`): refused in one line, or predicted without DICOM
+outputs when its headers could not be referenced validly (UIDs blanked by an anonymiser).
 """
 
 from __future__ import annotations
@@ -524,7 +528,11 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
     (``vertebrae.dcm``, ``metastases.dcm``; :func:`spinemets.dicomseg.write_dicom_seg`) that
     references the series, with the ``.seg.nrrd``'s description (cut to 64 characters in the
     Series and Content Description, whole in Image Comments) and the case ID as patient name and
-    ID (the source's identifying attributes left out); an empty label map gives no file.
+    ID (the source's identifying attributes left out); an empty label map gives no file. The
+    tables are also written as a DICOM SR (``report.dcm``, :mod:`spinemets.dicomsr`). The series
+    is checked first (:func:`spinemets.dicom.check_series`, before the stages run): a series it
+    refuses raises; one whose headers cannot be referenced gets no DICOM object, and the timings'
+    ``dicom_outputs`` (``written``, ``not_written``: the reason, ``repaired``) and the log say why.
     """
     stage1, stage2 = stages
     opts = options
