@@ -194,6 +194,16 @@ def test_a_rerun_on_a_series_without_uids_removes_the_old_dicom_outputs(tmp_path
     assert not list(case_dir.glob("*.dcm")) and "Study Instance UID blank" in times["dicom_outputs"]["not_written"]
 
 
+def test_nothing_found_gives_no_dicom_objects(tmp_path):
+    folder = write_messy_series(tmp_path / "in" / "case1", "clean")
+    case_dir = tmp_path / "out" / "case1"
+    nothing = lambda ct, spacing: np.zeros(ct.shape, np.uint8)  # noqa: E731
+    _, _, _, times, _ = inference.predict_case(folder, case_dir, "case1", (nothing, nothing), OPTIONS)
+    assert not list(case_dir.glob("*.dcm")) and times["dicom_outputs"] == {"written": [], "not_written": None,
+                                                                          "repaired": []}
+    assert (case_dir / "vertebrae.seg.nrrd").is_file()
+
+
 def test_report_table_shows_what_a_pacs_lists(tmp_path):
     folder = write_messy_series(tmp_path / "in" / "case1", "clean")
     case_dir = tmp_path / "out" / "case1"

@@ -33,7 +33,9 @@ items or the table's columns; these use the private coding scheme :data:`SCHEME`
 PS3.16 section 8.2), with their meanings spelled out, described in the Coding Scheme
 Identification Sequence.
 
-The SR is written only when the series can be referenced (:func:`spinemets.dicom.check_series`).
+The SR is written only when the series can be referenced (:func:`spinemets.dicom.check_series`),
+and only when something was found (no vertebra and no lesion: no SR, as an empty label map gives
+no SEG).
 It carries the pseudonym (the case ID) as patient name and ID, after the rules of
 :func:`spinemets.dicomseg.pseudonymise`; no attribute of a source header that identifies
 anybody reaches it. Written to a temporary name and renamed into place.
@@ -134,14 +136,19 @@ def vertebra_code(name: str):
 
 def write_lesion_report(lesion_rows: list[dict], vertebra_rows: list[dict], source_headers: list,
                         out_path: str | Path, pseudonym: str, vertebrae_seg: str | Path | None = None,
-                        metastases_seg: str | Path | None = None, warning: str = "") -> Path:
-    """Write the SR of one case (the module's content) to ``out_path`` and return it.
+                        metastases_seg: str | Path | None = None, warning: str = "") -> Path | None:
+    """Write the SR of one case (the module's content) to ``out_path`` and return it; None (nothing
+    written) when neither table has a row: a Measurement Report needs a measurement.
 
     ``source_headers`` are the CT series' slice headers (pydicom data sets, as
     :func:`spinemets.dicom.read_series_headers` gives them); ``vertebrae_seg`` and
     ``metastases_seg`` the SEG files written for the case (None where none was: an empty label
     map); ``warning`` the whole domain warning ("" inside the domain).
     """
+    if not lesion_rows and not vertebra_rows:
+        log.info("%s: no vertebra and no lesion found; no SR written (a Measurement Report needs a measurement)",
+                 out_path)
+        return None
     sr = build_lesion_report(lesion_rows, vertebra_rows, source_headers, pseudonym, vertebrae_seg, metastases_seg,
                              warning, out_path)
     out_path = check_output_file(out_path, "DICOM SR file")
