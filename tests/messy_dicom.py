@@ -3,7 +3,8 @@
 
 :func:`write_messy_series` writes one *kind* of series into a folder: the project's synthetic
 slices (tests/fakes.py) or copies of DICOM files that pydicom ships for its own tests
-(``pydicom.data.get_testdata_file``: a real CT slice, a real MR slice, a JPEG 2000 slice), then
+(``pydicom.data.get_testdata_file``: a real CT slice, a real MR slice, a JPEG 2000 slice, an SR
+and an RTSTRUCT placed beside a series), then
 changes their headers with pydicom the way the kind says. :data:`OUTCOMES` says what ``predict``
 must do with each kind: ``predict`` (DICOM-SEG and SR written and valid), ``no-dicom`` (the
 non-DICOM outputs written, the reason for the missing DICOM ones in the log and provenance) or
@@ -34,6 +35,9 @@ OUTCOMES: dict[str, tuple[str, str]] = {
     "no-study-date-time-id": ("predict", ""),
     "with-localizer": ("predict", ""),
     "with-existing-seg": ("predict", ""),
+    "with-report-and-structure-set": ("predict", ""),
+    "with-truncated-report": ("predict", ""),
+    "with-truncated-slice": ("refuse", "look like DICOM but cannot be read (truncated or corrupt): slice002.dcm"),
     "two-kernels": ("refuse", "holds 2 DICOM series, 2 of them an axial CT series"),
     "localizer-sharing-the-series-uid": ("refuse", "its orientation or size differs from"),
     "slice-missing": ("refuse", "slices are not evenly spaced"),
@@ -85,6 +89,16 @@ def write_messy_series(folder: str | Path, kind: str) -> Path:
         write_dicom_seg(image_from_array(array, ct), "metastases", folder, scratch / "old-seg.dcm")
         shutil.move(str(scratch / "old-seg.dcm"), folder / "old-seg.dcm")
         scratch.rmdir()
+    elif kind in ("with-report-and-structure-set", "with-truncated-report"):  # pydicom's own SR and RTSTRUCT
+        from pydicom.data import get_testdata_file
+
+        shutil.copy(get_testdata_file("test-SR.dcm"), folder / "report.dcm")
+        shutil.copy(get_testdata_file("rtstruct.dcm"), folder / "rtstruct.dcm")
+        if kind == "with-truncated-report":
+            data = (folder / "report.dcm").read_bytes()
+            (folder / "report.dcm").write_bytes(data[: len(data) // 2])
+    elif kind == "with-truncated-slice":
+        slices[2].write_bytes(slices[2].read_bytes()[:300])
     elif kind == "two-kernels":
         write_dicom_series(folder, OTHER_UID, synthetic_volume(n_slices=6, rows=12, columns=9, seed=7), prefix="b",
                            extra_tags={**tags, "0018|1210": "B70f"})

@@ -32,7 +32,9 @@ Choosing a series
     and the log says which (by UID). None or several left (two reconstruction kernels of one
     acquisition, say): an error names every series with its modality, kernel, slice count and
     size, and asks for ``--series-uid``. Segmentations, reports and other non-image objects in the
-    folder are never candidates.
+    folder are never candidates (GDCM lists no series for a report or structure set: a file whose
+    header says SR, RTSTRUCT and the like is passed over, and the log says so; any other file that
+    claims to be DICOM and is no slice of a series stays an error).
 
 Checking a series for prediction
     :func:`check_series` reads every slice header of the chosen series with pydicom (no pixels)
@@ -82,6 +84,8 @@ _TAG_POSITION = "0020|0032"
 _TAG_ORIENTATION = "0020|0037"
 _SAFE_SUMMARY_TAGS = {"modality": "0008|0060", "rows": "0028|0010", "columns": "0028|0011",
                       "image_type": "0008|0008", "kernel": "0018|1210"}
+#: Modalities of DICOM objects that are no image series (segmentations, structure sets, reports ...).
+NOT_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "SR", "PR", "RTPLAN", "RTDOSE", "KO")
 #: Storage SOP classes of single-frame CT slices; the enhanced and legacy-converted ones are multi-frame.
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MULTIFRAME_CT_STORAGE = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
@@ -241,6 +245,12 @@ def _series_files(folder: Path) -> dict[str, list[Path]]:
     }
     claimed = {p.name for files in series.values() for p in files}
     unreadable = [p for p in candidates if p.name not in claimed and _claims_dicom(p)]
+    others = [p for p in unreadable if _non_image_object(p)]  # a report or structure set beside the slices
+    if others:
+        log.info("%s: passed over %d DICOM object(s) that are no images (%s)", folder, len(others),
+                 ", ".join(sorted({_non_image_object(p) for p in others})))
+        claimed |= {p.name for p in others}
+        unreadable = [p for p in unreadable if p not in others]
     if unreadable:
         names = ", ".join(p.name for p in unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
         raise SpinemetsError(
@@ -253,6 +263,21 @@ def _series_files(folder: Path) -> dict[str, list[Path]]:
     if ignored:
         log.info("%s: ignored %d file(s) that are not DICOM", folder, ignored)
     return series
+
+
+def _non_image_object(path: Path) -> str | None:
+    """The Modality of a DICOM object that is no image (an SR, RTSTRUCT ...: GDCM lists no series for
+    them), read from its header (with or without a file meta header), else None. Such a file is no
+    slice, so passing it over loses none, even when it is damaged further on; a slice whose header
+    cannot be read, or says CT, stays an error."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), force=True, specific_tags=["Modality"])
+        modality = str(ds.get("Modality", "") or "").strip().upper()
+    except Exception:  # not DICOM, or damaged before its Modality
+        return None
+    return modality if modality in NOT_IMAGE_MODALITIES else None
 
 
 def _claims_dicom(path: Path) -> bool:

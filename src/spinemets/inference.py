@@ -60,18 +60,19 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from . import dicom as dicom_mod
 from . import domain as domain_mod
 from . import labels as labels_mod
 from . import nnunet
+from .dicom import check_series, read_series_headers
+from .dicomseg import write_dicom_seg
+from .dicomsr import SR_FILE, write_lesion_report
 from .errors import SpinemetsError, unknown_choice
 from .io import (check_case_id, check_output_dir, describe_path, ijk_to_lps, image_from_array, one_line, read_image,
                  require_file, write_csv, write_image, write_json)
 from .postprocessing import (check_min_ml, merge_small_type_parts, remove_small_components, remove_small_lesions,
                              repair_vertebra_order)
 from .provenance import provenance
-from .dicom import check_series, read_series_headers
-from .dicomseg import write_dicom_seg
-from .dicomsr import SR_FILE, write_lesion_report
 from .slicer import segmentation_from_labelmap
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ def find_inputs(input: str | Path | Sequence[str | Path]) -> dict[str, Path]:
 
 
 #: DICOM modalities whose series are no CT to predict on (segmentations, structure sets, reports ...).
-NOT_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "SR", "PR", "RTPLAN", "RTDOSE", "KO")
+NOT_IMAGE_MODALITIES = dicom_mod.NOT_IMAGE_MODALITIES
 
 
 def _is_dicom_series(folder: Path) -> bool:
