@@ -78,9 +78,6 @@ here; the tests run it on every one. Its warnings (:data:`DCIODVFY_WARNINGS`), a
   Profile); without one, a source without them gives none.
 * *Value dubious for this VR - Patient's Name ... Retired Person Name form*: the pseudonym (a
   case ID such as ``sm-0001``) is one name component, not a family^given name.
-* *Attribute is not present in standard DICOM IOD* and *Dicom dataset contains attributes not
-  present in standard DICOM IOD - this is a Standard Extended SOP Class*: Image Comments (LT),
-  which carries a domain warning longer than the 64 characters of the descriptions.
 """
 
 from __future__ import annotations
@@ -113,8 +110,6 @@ DCIODVFY_WARNINGS = (
     "Missing attribute or value that would be needed to build DICOMDIR - Study Time",
     "Missing attribute or value that would be needed to build DICOMDIR - Study ID",
     "Retired Person Name form",
-    "Attribute is not present in standard DICOM IOD",
-    "Dicom dataset contains attributes not present in standard DICOM IOD",
 )
 
 #: Series Number of the SEGs this module writes.
