@@ -245,6 +245,7 @@ def test_a_nifti_ct_sent_as_a_dicom_series_gives_the_pacs_view(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(ct),
                                   np.trunc(np.clip(sitk.GetArrayFromImage(image), -32768, 32767)))
     assert check_series(series_dir)["dicom_output"]
+    check_valid(next(series_dir.iterdir()), SEG_WARNINGS)  # a valid CT slice (tcia's explained warnings)
     case_dir = tmp_path / "predictions-dicom" / "case_001"
     inference.predict_case(series_dir, case_dir, "case_001", _stages(), OPTIONS)
     check_valid(case_dir / "metastases.dcm", SEG_WARNINGS)

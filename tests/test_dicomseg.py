@@ -416,6 +416,9 @@ def test_tcia_cohort_layout_spreadsheet_and_seg_round_trip(tmp_path):
 
         seg_file = seg_dir / "1-1.dcm"
         assert is_dicom_seg(seg_file)
+        if index == 0:  # the phantom's CT slices and SEG are valid DICOM
+            check_valid(ct_dir / "1-001.dcm", DCIODVFY_WARNINGS)
+            check_valid(seg_file, DCIODVFY_WARNINGS)
         image, report = read_dicom_seg(seg_file, ct, "vertebrae", ct_series_dir=ct_dir)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(image), case["vertebrae"])
         assert [s["name"] for s in report["segments"]] == [f"{v} vertebra" for v in TCIA_VERTEBRAE]

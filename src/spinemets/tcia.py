@@ -42,6 +42,10 @@ one row per subject, with the columns
 Data Description URI, Subject ID, Study UID, Study Description, Study Date, Series Description,
 Manufacturer, Modality, SOP Class Name, SOP Class UID, Number of Images, File Size, File Location,
 Download Timestamp), one row per series.
+
+The CT slices (and those of :func:`write_ct_series`) and the SEGs pass ``dciodvfy`` (dicom3tools)
+without error; its two warnings are those of :mod:`spinemets.dicomseg` (an empty Study ID, and a
+subject ID as a one-component Patient's Name).
 """
 
 from __future__ import annotations
@@ -235,6 +239,8 @@ def _write_ct_series(ct: sitk.Image, folder: Path, series_uid: str, common: dict
         ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "", "", "", ""
         ds.Manufacturer, ds.PositionReferenceIndicator = "spinemets phantom", ""
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        # type 2 and 2C attributes of the CT Image and General Series modules (dciodvfy-clean)
+        ds.AcquisitionNumber, ds.KVP, ds.PatientPosition, ds.BodyPartExamined = "", "", "HFS", "SPINE"
         ds.ImagePositionPatient = [f"{v:.4f}" for v in ct.TransformIndexToPhysicalPoint((0, 0, k))]
         direction = np.array(ct.GetDirection(), float).reshape(3, 3)  # columns: the i, j, k axes in LPS
         ds.ImageOrientationPatient = [round(float(v), 6) for v in (*direction[:, 0], *direction[:, 1])]
