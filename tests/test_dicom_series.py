@@ -31,15 +31,18 @@ OPTIONS = inference.PredictOptions(min_lesion_ml=0, min_vertebra_ml=0).resolved(
 
 
 def _maps(shape) -> tuple[np.ndarray, np.ndarray]:
-    """A vertebra (T12) in the middle of any CT, a lytic and a sclerotic lesion inside it, and one
-    lytic lesion outside the spine (a corner)."""
+    """A vertebra (T12) in the middle of any CT, a lytic and a sclerotic lesion inside it, one lytic
+    lesion outside the spine (a corner), and the sacrum below with a sclerotic lesion (its partial
+    SINS has no location points)."""
     z, y, x = shape
     vertebrae = np.zeros(shape, np.uint8)
     vertebrae[z // 4:z - z // 4, y // 4:y - y // 4, x // 4:x - x // 4] = V["T12"]
+    vertebrae[z - z // 4:, y // 4:y - y // 4, x // 4:x - x // 4] = V["Sacrum"]
     lesions = np.zeros(shape, np.uint8)
     lesions[z // 4:z // 4 + 1, y // 4:y // 4 + 2, x // 4:x // 4 + 2] = labels_mod.LYTIC
     lesions[z - z // 4 - 1, y - y // 4 - 2:y - y // 4, x - x // 4 - 2:x - x // 4] = labels_mod.SCLEROTIC
     lesions[0, 0, 0] = labels_mod.LYTIC
+    lesions[z - 1, y // 4, x // 4] = labels_mod.SCLEROTIC
     return vertebrae, lesions
 
 
@@ -113,7 +116,8 @@ def test_series_that_predict_write_valid_dicom_or_say_why_not(kind, tmp_path):
     case_dir = tmp_path / "out" / "case1"
     lesion_rows, _, _, times, report = inference.predict_case(folder, case_dir, "case1", _stages(), OPTIONS,
                                                               {"vertebrae": RECORD, "metastases": RECORD})
-    assert len(lesion_rows) == 3
+    levels = {r["level"] for r in lesion_rows}  # the corner lesion: near T12, or outside the spine on a large CT
+    assert len(lesion_rows) == 4 and {"T12", "Sacrum"} <= levels <= {"T12", "Sacrum", "outside spine"}
     for name in ("vertebrae.nii.gz", "metastases.nii.gz", "vertebrae.seg.nrrd", "metastases.seg.nrrd",
                  "lesions.csv", "vertebrae.csv"):
         assert (case_dir / name).is_file(), name

@@ -16,7 +16,8 @@ from dciodvfy import check_valid
 from fakes import IDENTIFIERS, synthetic_volume, write_dicom_series
 from spinemets import __version__
 from spinemets import labels as labels_mod
-from spinemets.dicomseg import DCIODVFY_WARNINGS, build_segmentation, is_dicom_seg, read_dicom_seg, save_segmentation, write_dicom_seg
+from spinemets.dicomseg import (DCIODVFY_WARNINGS, build_segmentation, is_dicom_seg, read_dicom_seg, save_segmentation,
+                                 write_dicom_seg)
 from spinemets.errors import SpinemetsError
 from spinemets.io import read_image
 from spinemets.tcia import CLINICAL_COLUMNS, CLINICAL_FILE, COLLECTION, TCIA_VERTEBRAE, phantom_case, \

@@ -374,7 +374,8 @@ def _check_slice_geometry(folder: Path, files: list[Path], rel_tol: float = 0.01
         reader = _header_reader(path)
         if reader is None or not reader.HasMetaDataKey(_TAG_POSITION) or not reader.HasMetaDataKey(_TAG_ORIENTATION):
             return  # no geometry tags: ITK falls back on its own ordering; nothing to check against
-        shape = tuple(reader.GetMetaData(t).strip() if reader.HasMetaDataKey(t) else "?" for t in ("0028|0010", "0028|0011"))
+        shape = tuple(reader.GetMetaData(t).strip() if reader.HasMetaDataKey(t) else "?"
+                      for t in ("0028|0010", "0028|0011"))
         this = _normal(reader)
         if first is None:
             first, normal = (path, shape), this

@@ -438,7 +438,9 @@ def report_table(path: str | Path) -> list[dict]:
             elif kind in ("IMAGE", "COMPOSITE"):
                 ref = item.ReferencedSOPSequence[0]
                 number = ref.get("ReferencedSegmentNumber")
-                value = f"segment {number} of {ref.ReferencedSOPInstanceUID}" if number else ref.ReferencedSOPInstanceUID
+                value = str(ref.ReferencedSOPInstanceUID)
+                if number:
+                    value = f"segment {number} of {value}"
             else:
                 continue
             if kind != "CONTAINER" and "ContentSequence" in item and kind != "NUM":
