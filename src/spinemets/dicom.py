@@ -377,19 +377,24 @@ def _check_slice_geometry(folder: Path, files: list[Path], rel_tol: float = 0.01
         shape = tuple(reader.GetMetaData(t).strip() if reader.HasMetaDataKey(t) else "?"
                       for t in ("0028|0010", "0028|0011"))
         this = _normal(reader)
+        if this is None:
+            raise SpinemetsError(f"{path}: Image Orientation (Patient) is not two directions of six numbers")
         if first is None:
             first, normal = (path, shape), this
-        elif this is None or normal is None or not np.allclose(this, normal, atol=1e-3) or shape != first[1]:
+        elif not np.allclose(this, normal, atol=1e-3) or shape != first[1]:
             raise SpinemetsError(
                 f"{path}: its orientation or size differs from {first[0].name} of the same series (Series Instance "
                 "UID shared by two series, e.g. a localizer and the axial slices, or blanked by an anonymiser); "
                 "separate the series into folders of their own"
             )
         try:
-            points.append([float(v) for v in reader.GetMetaData(_TAG_POSITION).split("\\")][:3])
+            point = [float(v) for v in reader.GetMetaData(_TAG_POSITION).split("\\")]
         except ValueError:
-            raise SpinemetsError(f"{path}: Image Position (Patient) is not three numbers") from None
-    if len(files) < 2 or normal is None:
+            point = []
+        if len(point) != 3 or not np.all(np.isfinite(point)):
+            raise SpinemetsError(f"{path}: Image Position (Patient) is not three numbers")
+        points.append(point)
+    if len(files) < 2:
         return
     points = np.array(points)
     along = points @ normal

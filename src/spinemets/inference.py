@@ -306,7 +306,7 @@ def _is_dicom_series(folder: Path) -> bool:
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     except OSError:
         return False
-    # the first image file decides (an existing SEG or report beside the slices is no reason to skip them)
+    # any image file decides (an existing SEG or report beside the slices is no reason to skip them)
     return any(_dicom_modality(p) not in NOT_IMAGE_MODALITIES for p in files if _is_dicom_file(p))
 
 
