@@ -31,10 +31,11 @@ Choosing a series
     degrees of the patient's head-foot axis) and hold more than two slices. One left: it is read,
     and the log says which (by UID). None or several left (two reconstruction kernels of one
     acquisition, say): an error names every series with its modality, kernel, slice count and
-    size, and asks for ``--series-uid``. Segmentations, reports and other non-image objects in the
-    folder are never candidates (GDCM lists no series for a report or structure set: a file whose
-    header says SR, RTSTRUCT and the like is passed over, and the log says so; any other file that
-    claims to be DICOM and is no slice of a series stays an error).
+    size, and asks for a UID (``convert --series-uid``) or a folder of its own for the series to
+    use. Segmentations, reports and other non-image objects in the folder are never candidates
+    (GDCM lists no series for a report or structure set: a file whose header says SR, RTSTRUCT and
+    the like is passed over, and the log says so; any other file that claims to be DICOM and is no
+    slice of a series stays an error).
 
 Checking a series for prediction
     :func:`check_series` reads every slice header of the chosen series with pydicom (no pixels)
@@ -304,7 +305,8 @@ def _pick_series(folder: Path, series: dict[str, list[Path]], series_uid: str | 
         why = "none" if not candidates else f"{len(candidates)}"
         raise SpinemetsError(
             f"{folder}: holds {len(series)} DICOM series, {why} of them an axial CT series with more than two slices "
-            f"that is no localizer; pick one by its UID (--series-uid): {_describe(series)}"
+            f"that is no localizer; pick one by its UID (convert --series-uid) or move it into a folder of its own: "
+            f"{_describe(series)}"
         )
     return next(iter(series))
 
