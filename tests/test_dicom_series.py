@@ -259,3 +259,29 @@ def test_a_nifti_ct_sent_as_a_dicom_series_gives_the_pacs_view(tmp_path):
     assert (sitk.GetArrayFromImage(labelmap) == _maps(sitk.GetArrayFromImage(ct).shape)[1]).all()
     with pytest.raises(SpinemetsError, match="case ID"):
         write_ct_series(image, tmp_path / "x", "bad name")
+
+
+def test_the_validator_fails_on_the_seg_the_issue_met(tmp_path):
+    """Positive control of the dciodvfy check: a SEG with empty Type 1 UIDs in its references (what
+    the writer once produced from an anonymised series) fails it."""
+    folder = write_messy_series(tmp_path / "in" / "case1", "clean")
+    case_dir = tmp_path / "out" / "case1"
+    inference.predict_case(folder, case_dir, "case1", _stages(), OPTIONS)
+    ds = pydicom.dcmread(case_dir / "vertebrae.dcm")
+    ds.StudyInstanceUID = ""
+    ds.ReferencedSeriesSequence[0].SeriesInstanceUID = ""
+    ds.save_as(tmp_path / "broken.dcm")
+    with pytest.raises(AssertionError, match="dciodvfy finds errors"):
+        check_valid(tmp_path / "broken.dcm", SEG_WARNINGS)
+
+
+def test_the_validator_check_skips_or_fails_without_dciodvfy(monkeypatch):
+    import dciodvfy
+
+    monkeypatch.setattr(dciodvfy.shutil, "which", lambda name: None)
+    monkeypatch.delenv(dciodvfy.REQUIRE, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y dicom3tools"):
+        dciodvfy.dciodvfy()
+    monkeypatch.setenv(dciodvfy.REQUIRE, "1")
+    with pytest.raises(pytest.fail.Exception, match="SPINEMETS_REQUIRE_DCIODVFY=1 but dciodvfy"):
+        dciodvfy.dciodvfy()
