@@ -18,6 +18,7 @@ case and lets Hypothesis shrink it to a minimal recipe.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -547,6 +548,7 @@ DICOM_STEPS = st.one_of(
     st.tuples(st.sampled_from(["slice-truncate", "slice-flip", "slice-delete", "slice-empty", "slice-dangling",
                                "slice-duplicate", "slice-folder"]), st.integers(0, 5), st.integers(0, 10**6)),
     st.sampled_from([("add", "empty.dcm"), ("add", "notes.txt"), ("add", "dangling.dcm"), ("add", "sub.dcm"),
+                     ("add", "test-SR.dcm"), ("add", "rtstruct.dcm"),  # pydicom's own SR and RTSTRUCT test files
                      ("second-series",), ("uid", "right"), ("uid", "wrong")]),
     # what anonymisers and scanners do to headers (tests/messy_dicom.py has one series of each kind)
     st.sampled_from([("header", "sop-class-blank"), ("header", "uids-blank"), ("header", "sop-instance-duplicate"),
@@ -600,6 +602,10 @@ def _apply_dicom_step(folder: Path, step: tuple, root: Path, bases: Bases, extra
             path.write_text("scanner notes\n")
         elif step[1] == "dangling.dcm":
             path.symlink_to(root / "no-such-slice.dcm")
+        elif step[1] in ("test-SR.dcm", "rtstruct.dcm"):
+            from pydicom.data import get_testdata_file
+
+            shutil.copy(get_testdata_file(step[1]), path)
         else:
             path.mkdir()
     elif kind == "second-series" and not (folder / "b000.dcm").exists():
@@ -612,7 +618,8 @@ def _apply_dicom_step(folder: Path, step: tuple, root: Path, bases: Bases, extra
 
 
 def _apply_header_step(slices: list[Path], change: str) -> None:
-    """Change the headers of the slices that pydicom still reads (the others stay as earlier steps left them)."""
+    """Change the headers of the slices that pydicom still reads and writes (the others stay as
+    earlier steps left them)."""
     import pydicom
 
     for k, path in enumerate(slices):
@@ -620,26 +627,31 @@ def _apply_header_step(slices: list[Path], change: str) -> None:
             continue
         try:
             ds = pydicom.dcmread(str(path))
-        except Exception:  # damaged by an earlier step
+            _change_header(ds, change, k)
+            data = io.BytesIO()
+            ds.save_as(data)
+        except Exception:  # damaged by an earlier step: pydicom reads it only in part, or cannot write it
             continue
-        if change == "sop-class-blank":
-            ds.SOPClassUID = ""
-        elif change == "uids-blank":
-            ds.SOPClassUID = ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
-        elif change == "sop-instance-duplicate":
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.9.7433.6.1"
-        elif change == "study-date-time-id-gone":
-            for keyword in ("StudyDate", "StudyTime", "StudyID"):
-                if keyword in ds:
-                    delattr(ds, keyword)
-        elif change == "tilt":  # each slice 10 degrees further along y
-            position = [float(v) for v in ds.ImagePositionPatient]
-            ds.ImagePositionPatient = [position[0], round(position[1] + k * 2.5 * np.tan(np.radians(10)), 4),
-                                       position[2]]
-        elif change == "localizer" and k == 0:  # the first slice turned coronal (one series UID for two)
-            ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-        ds.save_as(str(path))
+        path.write_bytes(data.getvalue())
+
+
+def _change_header(ds, change: str, k: int) -> None:
+    if change == "sop-class-blank":
+        ds.SOPClassUID = ""
+    elif change == "uids-blank":
+        ds.SOPClassUID = ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
+    elif change == "sop-instance-duplicate":
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.9.7433.6.1"
+    elif change == "study-date-time-id-gone":
+        for keyword in ("StudyDate", "StudyTime", "StudyID"):
+            if keyword in ds:
+                delattr(ds, keyword)
+    elif change == "tilt":  # each slice 10 degrees further along y
+        position = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [position[0], round(position[1] + k * 2.5 * np.tan(np.radians(10)), 4), position[2]]
+    elif change == "localizer" and k == 0:  # the first slice turned coronal (one series UID for two)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
 
 
 def build_convert(recipe: ConvertRecipe, root: Path, bases: Bases) -> fz.Case:
@@ -698,7 +710,8 @@ def _check_dicom_source(folder: Path, series_uid: str | None) -> str | None:
     series = {uid: set(files) for uid, files in ordered.items()}
     claimed = [p for p in folder.iterdir() if not p.name.startswith(".") and p.suffix == ".dcm"
                and (p.is_file() or p.is_symlink())]
-    missing = [p.name for p in claimed if not any(str(p) in files for files in series.values())]
+    missing = [p.name for p in claimed if not any(str(p) in files for files in series.values())
+               and _modality(p) not in ("SR", "RTSTRUCT")]  # a report or structure set is no slice
     if missing:
         raise fz.Invalid(f"{folder}: {missing[:3]} claim to be DICOM slices but are not readable as a series")
     points, orientations = [], set()
@@ -720,6 +733,16 @@ def _check_dicom_source(folder: Path, series_uid: str | None) -> str | None:
     if gaps.size and (gaps.min() <= 0.01 or np.abs(gaps - np.median(gaps)).max() > 0.01 * np.median(gaps) + 0.01):
         raise fz.Invalid(f"{folder}: slices are not evenly spaced (a slice missing or doubled)")
     return series_uid
+
+
+def _modality(path: Path) -> str:
+    """Modality of a DICOM file by pydicom (with or without a file meta header); "" when unreadable."""
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(str(path), force=True, specific_tags=["Modality"]).get("Modality", "")).upper()
+    except Exception:
+        return ""
 
 
 def _axial_ct_file(name: str) -> bool:
