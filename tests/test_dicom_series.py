@@ -285,3 +285,17 @@ def test_the_validator_check_skips_or_fails_without_dciodvfy(monkeypatch):
     monkeypatch.setenv(dciodvfy.REQUIRE, "1")
     with pytest.raises(pytest.fail.Exception, match="SPINEMETS_REQUIRE_DCIODVFY=1 but dciodvfy"):
         dciodvfy.dciodvfy()
+
+
+def test_read_lesion_report_names_a_group_it_cannot_read(tmp_path):
+    folder = write_messy_series(tmp_path / "in" / "case1", "clean")
+    case_dir = tmp_path / "out" / "case1"
+    inference.predict_case(folder, case_dir, "case1", _stages(), OPTIONS)
+    ds = pydicom.dcmread(case_dir / SR_FILE)
+    measurements = next(i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    group = measurements.ContentSequence[0]
+    group.ContentSequence = [c for c in group.ContentSequence  # the lesion type evaluation removed
+                             if c.ConceptNameCodeSequence[0].CodeValue != "LT"]
+    ds.save_as(tmp_path / "other.dcm")
+    with pytest.raises(SpinemetsError, match=r"other\.dcm: measurement group 'lesion 1' is not one spinemets writes"):
+        read_lesion_report(tmp_path / "other.dcm")

@@ -316,34 +316,41 @@ def read_lesion_report(path: str | Path, case_id: str | None = None) -> dict:
                     flag = str(text.TextValue)
         if _concept(item) != ("126010", "DCM"):
             continue
-        for group in item.ContentSequence:
-            g = _group(group, path)
-            ident = g["tracking"]
-            if ident.startswith(_LESION):
-                row = {"case_id": case, "lesion": int(ident[len(_LESION):]), "type": by_code[g["codes"]["LT"]],
-                       "level": names[g["site"]] if g["site"] else _OUTSIDE,
-                       "assignment": assignments[g["codes"]["AS"]], "volume_ml": g["numbers"][("118565006", "SCT")],
-                       "mean_hu": g["numbers"][("112031", "DCM", "373098007")],
-                       "max_hu": g["numbers"][("112031", "DCM", "56851009")]}
-                row.update({column: g["numbers"].get((code, SCHEME), math.nan)
-                            for column, (code, _) in _LESION_NUMBERS.items()})
-                out["lesions"].append(row)
-            elif ident.startswith(_VERTEBRA):
-                name = ident[len(_VERTEBRA):]
-                row = {"case_id": case, "vertebra": name, "volume_ml": g["numbers"][("118565006", "SCT")]}
-                row.update({column: g["numbers"].get((code, SCHEME), "")
-                            for column, (code, _) in _VERTEBRA_NUMBERS.items()})
-                if "involved_fraction" in row and row["involved_fraction"] == "":
-                    row["involved_fraction"] = math.nan
-                if "LQ" in g["codes"]:
-                    row["lesion_quality"] = qualities[g["codes"]["LQ"]]
-                    row["sins_location_class"] = locations.get(g["codes"]["LC"], SINS_LOCATION.get(name, ("",))[0])
-                    row["partial_sins_note"] = PARTIAL_SINS_LABEL
+        for index, group in enumerate(item.ContentSequence):
+            ident = f"number {index + 1}"
+            try:
+                g = _group(group, path)
+                ident = g["tracking"]
+                if ident.startswith(_LESION):
+                    numbers = g["numbers"]
+                    row = {"case_id": case, "lesion": int(ident[len(_LESION):]), "type": by_code[g["codes"]["LT"]],
+                           "level": names[g["site"]] if g["site"] else _OUTSIDE,
+                           "assignment": assignments[g["codes"]["AS"]], "volume_ml": numbers[("118565006", "SCT")],
+                           "mean_hu": numbers[("112031", "DCM", "373098007")],
+                           "max_hu": numbers[("112031", "DCM", "56851009")]}
+                    row.update({column: g["numbers"].get((code, SCHEME), math.nan)
+                                for column, (code, _) in _LESION_NUMBERS.items()})
+                    out["lesions"].append(row)
+                elif ident.startswith(_VERTEBRA):
+                    name = ident[len(_VERTEBRA):]
+                    row = {"case_id": case, "vertebra": name, "volume_ml": g["numbers"][("118565006", "SCT")]}
+                    row.update({column: g["numbers"].get((code, SCHEME), "")
+                                for column, (code, _) in _VERTEBRA_NUMBERS.items()})
+                    if "involved_fraction" in row and row["involved_fraction"] == "":
+                        row["involved_fraction"] = math.nan
+                    if "LQ" in g["codes"]:
+                        row["lesion_quality"] = qualities[g["codes"]["LQ"]]
+                        default = SINS_LOCATION.get(name, ("",))[0]  # the sacrum's
+                        row["sins_location_class"] = locations.get(g["codes"]["LC"], default)
+                        row["partial_sins_note"] = PARTIAL_SINS_LABEL
+                    else:
+                        row.update({"lesion_quality": "", "sins_location_class": "", "partial_sins_note": ""})
+                    out["vertebrae"].append(row)
                 else:
-                    row.update({"lesion_quality": "", "sins_location_class": "", "partial_sins_note": ""})
-                out["vertebrae"].append(row)
-            else:
-                raise SpinemetsError(f"{path}: measurement group with an unknown tracking identifier {ident!r}")
+                    raise SpinemetsError(f"{path}: measurement group with an unknown tracking identifier {ident!r}")
+            except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:  # an SR of another tool
+                raise SpinemetsError(f"{path}: measurement group {ident!r} is not one spinemets writes "
+                                     f"(missing or unknown: {one_line(exc)[:80]})") from None
             if g["series"] and g["series"] not in out["referenced_series"]:
                 out["referenced_series"].append(g["series"])
             if g["seg"] and g["seg"] not in out["referenced_segs"]:
