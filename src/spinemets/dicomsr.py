@@ -13,7 +13,10 @@ device ``spinemets`` and its version):
   (SCT 14799000, category *Morphologically Abnormal Structure*); finding site the vertebra
   (SNOMED CT codes of :mod:`spinemets.dicomseg`; none for a lesion ``outside spine``); the
   referenced segment is the lesion's type segment (``lytic`` or ``sclerotic``; for a mixed lesion
-  the type of most of its voxels) in the metastasis SEG, with the source CT series. Measurements:
+  the type of most of its voxels) in the metastasis SEG, with the source CT series. (The SEG holds
+  one segment per type, not per lesion, and a reference may not name both a segment and frames:
+  ``dciodvfy`` refuses Referenced Segment Number beside Referenced Frame Number. The lesion's
+  centroid, among its measurements, tells it from the other lesions of its segment.) Measurements:
   *Volume* (SCT 118565006, mL), *Attenuation Coefficient* (DCM 112031, HU) with derivation *Mean*
   and *Maximum*, and, in the project's own codes, voxels, lytic fraction, distance to the assigned
   vertebra (mm; none when not measured) and the centroid's x, y, z (mm, LPS). Qualitative
