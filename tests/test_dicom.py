@@ -267,3 +267,6 @@ def test_convert_refuses_a_gantry_tilt_and_two_kernels_naming_the_choices(tmp_pa
     assert f"{OTHER_UID} (CT, axial, kernel B70f, 6 file(s)" in str(err.value)
     assert not list(tmp_path.glob("*.nii.gz"))
     convert(kernels, tmp_path / "k.nii.gz", series_uid=OTHER_UID)  # the choice made
+    enhanced = write_messy_series(tmp_path / "enhanced", "enhanced-multiframe")
+    with pytest.raises(SpinemetsError, match=r"enhanced\.dcm: a multi-frame image with 6 frames in one file"):
+        convert(enhanced, tmp_path / "e.nii.gz")  # not a 4-D image placed at one frame's position

@@ -43,7 +43,8 @@ Checking a series for prediction
 
     * refused (:class:`SpinemetsError` naming the file): not CT (Modality MR, PT ...; the models
       were trained on CT), an enhanced or other multi-frame image (one file holding many
-      frames: convert it to single-frame slices first), plus the geometric checks above;
+      frames: convert it to single-frame slices first; :func:`read_dicom_series`, and so
+      ``convert``, refuses it too), plus the geometric checks above;
     * repaired in memory only (the source files are never changed): a SOP Class UID blanked in
       the data set but kept in the file meta (Media Storage SOP Class UID) is taken from there;
     * no DICOM output: the voxels are good, but a DICOM object derived from the series could not
@@ -118,6 +119,7 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> sitk
     series = _series_files(folder)
     uid = _pick_series(folder, series, series_uid)
     files = series[uid]
+    _check_single_frames(files)
     _check_slice_geometry(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
@@ -366,6 +368,19 @@ def _header_reader(path: Path) -> sitk.ImageFileReader | None:
     except RuntimeError:
         return None
     return reader
+
+
+def _check_single_frames(files: list[Path]) -> None:
+    """Raise for a multi-frame image (an enhanced CT: all slices in one file), which GDCM would read
+    as a 4-D image placed at one frame's position."""
+    path = files[0]
+    reader = _header_reader(path)
+    frames = _int(reader.GetMetaData("0028|0008")) if reader is not None and reader.HasMetaDataKey("0028|0008") else 0
+    if frames > 1:
+        raise SpinemetsError(
+            f"{path}: a multi-frame image with {frames} frames in one file (an enhanced CT); spinemets "
+            "reads series of single-frame CT slices: convert it to single-frame slices first"
+        )
 
 
 def _check_slice_geometry(folder: Path, files: list[Path], rel_tol: float = 0.01, abs_tol: float = 0.01) -> None:
