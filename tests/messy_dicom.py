@@ -3,7 +3,8 @@
 
 :func:`write_messy_series` writes one *kind* of series into a folder: the project's synthetic
 slices (tests/fakes.py) or copies of DICOM files that pydicom ships for its own tests
-(``pydicom.data.get_testdata_file``: a real CT slice, a real MR slice, a JPEG 2000 slice, an SR
+(``pydicom.data.get_testdata_file``: a real CT slice, a real MR slice, a JPEG 2000 and a JPEG
+slice, an SR
 and an RTSTRUCT placed beside a series), then
 changes their headers with pydicom the way the kind says. :data:`OUTCOMES` says what ``predict``
 must do with each kind: ``predict`` (DICOM-SEG and SR written and valid), ``no-dicom`` (the
@@ -48,6 +49,7 @@ OUTCOMES: dict[str, tuple[str, str]] = {
     "real-ct-rle": ("predict", ""),
     "real-ct-jpeg-ls": ("predict", ""),
     "jpeg2000": ("predict", ""),
+    "jpeg-extended": ("predict", ""),
 }
 
 
@@ -58,7 +60,7 @@ def write_messy_series(folder: str | Path, kind: str) -> Path:
     folder = Path(folder)
     if kind not in OUTCOMES:
         raise ValueError(f"unknown kind {kind!r}")
-    if kind in ("mr", "real-ct-rle", "real-ct-jpeg-ls", "jpeg2000"):
+    if kind in ("mr", "real-ct-rle", "real-ct-jpeg-ls", "jpeg2000", "jpeg-extended"):
         return _from_pydicom_file(folder, kind)
     tags = {"0020|0052": FOR_UID, "0018|1210": "B30f"}
     if kind == "no-frame-of-reference":
@@ -148,11 +150,14 @@ def _from_pydicom_file(folder: Path, kind: str) -> Path:
     from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
 
     name = {"mr": "MR_small.dcm", "real-ct-rle": "CT_small.dcm", "real-ct-jpeg-ls": "CT_small.dcm",
-            "jpeg2000": "MR_small_jp2klossless.dcm"}[kind]
+            "jpeg2000": "MR_small_jp2klossless.dcm", "jpeg-extended": "JPGExtended.dcm"}[kind]
     folder.mkdir(parents=True, exist_ok=True)
     thickness = 2.0
     for k in range(4):
         ds = pydicom.dcmread(get_testdata_file(name))
+        if kind == "jpeg-extended":  # a 12-bit JPEG (process 2 and 4) image without geometry: given one
+            ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 1, 0]
+            ds.FrameOfReferenceUID = FOR_UID
         ds.SOPInstanceUID = generate_uid(prefix="1.2.826.0.1.3680043.9.7433.5.")
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = k + 1
@@ -160,7 +165,7 @@ def _from_pydicom_file(folder: Path, kind: str) -> Path:
         position = [float(v) for v in ds.ImagePositionPatient]
         ds.ImagePositionPatient = [position[0], position[1], round(position[2] + k * thickness, 4)]
         ds.SliceLocation = ds.ImagePositionPatient[2]
-        if kind == "jpeg2000":  # the pixel data stay JPEG 2000 (lossless) as shipped
+        if kind in ("jpeg2000", "jpeg-extended"):  # the pixel data stay compressed as shipped
             ds.Modality = "CT"
             ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT_STORAGE
             ds.RescaleIntercept, ds.RescaleSlope = -1024, 1

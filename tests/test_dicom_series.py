@@ -159,15 +159,17 @@ def test_series_that_predict_write_valid_dicom_or_say_why_not(kind, tmp_path):
 
 
 def test_compressed_series_are_decoded_voxel_for_voxel(tmp_path):
-    """RLE and JPEG-LS (lossless) copies of pydicom's CT slice, decoded by GDCM, equal the uncompressed one."""
+    """RLE and JPEG-LS copies of pydicom's CT slice and its JPEG 2000 (lossless) MR slice, decoded by
+    GDCM, equal the uncompressed slices pydicom ships."""
     from pydicom.data import get_testdata_file
 
-    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    expected = source.pixel_array * float(source.RescaleSlope) + float(source.RescaleIntercept)
-    for kind in ("real-ct-rle", "real-ct-jpeg-ls"):
+    ct, mr = (pydicom.dcmread(get_testdata_file(name)) for name in ("CT_small.dcm", "MR_small.dcm"))
+    for kind, expected in (("real-ct-rle", ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept)),
+                           ("real-ct-jpeg-ls", ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept)),
+                           ("jpeg2000", mr.pixel_array - 1024.0)):  # relabelled as CT with intercept -1024
         image = read_image(write_messy_series(tmp_path / kind, kind))
         for k in range(image.GetSize()[2]):
-            np.testing.assert_array_equal(sitk.GetArrayFromImage(image)[k], expected)
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(image)[k], expected, err_msg=kind)
 
 
 def test_the_anonymised_series_of_the_issue_through_the_command_line(tmp_path, monkeypatch, capsys, caplog):
