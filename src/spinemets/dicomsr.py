@@ -6,7 +6,7 @@ DICOM-SEGs it refers to; :func:`read_lesion_report` reads the rows back, and
 :func:`report_table` lists the content the way a PACS shows an SR (one line per item).
 
 Content (TID 1500 *Imaging Measurement Report*, procedure *Computed Tomography*, observer: the
-device ``spinemets`` and its version):
+device ``spinemets``; each group names the algorithm ``spinemets`` and its version):
 
 * **one measurement group per lesion** (TID 1411, volumetric ROI): tracking identifier
   ``lesion N`` (N as in ``lesions.csv``) and a tracking UID; finding *Neoplasm, metastatic*
@@ -33,7 +33,7 @@ device ``spinemets`` and its version):
 
 SNOMED CT and DICOM have no codes for the lytic and sclerotic bone lesion patterns, the SINS
 items or the table's columns; these use the private coding scheme :data:`SCHEME` (``99`` prefix,
-PS3.16 section 8.2), with their meanings spelled out, described in the Coding Scheme
+PS3.3 section 8.2), with their meanings spelled out, described in the Coding Scheme
 Identification Sequence.
 
 The SR is written only when the series can be referenced (:func:`spinemets.dicom.check_series`),
@@ -68,7 +68,7 @@ from .io import atomic_path, check_output_file, one_line, require_file
 
 log = logging.getLogger(__name__)
 
-#: The project's coding scheme (a private one: PS3.16 reserves designators starting with 99).
+#: The project's coding scheme (a private one: PS3.3 section 8.2 leaves designators starting with 99 to them).
 SCHEME = "99SPINEMETS"
 #: The dciodvfy warnings the module docstring explains (substrings of its output lines).
 DCIODVFY_WARNINGS = (f"Unrecognized defined term <{SCHEME}> for value 1 of attribute <Coding Scheme Designator>",
