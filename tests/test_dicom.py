@@ -237,3 +237,36 @@ def test_dicom_series_through_scan_and_import_leaks_nothing(tmp_path):
             data = path.read_bytes()
             data = gzip.decompress(data) if path.suffix == ".gz" else data
             assert not [s for s in secrets if s in data], path
+
+
+def test_the_axial_ct_series_is_chosen_beside_a_localizer_and_a_seg(tmp_path, caplog):
+    """The rule of spinemets.dicom: of several series, the only axial CT one with more than two slices
+    that is no localizer is read (and the log names it); a segmentation beside it is no candidate."""
+    from messy_dicom import SERIES_UID, write_messy_series
+
+    for kind in ("with-localizer", "with-existing-seg"):
+        folder = write_messy_series(tmp_path / kind, kind)
+        assert len(list_series(folder)) == 2
+        with caplog.at_level("INFO"):
+            image = read_dicom_series(folder)
+        assert image.GetSize() == (9, 12, 6)
+        assert f"read the only axial CT series that is no localizer: {SERIES_UID}" in caplog.text
+        caplog.clear()
+
+
+def test_convert_refuses_a_gantry_tilt_and_two_kernels_naming_the_choices(tmp_path):
+    from messy_dicom import OTHER_UID, SERIES_UID, write_messy_series
+
+    tilted = write_messy_series(tmp_path / "tilt", "gantry-tilt")
+    with pytest.raises(SpinemetsError, match=rf"^{tilted}: gantry tilt: the slices are stacked at 15.0 degrees"):
+        convert(tilted, tmp_path / "t.nii.gz")
+    kernels = write_messy_series(tmp_path / "kernels", "two-kernels")
+    with pytest.raises(SpinemetsError) as err:
+        convert(kernels, tmp_path / "k.nii.gz")
+    assert f"{SERIES_UID} (CT, axial, kernel B30f, 6 file(s)" in str(err.value)
+    assert f"{OTHER_UID} (CT, axial, kernel B70f, 6 file(s)" in str(err.value)
+    assert not list(tmp_path.glob("*.nii.gz"))
+    convert(kernels, tmp_path / "k.nii.gz", series_uid=OTHER_UID)  # the choice made
+    enhanced = write_messy_series(tmp_path / "enhanced", "enhanced-multiframe")
+    with pytest.raises(SpinemetsError, match=r"enhanced\.dcm: a multi-frame image with 6 frames in one file"):
+        convert(enhanced, tmp_path / "e.nii.gz")  # not a 4-D image placed at one frame's position

@@ -12,10 +12,12 @@ import SimpleITK as sitk
 from pydicom.pixels import pack_bits
 from pydicom.sr.codedict import codes
 
+from dciodvfy import check_valid
 from fakes import IDENTIFIERS, synthetic_volume, write_dicom_series
 from spinemets import __version__
 from spinemets import labels as labels_mod
-from spinemets.dicomseg import build_segmentation, is_dicom_seg, read_dicom_seg, save_segmentation, write_dicom_seg
+from spinemets.dicomseg import (DCIODVFY_WARNINGS, build_segmentation, is_dicom_seg, read_dicom_seg, save_segmentation,
+                                 write_dicom_seg)
 from spinemets.errors import SpinemetsError
 from spinemets.io import read_image
 from spinemets.tcia import CLINICAL_COLUMNS, CLINICAL_FILE, COLLECTION, TCIA_VERTEBRAE, phantom_case, \
@@ -97,6 +99,7 @@ def test_round_trip_labels_geometry_names_and_references(series, tmp_path):
                           description="spinemets vertebrae prediction " + "x" * 80)
     assert out == tmp_path / "out" / "pred.dcm"
     assert is_dicom_seg(out)
+    check_valid(out, DCIODVFY_WARNINGS)
 
     image, report = read_dicom_seg(out, ct, "vertebrae", ct_series_dir=folder)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), array)
@@ -142,6 +145,7 @@ def test_round_trip_of_the_metastasis_stage(series, tmp_path):
     array[2:4, 3:6, 2:5] = labels_mod.LYTIC
     array[6, 7:10, 4:8] = labels_mod.SCLEROTIC
     out = write_dicom_seg(_labelmap(ct, array), "metastases", folder, tmp_path / "lesions.dcm")
+    check_valid(out, DCIODVFY_WARNINGS)
     image, report = read_dicom_seg(out, ct, "metastases", ct_series_dir=folder)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), array)
     assert [s["name"] for s in report["segments"]] == ["lytic", "sclerotic"]
@@ -269,7 +273,9 @@ def test_unknown_segment_labels_are_listed(series, tmp_path):
 
 def test_a_seg_that_references_no_series_is_refused(series, tmp_path):
     folder, ct = series
-    ds = pydicom.dcmread(write_dicom_seg(_labelmap(ct, _vertebrae(ct)), "vertebrae", folder, tmp_path / "a.dcm"))
+    out = write_dicom_seg(_labelmap(ct, _vertebrae(ct)), "vertebrae", folder, tmp_path / "a.dcm")
+    check_valid(out, DCIODVFY_WARNINGS)
+    ds = pydicom.dcmread(out)
     del ds.ReferencedSeriesSequence
     ds.save_as(tmp_path / "orphan.dcm")
     with pytest.raises(SpinemetsError, match=r"orphan\.dcm: DICOM-SEG references no series"):
@@ -337,7 +343,9 @@ def test_write_refuses_a_label_map_off_the_series_grid_and_skips_an_empty_one(se
 def test_without_a_pseudonym_the_seg_carries_the_source_patient_only(series, tmp_path):
     """Positive control for the scan below: highdicom copies the patient and study of the source."""
     folder, ct = series
-    ds = pydicom.dcmread(write_dicom_seg(_labelmap(ct, _vertebrae(ct)), "vertebrae", folder, tmp_path / "a.dcm"))
+    out = write_dicom_seg(_labelmap(ct, _vertebrae(ct)), "vertebrae", folder, tmp_path / "a.dcm")
+    check_valid(out, DCIODVFY_WARNINGS)
+    ds = pydicom.dcmread(out)
     assert str(ds.PatientName) == IDENTIFIERS["0010|0010"] and ds.PatientID == IDENTIFIERS["0010|0020"]
     assert {"Zyxwvut^Qqpatient", "PID-86753091", "19230417", "Quuxbridge Infirmary", "20190823"} <= _leaked(ds)
     assert ds.ContributingEquipmentSequence[0].InstitutionName == "Quuxbridge Infirmary"
@@ -347,6 +355,7 @@ def test_a_seg_written_with_a_pseudonym_carries_no_identifier(series, tmp_path):
     folder, ct = series
     out = write_dicom_seg(_labelmap(ct, _vertebrae(ct)), "vertebrae", folder, tmp_path / "a.dcm",
                           pseudonym="sm-0007")
+    check_valid(out, DCIODVFY_WARNINGS)
     raw = out.read_bytes()
     ds = pydicom.dcmread(out)
     assert _leaked(ds) == set()
@@ -408,6 +417,9 @@ def test_tcia_cohort_layout_spreadsheet_and_seg_round_trip(tmp_path):
 
         seg_file = seg_dir / "1-1.dcm"
         assert is_dicom_seg(seg_file)
+        if index == 0:  # the phantom's CT slices and SEG are valid DICOM
+            check_valid(ct_dir / "1-001.dcm", DCIODVFY_WARNINGS)
+            check_valid(seg_file, DCIODVFY_WARNINGS)
         image, report = read_dicom_seg(seg_file, ct, "vertebrae", ct_series_dir=ct_dir)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(image), case["vertebrae"])
         assert [s["name"] for s in report["segments"]] == [f"{v} vertebra" for v in TCIA_VERTEBRAE]

@@ -11,8 +11,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from dciodvfy import check_valid
 from spinemets import dataset, discovery, inference
+from spinemets.dicomseg import DCIODVFY_WARNINGS as SEG_WARNINGS
 from spinemets.dicomseg import read_dicom_seg
+from spinemets.dicomsr import DCIODVFY_WARNINGS as SR_WARNINGS
+from spinemets.dicomsr import SR_FILE, read_lesion_report
 from spinemets.errors import SpinemetsError
 from spinemets.io import read_image
 from spinemets.tcia import COLLECTION, phantom_case, subject_id, write_tcia_cohort
@@ -151,7 +155,9 @@ def test_predict_case_of_a_dicom_series_writes_dicom_seg(cohort, tmp_path):
     assert not report["in_domain"]  # 1.5 x 1.5 x 3 mm phantoms, 48 voxels wide: the warning goes along
     ct = read_image(ct_dir)
     ct_uid = pydicom.dcmread(str(next(ct_dir.iterdir())), stop_before_pixels=True).SeriesInstanceUID
+    check_valid(out / SR_FILE, SR_WARNINGS)
     for stage in ("vertebrae", "metastases"):
+        check_valid(out / f"{stage}.dcm", SEG_WARNINGS)
         written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{stage}.nii.gz")))
         assert written.any()
         labelmap, seg_report = read_dicom_seg(out / f"{stage}.dcm", ct, stage, ct_series_dir=ct_dir)
@@ -168,6 +174,8 @@ def test_predict_case_of_a_dicom_series_writes_dicom_seg(cohort, tmp_path):
     # a rerun without lesions: no metastasis SEG (a SEG needs a segment), and the old one is gone
     inference.predict_case(ct_dir, out, "SMCS-0001", _stages(vertebrae, np.zeros_like(lesions)), options)
     assert (out / "vertebrae.dcm").is_file() and not (out / "metastases.dcm").exists()
+    check_valid(out / SR_FILE, SR_WARNINGS)  # the SR of vertebrae without lesions
+    assert read_lesion_report(out / SR_FILE)["lesions"] == []
     assert (out / "metastases.seg.nrrd").is_file()
 
 

@@ -18,6 +18,7 @@ case and lets Hypothesis shrink it to a minimal recipe.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -547,7 +548,11 @@ DICOM_STEPS = st.one_of(
     st.tuples(st.sampled_from(["slice-truncate", "slice-flip", "slice-delete", "slice-empty", "slice-dangling",
                                "slice-duplicate", "slice-folder"]), st.integers(0, 5), st.integers(0, 10**6)),
     st.sampled_from([("add", "empty.dcm"), ("add", "notes.txt"), ("add", "dangling.dcm"), ("add", "sub.dcm"),
+                     ("add", "test-SR.dcm"), ("add", "rtstruct.dcm"),  # pydicom's own SR and RTSTRUCT test files
                      ("second-series",), ("uid", "right"), ("uid", "wrong")]),
+    # what anonymisers and scanners do to headers (tests/messy_dicom.py has one series of each kind)
+    st.sampled_from([("header", "sop-class-blank"), ("header", "uids-blank"), ("header", "sop-instance-duplicate"),
+                     ("header", "study-date-time-id-gone"), ("header", "tilt"), ("header", "localizer")]),
 )
 
 
@@ -597,6 +602,10 @@ def _apply_dicom_step(folder: Path, step: tuple, root: Path, bases: Bases, extra
             path.write_text("scanner notes\n")
         elif step[1] == "dangling.dcm":
             path.symlink_to(root / "no-such-slice.dcm")
+        elif step[1] in ("test-SR.dcm", "rtstruct.dcm"):
+            from pydicom.data import get_testdata_file
+
+            shutil.copy(get_testdata_file(step[1]), path)
         else:
             path.mkdir()
     elif kind == "second-series" and not (folder / "b000.dcm").exists():
@@ -604,6 +613,45 @@ def _apply_dicom_step(folder: Path, step: tuple, root: Path, bases: Bases, extra
             shutil.copy(src, folder / src.name)
     elif kind == "uid":
         extra[:] = ["--series-uid", UID_A if step[1] == "right" else "1.2.3.4.5.6.7.8.9"]
+    elif kind == "header":
+        _apply_header_step(slices, step[1])
+
+
+def _apply_header_step(slices: list[Path], change: str) -> None:
+    """Change the headers of the slices that pydicom still reads and writes (the others stay as
+    earlier steps left them)."""
+    import pydicom
+
+    for k, path in enumerate(slices):
+        if not path.is_file() or path.is_symlink():
+            continue
+        try:
+            ds = pydicom.dcmread(str(path))
+            _change_header(ds, change, k)
+            data = io.BytesIO()
+            ds.save_as(data)
+        except Exception:  # damaged by an earlier step: pydicom reads it only in part, or cannot write it
+            continue
+        path.write_bytes(data.getvalue())
+
+
+def _change_header(ds, change: str, k: int) -> None:
+    if change == "sop-class-blank":
+        ds.SOPClassUID = ""
+    elif change == "uids-blank":
+        ds.SOPClassUID = ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
+    elif change == "sop-instance-duplicate":
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.9.7433.6.1"
+    elif change == "study-date-time-id-gone":
+        for keyword in ("StudyDate", "StudyTime", "StudyID"):
+            if keyword in ds:
+                delattr(ds, keyword)
+    elif change == "tilt":  # each slice 10 degrees further along y
+        position = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [position[0], round(position[1] + k * 2.5 * np.tan(np.radians(10)), 4), position[2]]
+    elif change == "localizer" and k == 0:  # the first slice turned coronal (one series UID for two)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
 
 
 def build_convert(recipe: ConvertRecipe, root: Path, bases: Bases) -> fz.Case:
@@ -644,37 +692,74 @@ def read_output_image(path: Path) -> tuple[np.ndarray, fz.Grid]:
         raise fz.Mismatch(str(exc)) from None
 
 
-def _check_dicom_source(folder: Path, series_uid: str | None) -> None:
-    """A DICOM folder is usable when the series asked for (or its only series) exists, every file
-    that claims to be DICOM belongs to a series, and the chosen series' slices are evenly spaced."""
+def _check_dicom_source(folder: Path, series_uid: str | None) -> str | None:
+    """A DICOM folder is usable when the series asked for (or its only series, or the only axial CT
+    series of more than two slices that is no localizer, judged by its first file in GDCM's order)
+    exists, every file that claims to be DICOM belongs to a series, and the chosen series' slices
+    have one orientation, are stacked along their normal (no gantry tilt) and are evenly spaced."""
     reader = sitk.ImageSeriesReader()
     uids = reader.GetGDCMSeriesIDs(str(folder))
-    if series_uid is None and len(uids) != 1:
-        raise fz.Invalid(f"{folder}: {len(uids)} DICOM series and no --series-uid")
     if series_uid is not None and series_uid not in uids:
         raise fz.Invalid(f"{folder}: no series {series_uid}")
-    series = {uid: set(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+    ordered = {uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+    if series_uid is None and len(uids) > 1:
+        axial = [uid for uid, files in ordered.items() if len(files) > 2 and _axial_ct_file(files[0])]
+        if len(axial) != 1:
+            raise fz.Invalid(f"{folder}: {len(uids)} DICOM series, {len(axial)} axial CT, and no --series-uid")
+        series_uid = axial[0]
+    series = {uid: set(files) for uid, files in ordered.items()}
     claimed = [p for p in folder.iterdir() if not p.name.startswith(".") and p.suffix == ".dcm"
                and (p.is_file() or p.is_symlink())]
-    missing = [p.name for p in claimed if not any(str(p) in files for files in series.values())]
+    missing = [p.name for p in claimed if not any(str(p) in files for files in series.values())
+               and _modality(p) not in ("SR", "RTSTRUCT")]  # a report or structure set is no slice
     if missing:
         raise fz.Invalid(f"{folder}: {missing[:3]} claim to be DICOM slices but are not readable as a series")
-    positions = []
+    points, orientations = [], set()
     for name in series[series_uid or uids[0]]:
         header = sitk.ImageFileReader()
         header.SetFileName(name)
         header.ReadImageInformation()
-        positions.append(float(header.GetMetaData("0020|0032").split("\\")[2]))
+        points.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+        orientations.add(tuple(round(float(v), 3) for v in header.GetMetaData("0020|0037").split("\\")))
+    if len(orientations) > 1:
+        raise fz.Invalid(f"{folder}: slices of one series in {len(orientations)} orientations")
+    points = np.array(points)
+    ends = points[np.argsort(points[:, 2])[[0, -1]]]  # the base series is axial: its normal is z
+    stack = ends[1] - ends[0]
+    if len(points) > 1 and np.degrees(np.arctan2(np.hypot(stack[0], stack[1]), abs(stack[2]))) > 0.5:
+        raise fz.Invalid(f"{folder}: slices stacked at an angle to their normal (gantry tilt)")
+    positions = points[:, 2]
     gaps = np.diff(np.sort(positions))
     if gaps.size and (gaps.min() <= 0.01 or np.abs(gaps - np.median(gaps)).max() > 0.01 * np.median(gaps) + 0.01):
         raise fz.Invalid(f"{folder}: slices are not evenly spaced (a slice missing or doubled)")
+    return series_uid
+
+
+def _modality(path: Path) -> str:
+    """Modality of a DICOM file by pydicom (with or without a file meta header); "" when unreadable."""
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(str(path), force=True, specific_tags=["Modality"]).get("Modality", "")).upper()
+    except Exception:
+        return ""
+
+
+def _axial_ct_file(name: str) -> bool:
+    header = sitk.ImageFileReader()
+    header.SetFileName(name)
+    header.ReadImageInformation()
+    get = lambda tag: header.GetMetaData(tag).strip() if header.HasMetaDataKey(tag) else ""  # noqa: E731
+    cosines = [float(v) for v in get("0020|0037").split("\\")] if get("0020|0037") else [0] * 6
+    normal_z = cosines[0] * cosines[4] - cosines[1] * cosines[3]
+    return get("0008|0060").upper() == "CT" and "LOCALIZER" not in get("0008|0008").upper() and abs(normal_z) >= 0.7071
 
 
 def check_convert(case: fz.Case) -> None:
     src, out = Path(case.notes["src"]), case.out
     uid = case.argv[case.argv.index("--series-uid") + 1] if "--series-uid" in case.argv else None
     if src.is_dir():
-        _check_dicom_source(src, uid)
+        uid = _check_dicom_source(src, uid)
     elif uid is not None:
         raise fz.Invalid("a series UID was given for a file")
     expected, grid = fz.read_image_reference(src, f"source {src.name}", series_uid=uid)

@@ -65,6 +65,19 @@ Writing rules:
 * An empty label map gives no file: DICOM-SEG needs at least one segment, so
   :func:`write_dicom_seg` writes nothing and returns None.
 * Written to a temporary name and renamed into place (:func:`spinemets.io.atomic_path`).
+* The source series is checked first (:func:`spinemets.dicom.check_series`): a series whose
+  Study, Series or Frame of Reference UID is blank (an anonymiser's doing), or whose SOP Instance
+  UIDs are blank or duplicated, gets no SEG (it could not reference its source: an error naming
+  the folder and the reason); a SOP Class UID found only in the file meta is used from there.
+
+Validation: David Clunie's ``dciodvfy`` (dicom3tools) reports no error for the SEGs written
+here; the tests run it on every one. Its warnings (:data:`DCIODVFY_WARNINGS`), and why they stay:
+
+* *Missing attribute or value that would be needed to build DICOMDIR - Study Date / Study Time /
+  Study ID*: with a pseudonym these type 2 attributes are emptied on purpose (PS3.15 Basic
+  Profile); without one, a source without them gives none.
+* *Value dubious for this VR - Patient's Name ... Retired Person Name form*: the pseudonym (a
+  case ID such as ``sm-0001``) is one name component, not a family^given name.
 """
 
 from __future__ import annotations
@@ -90,6 +103,14 @@ SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"
 SURFACE_SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.5"
 SEG_SOP_CLASSES = (SEG_SOP_CLASS, LABELMAP_SEG_SOP_CLASS)
+
+#: The dciodvfy warnings the module docstring explains (substrings of its output lines).
+DCIODVFY_WARNINGS = (
+    "Missing attribute or value that would be needed to build DICOMDIR - Study Date",
+    "Missing attribute or value that would be needed to build DICOMDIR - Study Time",
+    "Missing attribute or value that would be needed to build DICOMDIR - Study ID",
+    "Retired Person Name form",
+)
 
 #: Series Number of the SEGs this module writes.
 SEG_SERIES_NUMBER = 300
@@ -586,20 +607,17 @@ def _one_line_lo(text: str | None) -> str | None:
 
 def _source_datasets(folder, labelmap: sitk.Image, out_path) -> list:
     """Headers of the source series' slices, in the order of the label map's slices (checked)."""
-    import pydicom
-
-    from .dicom import _pick_series, _series_files, read_dicom_series
+    from .dicom import check_series, read_dicom_series, read_series_headers
     from .io import check_same_geometry
 
     folder = require_dir(folder, "source CT series folder")
-    series = _series_files(folder)
-    files = series[_pick_series(folder, series, None)]
+    checked = check_series(folder)
+    if not checked["dicom_output"]:
+        raise SpinemetsError(f"{folder}: {checked['why_not']}")
+    files = checked["files"]
     ct = read_dicom_series(folder)
     check_same_geometry(ct, labelmap, folder, f"{out_path}: the label map")
-    datasets = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
-    if not str(datasets[0].get("FrameOfReferenceUID", "") or ""):
-        raise SpinemetsError(f"{folder}: the CT series has no Frame of Reference UID, which a DICOM-SEG must share "
-                             "with its source")
+    datasets = read_series_headers(files)
     for k, ds in enumerate(datasets):  # slice k of the volume must be file k (GDCM's order)
         expected = np.array(ct.TransformIndexToPhysicalPoint((0, 0, k)))
         if "ImagePositionPatient" not in ds or not np.allclose(np.array(ds.ImagePositionPatient, float), expected,

@@ -35,10 +35,14 @@ The inference step: it serves the command ``spinemets predict`` and the inferenc
 Outputs in ``out_dir``: per case ``CASE/vertebrae.nii.gz``, ``CASE/metastases.nii.gz`` (label
 maps on the CT grid), ``CASE/vertebrae.seg.nrrd`` and ``CASE/metastases.seg.nrrd`` (named,
 coloured segments for 3D Slicer), for a DICOM series input also ``CASE/vertebrae.dcm`` and
-``CASE/metastases.dcm`` (DICOM-SEG referencing the series; none for an empty label map),
+``CASE/metastases.dcm`` (DICOM-SEG referencing the series; none for an empty label map) and
+``CASE/report.dcm`` (the lesion report as a DICOM SR, :mod:`spinemets.dicomsr`),
 ``CASE/lesions.csv``, ``CASE/vertebrae.csv``; for the cohort
 ``lesions.csv``, ``vertebrae.csv`` and ``provenance.json`` (command, parameters, versions, model
-folders, per-case timings). Every file is written atomically.
+folders, per-case timings, and per DICOM case the DICOM objects written, or why none were:
+``dicom_outputs``). Every file is written atomically. A DICOM series is checked before any model
+runs (:func:`spinemets.dicom.check_series`): refused in one line, or predicted without DICOM
+outputs when its headers could not be referenced validly (UIDs blanked by an anonymiser).
 """
 
 from __future__ import annotations
@@ -56,16 +60,19 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from . import dicom as dicom_mod
 from . import domain as domain_mod
 from . import labels as labels_mod
 from . import nnunet
+from .dicom import check_series, read_series_headers
+from .dicomseg import write_dicom_seg
+from .dicomsr import SR_FILE, write_lesion_report
 from .errors import SpinemetsError, unknown_choice
-from .io import (check_case_id, check_output_dir, describe_path, ijk_to_lps, image_from_array, read_image,
+from .io import (check_case_id, check_output_dir, describe_path, ijk_to_lps, image_from_array, one_line, read_image,
                  require_file, write_csv, write_image, write_json)
 from .postprocessing import (check_min_ml, merge_small_type_parts, remove_small_components, remove_small_lesions,
                              repair_vertebra_order)
 from .provenance import provenance
-from .dicomseg import write_dicom_seg
 from .slicer import segmentation_from_labelmap
 
 log = logging.getLogger(__name__)
@@ -287,20 +294,20 @@ def find_inputs(input: str | Path | Sequence[str | Path]) -> dict[str, Path]:
 
 
 #: DICOM modalities whose series are no CT to predict on (segmentations, structure sets, reports ...).
-NOT_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "SR", "PR", "RTPLAN", "RTDOSE", "KO")
+NOT_IMAGE_MODALITIES = dicom_mod.NOT_IMAGE_MODALITIES
 
 
 def _is_dicom_series(folder: Path) -> bool:
-    """Whether ``folder`` directly holds the files of a DICOM image series (its first DICOM file's
+    """Whether ``folder`` directly holds the files of a DICOM image series (a DICOM file whose
     Modality is no SEG, RTSTRUCT ...)."""
     from .discovery import _dicom_modality, _is_dicom_file
 
     try:
-        first = next((p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
-                      and _is_dicom_file(p)), None)
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     except OSError:
         return False
-    return first is not None and _dicom_modality(first) not in NOT_IMAGE_MODALITIES
+    # any image file decides (an existing SEG or report beside the slices is no reason to skip them)
+    return any(_dicom_modality(p) not in NOT_IMAGE_MODALITIES for p in files if _is_dicom_file(p))
 
 
 def _dicom_series_below(folder: Path) -> list[Path]:
@@ -314,9 +321,12 @@ def _dicom_series_below(folder: Path) -> list[Path]:
 
 
 def check_inputs(cases: dict[str, Path]) -> None:
-    """Read and check every CT before any model is loaded (:func:`spinemets.io.read_image`), so that a
-    bad case fails the command before the first case is written."""
+    """Read and check every CT before any model is loaded (:func:`spinemets.io.read_image`; a DICOM
+    series also by :func:`spinemets.dicom.check_series`), so that a bad case fails the command
+    before the first case is written."""
     for path in cases.values():
+        if Path(path).is_dir():  # a DICOM series: refused before any model runs if it cannot be predicted on
+            check_series(path)
         read_image(path, "CT")
 
 
@@ -469,12 +479,14 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
     started = time.perf_counter()
     stages = (_Stage("vertebrae", profile, workspace, device, opts.tta, opts.threads),
               _Stage("metastases", profile, workspace, device, opts.tta, opts.threads))
-    all_lesions, all_vertebrae, timings, notes, reports = [], [], {}, {}, {}
+    all_lesions, all_vertebrae, timings, notes, reports, dicom_outputs = [], [], {}, {}, {}, {}
     records = {stage: getattr(model, "domain", None) for stage, model in zip(("vertebrae", "metastases"), stages)}
     for case, path in tqdm(cases.items(), desc="predict", unit="case"):
         t0 = time.perf_counter()
         lesion_rows, vertebra_rows, note, times, reports[case] = predict_case(path, out_dir / case, case, stages,
                                                                               opts, records)
+        if "dicom_outputs" in times:
+            dicom_outputs[case] = times.pop("dicom_outputs")
         timings[case] = {**times, "total_s": round(time.perf_counter() - t0, 3)}
         if note:
             notes[case] = note
@@ -487,7 +499,7 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
         models={"vertebrae": stages[0].models, "metastases": stages[1].models},
         postprocessing={"vertebrae": stages[0].postprocessing, "metastases": stages[1].postprocessing},
         timings=timings, notes=notes, seconds=time.perf_counter() - started,
-        domain={"training": domain_mod.summary(records), "cases": reports}))
+        domain={"training": domain_mod.summary(records), "cases": reports}, dicom_outputs=dicom_outputs))
     outside = [case for case, report in reports.items() if not report["in_domain"]]
     if outside:
         _loud(f"{len(outside)} of {len(reports)} case(s) are outside the training domain of the models "
@@ -517,10 +529,15 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
     (``vertebrae.dcm``, ``metastases.dcm``; :func:`spinemets.dicomseg.write_dicom_seg`) that
     references the series, with the ``.seg.nrrd``'s description (cut to 64 characters in the
     Series and Content Description, whole in Image Comments) and the case ID as patient name and
-    ID (the source's identifying attributes left out); an empty label map gives no file.
+    ID (the source's identifying attributes left out); an empty label map gives no file. The
+    tables are also written as a DICOM SR (``report.dcm``, :mod:`spinemets.dicomsr`). The series
+    is checked first (:func:`spinemets.dicom.check_series`, before the stages run): a series it
+    refuses raises; one whose headers cannot be referenced gets no DICOM object, and the timings'
+    ``dicom_outputs`` (``written``, ``not_written``: the reason, ``repaired``) and the log say why.
     """
     stage1, stage2 = stages
     opts = options
+    series = check_series(path) if Path(path).is_dir() else None  # before the stages run: refusals come first
     image = read_image(path, "CT")
     report = domain_mod.check_case(case, domain_mod.image_properties(image), domains or {})
     if report["warning"]:
@@ -549,6 +566,11 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
                    for r in localize(lesions, vertebrae, ct, spacing, opts.near_mm, ijk_to_lps(image))]
     vertebra_rows = [{"case_id": case, **r, "domain_warning": flag}
                      for r in vertebra_table(lesion_rows, lesions, vertebrae, spacing)]
+    dicom = None if series is None else {"written": [], "not_written": series["why_not"],
+                                           "repaired": series["repaired"]}
+    if series is not None and not series["dicom_output"]:
+        _loud(f"case {case}: {series['why_not']}; the other outputs are written")
+    segs = {}
     for stage, array in (("vertebrae", vertebrae), ("metastases", lesions)):
         labelmap = image_from_array(array.astype(np.uint8), image)
         write_image(labelmap, case_dir / f"{stage}.nii.gz")
@@ -556,24 +578,46 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
         if report["warning"]:
             description += f". WARNING: {report['warning']}"
         segmentation_from_labelmap(labelmap, case_dir / f"{stage}.seg.nrrd", stage, description=description)
-        if Path(path).is_dir():  # a DICOM series: the prediction also as a DICOM-SEG that references it
+        if series is not None:  # a DICOM series: the prediction also as a DICOM-SEG that references it
             # patient name and ID become the case ID, and the source's other identifying attributes are
             # left out (PS3.15 Basic Profile): no identifier of an input header reaches an output
-            written = write_dicom_seg(labelmap, stage, path, case_dir / f"{stage}.dcm", description=description,
-                                      pseudonym=case)
-            if written is None:
-                (case_dir / f"{stage}.dcm").unlink(missing_ok=True)  # a rerun's SEG must not outlive its label map
+            segs[stage] = _dicom_output(dicom, case_dir / f"{stage}.dcm", lambda: write_dicom_seg(
+                labelmap, stage, path, case_dir / f"{stage}.dcm", description=description, pseudonym=case))
+    if series is not None:
+        _dicom_output(dicom, case_dir / SR_FILE, lambda: write_lesion_report(
+            lesion_rows, vertebra_rows, read_series_headers(series["files"]), case_dir / SR_FILE, case,
+            vertebrae_seg=segs["vertebrae"], metastases_seg=segs["metastases"], warning=report["warning"] or ""))
     write_csv(case_dir / "lesions.csv", lesion_rows, LESION_COLUMNS)
     write_csv(case_dir / "vertebrae.csv", vertebra_rows, VERTEBRA_COLUMNS)
     return lesion_rows, vertebra_rows, note, {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3),
                                               "small_lesions_removed": removed,
                                               "lesion_parts_merged": merged,
                                               "vertebra_fragments_removed": fragments,
-                                              "vertebra_voxels_relabelled": relabelled}, report
+                                              "vertebra_voxels_relabelled": relabelled,
+                                              **({"dicom_outputs": dicom} if dicom is not None else {})}, report
+
+
+def _dicom_output(record: dict, target: Path, write) -> Path | None:
+    """Write one DICOM output of a case by ``write()`` when the series allows it (``record``'s
+    ``not_written`` is empty); record what was written or why not. A DICOM object that cannot be
+    made valid (the series' headers break a rule only the writer meets) leaves the other outputs
+    standing: the reason is logged and recorded, never raised. A stale file of a rerun is removed."""
+    written = None
+    if not record["not_written"]:
+        try:
+            written = write()
+        except Exception as exc:  # highdicom checks what it writes; any refusal means: no valid DICOM object
+            record["not_written"] = f"{target.name} not written: {one_line(exc)[:300]}"
+            _loud(f"{target.parent}: {record['not_written']}")
+    if written is None:
+        target.unlink(missing_ok=True)  # a rerun's DICOM output must not outlive the prediction it showed
+    else:
+        record["written"].append(target.name)
+    return written
 
 
 def _provenance(locals_: dict, models: dict, postprocessing: dict, timings: dict, notes: dict, seconds: float,
-                domain: dict) -> dict:
+                domain: dict, dicom_outputs: dict | None = None) -> dict:
     return provenance(
         "spinemets.inference.predict",
         parameters=locals_,
@@ -584,4 +628,5 @@ def _provenance(locals_: dict, models: dict, postprocessing: dict, timings: dict
         timings_s=timings,
         total_seconds=round(seconds, 3),
         domain=domain,
+        dicom_outputs=dicom_outputs or {},
     )

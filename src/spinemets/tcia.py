@@ -42,6 +42,10 @@ one row per subject, with the columns
 Data Description URI, Subject ID, Study UID, Study Description, Study Date, Series Description,
 Manufacturer, Modality, SOP Class Name, SOP Class UID, Number of Images, File Size, File Location,
 Download Timestamp), one row per series.
+
+The CT slices (and those of :func:`write_ct_series`) and the SEGs pass ``dciodvfy`` (dicom3tools)
+without error; its two warnings are those of :mod:`spinemets.dicomseg` (an empty Study ID, and a
+subject ID as a one-component Patient's Name).
 """
 
 from __future__ import annotations
@@ -191,6 +195,25 @@ def write_tcia_cohort(out_dir: str | Path, cases: int = 3, seed: int = 0) -> Pat
     return root
 
 
+def write_ct_series(ct: sitk.Image, folder: str | Path, case_id: str, seed: int = 0) -> Path:
+    """Write a CT image (any 3-D image :func:`spinemets.io.read_image` reads) as a DICOM CT series
+    into ``folder``, one file per slice, as a scanner would send it to a PACS: new UIDs (derived
+    from ``case_id`` and ``seed``), ``case_id`` as patient name and ID, no other patient or study
+    attribute. For showing the DICOM outputs of ``predict`` (SEG, SR) on a cohort kept as NIfTI."""
+    from .io import check_case_id, check_image, check_output_dir
+
+    check_case_id(case_id, folder)
+    check_image(ct, folder, "CT")
+    folder = check_output_dir(folder, "DICOM series folder")
+    common = {"PatientName": case_id, "PatientID": case_id, "StudyInstanceUID": _uid(seed, case_id, "study"),
+              "StudyDate": "", "StudyTime": "", "FrameOfReferenceUID": _uid(seed, case_id, "frame of reference")}
+    array = sitk.GetArrayFromImage(ct)
+    ct = sitk.Cast(sitk.Clamp(ct, lowerBound=-32768, upperBound=32767), sitk.sitkInt16) \
+        if array.dtype != np.int16 else ct
+    _write_ct_series(ct, Path(folder), _uid(seed, case_id, "ct"), common, seed)
+    return Path(folder)
+
+
 def _write_ct_series(ct: sitk.Image, folder: Path, series_uid: str, common: dict, seed: int) -> list[Path]:
     """One CT Image Storage file per slice, ``1-001.dcm`` ... (slice 1 lowest), written with pydicom."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -216,8 +239,11 @@ def _write_ct_series(ct: sitk.Image, folder: Path, series_uid: str, common: dict
         ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "", "", "", ""
         ds.Manufacturer, ds.PositionReferenceIndicator = "spinemets phantom", ""
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        # type 2 and 2C attributes of the CT Image and General Series modules (dciodvfy-clean)
+        ds.AcquisitionNumber, ds.KVP, ds.PatientPosition, ds.BodyPartExamined = "", "", "HFS", "SPINE"
         ds.ImagePositionPatient = [f"{v:.4f}" for v in ct.TransformIndexToPhysicalPoint((0, 0, k))]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        direction = np.array(ct.GetDirection(), float).reshape(3, 3)  # columns: the i, j, k axes in LPS
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*direction[:, 0], *direction[:, 1])]
         ds.PixelSpacing = [spacing[1], spacing[0]]
         ds.SliceThickness = spacing[2]
         ds.Rows, ds.Columns = array.shape[1], array.shape[2]

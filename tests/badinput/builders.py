@@ -129,15 +129,20 @@ def dicom(
     delete: str | None = None,
     series_uid: str | None = None,
     out_inside: bool = False,
+    messy: str | None = None,
 ) -> Prepared:
     """A DICOM folder converted to NIfTI (inside the folder itself when ``out_inside``). ``layout``: "series" (``series`` synthetic series A, B),
     "missing" (no folder), "empty", "text" (only a text file). ``truncate``/``delete`` name a
     slice file to cut to 200 bytes / remove; ``series_uid`` is passed on ("A"/"B" stand for the
-    synthetic UIDs)."""
+    synthetic UIDs); ``messy`` writes a series of that kind of tests/messy_dicom.py instead."""
     from spinemets.dicom import convert
 
     folder = ctx.tmp_path / "dicom"
-    if layout == "series":
+    if messy is not None:
+        from messy_dicom import write_messy_series
+
+        write_messy_series(folder, messy)
+    elif layout == "series":
         for k, uid in enumerate([UID_A, UID_B][:series]):
             write_dicom_series(folder, uid, synthetic_volume(n_slices=6 - k, seed=k), prefix="ab"[k])
     elif layout in ("empty", "text"):
@@ -780,6 +785,20 @@ def predict_case(ctx: Context, defect: str = "none", input: str | None = None, o
     argv = ["predict", "--input", str(in_path), "--out", str(out_path), "--profile", "ci", "--workspace", str(workspace)]
     return Prepared(lambda: predict(in_path, out_path, profile="ci", workspace=workspace), argv,
                     absent=[ctx.tmp_path / "predictions", cts / "predictions"])
+
+
+@builder("predict_dicom")
+def predict_dicom(ctx: Context, kind: str) -> Prepared:
+    """``spinemets predict --profile ci`` on a folder of one case whose DICOM series is of ``kind``
+    (tests/messy_dicom.py); the refusal comes before any model is loaded (there is none)."""
+    from messy_dicom import write_messy_series
+    from spinemets.inference import predict
+
+    cts = ctx.tmp_path / "cts"
+    write_messy_series(cts / "case1", kind)
+    workspace, out = ctx.tmp_path / "workspace", ctx.tmp_path / "predictions"
+    argv = ["predict", "--input", str(cts), "--out", str(out), "--profile", "ci", "--workspace", str(workspace)]
+    return Prepared(lambda: predict(cts, out, profile="ci", workspace=workspace), argv, absent=[out])
 
 
 def _damaged_model(workspace: Path, defect: str) -> None:
