@@ -117,7 +117,8 @@ def test_make_book_builds_from_the_existing_run_without_running_notebooks():
     # -o: take the environment as installed; -n: print the commands only
     dry = subprocess.run(["make", "-n", "-o", ".venv/.installed-stamp", "book"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout.splitlines()
-    assert dry == [".venv/bin/spinemets book"]
+    assert dry[-1] == ".venv/bin/spinemets book"  # after niivue's vendoring step, which reads its cache
+    assert not any("spinemets run" in line or "pytest" in line for line in dry)
     out = subprocess.run([sys.executable, "-m", "spinemets.cli", "book", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "without executing" in out
