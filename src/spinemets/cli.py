@@ -122,7 +122,7 @@ def _cmd_predict(a):
     from .inference import PredictOptions
 
     options = PredictOptions(roi=a.roi, min_lesion_ml=a.min_lesion_ml, min_vertebra_ml=a.min_vertebra_ml,
-                             repair_order=a.repair_order)
+                             repair_order=a.repair_order, min_confidence=a.min_confidence)
     _call("inference.predict", input=a.input, out_dir=a.out, profile=a.profile, workspace=a.workspace,
           device=a.device, options=options)
     print(f"wrote {a.out}")
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair-order", action=argparse.BooleanOptionalAction, default=None,
                    help="put the vertebra labels in the spine's order (postprocessing.repair_vertebra_order); "
                         "default: the profile's (demo: on, paper: off)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="X",
+                   help="clear predicted lesions whose confidence (the largest probability of its class over a "
+                        "lesion's voxels) is below X (0-1); default: the profile's (0: none cleared)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("run", help="execute the notebooks of a profile with papermill and build the book (runner.run)")
