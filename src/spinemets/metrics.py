@@ -962,14 +962,14 @@ def evaluate_lesion_pair(ref_path, pred_path, beta: float = 2.0, match: str = "i
     pred = sitk.GetArrayViewFromImage(pred_image)
     if companion is not None:
         _check_companion(pred, pred_image, pred_path, companion, "metastases")
-    arrays = []
+    arrays, images = [], []  # the images stay referenced while their array views are used
     for path, what in ((confidence, "detection map"), (vertebrae, "vertebra label map")):
         if path is None:
             arrays.append(None)
             continue
-        image = read_image(path, what=what)
-        check_same_geometry(pred_image, image, pred_path, path)
-        arrays.append(sitk.GetArrayViewFromImage(image))
+        images.append(read_image(path, what=what))
+        check_same_geometry(pred_image, images[-1], pred_path, path)
+        arrays.append(sitk.GetArrayViewFromImage(images[-1]))
     if arrays[1] is not None:
         arrays[1] = _check_labels(arrays[1], "vertebrae", vertebrae)
     spacing = tuple(float(s) for s in reversed(ref_image.GetSpacing()))
