@@ -287,3 +287,38 @@ def test_froc_equals_monais_within_its_conventions():
         # our step rule never exceeds the interpolation (an operating point one can choose)
         curve = det.froc_curve([found[c][cls] for c in found])
         assert (det.sensitivity_at(curve, rates) <= np.interp(rates, fp_ours, sens_ours) + 1e-12).all()
+
+
+def test_validation_detections_read_the_folds_own_predictions_and_probabilities(tmp_path, monkeypatch):
+    """The threshold for a chosen false-positive rate comes from the cross-validation (each fold's
+    predictions of its own validation cases, with nnU-Net's --npz probabilities), not the test cases."""
+    from spinemets import nnunet
+
+    ws = nnunet.Workspace(tmp_path / "ws")
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    model = tmp_path / "ws" / "results" / "model"
+    monkeypatch.setattr(nnunet, "trained_models", lambda *a, **k: [{"folder": str(model), "folds": [0, 1, "all"]}])
+    labels_tr = ws.raw / ws.dataset_name("metastases") / "labelsTr"
+    cases = _hand_cases()
+    for fold, (case, (ref, pred, conf, _)) in enumerate(cases.items()):
+        _write(labels_tr / f"{case}.nii.gz", ref)
+        folder = model / f"fold_{fold}" / "validation"
+        _write(folder / f"{case}.nii.gz", pred)
+        probs = np.zeros((3, *pred.shape), np.float32)
+        probs[0] = 1 - conf  # each lesion voxel's own class has the probability of the hand-built map
+        for c in (1, 2):
+            probs[c] = np.where(pred == c, conf, 0)
+        np.savez_compressed(folder / f"{case}.npz", probabilities=probs)
+    (model / "fold_all" / "validation").mkdir(parents=True)  # fold 'all' validates on its training cases: skipped
+    np.savez_compressed(model / "fold_all" / "validation" / "A.npz", probabilities=np.zeros(1))
+    found = det.validation_detections(ws, "paper")
+    assert list(found) == ["A", "B"]
+    lytic = det.froc_curve([found[c]["lytic"] for c in found])
+    assert np.allclose(lytic.threshold, [0.9, 0.8, 0.6, 0.4]) and lytic.fp_per_case.tolist() == [0, 0.5, 1, 1]
+    assert det.threshold_for(lytic, 0.5) == pytest.approx(0.8)  # at most 0.5 FP per case: keep confidence >= 0.8
+    np.savez_compressed(model / "fold_0" / "validation" / "A.npz", other=np.zeros(1))
+    with pytest.raises(SpinemetsError, match="A.npz: no 'probabilities'"):
+        det.validation_detections(ws, "paper")
+    (model / "fold_0" / "validation" / "A.npz").unlink()
+    (model / "fold_1" / "validation" / "B.npz").unlink()
+    assert det.validation_detections(ws, "paper") == {}

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -436,8 +437,64 @@ def threshold_for(curve: Froc, max_fp_per_case: float) -> float:
     return float(curve.threshold[allowed[-1]]) if allowed.size else math.nan
 
 
+def validation_detections(workspace, profile: str, match: str = "iou", connectivity: int = 26) -> dict[str, dict]:
+    """The detections of the lesion stage's cross-validation, where the training kept its probabilities.
+
+    Each numbered fold of the model that inference uses (the first of
+    :func:`spinemets.nnunet.trained_models`) predicted its own validation cases
+    (``fold_N/validation/CASE.nii.gz``); with nnU-Net's ``--npz`` (the paper profile) the class
+    probabilities lie beside them (``CASE.npz``, key ``probabilities``). Each case is cleaned up as
+    :func:`spinemets.inference.predict` does (the profile's ``min_lesion_ml``), given its detection
+    map (:func:`spinemets.inference.detection_map`) and scored against the training labels
+    (``labelsTr``). Returns ``{case: {class: Detections}}``; empty where no fold kept validation
+    probabilities (the demo trains fold ``all`` and skips its validation). A threshold chosen on
+    these cases (:func:`threshold_for`) is then applied, unchanged, to the held-out cases.
+    """
+    import SimpleITK as sitk
+
+    from . import nnunet
+    from .inference import detection_map
+    from .io import check_same_geometry, read_image
+    from .metrics import evaluate_lesion_case
+    from .postprocessing import merge_small_type_parts, remove_small_lesions
+
+    ws = nnunet._workspace(workspace)
+    min_ml = float(nnunet.get_profile(profile).get("min_lesion_ml", 0.0))
+    model = nnunet.trained_models("metastases", profile, ws)[0]
+    labels_tr = ws.raw / ws.dataset_name("metastases") / "labelsTr"
+    out: dict[str, dict] = {}
+    for fold in model["folds"]:
+        if fold == "all":
+            continue
+        folder = Path(model["folder"]) / f"fold_{fold}" / "validation"
+        for npz in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
+            case = npz.name[:-4]
+            seg_path, ref_path = folder / f"{case}.nii.gz", labels_tr / f"{case}.nii.gz"
+            if not (seg_path.is_file() and ref_path.is_file()):
+                continue
+            seg_image, ref_image = read_image(seg_path, "validation prediction"), read_image(ref_path, "training label map")
+            check_same_geometry(ref_image, seg_image, ref_path, seg_path)
+            with np.load(npz) as data:
+                if "probabilities" not in data:
+                    raise SpinemetsError(f"{npz}: no 'probabilities' array (nnU-Net's --npz output)")
+                probabilities = np.asarray(data["probabilities"], dtype=np.float32)
+            spacing = tuple(float(x) for x in reversed(seg_image.GetSpacing()))
+            lesions = sitk.GetArrayFromImage(seg_image).astype(np.uint8)
+            if probabilities.shape[1:] != lesions.shape:
+                raise SpinemetsError(f"{npz}: probabilities of shape {probabilities.shape} do not fit "
+                                     f"{seg_path.name} ({lesions.shape})")
+            lesions = merge_small_type_parts(lesions, spacing, min_ml)[0]
+            lesions = remove_small_lesions(lesions, spacing, min_ml)[0]
+            confidence = detection_map(lesions, probabilities)
+            out[case] = evaluate_lesion_case(sitk.GetArrayFromImage(ref_image), lesions, confidence, None, spacing,
+                                             match=match, connectivity=connectivity,
+                                             sources=(ref_path, seg_path, npz))[1]
+    return dict(sorted(out.items()))
+
+
 __all__ = [
     "FP_RATES", "AUC_MAX_FP", "VOLUME_BANDS_ML", "REGIONS", "DETECTION_CLASSES", "Detections", "Froc",
     "case_detections", "froc_curve", "sensitivity_at", "froc_area", "froc_summary", "froc_rows",
     "froc_summary_rows", "band_rows", "patient_table", "threshold_for", "band_names", "volume_band",
+    "validation_detections",
 ]
