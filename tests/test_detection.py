@@ -322,3 +322,35 @@ def test_validation_detections_read_the_folds_own_predictions_and_probabilities(
     (model / "fold_0" / "validation" / "A.npz").unlink()
     (model / "fold_1" / "validation" / "B.npz").unlink()
     assert det.validation_detections(ws, "paper") == {}
+
+
+@pytest.mark.slow
+def test_the_ci_run_predicts_confidences_and_its_froc_ends_at_the_lesion_counts(ci_run):
+    """End to end on the trained ci run: every predicted lesion has a confidence in the detection map
+    and in lesions.csv, and each type's FROC ends at the pooled lesion TP and FP of summary.csv
+    (all predicted lesions kept is the label map's own operating point)."""
+    import pandas as pd
+
+    ws = ci_run / "workspace" / "ci"
+    case_dirs = [p for p in sorted((ws / "predictions").iterdir()) if (p / "metastases.nii.gz").is_file()]
+    assert case_dirs
+    for case_dir in case_dirs:
+        labels_ = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "metastases.nii.gz")))
+        image = sitk.ReadImage(str(case_dir / det.CONFIDENCE_NAME))
+        assert image.GetPixelID() == sitk.sitkFloat32
+        conf = sitk.GetArrayFromImage(image)
+        assert ((conf > 0) == (labels_ > 0)).all() and conf.max(initial=0) <= 1
+        assert (conf[labels_ > 0] >= 1 / 3 - 1e-6).all()  # the argmax class has at least a third of the mass
+        rows = pd.read_csv(case_dir / "lesions.csv")
+        assert set(rows["confidence"].astype(float).round(5)) == set(np.unique(conf[labels_ > 0]).astype(float).round(5))
+    evaluation = ws / "evaluation" / "metastases"
+    froc = pd.read_csv(evaluation / "froc.csv")
+    summary = pd.read_csv(evaluation / "summary.csv").query("aggregate == 'pooled'")
+    for cls, curve in froc.groupby("class"):
+        assert curve["threshold"].is_monotonic_decreasing and curve["fp"].is_monotonic_increasing
+        assert curve["tp"].is_monotonic_increasing
+        if cls != "any":
+            pooled = summary[summary["class"] == cls].set_index("metric")["value"]
+            assert (curve["tp"].iloc[-1], curve["fp"].iloc[-1]) == (pooled["tp"], pooled["fp"])
+    for name in metrics.DETECTION_FILES:
+        assert (evaluation / name).is_file(), name

@@ -2,6 +2,10 @@
 
 The metrics step: it serves the command ``spinemets evaluate`` and the metrics notebook (``05_metrics``).
 
+The lesion stage's detection tables (FROC, sensitivity at fixed false positives per case, size
+bands, regions, patients) are computed in :mod:`spinemets.detection` from the same matching
+(:func:`evaluate_lesion_case`) and written by :func:`evaluate_folders` beside the other tables.
+
 The code is layered like nnU-Net's evaluation: **counts** (one pass over the foreground voxels) ->
 **per-case metrics** (:func:`evaluate_case`, :func:`evaluate_pair`) -> **folder**
 (:func:`evaluate_folders`, :func:`summarize`). Every metric is listed once in :data:`METRICS`
@@ -1046,7 +1050,12 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
 
     * ``per_case.csv``: long format ``case, class, metric, value``;
     * ``summary.csv``: ``class, metric, aggregate (mean|pooled), value, ci_low, ci_high, n, n_nan``;
-    * ``summary.json``: the same aggregates with the settings and the list of cases (NaN -> null).
+    * ``summary.json``: the same aggregates with the settings and the list of cases (NaN -> null);
+    * for the lesion stage, the detection tables of :mod:`spinemets.detection` (:data:`DETECTION_FILES`):
+      ``froc.csv``, ``froc_summary.csv``, ``lesion_bands.csv``, ``patients.csv`` and the plot
+      ``froc.png``, from the detection map (``metastases_confidence.nii.gz``) and the vertebra map
+      (``vertebrae.nii.gz``) beside each prediction of ``spinemets predict``'s layout, where present
+      (their summary also goes into ``summary.json`` under ``detection``).
 
     Returns the content of ``summary.json`` as a dict.
     """
@@ -1116,9 +1125,8 @@ def detection_tables(found: dict[str, dict], pairs: dict | None = None) -> dict:
     """The rows of the detection tables from each case's ``{class: Detections}``, and their JSON record."""
     from . import detection as det
 
-    with_regions = all(d.ref_region.size == 0 or (d.ref_region >= 0).all()
-                       for by_class in found.values() for d in by_class.values())
-    with_regions &= any(d.ref_region.size or d.pred_region.size for by_class in found.values() for d in by_class.values())
+    regions = [r for by_class in found.values() for d in by_class.values() for r in (d.ref_region, d.pred_region)]
+    with_regions = all((r >= 0).all() for r in regions) and any(r.size for r in regions)
     froc = det.froc_rows(found)
     summary = det.froc_summary_rows(found)
     bands = det.band_rows(found, with_regions=with_regions)
