@@ -65,6 +65,9 @@ def _cmd_evaluate(a):
     _call("metrics.evaluate_folders", ref_dir=a.ref, pred_dir=a.pred, stage=a.stage, out_dir=a.out,
           beta=a.beta, match=a.match, jobs=a.jobs)
     print(f"wrote {Path(a.out) / 'summary.csv'}")
+    if a.stage == "metastases":
+        print(f"wrote {Path(a.out) / 'froc.csv'} and the other detection tables (froc_summary.csv, lesion_bands.csv, "
+              "patients.csv, froc.png)")
 
 
 #: The job options of ``train`` and ``run``: flag -> field of :class:`spinemets.cluster.JobOptions`.
