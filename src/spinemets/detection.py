@@ -195,7 +195,8 @@ def case_detections(ref: np.ndarray, pred: np.ndarray, confidence: np.ndarray | 
         dice[m.ref_ids] = 2 * m.ious / (1 + m.ious)
         matched_pred = np.zeros(len(pred_class), dtype=bool)
         matched_pred[m.pred_ids] = True
-        wanted = [(name, value) for value, name in enumerate(LESION_TYPES, start=1)] if key == "per class" else [("any", 1)]
+        wanted = ([(name, value) for value, name in enumerate(LESION_TYPES, start=1)] if key == "per class"
+                  else [("any", 1)])
         for name, value in wanted:
             r = np.flatnonzero(ref_class == value)
             p = np.flatnonzero(pred_class == value)
@@ -236,7 +237,8 @@ def _sorted_detections(per_case: list[Detections]):
     """All predicted lesions of the cases: (scores, tp flags, case index), highest score first."""
     scores = np.concatenate([d.pred_score for d in per_case]) if per_case else np.zeros(0)
     tps = np.concatenate([d.pred_tp for d in per_case]) if per_case else np.zeros(0, bool)
-    case = np.concatenate([np.full(d.pred_score.size, i) for i, d in enumerate(per_case)]) if per_case else np.zeros(0, int)
+    case = (np.concatenate([np.full(d.pred_score.size, i) for i, d in enumerate(per_case)]) if per_case
+            else np.zeros(0, int))
     order = np.argsort(-scores, kind="stable")
     return scores[order], tps[order].astype(bool), case[order].astype(np.int64)
 
@@ -472,7 +474,8 @@ def validation_detections(workspace, profile: str, match: str = "iou", connectiv
             seg_path, ref_path = folder / f"{case}.nii.gz", labels_tr / f"{case}.nii.gz"
             if not (seg_path.is_file() and ref_path.is_file()):
                 continue
-            seg_image, ref_image = read_image(seg_path, "validation prediction"), read_image(ref_path, "training label map")
+            seg_image = read_image(seg_path, "validation prediction")
+            ref_image = read_image(ref_path, "training label map")
             check_same_geometry(ref_image, seg_image, ref_path, seg_path)
             with np.load(npz) as data:
                 if "probabilities" not in data:

@@ -41,8 +41,8 @@ The inference step: it serves the command ``spinemets predict`` and the inferenc
 
 Outputs in ``out_dir``: per case ``CASE/vertebrae.nii.gz``, ``CASE/metastases.nii.gz`` (label
 maps on the CT grid), ``CASE/metastases_confidence.nii.gz`` (the detection map: float32, each
-lesion's voxels hold its confidence, 0 elsewhere), ``CASE/vertebrae.seg.nrrd`` and ``CASE/metastases.seg.nrrd`` (named,
-coloured segments for 3D Slicer), for a DICOM series input also ``CASE/vertebrae.dcm`` and
+lesion's voxels hold its confidence, 0 elsewhere), ``CASE/vertebrae.seg.nrrd`` and
+``CASE/metastases.seg.nrrd`` (named, coloured segments for 3D Slicer), for a DICOM series input also ``CASE/vertebrae.dcm`` and
 ``CASE/metastases.dcm`` (DICOM-SEG referencing the series; none for an empty label map),
 ``CASE/lesions.csv``, ``CASE/vertebrae.csv``; for the cohort
 ``lesions.csv``, ``vertebrae.csv`` and ``provenance.json`` (command, parameters, versions, model
@@ -99,8 +99,8 @@ SINS_LOCATION: dict[str, tuple[str, int | None]] = {
 SINS_QUALITY: dict[str, int] = {"lytic": 2, "mixed": 1, "blastic": 0}
 
 LESION_COLUMNS = ["case_id", "lesion", "type", "level", "assignment", "distance_mm", "volume_ml", "voxels",
-                  "confidence", "lytic_fraction", "mean_hu", "max_hu", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
-                  "domain_warning"]
+                  "confidence", "lytic_fraction", "mean_hu", "max_hu", "centroid_x_mm", "centroid_y_mm",
+                  "centroid_z_mm", "domain_warning"]
 VERTEBRA_COLUMNS = ["case_id", "vertebra", "volume_ml", "lesions", "lesion_ids", "involved_fraction",
                     "lesion_quality", "sins_location_class", "sins_location_points", "sins_bone_quality_points",
                     "partial_sins_points", "partial_sins_note", "domain_warning"]
@@ -184,7 +184,8 @@ def _nearest_vertebra(vertebrae: np.ndarray, spacing: np.ndarray):
     return ndimage.distance_transform_edt(vertebrae == 0, sampling=spacing, return_indices=True)
 
 
-def detection_map(lesions: np.ndarray, probabilities: np.ndarray | None, box: tuple[slice, ...] | None = None) -> np.ndarray:
+def detection_map(lesions: np.ndarray, probabilities: np.ndarray | None,
+                  box: tuple[slice, ...] | None = None) -> np.ndarray:
     """The detection map of a lesion label map: float32, each lesion's voxels hold its confidence, 0 elsewhere.
 
     A lesion is a 26-connected component of ``lesions > 0`` (both types together, as
@@ -214,7 +215,8 @@ def detection_map(lesions: np.ndarray, probabilities: np.ndarray | None, box: tu
 
 
 def remove_unconfident_lesions(lesions: np.ndarray, confidence: np.ndarray, min_confidence: float):
-    """Clear the lesions whose confidence is below ``min_confidence``; returns (lesions, detection map, lesions removed).
+    """Clear the lesions whose confidence is below ``min_confidence``; returns (lesions, detection map,
+    number of lesions removed).
 
     The inputs are not modified; with ``min_confidence`` 0 they come back as they are.
     """
@@ -224,7 +226,8 @@ def remove_unconfident_lesions(lesions: np.ndarray, confidence: np.ndarray, min_
     if not low.any():
         return lesions, confidence, 0
     removed = cc3d.connected_components(low, connectivity=26, return_N=True)[1]
-    return np.where(low, 0, lesions).astype(lesions.dtype), np.where(low, 0, confidence).astype(np.float32), int(removed)
+    kept = np.where(low, 0, lesions).astype(lesions.dtype)
+    return kept, np.where(low, 0, confidence).astype(np.float32), int(removed)
 
 
 def partial_sins(level: str, lesion_types: Sequence[str]) -> dict:

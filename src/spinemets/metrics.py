@@ -658,8 +658,9 @@ def _check_confidence(confidence: np.ndarray, pred: np.ndarray, source, pred_sou
         raise SpinemetsError(f"{source}: detection map holds values outside [0, 1] (or not finite)")
     stray = int(np.count_nonzero((confidence > 0) != (pred != 0)))
     if stray:
-        raise SpinemetsError(f"{source}: detection map and {Path(str(pred_source)).name} disagree on {stray} voxel(s) "
-                             "(confidence > 0 must mark exactly the predicted lesions); remove the one that is out of date")
+        raise SpinemetsError(f"{source}: detection map and {Path(str(pred_source)).name} disagree on {stray} "
+                             "voxel(s) (confidence > 0 must mark exactly the predicted lesions); remove the one "
+                             "that is out of date")
     return confidence
 
 

@@ -361,13 +361,14 @@ def froc_beside_published(froc: pd.DataFrame | None, published: pd.DataFrame, cl
         mine = froc[froc["class"] == cls]
         if not mine.empty:
             n_ref, n_cases = int(mine["n_reference"].iloc[0]), int(mine["n_cases"].iloc[0])
-            curve = Froc(mine["threshold"].to_numpy(float), mine["tp"].to_numpy(np.int64), mine["fp"].to_numpy(np.int64),
-                         n_ref, n_cases)
+            curve = Froc(mine["threshold"].to_numpy(float), mine["tp"].to_numpy(np.int64),
+                         mine["fp"].to_numpy(np.int64), n_ref, n_cases)
     for rec in published.to_dict("records"):
         rate = float(rec["fp_per_case"])
         ours = float(sensitivity_at(curve, [rate])[0]) if curve is not None else float("nan")
         threshold = threshold_for(curve, rate) if curve is not None else float("nan")
         rows.append({"study": rec["label"], "FP per case": rate, "published sensitivity": float(rec["sensitivity"]),
-                     "ours": ours, "our threshold": threshold, "cohort": rec["cohort"], "definition": rec["definition"]})
+                     "ours": ours, "our threshold": threshold, "cohort": rec["cohort"],
+                     "definition": rec["definition"]})
     return pd.DataFrame(rows, columns=["study", "FP per case", "published sensitivity", "ours", "our threshold",
                                        "cohort", "definition"])
