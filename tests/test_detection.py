@@ -205,6 +205,13 @@ def test_a_detection_map_that_does_not_fit_is_refused_by_name(tmp_path):
     _write(pred / "A" / det.CONFIDENCE_NAME, conf_a, spacing=(1.0, 1.0, 1.0))
     with pytest.raises(SpinemetsError, match="metastases_confidence.nii.gz"):
         metrics.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
+    # a file cut short: unreadable, or its lost voxels read as 0 where lesions are; named either way
+    _write(pred / "A" / det.CONFIDENCE_NAME, conf_a)
+    whole = (pred / "A" / det.CONFIDENCE_NAME).read_bytes()
+    (pred / "A" / det.CONFIDENCE_NAME).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(SpinemetsError, match="A/metastases_confidence.nii.gz: "):
+        metrics.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------
