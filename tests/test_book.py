@@ -218,7 +218,10 @@ def test_book_builds_with_results_table_and_figures(tmp_path):
     assert len(shown) >= 5, "our run's numbers are in the table"
     for value in shown:  # our numbers, not the paper's, are what the page must show
         assert value in page, value
-    assert len(re.findall(r"<img [^>]*src=\"\.\./_images/", page)) == 3, "per-vertebra Dice and two box-plot figures"
+    assert len(re.findall(r"<img [^>]*src=\"\.\./_images/", page)) == 4, \
+        "per-vertebra Dice, the FROC beside published points and two box-plot figures"
+    assert "Zhang et al. 2025" in page and "0.617" in page and "not a like-for-like comparison" in page
+    assert "auc_froc_8fp" in page and "patient_sensitivity" in page  # this run's detection tables
     assert "Per vertebra (the paper" in page and page.count("<tr") > 25  # the 25-row per-vertebra table
     per_vertebra = _check_per_vertebra_table(html / "book" / "results.html")
     for name in ("T12", "L1", "L2"):  # the fake run's vertebrae: our mean with its bootstrap interval

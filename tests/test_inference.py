@@ -425,3 +425,133 @@ def test_predict_output_goes_straight_into_evaluate(tmp_path, monkeypatch):
     with pytest.raises(SpinemetsError, match=r"metastases.seg.nrrd: differs from metastases.nii.gz beside it in 16"):
         metrics.evaluate_folders(tmp_path / "ref" / "metastases", out, "metastases", tmp_path / "eval2")
     assert not (tmp_path / "eval2").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Confidence per lesion: the detection map, the confidence column and --min-confidence
+# --------------------------------------------------------------------------------------------
+
+
+def test_detection_map_is_the_largest_probability_of_each_voxels_class_over_the_lesion():
+    lesions = np.zeros((6, 6, 6), np.uint8)
+    lesions[0:2, 0:2, 0:2] = 1  # lytic lesion A
+    lesions[1, 1, 2] = 2  # a sclerotic voxel touching A: one mixed lesion
+    lesions[4:6, 4:6, 4:6] = 2  # sclerotic lesion B
+    probs = np.zeros((3, 6, 6, 6), np.float32)
+    probs[0] = 1.0
+    probs[:, 0:2, 0:2, 0:2] = [[[[0.3]]], [[[0.6]]], [[[0.1]]]]  # A: P(lytic) 0.6 ...
+    probs[:, 0, 0, 0] = [0.1, 0.7, 0.2]  # ... but 0.7 at one voxel
+    probs[:, 1, 1, 2] = [0.1, 0.15, 0.75]  # the sclerotic voxel: its own class counts, 0.75
+    probs[:, 4:6, 4:6, 4:6] = [[[[0.5]]], [[[0.45]]], [[[0.05]]]]  # B: P(sclerotic) 0.05 < P(lytic) 0.45
+    probs[:, 5, 5, 5] = [0.2, 0.3, 0.5]
+    det = inference.detection_map(lesions, probs)
+    assert det.dtype == np.float32
+    assert set(np.unique(det[lesions > 0]).tolist()) == {np.float32(0.75), np.float32(0.5)}
+    assert (det[0:2, 0:2, 0:2] == np.float32(0.75)).all() and (det[4:6, 4:6, 4:6] == np.float32(0.5)).all()
+    assert not det[lesions == 0].any()
+    # the probabilities of a box only (the spine ROI): the same map
+    box = (slice(0, 6), slice(0, 6), slice(0, 6))
+    assert (inference.detection_map(lesions, probs, box) == det).all()
+    big = np.zeros((8, 8, 8), np.uint8)
+    big[1:7, 1:7, 1:7] = lesions
+    shifted = inference.detection_map(big, probs, (slice(1, 7),) * 3)
+    assert (shifted[1:7, 1:7, 1:7] == det).all() and shifted.sum() == det.sum()
+    assert (inference.detection_map(lesions, None) == (lesions > 0)).all()  # labels only: confidence 1
+    with pytest.raises(SpinemetsError, match="do not fit"):
+        inference.detection_map(lesions, probs[:2])
+    kept, det2, removed = inference.remove_unconfident_lesions(lesions, det, 0.6)
+    assert removed == 1 and not kept[4:6, 4:6, 4:6].any() and (kept[0:2] == lesions[0:2]).all()
+    assert not det2[4:6, 4:6, 4:6].any()
+    same = inference.remove_unconfident_lesions(lesions, det, 0.0)
+    assert same[0] is lesions and same[2] == 0
+    with pytest.raises(SpinemetsError, match="--min-confidence"):
+        inference.remove_unconfident_lesions(lesions, det, 1.5)
+
+
+class _ProbabilisticLesions:
+    """Stand-in for stage 2 that gives class probabilities: voxels below -500 HU are lytic with the
+    probability stored in ``p`` for each lesion's first slice (z) (the rest of the lesion 0.5)."""
+
+    models = _ThresholdVertebrae.models
+    postprocessing = None
+
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, array, spacing):
+        return self.with_probabilities(array, spacing)[0]
+
+    def with_probabilities(self, array, spacing):
+        seg = np.where(array < -500, 1, 0).astype(np.uint8)
+        probs = np.zeros((3, *array.shape), np.float32)
+        probs[0] = 1 - seg
+        probs[1] = np.where(seg, 0.5, 0.0)
+        probs[0][seg == 1] = 0.3
+        probs[2][seg == 1] = 0.2
+        for z, p in self.p.items():
+            for c, value in enumerate((1 - p - 0.01, p, 0.01)):
+                probs[c, z][seg[z] == 1] = value
+        return seg, probs
+
+
+def test_predict_writes_the_confidence_and_min_confidence_clears_below_it(tmp_path, monkeypatch):
+    path = _ct(tmp_path)  # lytic lesions at z 13-14 (in the "vertebra") and z 1-2
+    stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _ProbabilisticLesions({13: 0.9, 1: 0.55})}
+    monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
+    opts = dict(roi="none", min_lesion_ml=0)
+    rows = inference.predict(path.parent, tmp_path / "a", device="cpu", options=inference.PredictOptions(**opts))
+    assert sorted(r["confidence"] for r in rows) == [pytest.approx(0.55), pytest.approx(0.9)]
+    case = tmp_path / "a" / "case_a"
+    det_image = sitk.ReadImage(str(case / "metastases_confidence.nii.gz"))
+    label_image = sitk.ReadImage(str(case / "metastases.nii.gz"))
+    assert det_image.GetPixelID() == sitk.sitkFloat32
+    assert det_image.GetSpacing() == label_image.GetSpacing() and det_image.GetOrigin() == label_image.GetOrigin()
+    det, labels_ = sitk.GetArrayFromImage(det_image), sitk.GetArrayFromImage(label_image)
+    assert ((det > 0) == (labels_ > 0)).all() and np.isclose(det[13:15, 13:15, 13:15], 0.9).all()
+    with open(case / "lesions.csv", newline="") as fh:
+        assert sorted(float(r["confidence"]) for r in csv.DictReader(fh)) == [0.55, 0.9]
+    # the default keeps every lesion: the label map is the stage's own
+    assert (labels_ == (sitk.GetArrayFromImage(sitk.ReadImage(str(path))) < -500)).all()
+    rows = inference.predict(path.parent, tmp_path / "b", device="cpu",
+                             options=inference.PredictOptions(**opts, min_confidence=0.6))
+    assert [r["confidence"] for r in rows] == [pytest.approx(0.9)]
+    prov = json.loads((tmp_path / "b" / "provenance.json").read_text())
+    assert prov["parameters"]["min_confidence"] == 0.6 and prov["timings_s"]["case_a"]["unconfident_lesions_removed"] == 1
+    kept = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / "case_a" / "metastases.nii.gz")))
+    assert kept.sum() == 8 and not kept[1:3].any()
+    with pytest.raises(SpinemetsError, match="--min-confidence"):
+        inference.predict(path.parent, tmp_path / "c", device="cpu", options=inference.PredictOptions(min_confidence=2))
+
+
+def test_a_stage_returns_the_mean_probabilities_of_its_members(tmp_path):
+    class Predictor:
+        def __init__(self, p):
+            self.p = p
+
+        def predict_single_npy_array(self, data, props, previous=None, save_or_return_probabilities=False):
+            probs = np.zeros((3, *data.shape[1:]), np.float32)
+            probs[0], probs[1] = 1 - self.p, self.p
+            seg = np.argmax(probs, axis=0).astype(np.uint8)
+            return (seg, probs) if save_or_return_probabilities else seg
+
+    stage = object.__new__(inference._Stage)
+    stage.postprocessing = None
+    stage.members = [(None, Predictor(0.8))]
+    seg, probs = stage.with_probabilities(np.zeros((4, 4, 4), np.int16), SPACING)
+    assert (seg == 1).all() and np.allclose(probs[1], 0.8) and (stage(np.zeros((4, 4, 4)), SPACING) == seg).all()
+    stage.members = [(None, Predictor(0.8)), (None, Predictor(0.3))]
+    seg, probs = stage.with_probabilities(np.zeros((4, 4, 4), np.int16), SPACING)
+    assert (seg == 1).all() and np.allclose(probs[1], 0.55) and np.allclose(probs.sum(axis=0), 1)
+    assert (stage(np.zeros((4, 4, 4)), SPACING) == seg).all()
+
+
+def test_cli_predict_passes_min_confidence(tmp_path, monkeypatch):
+    from spinemets import cli
+
+    calls = []
+    monkeypatch.setattr(inference, "predict", lambda **kw: calls.append(kw) or [])
+    base = ["predict", "--input", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert cli.main(base) == 0 and cli.main([*base, "--min-confidence", "0.7"]) == 0
+    assert [c["options"].min_confidence for c in calls] == [None, 0.7]
+    assert inference.PredictOptions().resolved("paper").min_confidence == 0.0
+    assert inference.PredictOptions().resolved("demo").min_confidence == 0.0

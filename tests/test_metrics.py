@@ -689,8 +689,9 @@ def test_a_seg_nrrd_prediction_is_scored_by_its_segment_names(tmp_path):
     assert mixed["mean"]["sclerotic"]["dice"]["value"] == pytest.approx(2 * 6 / (18 + 6))
 
 
-def test_evaluate_writes_its_three_files_together_or_none(tmp_path):
-    """When one of the outputs can't be written, none is (no per_case.csv without summary.json)."""
+def test_evaluate_writes_its_files_together_or_none(tmp_path):
+    """When one of the outputs can't be written, none is (no per_case.csv without summary.json, no
+    detection tables without either)."""
     _lesion_maps(tmp_path)
     (tmp_path / "pred").mkdir()
     import shutil
@@ -702,7 +703,8 @@ def test_evaluate_writes_its_three_files_together_or_none(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json"]
     (tmp_path / "out" / "summary.json").rmdir()
     metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["per_case.csv", "summary.csv", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["per_case.csv", "summary.csv", "summary.json", *metrics.DETECTION_FILES])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -327,3 +327,32 @@ def test_per_vertebra_dice_figure_has_one_tick_per_vertebra():
     assert np.allclose([ys.min(), ys.max()], [0.87, 0.96])
     assert any("range over vertebrae (0.87–0.96)" in t.get_text() for t in banded.get_legend().get_texts())
     plt.close("all")
+
+
+def test_published_froc_points_carry_their_citation_and_sit_beside_ours(tmp_path):
+    import math
+
+    import pytest
+
+    from spinemets.errors import SpinemetsError
+
+    published = results.read_published_froc(REPO / results.PUBLISHED_FROC)
+    assert published["fp_per_case"].tolist() == [1.40, 0.617, 5.24]
+    assert published["sensitivity"].tolist() == [0.891, 0.827, 0.894]
+    bib = (REPO / "book" / "references.bib").read_text()
+    for key, doi in zip(published["key"], published["doi"]):
+        assert f"@article{{{key}," in bib and doi in bib
+    # our "any" curve: thresholds 0.9, 0.6, 0.3 at 0.5, 1.0 and 6.0 FP per case, 10 lesions
+    froc = pd.DataFrame({"class": ["any"] * 3 + ["lytic"], "threshold": [0.9, 0.6, 0.3, 0.9],
+                         "sensitivity": [0.4, 0.7, 0.9, 1.0], "fp_per_case": [0.5, 1.0, 6.0, 0.0],
+                         "tp": [4, 7, 9, 1], "fp": [2, 4, 24, 0], "n_reference": [10] * 3 + [1], "n_cases": [4] * 4})
+    beside = results.froc_beside_published(froc, published).set_index("study")
+    # 1.40 -> the 1.0 point (0.7); 0.617 -> the 0.5 point (0.4); 5.24 -> still the 1.0 point (6.0 is above it)
+    assert beside["ours"].tolist() == [0.7, 0.4, 0.7]
+    assert beside["our threshold"].tolist() == [0.6, 0.9, 0.6]
+    assert all(math.isnan(v) for v in results.froc_beside_published(None, published)["ours"])
+    assert results.run_detection(None) is None
+    bad = tmp_path / "published.csv"
+    published.assign(sensitivity=[89.1, 0.827, 0.894]).to_csv(bad, index=False)
+    with pytest.raises(SpinemetsError, match="fraction"):
+        results.read_published_froc(bad)

@@ -65,6 +65,9 @@ def _cmd_evaluate(a):
     _call("metrics.evaluate_folders", ref_dir=a.ref, pred_dir=a.pred, stage=a.stage, out_dir=a.out,
           beta=a.beta, match=a.match, jobs=a.jobs)
     print(f"wrote {Path(a.out) / 'summary.csv'}")
+    if a.stage == "metastases":
+        print(f"wrote {Path(a.out) / 'froc.csv'} and the other detection tables (froc_summary.csv, lesion_bands.csv, "
+              "patients.csv, froc.png)")
 
 
 #: The job options of ``train`` and ``run``: flag -> field of :class:`spinemets.cluster.JobOptions`.
@@ -122,7 +125,7 @@ def _cmd_predict(a):
     from .inference import PredictOptions
 
     options = PredictOptions(roi=a.roi, min_lesion_ml=a.min_lesion_ml, min_vertebra_ml=a.min_vertebra_ml,
-                             repair_order=a.repair_order)
+                             repair_order=a.repair_order, min_confidence=a.min_confidence)
     _call("inference.predict", input=a.input, out_dir=a.out, profile=a.profile, workspace=a.workspace,
           device=a.device, options=options)
     print(f"wrote {a.out}")
@@ -282,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair-order", action=argparse.BooleanOptionalAction, default=None,
                    help="put the vertebra labels in the spine's order (postprocessing.repair_vertebra_order); "
                         "default: the profile's (demo: on, paper: off)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="X",
+                   help="clear predicted lesions whose confidence (the largest probability of its class over a "
+                        "lesion's voxels) is below X (0-1); default: the profile's (0: none cleared)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("run", help="execute the notebooks of a profile with papermill and build the book (runner.run)")

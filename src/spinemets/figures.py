@@ -569,3 +569,54 @@ def render_surfaces(vertebrae, lesions=None, *, spacing=None, views=("anterior",
     if title:
         fig.suptitle(title, fontsize=11, y=1 - 0.12 / height)
     return fig
+
+
+#: Line colours of the FROC classes.
+_FROC_COLOURS = {**{k: v for k, v in labels_mod.LESION_COLOURS.items()}, "any": (0.1, 0.1, 0.1)}
+
+
+def froc_figure(rows, published: Sequence[Mapping] | None = None, max_fp: float | None = None,
+                title: str = "FROC: lesion-wise sensitivity against false positives per case"):
+    """The FROC curves of ``froc.csv`` rows (:func:`spinemets.detection.froc_rows`), one line per class.
+
+    Each curve is drawn as the step function the summary numbers use (sensitivity of the lowest
+    threshold within a false-positive rate), from (0, 0) to its last point, the label map's own
+    operating point (a filled marker). ``published`` adds points ``{label, sensitivity,
+    fp_per_case}`` (sensitivity as a fraction) as open markers. The x axis is logarithmic from 1/16
+    to ``max_fp`` (default: 8 or the largest value drawn). Built without pyplot (a
+    :class:`matplotlib.figure.Figure`), so it can be written from a command line.
+    """
+    from matplotlib.figure import Figure
+
+    from .detection import AUC_MAX_FP, DETECTION_CLASSES, FP_RATES
+
+    fig = Figure(figsize=(6.4, 4.2), constrained_layout=True)
+    ax = fig.add_subplot()
+    rows = list(rows.to_dict("records") if hasattr(rows, "to_dict") else rows)
+    largest = AUC_MAX_FP
+    for cls in DETECTION_CLASSES:
+        mine = [r for r in rows if r["class"] == cls]
+        if not mine:
+            continue
+        fp = np.array([0.0] + [float(r["fp_per_case"]) for r in mine])
+        sens = np.array([0.0] + [float(r["sensitivity"]) for r in mine])
+        if not np.isfinite(sens).all():
+            continue
+        largest = max(largest, float(fp[-1]))
+        ax.step(np.maximum(fp, 1 / 32), sens, where="post", color=_FROC_COLOURS.get(cls), label=f"{cls} (ours)")
+        ax.plot([max(fp[-1], 1 / 32)], [sens[-1]], "o", color=_FROC_COLOURS.get(cls))
+    for i, point in enumerate(published or []):
+        ax.plot([float(point["fp_per_case"])], [float(point["sensitivity"])], marker="osD^v"[i % 5], mfc="none",
+                linestyle="none", color="tab:green", label=str(point["label"]))
+        largest = max(largest, float(point["fp_per_case"]))
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(1 / 16, max_fp or largest * 1.2)
+    ax.set_xticks([r for r in FP_RATES if r <= (max_fp or largest * 1.2)])
+    ax.set_xticklabels([f"{r:g}" for r in FP_RATES if r <= (max_fp or largest * 1.2)])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per case")
+    ax.set_ylabel("lesion-wise sensitivity")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig

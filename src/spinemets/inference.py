@@ -31,12 +31,20 @@ The inference step: it serves the command ``spinemets predict`` and the inferenc
    blastic 0). Pain, alignment, vertebral body collapse and posterolateral involvement are not
    assessed, so the sum is **not a SINS score**. Our "Sacrum" label holds S1 (junctional, 3) and
    S2-S5 (rigid, 0): its location points are left empty.
+5. **Confidence** (:func:`detection_map`): each lesion (the component of step 3) gets a detection
+   score from the lesion stage's class probabilities (nnU-Net's softmax; the mean over the members
+   of an ensemble; the cascade's full-resolution stage), taken after the same clean-up: the
+   **maximum, over the lesion's voxels, of the probability of the class each voxel is labelled
+   with**. Lesions below ``min_confidence`` are then cleared (the profile's default, 0, clears
+   none, so the label maps stay what they were). A stage that gives labels only has confidence 1
+   for every lesion (its one-hot probabilities).
 
 Outputs in ``out_dir``: per case ``CASE/vertebrae.nii.gz``, ``CASE/metastases.nii.gz`` (label
-maps on the CT grid), ``CASE/vertebrae.seg.nrrd`` and ``CASE/metastases.seg.nrrd`` (named,
-coloured segments for 3D Slicer), for a DICOM series input also ``CASE/vertebrae.dcm`` and
-``CASE/metastases.dcm`` (DICOM-SEG referencing the series; none for an empty label map) and
-``CASE/report.dcm`` (the lesion report as a DICOM SR, :mod:`spinemets.dicomsr`),
+maps on the CT grid), ``CASE/metastases_confidence.nii.gz`` (the detection map: float32, each
+lesion's voxels hold its confidence, 0 elsewhere), ``CASE/vertebrae.seg.nrrd`` and
+``CASE/metastases.seg.nrrd`` (named, coloured segments for 3D Slicer), for a DICOM series input also
+``CASE/vertebrae.dcm`` and ``CASE/metastases.dcm`` (DICOM-SEG referencing the series; none for an
+empty label map) and ``CASE/report.dcm`` (the lesion report as a DICOM SR, :mod:`spinemets.dicomsr`),
 ``CASE/lesions.csv``, ``CASE/vertebrae.csv``; for the cohort
 ``lesions.csv``, ``vertebrae.csv`` and ``provenance.json`` (command, parameters, versions, model
 folders, per-case timings, and per DICOM case the DICOM objects written, or why none were:
@@ -73,6 +81,7 @@ from .io import (check_case_id, check_output_dir, describe_path, ijk_to_lps, ima
 from .postprocessing import (check_min_ml, merge_small_type_parts, remove_small_components, remove_small_lesions,
                              repair_vertebra_order)
 from .provenance import provenance
+from .detection import CONFIDENCE_NAME
 from .slicer import segmentation_from_labelmap
 
 log = logging.getLogger(__name__)
@@ -97,8 +106,8 @@ SINS_LOCATION: dict[str, tuple[str, int | None]] = {
 SINS_QUALITY: dict[str, int] = {"lytic": 2, "mixed": 1, "blastic": 0}
 
 LESION_COLUMNS = ["case_id", "lesion", "type", "level", "assignment", "distance_mm", "volume_ml", "voxels",
-                  "lytic_fraction", "mean_hu", "max_hu", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
-                  "domain_warning"]
+                  "confidence", "lytic_fraction", "mean_hu", "max_hu", "centroid_x_mm", "centroid_y_mm",
+                  "centroid_z_mm", "domain_warning"]
 VERTEBRA_COLUMNS = ["case_id", "vertebra", "volume_ml", "lesions", "lesion_ids", "involved_fraction",
                     "lesion_quality", "sins_location_class", "sins_location_points", "sins_bone_quality_points",
                     "partial_sins_points", "partial_sins_note", "domain_warning"]
@@ -117,12 +126,14 @@ def lesion_type(lytic_voxels: int, sclerotic_voxels: int) -> str:
 
 
 def localize(lesions: np.ndarray, vertebrae: np.ndarray, ct: np.ndarray, spacing: Sequence[float],
-             near_mm: float = NEAR_MM, ijk_to_lps_matrix: np.ndarray | None = None) -> list[dict]:
+             near_mm: float = NEAR_MM, ijk_to_lps_matrix: np.ndarray | None = None,
+             confidence: np.ndarray | None = None) -> list[dict]:
     """One row per lesion component (see the module docstring for the rules).
 
     ``lesions`` (0/1 lytic/2 sclerotic), ``vertebrae`` (0-25) and ``ct`` (HU) are arrays of one
     shape in (z, y, x) order; ``spacing`` is (z, y, x) in mm. Centroids are in LPS mm when
     ``ijk_to_lps_matrix`` is given (voxel (i, j, k) = array index (x, y, z)), else in voxel units.
+    ``confidence`` is the detection map (:func:`detection_map`); without it every lesion's is 1.
     """
     if not (lesions.shape == vertebrae.shape == ct.shape):
         raise SpinemetsError(f"lesion {lesions.shape}, vertebra {vertebrae.shape} and CT {ct.shape} arrays differ in shape")
@@ -165,6 +176,7 @@ def localize(lesions: np.ndarray, vertebrae: np.ndarray, ct: np.ndarray, spacing
         rows.append({
             "lesion": cid, "type": lesion_type(n_lytic, n_scl), "level": level, "assignment": assignment,
             "distance_mm": round(dist, 2), "volume_ml": round(comp.sum() * voxel_ml, 4), "voxels": int(comp.sum()),
+            "confidence": 1.0 if confidence is None else round(float(confidence[box][comp].max()), 6),
             "lytic_fraction": round(n_lytic / (n_lytic + n_scl), 4), "mean_hu": round(float(hu.mean()), 1),
             "max_hu": round(float(hu.max()), 1), "centroid_x_mm": round(float(centroid[0]), 2),
             "centroid_y_mm": round(float(centroid[1]), 2), "centroid_z_mm": round(float(centroid[2]), 2),
@@ -177,6 +189,52 @@ def _nearest_vertebra(vertebrae: np.ndarray, spacing: np.ndarray):
     if not vertebrae.any():
         return None, None
     return ndimage.distance_transform_edt(vertebrae == 0, sampling=spacing, return_indices=True)
+
+
+def detection_map(lesions: np.ndarray, probabilities: np.ndarray | None,
+                  box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The detection map of a lesion label map: float32, each lesion's voxels hold its confidence, 0 elsewhere.
+
+    A lesion is a 26-connected component of ``lesions > 0`` (both types together, as
+    :func:`localize`); its confidence is the maximum over its voxels of ``probabilities[c, voxel]``,
+    c the voxel's label. ``probabilities`` (classes, z, y, x) covers ``box`` of ``lesions`` (the
+    whole array when None); None gives every lesion confidence 1.
+    """
+    out = np.zeros(lesions.shape, dtype=np.float32)
+    if probabilities is None:
+        out[lesions > 0] = 1.0
+        return out
+    inner = lesions if box is None else lesions[box]
+    if probabilities.shape[1:] != inner.shape or probabilities.shape[0] <= int(inner.max(initial=0)):
+        raise SpinemetsError(f"class probabilities of shape {probabilities.shape} do not fit the lesion map "
+                             f"{inner.shape} with labels up to {int(inner.max(initial=0))}")
+    components, n = cc3d.connected_components(inner > 0, connectivity=26, return_N=True)
+    if n == 0:
+        return out
+    fg = components > 0
+    labels_fg = inner[fg].astype(np.int64)
+    voxel_p = probabilities[(labels_fg, *np.nonzero(fg))]  # each voxel's probability of its own label
+    best = np.zeros(n + 1, dtype=np.float64)
+    np.maximum.at(best, components[fg], voxel_p.astype(np.float64))
+    view = out if box is None else out[box]
+    view[fg] = best[components[fg]].astype(np.float32)
+    return out
+
+
+def remove_unconfident_lesions(lesions: np.ndarray, confidence: np.ndarray, min_confidence: float):
+    """Clear the lesions whose confidence is below ``min_confidence``; returns (lesions, detection map,
+    number of lesions removed).
+
+    The inputs are not modified; with ``min_confidence`` 0 they come back as they are.
+    """
+    if not (0.0 <= float(min_confidence) <= 1.0):
+        raise SpinemetsError(f"--min-confidence: must be between 0 and 1, not {min_confidence!r}")
+    low = (confidence < min_confidence) & (lesions > 0)
+    if not low.any():
+        return lesions, confidence, 0
+    removed = cc3d.connected_components(low, connectivity=26, return_N=True)[1]
+    kept = np.where(low, 0, lesions).astype(lesions.dtype)
+    return kept, np.where(low, 0, confidence).astype(np.float32), int(removed)
 
 
 def partial_sins(level: str, lesion_types: Sequence[str]) -> dict:
@@ -372,16 +430,24 @@ class _Stage:
             segmentation = nnunet.apply_postprocessing(segmentation, self.postprocessing)
         return segmentation
 
+    def with_probabilities(self, array: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """The segmentation, as :meth:`__call__` gives it, and the class probabilities it was taken from:
+        float32 (classes, z, y, x) on the input's grid (the mean over the members of an ensemble)."""
+        segmentation, probabilities = self._predict(array, spacing_zyx, probabilities=True)
+        if self.postprocessing is not None:
+            segmentation = nnunet.apply_postprocessing(segmentation, self.postprocessing)
+        return segmentation, probabilities
+
     #: The workspace whose ``logs/`` receive nnU-Net's messages (:func:`spinemets.nnunet.captured_output`).
     workspace = None
 
-    def _predict(self, array: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    def _predict(self, array: np.ndarray, spacing_zyx: Sequence[float], probabilities: bool = False):
         if self.workspace is None:
-            return self._predict_members(array, spacing_zyx)
+            return self._predict_members(array, spacing_zyx, probabilities)
         with nnunet.captured_output(self.workspace, "nnUNetPredictor"):  # its messages into a log, where asked
-            return self._predict_members(array, spacing_zyx)
+            return self._predict_members(array, spacing_zyx, probabilities)
 
-    def _predict_members(self, array: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    def _predict_members(self, array: np.ndarray, spacing_zyx: Sequence[float], probabilities: bool = False):
         props = {"spacing": [float(s) for s in spacing_zyx]}
         data = array[None].astype(np.float32)
         probs = None
@@ -389,11 +455,16 @@ class _Stage:
             previous = None
             if first is not None:  # as nnU-Net reads the previous stage's map: one float channel, (1, z, y, x)
                 previous = np.asarray(first.predict_single_npy_array(data, dict(props)), dtype=np.float32)[None]
-            if len(self.members) == 1:
+            if len(self.members) == 1 and not probabilities:
                 return np.asarray(predictor.predict_single_npy_array(data, dict(props), previous), dtype=np.uint8)
-            _, p = predictor.predict_single_npy_array(data, dict(props), previous, save_or_return_probabilities=True)
+            seg, p = predictor.predict_single_npy_array(data, dict(props), previous, save_or_return_probabilities=True)
+            if len(self.members) == 1:  # nnU-Net's own segmentation of its probabilities
+                return np.asarray(seg, dtype=np.uint8), np.asarray(p, dtype=np.float32)
             probs = p if probs is None else probs + p
-        return np.argmax(probs, axis=0).astype(np.uint8)
+        segmentation = np.argmax(probs, axis=0).astype(np.uint8)
+        if probabilities:
+            return segmentation, (np.asarray(probs, dtype=np.float32) / len(self.members))
+        return segmentation
 
 
 def spine_box(vertebrae: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float) -> tuple[slice, ...] | None:
@@ -426,7 +497,9 @@ class PredictOptions:
     :data:`spinemets.nnunet.PROFILES`; 0, nothing removed, for the paper profile).
     ``repair_order`` makes the vertebra labels follow the spine's order
     (:func:`spinemets.postprocessing.repair_vertebra_order`; default: the profile's
-    ``repair_vertebra_order``, on in the demo, off in the paper profile).
+    ``repair_vertebra_order``, on in the demo, off in the paper profile). ``min_confidence`` clears
+    predicted lesions whose confidence (:func:`detection_map`) is below it (default: the profile's
+    ``min_confidence``, 0 in every profile: nothing cleared).
     """
 
     roi: str = "none"
@@ -437,6 +510,7 @@ class PredictOptions:
     min_lesion_ml: float | None = None
     min_vertebra_ml: float | None = None
     repair_order: bool | None = None
+    min_confidence: float | None = None
 
     def resolved(self, profile: str) -> "PredictOptions":
         """These options with the profile's values in place of ``None``, checked."""
@@ -449,9 +523,13 @@ class PredictOptions:
             min_vertebra_ml=float(prof.get("min_vertebra_ml", 0.0) if self.min_vertebra_ml is None
                                   else self.min_vertebra_ml),
             repair_order=bool(prof.get("repair_vertebra_order", False) if self.repair_order is None
-                              else self.repair_order))
+                              else self.repair_order),
+            min_confidence=float(prof.get("min_confidence", 0.0) if self.min_confidence is None
+                                 else self.min_confidence))
         for value in (out.min_lesion_ml, out.min_vertebra_ml):
             check_min_ml(value)
+        if not 0.0 <= out.min_confidence <= 1.0:
+            raise SpinemetsError(f"--min-confidence: must be between 0 and 1, not {out.min_confidence!r}")
         return out
 
 
@@ -556,14 +634,17 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
     if opts.roi == "spine" and box is None:
         note = "no vertebra found: stage 2 ran on the whole CT"
     if box is None:
-        lesions = stage2(ct, spacing)
+        lesions, probabilities = _lesion_stage(stage2, ct, spacing)
     else:
-        lesions[box] = stage2(np.ascontiguousarray(ct[box]), spacing)
+        lesions[box], probabilities = _lesion_stage(stage2, np.ascontiguousarray(ct[box]), spacing)
     lesions, merged = merge_small_type_parts(lesions, spacing, opts.min_lesion_ml)
     lesions, removed = remove_small_lesions(lesions, spacing, opts.min_lesion_ml)
+    confidence = detection_map(lesions, probabilities, box)
+    del probabilities
+    lesions, confidence, unconfident = remove_unconfident_lesions(lesions, confidence, opts.min_confidence)
     t2 = time.perf_counter()
     lesion_rows = [{"case_id": case, **r, "domain_warning": flag}
-                   for r in localize(lesions, vertebrae, ct, spacing, opts.near_mm, ijk_to_lps(image))]
+                   for r in localize(lesions, vertebrae, ct, spacing, opts.near_mm, ijk_to_lps(image), confidence)]
     vertebra_rows = [{"case_id": case, **r, "domain_warning": flag}
                      for r in vertebra_table(lesion_rows, lesions, vertebrae, spacing)]
     dicom = None if series is None else {"written": [], "not_written": series["why_not"],
@@ -587,11 +668,13 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
         _dicom_output(dicom, case_dir / SR_FILE, lambda: write_lesion_report(
             lesion_rows, vertebra_rows, read_series_headers(series["files"]), case_dir / SR_FILE, case,
             vertebrae_seg=segs["vertebrae"], metastases_seg=segs["metastases"], warning=report["warning"] or ""))
+    write_image(image_from_array(confidence, image), case_dir / CONFIDENCE_NAME)
     write_csv(case_dir / "lesions.csv", lesion_rows, LESION_COLUMNS)
     write_csv(case_dir / "vertebrae.csv", vertebra_rows, VERTEBRA_COLUMNS)
     return lesion_rows, vertebra_rows, note, {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3),
                                               "small_lesions_removed": removed,
                                               "lesion_parts_merged": merged,
+                                              "unconfident_lesions_removed": unconfident,
                                               "vertebra_fragments_removed": fragments,
                                               "vertebra_voxels_relabelled": relabelled,
                                               **({"dicom_outputs": dicom} if dicom is not None else {})}, report
@@ -614,6 +697,14 @@ def _dicom_output(record: dict, target: Path, write) -> Path | None:
     else:
         record["written"].append(target.name)
     return written
+
+
+def _lesion_stage(stage, array: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The lesion stage's labels and class probabilities (None from a stage that gives labels only)."""
+    with_probabilities = getattr(stage, "with_probabilities", None)
+    if with_probabilities is None:
+        return stage(array, spacing), None
+    return with_probabilities(array, spacing)
 
 
 def _provenance(locals_: dict, models: dict, postprocessing: dict, timings: dict, notes: dict, seconds: float,

@@ -2,6 +2,10 @@
 
 The metrics step: it serves the command ``spinemets evaluate`` and the metrics notebook (``05_metrics``).
 
+The lesion stage's detection tables (FROC, sensitivity at fixed false positives per case, size
+bands, regions, patients) are computed in :mod:`spinemets.detection` from the same matching
+(:func:`evaluate_lesion_case`) and written by :func:`evaluate_folders` beside the other tables.
+
 The code is layered like nnU-Net's evaluation: **counts** (one pass over the foreground voxels) ->
 **per-case metrics** (:func:`evaluate_case`, :func:`evaluate_pair`) -> **folder**
 (:func:`evaluate_folders`, :func:`summarize`). Every metric is listed once in :data:`METRICS`
@@ -572,6 +576,12 @@ def evaluate_case(
         instances = Counts(zeros, zeros, zeros) if empty else match_components(ref, pred, match, connectivity).counts(
             n_labels
         )
+        dist = identified = None
+    return _class_rows(stage, classes, voxels, instances, beta, dist, identified)
+
+
+def _class_rows(stage, classes, voxels, instances, beta, dist, identified) -> dict[str, dict[str, float]]:
+    """``{class name: {metric key: value}}`` from a case's voxel and instance counts (and landmarks)."""
     result = {}
     for name, value in classes.items():
         row = {}
@@ -594,6 +604,64 @@ def evaluate_case(
 
 def _at(values, index: int) -> float:
     return float(np.asarray(values, dtype=float)[index])
+
+
+def evaluate_lesion_case(ref: np.ndarray, pred: np.ndarray, confidence: np.ndarray | None = None,
+                         vertebrae: np.ndarray | None = None, spacing=(1.0, 1.0, 1.0), beta: float = 2.0,
+                         match: str = "iou", connectivity: int = 26,
+                         sources: tuple = ("reference", "prediction", "detection map")) -> tuple[dict, dict]:
+    """:func:`evaluate_case` of the lesion stage and the case's lesion detections, from one matching.
+
+    Returns (the metrics as :func:`evaluate_case` gives them, ``{class: Detections}`` of
+    :func:`spinemets.detection.case_detections`). ``confidence`` is the detection map (float, in
+    [0, 1], 0 outside the predicted lesions; None: confidence 1 for every predicted lesion),
+    ``vertebrae`` the vertebra label map of the case (None: regions unknown); both on the grid of
+    ``pred``. Only the box holding the lesions of either map is read further.
+    """
+    from .detection import case_detections
+
+    stage = "metastases"
+    _check_match(match)
+    if ref.shape != pred.shape:
+        raise SpinemetsError(f"{sources[1]}: shape {pred.shape} differs from {sources[0]} ({ref.shape})")
+    ref = _check_labels(ref, stage, sources[0])
+    pred = _check_labels(pred, stage, sources[1])
+    if confidence is not None:
+        confidence = _check_confidence(confidence, pred, sources[2], sources[1])
+    if vertebrae is not None and vertebrae.shape != pred.shape:
+        raise SpinemetsError(f"vertebra map beside {sources[1]}: shape {vertebrae.shape} differs ({pred.shape})")
+    classes = foreground_labels(stage)
+    n_labels = max(classes.values()) + 1
+    box = union_box(ref, pred)
+    zeros = np.zeros(n_labels, dtype=np.int64)
+    if box is None:
+        from .detection import DETECTION_CLASSES, Detections
+
+        return (_class_rows(stage, classes, Counts(zeros, zeros, zeros), Counts(zeros, zeros, zeros), beta, None, None),
+                {cls: Detections() for cls in DETECTION_CLASSES})
+    ref, pred = ref[box], pred[box]
+    voxels = voxel_counts(confusion_matrix(ref, pred, n_labels))
+    found = match_components(ref, pred, match, connectivity, keep_components=True)
+    detections = case_detections(ref, pred, None if confidence is None else confidence[box], spacing,
+                                 None if vertebrae is None else vertebrae[box], match, connectivity, found=found)
+    return _class_rows(stage, classes, voxels, found.counts(n_labels), beta, None, None), detections
+
+
+def _check_confidence(confidence: np.ndarray, pred: np.ndarray, source, pred_source) -> np.ndarray:
+    """The detection map as float, checked: same shape, finite values in [0, 1], positive exactly on the lesions."""
+    if confidence.shape != pred.shape:
+        raise SpinemetsError(f"{source}: shape {confidence.shape} differs from {pred_source} ({pred.shape})")
+    confidence = np.asarray(confidence)
+    if confidence.dtype.kind not in "fui":
+        raise SpinemetsError(f"{source}: detection map has voxel type {confidence.dtype}; expected floats")
+    if not np.isfinite(confidence).all() or confidence.min() < 0 or confidence.max() > 1:
+        raise SpinemetsError(f"{source}: detection map holds values outside [0, 1] (or not finite)")
+    stray = int(np.count_nonzero((confidence > 0) != (pred != 0)))
+    if stray:
+        raise SpinemetsError(f"{source}: detection map and {Path(str(pred_source)).name} disagree on {stray} "
+                             "voxel(s) (confidence > 0 must mark exactly the predicted lesions); remove the one "
+                             "that is out of date")
+    return confidence
 
 
 def is_segmentation_file(path: str | Path) -> bool:
@@ -885,9 +953,77 @@ def summary_rows(summary: dict) -> list[dict]:
 SUMMARY_FIELDS = ["class", "metric", "aggregate", "value", "ci_low", "ci_high", "n", "n_nan"]
 
 
+def evaluate_lesion_pair(ref_path, pred_path, beta: float = 2.0, match: str = "iou", connectivity: int = 26,
+                         companion=None, confidence=None, vertebrae=None) -> tuple[dict, dict]:
+    """:func:`evaluate_lesion_case` on files: the lesion label maps (as :func:`evaluate_pair`), the
+    detection map ``confidence`` and the vertebra map ``vertebrae`` (paths or None), which must
+    share the prediction's voxel grid."""
+    import SimpleITK as sitk
+
+    from .io import check_same_geometry, read_image
+
+    ref_image, pred_image = read_label_pair(ref_path, pred_path, "metastases")
+    ref = sitk.GetArrayViewFromImage(ref_image)
+    pred = sitk.GetArrayViewFromImage(pred_image)
+    if companion is not None:
+        _check_companion(pred, pred_image, pred_path, companion, "metastases")
+    arrays, images = [], []  # the images stay referenced while their array views are used
+    for path, what in ((confidence, "detection map"), (vertebrae, "vertebra label map")):
+        if path is None:
+            arrays.append(None)
+            continue
+        images.append(_read_detection_map(path) if path is confidence else read_image(path, what=what))
+        check_same_geometry(pred_image, images[-1], pred_path, path)
+        arrays.append(sitk.GetArrayViewFromImage(images[-1]))
+    if arrays[1] is not None:
+        arrays[1] = _check_labels(arrays[1], "vertebrae", vertebrae)
+    spacing = tuple(float(s) for s in reversed(ref_image.GetSpacing()))
+    return evaluate_lesion_case(ref, pred, arrays[0], arrays[1], spacing, beta, match, connectivity,
+                                sources=(ref_path, pred_path, confidence))
+
+
+def _read_detection_map(path):
+    """A detection map as SimpleITK reads it, checked as an image (:func:`spinemets.io.check_image`).
+
+    Not :func:`spinemets.io.read_image`, whose further passes over a float NIfTI (its decompressed
+    length, and a second read for NaN) guard against voxels that silently read as 0: here
+    :func:`_check_confidence` refuses any voxel where the map and its label map disagree, which
+    such a voxel on a lesion would be, and 0 is the map's own value everywhere else. This keeps
+    the map's reading at one pass over the file.
+    """
+    import SimpleITK as sitk
+
+    from .io import check_image, one_line, require_file
+
+    path = require_file(path, "detection map")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        raise SpinemetsError(f"{path}: cannot read detection map (truncated, corrupt or not an image file): "
+                             f"{one_line(first)[-200:]}") from None
+    check_image(image, path, "detection map")
+    return image
+
+
+def beside(pred_path, name: str) -> Path | None:
+    """The file ``name`` beside a prediction written by ``spinemets predict`` (``CASE/metastases.nii.gz``), or None."""
+    pred_path = Path(pred_path)
+    if case_id(pred_path) != "metastases":
+        return None  # a flat folder: no companion maps
+    other = pred_path.parent / name
+    return other if other.is_file() else None
+
+
 def _evaluate_one(item):
     case, ref_path, pred_path, companion, stage, beta, match, connectivity = item
-    return case, evaluate_pair(ref_path, pred_path, stage, beta, match, connectivity, companion)
+    if stage == "metastases":
+        from .detection import CONFIDENCE_NAME, VERTEBRAE_NAME
+
+        result, found = evaluate_lesion_pair(ref_path, pred_path, beta, match, connectivity, companion,
+                                             beside(pred_path, CONFIDENCE_NAME), beside(pred_path, VERTEBRAE_NAME))
+        return case, (result, found)
+    return case, (evaluate_pair(ref_path, pred_path, stage, beta, match, connectivity, companion), None)
 
 
 def _run_cases(items: list[tuple], jobs: int) -> dict[str, dict]:
@@ -939,7 +1075,12 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
 
     * ``per_case.csv``: long format ``case, class, metric, value``;
     * ``summary.csv``: ``class, metric, aggregate (mean|pooled), value, ci_low, ci_high, n, n_nan``;
-    * ``summary.json``: the same aggregates with the settings and the list of cases (NaN -> null).
+    * ``summary.json``: the same aggregates with the settings and the list of cases (NaN -> null);
+    * for the lesion stage, the detection tables of :mod:`spinemets.detection` (:data:`DETECTION_FILES`):
+      ``froc.csv``, ``froc_summary.csv``, ``lesion_bands.csv``, ``patients.csv`` and the plot
+      ``froc.png``, from the detection map (``metastases_confidence.nii.gz``) and the vertebra map
+      (``vertebrae.nii.gz``) beside each prediction of ``spinemets predict``'s layout, where present
+      (their summary also goes into ``summary.json`` under ``detection``).
 
     Returns the content of ``summary.json`` as a dict.
     """
@@ -956,13 +1097,17 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
     if jobs < 1:
         raise SpinemetsError(f"--jobs: must be at least 1, not {jobs}")
     out_dir = Path(out_dir)
-    targets = [out_dir / name for name in ("per_case.csv", "summary.csv", "summary.json")]
+    names = ["per_case.csv", "summary.csv", "summary.json"]
+    if stage == "metastases":
+        names += list(DETECTION_FILES)
+    targets = [out_dir / name for name in names]
     check_output_dir(out_dir)
     for target in targets:
         check_output_file(target)
     pairs = _paired_files(ref_dir, pred_dir, stage, cases)
     items = [(cid, ref, pred, comp, stage, beta, match, connectivity) for cid, (ref, pred, comp) in pairs.items()]
-    per_case = _run_cases(items, jobs)
+    outcomes = _run_cases(items, jobs)
+    per_case = {case: result for case, (result, _) in outcomes.items()}
     summary = summarize(per_case, stage, beta)
     rows = [row for case, result in per_case.items() for row in per_case_rows(case, result)]
     document = {
@@ -983,12 +1128,58 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
                         "formula": METRICS[k].formula} for k in metric_names(stage)},
         **summary,
     }
+    tables = None
+    if stage == "metastases":
+        tables = detection_tables({case: found for case, (_, found) in outcomes.items()}, pairs)
+        document["detection"] = tables["document"]
     document = _json_clean(document)
-    with output_folder(out_dir), atomic_paths(targets) as temps:  # the three files together, or none
+    with output_folder(out_dir), atomic_paths(targets) as temps:  # the files together, or none
         write_csv(temps[0], rows, ["case", "class", "metric", "value"])
         write_csv(temps[1], summary_rows(summary), SUMMARY_FIELDS)
         write_json(temps[2], document)
+        if tables is not None:
+            _write_detection_tables(tables, temps[3:])
     return document
+
+
+#: The detection tables of the lesion stage (:mod:`spinemets.detection`), in the order written.
+DETECTION_FILES: tuple[str, ...] = ("froc.csv", "froc_summary.csv", "lesion_bands.csv", "patients.csv", "froc.png")
+
+
+def detection_tables(found: dict[str, dict], pairs: dict | None = None) -> dict:
+    """The rows of the detection tables from each case's ``{class: Detections}``, and their JSON record."""
+    from . import detection as det
+
+    regions = [r for by_class in found.values() for d in by_class.values() for r in (d.ref_region, d.pred_region)]
+    with_regions = all((r >= 0).all() for r in regions) and any(r.size for r in regions)
+    froc = det.froc_rows(found)
+    summary = det.froc_summary_rows(found)
+    bands = det.band_rows(found, with_regions=with_regions)
+    patients = det.patient_table(found)
+    scored = None
+    if pairs is not None:
+        scored = sorted(case for case, (_, pred, _) in pairs.items() if beside(pred, det.CONFIDENCE_NAME) is not None)
+    document = {
+        "confidence": ("maximum of the detection map over each predicted lesion; cases without a detection map: 1"),
+        "cases_with_detection_map": scored,
+        "fp_rates": list(det.FP_RATES), "auc_max_fp_per_case": det.AUC_MAX_FP,
+        "volume_bands_ml": list(det.VOLUME_BANDS_ML), "regions": list(det.REGIONS) if with_regions else None,
+        "froc_summary": summary, "patients": patients,
+    }
+    return {"froc": froc, "summary": summary, "bands": bands, "patients": patients, "document": document}
+
+
+def _write_detection_tables(tables: dict, paths: list[Path]) -> None:
+    from . import detection as det
+    from .io import write_csv
+
+    write_csv(paths[0], tables["froc"], det.FROC_FIELDS)
+    write_csv(paths[1], tables["summary"], det.SUMMARY_FIELDS)
+    write_csv(paths[2], tables["bands"], det.BAND_FIELDS)
+    write_csv(paths[3], tables["patients"], det.PATIENT_FIELDS)
+    from .figures import froc_figure
+
+    froc_figure(tables["froc"]).savefig(paths[4], format="png", dpi=100)
 
 
 __all__ = [
@@ -996,7 +1187,8 @@ __all__ = [
     "recall", "fbeta", "recognition_quality", "segmentation_quality", "panoptic_quality", "metric_names",
     "confusion_matrix", "voxel_counts", "match_pairs", "match_components", "label_instance_counts", "centroids",
     "identification", "evaluate_case", "evaluate_pair", "case_id", "list_cases", "pair_cases",
-    "summarize", "bootstrap_ci", "evaluate_folders",
+    "summarize", "bootstrap_ci", "evaluate_folders", "evaluate_lesion_case", "evaluate_lesion_pair",
+    "detection_tables", "DETECTION_FILES",
 ]
 
 

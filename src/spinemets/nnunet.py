@@ -20,7 +20,8 @@ trainer, device, and, for the short profiles, the extra plans configurations tha
 below which :func:`spinemets.inference.predict` clears a predicted lesion, ``min_vertebra_ml``
 the size below which it clears a fragment of a vertebra label (both 0 for the paper), and
 ``repair_vertebra_order`` whether it puts the vertebra labels in the spine's order
-(:func:`spinemets.postprocessing.repair_vertebra_order`; off for the paper):
+(:func:`spinemets.postprocessing.repair_vertebra_order`; off for the paper), ``min_confidence``
+the confidence below which it clears a predicted lesion (0 in every profile: none cleared):
 
 * ``paper``: the protocol of the paper: ``2d``, ``3d_lowres``, ``3d_fullres`` and
   ``3d_cascade_fullres``, five folds, ``nnUNetTrainer_250epochs`` on CUDA, then
@@ -162,6 +163,7 @@ _DEMO = {
     "cv_folds": 5,
     "min_lesion_ml": DEMO_MIN_LESION_ML,
     "min_vertebra_ml": 0.5,
+    "min_confidence": 0.0,
     "repair_vertebra_order": True,
     "omp_wait_policy": "ACTIVE",  # one fold at a time on a machine of its own: see _cpu_environment
     "resources": _each_kind(time_min=60, mem_gb=8, cpus_per_task=2),
@@ -193,6 +195,7 @@ _PAPER = {
     "cv_folds": 5,
     "min_lesion_ml": 0.0,
     "min_vertebra_ml": 0.0,
+    "min_confidence": 0.0,
     "repair_vertebra_order": False,
     "resources": _PAPER_RESOURCES,
     "stages": {

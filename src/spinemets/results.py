@@ -462,3 +462,75 @@ def cohort_beside_paper(paper: pd.DataFrame, cohort: pd.DataFrame | None, synthe
             rows.append((label, shown, theirs.get(key, ("", "–"))[1], ours.get(key, ("", "–"))[1]))
     table = pd.DataFrame(rows, columns=["characteristic", "value", "paper", "this run"])
     return table.set_index(["characteristic", "value"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Lesion detection: our FROC beside published operating points
+# ---------------------------------------------------------------------------------------------
+
+PUBLISHED_FROC = "book/data/published_froc.csv"
+#: The detection tables of the lesion stage (:mod:`spinemets.detection`) a run's evaluation holds.
+DETECTION_TABLES = {"froc": "froc.csv", "froc_summary": "froc_summary.csv", "bands": "lesion_bands.csv",
+                    "patients": "patients.csv"}
+
+
+def read_published_froc(path: str | Path | None = None) -> pd.DataFrame:
+    """Published operating points of bone-metastasis detection on CT (``book/data/published_froc.csv``):
+    one row per study with its bibliography ``key``, ``label``, ``sensitivity`` (a fraction),
+    ``fp_per_case``, ``cohort``, ``definition`` and ``doi``."""
+    path = Path(path) if path is not None else find_project_root() / PUBLISHED_FROC
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise SpinemetsError(f"{path}: published FROC points file not found") from None
+    missing = {"key", "label", "sensitivity", "fp_per_case", "cohort", "definition", "doi"} - set(frame.columns)
+    if missing:
+        raise SpinemetsError(f"{path}: missing column(s) {sorted(missing)}")
+    bad = frame[~frame["sensitivity"].between(0, 1) | ~(frame["fp_per_case"] >= 0)]
+    if not bad.empty:
+        raise SpinemetsError(f"{path}: sensitivity must be a fraction in [0, 1] and fp_per_case >= 0 "
+                             f"(rows of {', '.join(bad['label'].astype(str))})")
+    return frame
+
+
+def run_detection(provenance: Mapping | None, root: str | Path | None = None) -> dict[str, pd.DataFrame] | None:
+    """The lesion stage's detection tables of a run (keys of :data:`DETECTION_TABLES`), or None
+    when the run's evaluation has none (a run evaluated before they existed, or no run)."""
+    workspace = run_workspace(provenance, root)
+    if workspace is None:
+        return None
+    folder = _workspace(workspace).evaluation("metastases")
+    if not all((folder / name).is_file() for name in DETECTION_TABLES.values()):
+        return None
+    return {key: pd.read_csv(folder / name) for key, name in DETECTION_TABLES.items()}
+
+
+def froc_beside_published(froc: pd.DataFrame | None, published: pd.DataFrame, cls: str = "any") -> pd.DataFrame:
+    """Each published operating point beside our sensitivity at the same false positives per case.
+
+    Ours is the sensitivity of class ``cls`` ("any": type ignored) at the lowest threshold of our
+    FROC (``froc.csv``) whose false positives per case stay within the published rate
+    (:func:`spinemets.detection.sensitivity_at`); NaN without our curve. Columns: study,
+    ``FP per case``, ``published sensitivity``, ``ours``, ``our threshold``, cohort, definition.
+    """
+    import numpy as np
+
+    from .detection import Froc, sensitivity_at, threshold_for
+
+    rows = []
+    curve = None
+    if froc is not None:
+        mine = froc[froc["class"] == cls]
+        if not mine.empty:
+            n_ref, n_cases = int(mine["n_reference"].iloc[0]), int(mine["n_cases"].iloc[0])
+            curve = Froc(mine["threshold"].to_numpy(float), mine["tp"].to_numpy(np.int64),
+                         mine["fp"].to_numpy(np.int64), n_ref, n_cases)
+    for rec in published.to_dict("records"):
+        rate = float(rec["fp_per_case"])
+        ours = float(sensitivity_at(curve, [rate])[0]) if curve is not None else float("nan")
+        threshold = threshold_for(curve, rate) if curve is not None else float("nan")
+        rows.append({"study": rec["label"], "FP per case": rate, "published sensitivity": float(rec["sensitivity"]),
+                     "ours": ours, "our threshold": threshold, "cohort": rec["cohort"],
+                     "definition": rec["definition"]})
+    return pd.DataFrame(rows, columns=["study", "FP per case", "published sensitivity", "ours", "our threshold",
+                                       "cohort", "definition"])
