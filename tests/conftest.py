@@ -201,14 +201,15 @@ def copy_workspace(src, dst: Path, stages=("vertebrae", "metastases"), parts=("r
     pointed at the copy."""
     from spinemets.nnunet import Workspace
 
-    src, dst = Workspace(getattr(src, "root", src)), Workspace(dst)
-    for part in parts:
+    src = src if isinstance(src, Workspace) else Workspace(src)
+    dst = Workspace(dst)
+    for part in parts:  # the layout under each root (nnU-Net's environment variables do not move them here)
         for stage in stages:
             name = src.dataset_name(stage)
-            if (getattr(src, part) / name).exists():
-                shutil.copytree(getattr(src, part) / name, getattr(dst, part) / name, symlinks=True)
-    for info in dst.results.glob("*/inference_information.json"):
-        info.write_text(info.read_text().replace(str(src.results), str(dst.results)))
+            if (src.root / part / name).exists():
+                shutil.copytree(src.root / part / name, dst.root / part / name, symlinks=True)
+    for info in (dst.root / "results").glob("*/inference_information.json"):
+        info.write_text(info.read_text().replace(str(src.root / "results"), str(dst.root / "results")))
     return dst
 
 
