@@ -276,7 +276,8 @@ def test_ci_book_shows_the_papers_tables_and_titles_each_page_for_its_stage(ci_r
     rows = _check_per_vertebra_table(html / "book" / "results.html")
     assert any(row["ours Dice (95 % CI)"] != "–" for row in rows.values()), "the run's own numbers are shown"
     page = (html / "book" / "results.html").read_text()
-    assert len(re.findall(r"<img [^>]*src=\"\.\./_images/", page)) == 3
+    # two box plots, the per-vertebra figure with the paper's values, the FROC beside the published points
+    assert len(re.findall(r"<img [^>]*src=\"\.\./_images/", page)) == 4
     cohort = _check_cohort_table(html / "book" / "dataset.html")
     assert cohort[""]["this run"] not in ("", "–")  # the ci cohort's cases
     record = json.loads((ci_run / "build" / "executed" / "provenance.json").read_text())
