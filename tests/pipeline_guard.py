@@ -16,6 +16,7 @@ models or a built book reads those. This module counts what a session really lau
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from pathlib import Path
@@ -56,11 +57,16 @@ class Guard:
 
 
 def training_launches(basetemp: Path) -> Counter:
-    """nnU-Net training launches below ``basetemp``, by the top folder (a test's or a fixture's)."""
-    counts: Counter[str] = Counter()
+    """nnU-Net training launches below ``basetemp``, by the top folder (a test's or a fixture's).
+
+    A test that copies a trained workspace copies its training logs too: a log counts once, in the
+    folder where it was first written (copies have the same name and content and a later ctime)."""
+    first: dict[tuple[str, str], tuple[float, str]] = {}
     for log in Path(basetemp).rglob("training_log_*.txt"):
-        counts[log.relative_to(basetemp).parts[0]] += 1
-    return counts
+        key = (log.name, hashlib.sha1(log.read_bytes()).hexdigest())
+        seen = (log.stat().st_ctime, log.relative_to(basetemp).parts[0])
+        first[key] = min(first.get(key, seen), seen)
+    return Counter(folder for _, folder in first.values())
 
 
 def training_problem(counts: Counter, limit: int = TRAINING_LAUNCHES) -> str | None:

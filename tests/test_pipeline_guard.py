@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
 import pipeline_guard
@@ -28,16 +32,23 @@ def test_the_session_guard_counts_runner_runs(pipeline_guard):
     assert sum(pipeline_guard.runs.values()) == before
 
 
-def test_training_launches_are_counted_per_test_folder_from_the_training_logs(tmp_path):
+def test_training_launches_are_counted_per_test_folder_from_the_training_logs():
+    # outside the session's temporary folder, which the session's own guard counts at its end
+    with tempfile.TemporaryDirectory() as tmp:
+        _count_launches(Path(tmp))
+
+
+def _count_launches(tmp_path: Path) -> None:
     for folder, n in (("ci0", 2), ("test_resume0", 3)):
         for i in range(n):
             log = tmp_path / folder / "ws" / "results" / f"fold_{i}" / f"training_log_2026_12_6_{i}.txt"
             log.parent.mkdir(parents=True)
-            log.write_text("Epoch 0\n")
+            log.write_text(f"{folder} fold {i}: Epoch 0\n")
     (tmp_path / "other0" / "training_log.txt").parent.mkdir()
     (tmp_path / "other0" / "training_log.txt").write_text("")  # not nnU-Net's name
+    shutil.copytree(tmp_path / "ci0", tmp_path / "test_reads_a_copy0", copy_function=shutil.copy2)
     counts = pipeline_guard.training_launches(tmp_path)
-    assert counts == {"ci0": 2, "test_resume0": 3}
+    assert counts == {"ci0": 2, "test_resume0": 3}  # a copied log is no launch
     assert pipeline_guard.training_problem(counts, limit=5) is None
     problem = pipeline_guard.training_problem(counts, limit=4)
     assert "launched nnUNetv2_train 5 times, more than the 4" in problem and "test_resume0: 3, ci0: 2" in problem
