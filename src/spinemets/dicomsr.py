@@ -94,7 +94,7 @@ LOCAL_CODES = {
     "LC": "SINS location", "LC1": "Junctional", "LC2": "Mobile", "LC3": "Semi-rigid",
     "LC4": "Sacrum (S1 junctional, S2-S5 rigid)",
     "LP": "SINS location points", "QP": "SINS bone lesion quality points", "PS": "Partial SINS points",
-    "DW": "Domain warning (table)",
+    "DW": "Domain warning (table)", "DC": "Detection confidence",
 }
 _TYPE_CODES = {"lytic": "LT1", "sclerotic": "LT2", "mixed": "LT3"}
 _ASSIGNMENT_CODES = {"overlap": "AS1", "nearest": "AS2", "none": "AS0"}
@@ -103,7 +103,8 @@ _LOCATION_CODES = {"junctional": "LC1", "mobile": "LC2", "semi-rigid": "LC3"}
 _SACRUM_LOCATION = "LC4"
 
 #: lesions.csv column -> (code, unit) of its measurement (volume and HU use standard codes).
-_LESION_NUMBERS = {"voxels": ("VX", "{voxels}"), "lytic_fraction": ("LF", "1"), "distance_mm": ("DI", "mm"),
+_LESION_NUMBERS = {"voxels": ("VX", "{voxels}"), "lytic_fraction": ("LF", "1"), "confidence": ("DC", "1"),
+                   "distance_mm": ("DI", "mm"),
                    "centroid_x_mm": ("CX", "mm"), "centroid_y_mm": ("CY", "mm"), "centroid_z_mm": ("CZ", "mm")}
 _VERTEBRA_NUMBERS = {"lesions": ("NL", "{lesions}"), "involved_fraction": ("IF", "1"),
                      "sins_location_points": ("LP", "{points}"), "sins_bone_quality_points": ("QP", "{points}"),
