@@ -27,8 +27,9 @@ PIPELINE_RUNS = {"ci": 1, "smoke": 1, "rehearsal": 1, "demo": 0, "paper": 0, "gp
 
 #: nnU-Net training launches of a whole session: the ci run (2: one per stage), the smoke run
 #: (16: two stages x four configurations x two folds), the budget training (1),
-#: the interrupted training and its resumption (2), the SLURM job cancelled and resubmitted (2).
-TRAINING_LAUNCHES = 2 + 16 + 1 + 2 + 2
+#: the interrupted training and its resumption (2), the SLURM job cancelled and resubmitted (2), and
+#: the trainer built in-process by tests/test_nnunet.py's schedule test (1: nnU-Net opens its log).
+TRAINING_LAUNCHES = 2 + 16 + 1 + 2 + 2 + 1
 
 
 class PipelineRunAgain(AssertionError):
