@@ -221,14 +221,19 @@ def detection_map(lesions: np.ndarray, probabilities: np.ndarray | None,
     return out
 
 
+def check_min_confidence(value) -> None:
+    """Refuse a ``min_confidence`` outside [0, 1] (the one check of ``--min-confidence``)."""
+    if not (0.0 <= float(value) <= 1.0):
+        raise SpinemetsError(f"--min-confidence: must be between 0 and 1, not {value!r}")
+
+
 def remove_unconfident_lesions(lesions: np.ndarray, confidence: np.ndarray, min_confidence: float):
     """Clear the lesions whose confidence is below ``min_confidence``; returns (lesions, detection map,
     number of lesions removed).
 
     The inputs are not modified; with ``min_confidence`` 0 they come back as they are.
     """
-    if not (0.0 <= float(min_confidence) <= 1.0):
-        raise SpinemetsError(f"--min-confidence: must be between 0 and 1, not {min_confidence!r}")
+    check_min_confidence(min_confidence)
     low = (confidence < min_confidence) & (lesions > 0)
     if not low.any():
         return lesions, confidence, 0
@@ -528,8 +533,7 @@ class PredictOptions:
                                  else self.min_confidence))
         for value in (out.min_lesion_ml, out.min_vertebra_ml):
             check_min_ml(value)
-        if not 0.0 <= out.min_confidence <= 1.0:
-            raise SpinemetsError(f"--min-confidence: must be between 0 and 1, not {out.min_confidence!r}")
+        check_min_confidence(out.min_confidence)
         return out
 
 
