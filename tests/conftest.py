@@ -76,7 +76,7 @@ def pipeline_guard():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the session when it launched more nnU-Net trainings than its fixtures need."""
+    """Fail the session when it trained more nnU-Net models than its fixtures need."""
     basetemp = getattr(session.config, "_tmp_path_factory", None)
     try:
         root = basetemp.getbasetemp() if basetemp else None
@@ -84,10 +84,22 @@ def pytest_sessionfinish(session, exitstatus):
         root = None
     if root is None or not Path(root).is_dir():
         return
-    problem = pipeline_guard_module.training_problem(pipeline_guard_module.training_launches(root))
+    problem = pipeline_guard_module.training_problem(pipeline_guard_module.trainings(root))
     if problem:
-        sys.stderr.write(f"\nERROR (pipeline guard): {problem}\n")
+        session.config.stash[_GUARD_PROBLEM] = problem
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_GUARD_PROBLEM = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The guard's failure last, beside the summary line (what a CI log's tail shows)."""
+    problem = config.stash.get(_GUARD_PROBLEM, None)
+    if problem:
+        terminalreporter.write_sep("=", "pipeline guard", red=True)
+        terminalreporter.write_line(f"ERROR (pipeline guard): {problem}")
 
 
 @pytest.fixture(scope="session")

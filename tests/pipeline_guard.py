@@ -8,10 +8,13 @@ models or a built book reads those. This module counts what a session really lau
 * ``spinemets run`` (:func:`spinemets.runner.run` and, for jobs, :func:`spinemets.cluster.submit_run`)
   per pipeline profile, checked as each run starts: one beyond :data:`PIPELINE_RUNS` fails at once,
   naming the test;
-* ``nnUNetv2_train`` launches, counted at the end of the session from the training logs nnU-Net
-  writes (one ``training_log_*.txt`` per launch, in the launching test's temporary folder, whether
-  the launch was in this process, a subprocess or a SLURM job): more than :data:`TRAINING_LAUNCHES`
-  fails the session with the count per test folder.
+* nnU-Net trainings, counted at the end of the session from the training logs nnU-Net writes
+  (``training_log_*.txt``, one per launch, in the launching test's temporary folder, whether the
+  launch was in this process, a subprocess or a SLURM job): a training is one output folder
+  (``fold_N``) with a log of its own, however often it was launched there; more than
+  :data:`TRAININGS` fails the session with the count per test folder. A resumption (a real-resume
+  test, a job that SLURM or submitit requeued, a step sent again) continues in the same folder and
+  is no new training: whether it happens depends on the machine's speed, and the count must not.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from pathlib import Path
 #: profiles of the runner's own tests are not pipelines and are not counted.
 PIPELINE_RUNS = {"ci": 1, "smoke": 1, "rehearsal": 1, "demo": 0, "paper": 0, "gpu_check": 0}
 
-#: nnU-Net training launches of a whole session: the ci run (2: one per stage), the smoke run
-#: (16: two stages x four configurations x two folds), the budget training (1),
-#: the interrupted training and its resumption (2), the SLURM job cancelled and resubmitted (2), and
-#: the trainer built in-process by tests/test_nnunet.py's schedule test (1: nnU-Net opens its log).
-TRAINING_LAUNCHES = 2 + 16 + 1 + 2 + 2 + 1
+#: nnU-Net trainings (output folders) of a whole session: the ci run (2: one per stage), the smoke
+#: run (16: two stages x four configurations x two folds), the budget training (1), the interrupted
+#: training resumed in its folder (1) and the SLURM job cancelled and resubmitted (1). A trainer that
+#: a test builds in-process without training (tests/test_nnunet.py) opens its log but logs no epoch:
+#: it is no training.
+TRAININGS = 2 + 16 + 1 + 1 + 1
 
 
 class PipelineRunAgain(AssertionError):
@@ -57,26 +61,32 @@ class Guard:
                 f"session's run instead (the ci_run / smoke_run fixtures; tests/pipeline_guard.py).")
 
 
-def training_launches(basetemp: Path) -> Counter:
-    """nnU-Net training launches below ``basetemp``, by the top folder (a test's or a fixture's).
+def trainings(basetemp: Path) -> Counter:
+    """nnU-Net trainings below ``basetemp``, by the top folder (a test's or a fixture's).
 
-    A test that copies a trained workspace copies its training logs too: a log counts once, in the
-    folder where it was first written (copies have the same name and content and a later ctime)."""
-    first: dict[tuple[str, str], tuple[float, str]] = {}
+    A training is a folder holding a training log first written there. A test that copies a trained
+    workspace copies its logs too: a log counts once, in the folder where it was first written
+    (copies have the same name and content and a later ctime). Launches in one folder (a resumption)
+    are one training, and a log without an epoch (a trainer built, never trained) is none."""
+    first: dict[tuple[str, str], tuple[float, Path]] = {}
     for log in Path(basetemp).rglob("training_log_*.txt"):
-        key = (log.name, hashlib.sha1(log.read_bytes()).hexdigest())
-        seen = (log.stat().st_ctime, log.relative_to(basetemp).parts[0])
+        text = log.read_bytes()
+        if b"Epoch " not in text:
+            continue
+        key = (log.name, hashlib.sha1(text).hexdigest())
+        seen = (log.stat().st_ctime, log.parent.relative_to(basetemp))
         first[key] = min(first.get(key, seen), seen)
-    return Counter(folder for _, folder in first.values())
+    folders = {folder for _, folder in first.values()}
+    return Counter(folder.parts[0] for folder in folders)
 
 
-def training_problem(counts: Counter, limit: int = TRAINING_LAUNCHES) -> str | None:
-    """The failure message when ``counts`` exceed ``limit`` launches in all, else None."""
+def training_problem(counts: Counter, limit: int = TRAININGS) -> str | None:
+    """The failure message when ``counts`` exceed ``limit`` trainings in all, else None."""
     total = sum(counts.values())
     if total <= limit:
         return None
     table = ", ".join(f"{folder}: {n}" for folder, n in counts.most_common())
-    return (f"this session launched nnUNetv2_train {total} times, more than the {limit} the session fixtures "
-            f"need (tests/pipeline_guard.py: TRAINING_LAUNCHES). By temporary folder: {table}. A test that "
-            f"needs trained models reads the ci_run or smoke_run fixture's, or trains on a copy of its datasets "
-            f"and is counted in TRAINING_LAUNCHES.")
+    return (f"this session trained {total} nnU-Net models (output folders with a training log of their "
+            f"own), more than the {limit} the session fixtures need (tests/pipeline_guard.py: TRAININGS). "
+            f"By temporary folder: {table}. A test that needs trained models reads the ci_run or smoke_run "
+            f"fixture's, or trains on a copy of its datasets and is counted in TRAININGS.")

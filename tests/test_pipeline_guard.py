@@ -32,23 +32,32 @@ def test_the_session_guard_counts_runner_runs(pipeline_guard):
     assert sum(pipeline_guard.runs.values()) == before
 
 
-def test_training_launches_are_counted_per_test_folder_from_the_training_logs():
+def test_trainings_are_counted_per_test_folder_from_the_training_logs():
     # outside the session's temporary folder, which the session's own guard counts at its end
     with tempfile.TemporaryDirectory() as tmp:
-        _count_launches(Path(tmp))
+        _count_trainings(Path(tmp))
 
 
-def _count_launches(tmp_path: Path) -> None:
+def _count_trainings(tmp_path: Path) -> None:
     for folder, n in (("ci0", 2), ("test_resume0", 3)):
         for i in range(n):
             log = tmp_path / folder / "ws" / "results" / f"fold_{i}" / f"training_log_2026_12_6_{i}.txt"
             log.parent.mkdir(parents=True)
             log.write_text(f"{folder} fold {i}: Epoch 0\n")
     (tmp_path / "other0" / "training_log.txt").parent.mkdir()
-    (tmp_path / "other0" / "training_log.txt").write_text("")  # not nnU-Net's name
+    (tmp_path / "other0" / "training_log.txt").write_text("Epoch 0")  # not nnU-Net's name
+    built = tmp_path / "test_builds_a_trainer0" / "fold_all" / "training_log_2026_12_6_1.txt"
+    built.parent.mkdir(parents=True)
+    built.write_text("Please cite nnU-Net\n")  # a trainer built in-process, never trained
     shutil.copytree(tmp_path / "ci0", tmp_path / "test_reads_a_copy0", copy_function=shutil.copy2)
-    counts = pipeline_guard.training_launches(tmp_path)
-    assert counts == {"ci0": 2, "test_resume0": 3}  # a copied log is no launch
-    assert pipeline_guard.training_problem(counts, limit=5) is None
-    problem = pipeline_guard.training_problem(counts, limit=4)
-    assert "launched nnUNetv2_train 5 times, more than the 4" in problem and "test_resume0: 3, ci0: 2" in problem
+    # a resumption in a copy (a second launch where the copied log lies) and one in place (requeued)
+    for resumed in (tmp_path / "test_reads_a_copy0" / "ws" / "results" / "fold_0",
+                    tmp_path / "test_resume0" / "ws" / "results" / "fold_2"):
+        (resumed / "training_log_2026_12_6_9.txt").write_text(f"{resumed}: Epoch 1\n")
+    counts = pipeline_guard.trainings(tmp_path)
+    # a copied log is no training, a second launch in one folder is none either, a resumption in a copy is one
+    assert counts == {"ci0": 2, "test_resume0": 3, "test_reads_a_copy0": 1}
+    assert pipeline_guard.training_problem(counts, limit=6) is None
+    problem = pipeline_guard.training_problem(counts, limit=5)
+    assert "trained 6 nnU-Net models" in problem and "more than the 5" in problem
+    assert "test_resume0: 3, ci0: 2, test_reads_a_copy0: 1" in problem
