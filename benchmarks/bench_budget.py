@@ -1,10 +1,10 @@
 """Held-out quality against the training budget, per stage: the curve behind the demo's budget.
 
-The demo trains each stage for a wall-clock budget (``spinemets.nnunet.DEMO_BUDGET_S``); a CPU
+The demo trains each stage for a wall-clock budget (``spinemets.training.nnunet.DEMO_BUDGET_S``); a CPU
 decides how many iterations fit into it. This benchmark trains one stage again with other budgets,
 on the data of a demo workspace that already holds both stages' models (``make demo``), and scores
-each result on the held-out cases exactly as the demo does (:func:`spinemets.inference.predict`
-with the profile's clean-up, then :func:`spinemets.metrics.evaluate_folders`).
+each result on the held-out cases exactly as the demo does (:func:`spinemets.inference.predict.predict`
+with the profile's clean-up, then :func:`spinemets.evaluation.metrics.evaluate_folders`).
 
 * Each budget's model goes into its own ``nnUNet_results`` folder under ``--workdir`` (the other
   stage's model is linked there from the workspace, so that prediction runs both stages as the
@@ -38,8 +38,10 @@ import time
 from pathlib import Path
 
 from bench_train import MODES
-from spinemets import inference, metrics, nnunet
-from spinemets.io import write_json, write_text
+from spinemets.inference import predict as inference
+from spinemets.evaluation import metrics
+from spinemets.training import nnunet
+from spinemets.formats.io import write_json, write_text
 from spinemets.labels import STAGE_NAMES, check_stage
 
 PROFILE = "demo"

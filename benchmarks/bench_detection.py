@@ -1,4 +1,4 @@
-"""Benchmark of the lesion-detection tables (``spinemets.detection``) against reading their inputs.
+"""Benchmark of the lesion-detection tables (``spinemets.evaluation.detection``) against reading their inputs.
 
 Builds ``--cases`` seeded synthetic lesion cases (``bench_metrics.make_metastases``: balls of both
 types, a prediction that finds most, misses some, swaps types and adds false positives; the
@@ -9,13 +9,13 @@ and ``pred/CASE/metastases.nii.gz`` beside ``metastases_confidence.nii.gz`` and
 
 * ``read_labels``: reading every reference and predicted label map (SimpleITK);
 * ``read_maps``: reading every detection map and vertebra map, the detection tables' own inputs;
-* ``metrics_on_arrays``: :func:`spinemets.metrics.evaluate_case` of every case (the lesion
+* ``metrics_on_arrays``: :func:`spinemets.evaluation.metrics.evaluate_case` of every case (the lesion
   metrics as before this issue), and ``metrics_and_detections_on_arrays``:
-  :func:`spinemets.metrics.evaluate_lesion_case` (the same metrics and each case's detections,
+  :func:`spinemets.evaluation.metrics.evaluate_lesion_case` (the same metrics and each case's detections,
   from one matching, the detection map checked);
 * ``folder_tables``: FROC, summary with 2000 bootstrap replicates, bands, regions, patients;
 * ``figure``: drawing and writing ``froc.png`` (a fixed cost of matplotlib, whatever the data);
-* ``evaluate``: ``spinemets.metrics.evaluate_folders`` on the folders (read, score, write
+* ``evaluate``: ``spinemets.evaluation.metrics.evaluate_folders`` on the folders (read, score, write
   everything), one process; and the same on a flat folder of the label maps alone (no detection
   or vertebra maps: the evaluation as it was before this issue, bar the one-point FROC).
 
@@ -47,7 +47,7 @@ def write_cases(folder: Path, n_cases: int, shape, seed: int) -> None:
     import cc3d
     import SimpleITK as sitk
 
-    from spinemets.detection import CONFIDENCE_NAME, VERTEBRAE_NAME
+    from spinemets.evaluation.detection import CONFIDENCE_NAME, VERTEBRAE_NAME
 
     def write(array, path):
         image = sitk.GetImageFromArray(array)
@@ -88,10 +88,10 @@ def main(argv=None) -> int:
 
     import SimpleITK as sitk
 
-    from spinemets import detection as det
-    from spinemets import metrics
-    from spinemets.figures import froc_figure
-    from spinemets.io import write_json
+    from spinemets.evaluation import detection as det
+    from spinemets.evaluation import metrics
+    from spinemets.report.figures import froc_figure
+    from spinemets.formats.io import write_json
 
     with tempfile.TemporaryDirectory(prefix="bench-detection-") as tmp:
         tmp = Path(tmp)

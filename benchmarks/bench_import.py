@@ -18,7 +18,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from spinemets import dataset, synth
+from spinemets.cohort import dataset, synth
 
 
 def _best_of(repeat: int, fn) -> float:

@@ -1,11 +1,11 @@
-"""Benchmark of ``spinemets.metrics`` against panoptica and nnU-Net on one clinical-size case.
+"""Benchmark of ``spinemets.evaluation.metrics`` against panoptica and nnU-Net on one clinical-size case.
 
 Builds a seeded synthetic reference/prediction pair for each stage (default 512 x 512 x 300 voxels
 at 0.8 x 0.8 x 1.0 mm: 25 vertebra labels; >= 30 lesions, lytic and sclerotic), writes them as
 NIfTI to a temporary folder and measures, each in its own fresh Python process:
 
 * ``read``: reading the two NIfTI files of a stage with SimpleITK into arrays;
-* ``ours``: ``spinemets.metrics.evaluate_case`` on the arrays (all metrics of the stage), and
+* ``ours``: ``spinemets.evaluation.metrics.evaluate_case`` on the arrays (all metrics of the stage), and
   ``evaluate_pair`` on the two files (read + compute);
 * ``panoptica``: ``Panoptica_Evaluator.evaluate`` on the same arrays (IoU and Dice as instance
   metrics, nothing slower; vertebrae as one single-label group per vertebra, lesions as semantic
@@ -219,7 +219,7 @@ def worker(task: str, stage: str, ref_path: str, pred_path: str, repeats: int) -
     import SimpleITK as sitk  # noqa: F401  (every task reads with it)
 
     from spinemets.labels import foreground_labels
-    from spinemets.metrics import evaluate_case, evaluate_pair
+    from spinemets.evaluation.metrics import evaluate_case, evaluate_pair
 
     if task == "panoptica":
         from panoptica.utils.citation_reminder import disable_citation_reminder
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.stage, args.ref, args.pred, args.repeats)))
         return 0
 
-    from spinemets.io import write_json
+    from spinemets.formats.io import write_json
 
     with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Lesion stage on the whole CT vs on the spine's bounding box: time and lesion recall, as ratios.
 
-Runs :func:`spinemets.inference.predict` twice on the hold-out images of a trained workspace,
+Runs :func:`spinemets.inference.predict.predict` twice on the hold-out images of a trained workspace,
 with ``roi="none"`` (the paper's way) and ``roi="spine"`` (stage 2 on the stage-1 spine box plus
 a margin), and compares:
 
@@ -8,7 +8,7 @@ a margin), and compares:
   prediction; ratio = spine / none;
 * **lesion recall**: reference lesions (connected components of each class of ``labelsTs`` of the
   metastasis dataset) matched by a predicted component of the same class, pooled over cases
-  (:func:`spinemets.metrics.match_components`, IoU > 0.5, and with ``match="overlap"``, any
+  (:func:`spinemets.evaluation.metrics.match_components`, IoU > 0.5, and with ``match="overlap"``, any
   overlap); ratio = spine / none. Lesions outside the spine box are what the ROI can lose.
 
 Usage (after training both stages of a profile in WORKSPACE)::
@@ -29,8 +29,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from spinemets import inference, metrics, nnunet
-from spinemets.io import write_json
+from spinemets.inference import predict as inference
+
+from spinemets.evaluation import metrics
+
+from spinemets.training import nnunet
+from spinemets.formats.io import write_json
 
 
 def lesion_recall(pred_dir: Path, ref_dir: Path, match: str) -> dict:

@@ -1,15 +1,15 @@
 """One training iteration of each demo stage inside nnU-Net, as a ratio to the floor measured in the same run.
 
 **Setup** (once; in a temporary folder, or in ``--workdir``, where it is reused when present): a
-small synthetic cohort (:func:`spinemets.synth.synthesize_cohort`, ``demo`` preset), imported into
-the workspace's nnU-Net raw datasets of both stages (:func:`spinemets.dataset.scan`,
-:func:`spinemets.dataset.import_dataset`), then :func:`spinemets.nnunet.plan_and_preprocess` for
+small synthetic cohort (:func:`spinemets.cohort.synth.synthesize_cohort`, ``demo`` preset), imported into
+the workspace's nnU-Net raw datasets of both stages (:func:`spinemets.cohort.dataset.scan`,
+:func:`spinemets.cohort.dataset.import_dataset`), then :func:`spinemets.training.nnunet.plan_and_preprocess` for
 the ``demo`` profile, which preprocesses the configurations ``demo_vertebrae`` and
 ``demo_metastases``.
 
 **Measurement** (one fresh Python process per mode, so that ISA settings apply before torch loads;
 the process gets the workspace's nnU-Net variables and the demo's CPU environment,
-:func:`spinemets.nnunet._cpu_environment`, with ``nnUNet_results`` pointed at a temporary folder so
+:func:`spinemets.training.nnunet._cpu_environment`, with ``nnUNet_results`` pointed at a temporary folder so
 that no trained model is touched). Per stage, the stage's demo trainer is built in-process
 (``SpinemetsVertebraeDemoTrainer`` / ``SpinemetsMetastasesDemoTrainer``, fold ``all``, CPU, torch
 threads as ``nnUNetv2_train`` sets them), ``initialize()`` and ``on_train_start()``, then:
@@ -93,7 +93,8 @@ def log(*args) -> None:
 
 def setup(workdir: Path, cases: int, seed: int) -> dict:
     """Cohort -> raw datasets -> plans and preprocessed demo configurations; each step skipped when done."""
-    from spinemets import dataset, nnunet, synth
+    from spinemets.cohort import dataset, synth
+    from spinemets.training import nnunet
 
     ws = nnunet.Workspace(workdir / "workspace")
     cohort = workdir / "cohort"
@@ -158,8 +159,8 @@ def dense_conv_gflops(seconds: float) -> dict:
 
 
 def _trainer_class(stage: str):
-    from spinemets.nnunet import stage_plan
-    from spinemets.trainers import spinemets_trainers
+    from spinemets.training.nnunet import stage_plan
+    from spinemets.training.trainers import spinemets_trainers
 
     return getattr(spinemets_trainers, stage_plan(stage, PROFILE)["trainer"])
 
@@ -209,8 +210,8 @@ def measure_stage(stage: str, iterations: int, warmup: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from spinemets import nnunet
-    from spinemets.io import read_json
+    from spinemets.training import nnunet
+    from spinemets.formats.io import read_json
 
     ws = nnunet.Workspace(os.environ["SPINEMETS_BENCH_WORKSPACE"])
     configuration = f"{PROFILE}_{stage}"
@@ -341,7 +342,7 @@ def worker(stages: list[str], iterations: int, warmup: int, dense_seconds: float
         t0 = time.perf_counter()
         import torch
 
-        from spinemets.trainers import spinemets_trainers
+        from spinemets.training.trainers import spinemets_trainers
 
         if os.environ.get("SPINEMETS_TORCH_THREADS") is None:
             torch.set_num_threads(os.cpu_count() or 1)  # as nnUNetv2_train does on a CPU
@@ -383,7 +384,7 @@ def worker(stages: list[str], iterations: int, warmup: int, dense_seconds: float
 
 
 def run_mode(mode: str, ws, args) -> dict:
-    from spinemets import nnunet
+    from spinemets.training import nnunet
 
     results_tmp = Path(tempfile.mkdtemp(prefix=f"bench-train-results-{mode}-", dir=ws.root))
     # the demo's CPU environment (its OpenMP wait policy included), as nnunet.train sets it

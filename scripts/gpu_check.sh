@@ -78,7 +78,7 @@ t2=$(stamp)
 if [ "$BENCH" = 1 ]; then
   "$PY" - "$WS" "$DEVICE" <<'EOF'
 import sys
-from spinemets import nnunet
+from spinemets.training import nnunet
 ws = nnunet.Workspace(sys.argv[1])
 nnunet.run_nnunet("nnUNetv2_train", ["501", "3d_fullres", "all", "-tr", "nnUNetTrainerBenchmark_5epochs_noDataLoading",
                                      "-device", sys.argv[2]], ws)
@@ -96,7 +96,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from spinemets import figures, metrics, nnunet
+from spinemets.report import figures
+
+from spinemets.evaluation import metrics
+
+from spinemets.training import nnunet
 
 work = Path(sys.argv[1])
 t0, t1, t2, t3, t4 = map(float, sys.argv[2:7])

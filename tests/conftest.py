@@ -17,12 +17,12 @@ import slicerio
 import pipeline_guard as pipeline_guard_module
 import slurm_cluster
 from spinemets import labels
-from spinemets.slicer import write_segments
+from spinemets.formats.slicer import write_segments
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The book builds of the tests (each in its own copy of the project) share one cache of the niivue
-# package taken from the npm registry (spinemets.viewer.vendor_niivue), instead of one per copy.
+# package taken from the npm registry (spinemets.report.viewer.vendor_niivue), instead of one per copy.
 # `make test` fills it before the tests start; no test fetches it (SPINEMETS_NO_DOWNLOAD).
 os.environ.setdefault("SPINEMETS_VENDOR_DIR", str(REPO / "build" / "vendor"))
 os.environ["SPINEMETS_NO_DOWNLOAD"] = "1"
@@ -41,7 +41,7 @@ def require_niivue_cache() -> Path:
     """The npm tarball of niivue that ``make test`` (``make vendor``) put in the vendoring cache; a
     test whose book must embed the viewer skips without it (fails with ``SPINEMETS_REQUIRE_BROWSER``,
     as in CI)."""
-    from spinemets import viewer
+    from spinemets.report import viewer
 
     tarball = Path(os.environ["SPINEMETS_VENDOR_DIR"]) / f"niivue-niivue-{viewer.NIIVUE_VERSION}.tgz"
     if not tarball.is_file():
@@ -53,7 +53,7 @@ def require_niivue_cache() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def pipeline_guard():
     """Counts the session's pipeline runs as they start (tests/pipeline_guard.py)."""
-    from spinemets import cluster, runner
+    from spinemets.run import cluster, runner
 
     guard = pipeline_guard_module.Guard()
     wrapped = {}
@@ -202,7 +202,7 @@ def ci_run(tmp_path_factory) -> Path:
     ``SPINEMETS_CI_PROJECT=FOLDER`` reuses the project folder of a finished run instead (when
     working on these tests).
     """
-    from spinemets import runner
+    from spinemets.run import runner
 
     reuse = os.environ.get("SPINEMETS_CI_PROJECT")
     if reuse:
@@ -217,7 +217,7 @@ def copy_workspace(src, dst: Path, stages=("vertebrae", "metastases"), parts=("r
     stages' datasets of the workspace ``src`` (a folder or a Workspace), for a test that trains or
     writes where the shared run must stay as it is. Absolute paths in the selection's files are
     pointed at the copy."""
-    from spinemets.nnunet import Workspace
+    from spinemets.training.nnunet import Workspace
 
     src = src if isinstance(src, Workspace) else Workspace(src)
     dst = Workspace(dst)

@@ -1,4 +1,4 @@
-"""DICOM series as hospitals and anonymisers send them, for the tests of spinemets.dicom.check_series,
+"""DICOM series as hospitals and anonymisers send them, for the tests of spinemets.formats.dicom.check_series,
 ``predict`` on DICOM input, the bad-input corpus and the fuzzer.
 
 :func:`write_messy_series` writes one *kind* of series into a folder: the project's synthetic
@@ -81,8 +81,8 @@ def write_messy_series(folder: str | Path, kind: str) -> Path:
                            extra_tags={**tags, "0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER",
                                        "0020|0037": "1\\0\\0\\0\\0\\-1"})
     elif kind == "with-existing-seg":
-        from spinemets.dicomseg import write_dicom_seg
-        from spinemets.io import image_from_array, read_image
+        from spinemets.formats.dicomseg import write_dicom_seg
+        from spinemets.formats.io import image_from_array, read_image
 
         ct = read_image(folder)
         array = np.zeros(ct.GetSize()[::-1], np.uint8)

@@ -5,7 +5,7 @@ A session provides them once, in session fixtures (``ci_run`` in tests/conftest.
 in tests/test_smoke.py, the rehearsal in tests/test_rehearsal.py); a test that needs trained
 models or a built book reads those. This module counts what a session really launched:
 
-* ``spinemets run`` (:func:`spinemets.runner.run` and, for jobs, :func:`spinemets.cluster.submit_run`)
+* ``spinemets run`` (:func:`spinemets.run.runner.run` and, for jobs, :func:`spinemets.run.cluster.submit_run`)
   per pipeline profile, checked as each run starts: one beyond :data:`PIPELINE_RUNS` fails at once,
   naming the test;
 * nnU-Net trainings, counted at the end of the session from the training logs nnU-Net writes

@@ -15,7 +15,11 @@ import SimpleITK as sitk
 import yaml
 
 import bookpages
-from spinemets import labels, metrics, nnunet, results, runner
+from spinemets import labels
+from spinemets.evaluation import metrics
+from spinemets.training import nnunet
+from spinemets.report import results
+from spinemets.run import runner
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -157,7 +161,7 @@ def _write_labels(folder: Path, case: str, array: np.ndarray) -> None:
 
 
 def _fake_evaluated_run(root: Path) -> Path:
-    """Reference and predicted label maps of three tiny cases, scored by spinemets.metrics."""
+    """Reference and predicted label maps of three tiny cases, scored by spinemets.evaluation.metrics."""
     rng = np.random.default_rng(0)
     workspace = root / "workspace" / "test"
     vert_ids = labels.foreground_labels("vertebrae")

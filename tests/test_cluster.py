@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, copy_project, copy_workspace
-from spinemets import cluster, nnunet
-from spinemets.cluster import Resources, Step
+from spinemets.run import cluster
+from spinemets.training import nnunet
+from spinemets.run.cluster import Resources, Step
 from spinemets.errors import SpinemetsError
 
 PAYLOAD = "slurm_cluster"
@@ -210,9 +211,9 @@ def test_local_executor_runs_the_graph_in_order(tmp_path):
 
 def test_local_failure_stops_the_run_and_names_the_log(tmp_path):
     run = tmp_path / "run"
-    steps = [Step("toy/broken", "train", "toy", "spinemets.cluster:call_target",
+    steps = [Step("toy/broken", "train", "toy", "spinemets.run.cluster:call_target",
                   {"target": "spinemets.nowhere:thing", "kwargs": {}}),
-             Step("toy/after", "finalize", "toy", "spinemets.cluster:call_target",
+             Step("toy/after", "finalize", "toy", "spinemets.run.cluster:call_target",
                   {"target": "json:dumps", "kwargs": {"obj": 1}}, ("toy/broken",))]
     with pytest.raises(SpinemetsError, match=r"toy/broken failed: .*cannot be imported.*log: .*_log\.err"):
         cluster.submit_steps(steps, run, "local", ONE_CPU)
@@ -232,7 +233,7 @@ def test_paper_protocol_graph(tmp_path):
     by_name = {s.name: s for s in steps}
     fold = by_name["metastases/3d_fullres/fold_3"]
     assert fold.after == ("metastases/plan",)
-    assert fold.target == "spinemets.cluster:train_fold"
+    assert fold.target == "spinemets.run.cluster:train_fold"
     assert fold.kwargs["configuration"] == "3d_fullres" and fold.kwargs["fold"] == 3
     assert fold.kwargs["workspace"] == str((tmp_path / "ws").resolve())
     cascade = by_name["vertebrae/3d_cascade_fullres/fold_0"]
@@ -247,8 +248,8 @@ def test_paper_protocol_graph(tmp_path):
     for step in steps:
         module, name = step.target.split(":")
         inspect.signature(getattr(importlib.import_module(module), name)).bind(**step.kwargs)
-    assert {s.target for s in steps if s.kind != "train"} == {"spinemets.nnunet:plan_and_preprocess",
-                                                                "spinemets.nnunet:train"}
+    assert {s.target for s in steps if s.kind != "train"} == {"spinemets.training.nnunet:plan_and_preprocess",
+                                                                "spinemets.training.nnunet:train"}
 
 
 def test_train_fold_trains_one_fold_and_saves_probabilities_for_the_selection(tmp_path, monkeypatch):

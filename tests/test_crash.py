@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from spinemets import dataset
+from spinemets.cohort import dataset
 
 from conftest import digests, make_ct, vertebra_labelmap, write_case
 

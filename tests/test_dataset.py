@@ -8,7 +8,9 @@ import pytest
 import SimpleITK as sitk
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
-from spinemets import dataset, labels
+from spinemets.cohort import dataset
+
+from spinemets import labels
 from spinemets.cli import main
 from spinemets.errors import SpinemetsError
 
@@ -205,7 +207,7 @@ def test_huge_label_values_import_without_a_table_sized_by_them(tmp_path):
     """A label map holding 2**62 (and 2**31) with a mapping imports in the memory of its distinct
     values; values the mapping leaves out become background, as documented."""
     from conftest import make_ct
-    from spinemets.dataset import import_dataset
+    from spinemets.cohort.dataset import import_dataset
 
     ct = make_ct(seed=1)
     mask = np.zeros(ct.GetSize()[::-1], dtype=np.int64)

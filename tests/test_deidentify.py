@@ -1,10 +1,10 @@
-"""spinemets.deidentify: stable, private pseudonyms for case IDs."""
+"""spinemets.formats.deidentify: stable, private pseudonyms for case IDs."""
 
 import csv
 
 import pytest
 
-from spinemets.deidentify import mapping_path, pseudonymize, read_mapping
+from spinemets.formats.deidentify import mapping_path, pseudonymize, read_mapping
 from spinemets.errors import SpinemetsError
 
 

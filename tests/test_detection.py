@@ -1,4 +1,4 @@
-"""Tests of spinemets.detection: FROC, sensitivity at fixed false positives, size bands, regions and
+"""Tests of spinemets.evaluation.detection: FROC, sensitivity at fixed false positives, size bands, regions and
 patients on hand-built cases, the folder tables of `evaluate`, and a cross-check with MONAI's FROC."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from spinemets import detection as det
-from spinemets import metrics
+from spinemets.evaluation import detection as det
+from spinemets.evaluation import metrics
 from spinemets.errors import SpinemetsError
 from spinemets.labels import labels
 
@@ -299,7 +299,7 @@ def test_froc_equals_monais_within_its_conventions():
 def test_validation_detections_read_the_folds_own_predictions_and_probabilities(tmp_path, monkeypatch):
     """The threshold for a chosen false-positive rate comes from the cross-validation (each fold's
     predictions of its own validation cases, with nnU-Net's --npz probabilities), not the test cases."""
-    from spinemets import nnunet
+    from spinemets.training import nnunet
 
     ws = nnunet.Workspace(tmp_path / "ws")
     monkeypatch.delenv("nnUNet_raw", raising=False)

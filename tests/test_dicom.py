@@ -1,4 +1,4 @@
-"""spinemets.dicom: DICOM series reading, conversion, and no identifier leaking into outputs."""
+"""spinemets.formats.dicom: DICOM series reading, conversion, and no identifier leaking into outputs."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import SimpleITK as sitk
 
 from fakes import IDENTIFIERS, ORIGIN, SPACING, synthetic_volume, write_dicom_series
-from spinemets.dicom import convert, list_series, read_dicom_series
+from spinemets.formats.dicom import convert, list_series, read_dicom_series
 from spinemets.errors import SpinemetsError
-from spinemets.io import PARTIAL_PREFIX, read_image
+from spinemets.formats.io import PARTIAL_PREFIX, read_image
 
 UID_A = "1.2.826.0.1.3680043.9.7433.2.1"
 UID_B = "1.2.826.0.1.3680043.9.7433.2.2"
@@ -214,7 +214,7 @@ def test_dicom_series_through_scan_and_import_leaks_nothing(tmp_path):
     """Curation accepts DICOM series folders; with pseudonyms, no identifier reaches the dataset."""
     import gzip
 
-    from spinemets import dataset
+    from spinemets.cohort import dataset
 
     export = tmp_path / "export"
     patient_folder = "DOE^JANE_19570304"
@@ -240,7 +240,7 @@ def test_dicom_series_through_scan_and_import_leaks_nothing(tmp_path):
 
 
 def test_the_axial_ct_series_is_chosen_beside_a_localizer_and_a_seg(tmp_path, caplog):
-    """The rule of spinemets.dicom: of several series, the only axial CT one with more than two slices
+    """The rule of spinemets.formats.dicom: of several series, the only axial CT one with more than two slices
     that is no localizer is read (and the log names it); a segmentation beside it is no candidate."""
     from messy_dicom import SERIES_UID, write_messy_series
 

@@ -1,6 +1,6 @@
 """DICOM series as hospitals send them (tests/messy_dicom.py), through ``predict``: each kind predicts
 with valid DICOM-SEG and SR (dciodvfy), predicts without DICOM outputs and says why, or is refused in
-one line before any model runs; and the SR lesion report (spinemets.dicomsr) read back into the tables."""
+one line before any model runs; and the SR lesion report (spinemets.formats.dicomsr) read back into the tables."""
 
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ import SimpleITK as sitk
 
 from dciodvfy import check_valid
 from messy_dicom import OUTCOMES, write_messy_series
-from spinemets import cli, inference
+from spinemets import cli
+from spinemets.inference import predict as inference
 from spinemets import labels as labels_mod
-from spinemets.dicom import check_series
-from spinemets.dicomsr import DCIODVFY_WARNINGS as SR_WARNINGS
-from spinemets.dicomsr import SR_FILE, read_lesion_report, report_table
-from spinemets.dicomseg import DCIODVFY_WARNINGS as SEG_WARNINGS
-from spinemets.dicomseg import read_dicom_seg
+from spinemets.formats.dicom import check_series
+from spinemets.formats.dicomsr import DCIODVFY_WARNINGS as SR_WARNINGS
+from spinemets.formats.dicomsr import SR_FILE, read_lesion_report, report_table
+from spinemets.formats.dicomseg import DCIODVFY_WARNINGS as SEG_WARNINGS
+from spinemets.formats.dicomseg import read_dicom_seg
 from spinemets.errors import SpinemetsError
-from spinemets.io import read_image
+from spinemets.formats.io import read_image
 from test_external import RECORD
 
 V = labels_mod.labels("vertebrae")
@@ -237,9 +238,9 @@ def test_read_lesion_report_refuses_other_files(tmp_path):
 
 def test_a_nifti_ct_sent_as_a_dicom_series_gives_the_pacs_view(tmp_path):
     """The inference chapter's section: a CT kept as NIfTI written as a DICOM series
-    (spinemets.tcia.write_ct_series), predicted, and its SEG read back onto the CT."""
-    from spinemets.dicomseg import read_dicom_seg
-    from spinemets.tcia import write_ct_series
+    (spinemets.cohort.tcia.write_ct_series), predicted, and its SEG read back onto the CT."""
+    from spinemets.formats.dicomseg import read_dicom_seg
+    from spinemets.cohort.tcia import write_ct_series
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 300, (8, 14, 12)).astype(np.float32))
     image.SetSpacing((0.8, 0.9, 2.0))

@@ -1,4 +1,4 @@
-"""spinemets.dicomseg and spinemets.tcia: DICOM-SEG in and out, and the Spine-Mets-CT-SEG-like cohort."""
+"""spinemets.formats.dicomseg and spinemets.cohort.tcia: DICOM-SEG in and out, and the Spine-Mets-CT-SEG-like cohort."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from dciodvfy import check_valid
 from fakes import IDENTIFIERS, synthetic_volume, write_dicom_series
 from spinemets import __version__
 from spinemets import labels as labels_mod
-from spinemets.dicomseg import (DCIODVFY_WARNINGS, build_segmentation, is_dicom_seg, read_dicom_seg, save_segmentation,
+from spinemets.formats.dicomseg import (DCIODVFY_WARNINGS, build_segmentation, is_dicom_seg, read_dicom_seg, save_segmentation,
                                  write_dicom_seg)
 from spinemets.errors import SpinemetsError
-from spinemets.io import read_image
-from spinemets.tcia import CLINICAL_COLUMNS, CLINICAL_FILE, COLLECTION, TCIA_VERTEBRAE, phantom_case, \
+from spinemets.formats.io import read_image
+from spinemets.cohort.tcia import CLINICAL_COLUMNS, CLINICAL_FILE, COLLECTION, TCIA_VERTEBRAE, phantom_case, \
     write_tcia_cohort
 
 UID_A = "1.2.826.0.1.3680043.9.7433.2.1"

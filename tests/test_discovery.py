@@ -1,4 +1,4 @@
-"""spinemets.discovery: ``spinemets scan`` without patterns, on the layouts real downloads have.
+"""spinemets.cohort.discovery: ``spinemets scan`` without patterns, on the layouts real downloads have.
 
 Each layout is built small (8x8x8 CTs) in tmp_path, scanned without patterns to the exact
 manifest, and imported where it makes sense, the label map checked voxel for voxel.
@@ -17,11 +17,12 @@ import yaml
 
 from conftest import digests, make_ct
 from fakes import IDENTIFIERS, write_dicom_series
-from spinemets import dataset, discovery, labels
+from spinemets.cohort import dataset, discovery
+from spinemets import labels
 from spinemets.cli import main
 from spinemets.errors import SpinemetsError
-from spinemets.io import read_image
-from spinemets.slicer import write_segments
+from spinemets.formats.io import read_image
+from spinemets.formats.slicer import write_segments
 
 V = labels.STAGES["vertebrae"]["labels"]
 SHAPE = (8, 8, 8)
@@ -232,7 +233,7 @@ def test_totalsegmentator_subjects_without_vertebrae_are_left_out_only_when_aske
     with pytest.raises(SpinemetsError, match=r"s0003/segmentations: mask is empty .*--skip-empty"):
         dataset.import_dataset(manifest, "vertebrae", tmp_path / "raw")
     assert not (tmp_path / "raw" / "Dataset501_Vertebrae").exists()
-    with caplog.at_level("WARNING", logger="spinemets.dataset"):
+    with caplog.at_level("WARNING", logger="spinemets.cohort.dataset"):
         out = dataset.import_dataset(manifest, "vertebrae", tmp_path / "raw", skip_empty=True)
     record = yaml.safe_load((out / dataset.IMPORT_RECORD).read_text())
     assert record["skipped"] == {"s0003": "its mask holds no vertebra"} and sorted(record["cases"]) == ["s0001", "s0002"]
@@ -523,7 +524,7 @@ def test_a_plain_label_map_with_25_says_it_is_taken_as_the_sacrum(tmp_path, capl
     ct = ct8()
     write_ct(ct, root / "p1" / "image.nii.gz")
     write_labelmap(boxes({24: Z1, 25: Z2}), ct, root / "p1" / "label.nii.gz")
-    with caplog.at_level("WARNING", logger="spinemets.discovery"):
+    with caplog.at_level("WARNING", logger="spinemets.cohort.discovery"):
         manifest = dataset.scan(root)
     assert list(manifest["stage"]) == ["vertebrae"] and "mapping" not in manifest.columns
     assert any("p1/label.nii.gz: value 25 is taken as the Sacrum" in r.getMessage()

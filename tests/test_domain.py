@@ -12,7 +12,9 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from spinemets import domain, inference
+from spinemets import domain
+
+from spinemets.inference import predict as inference
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CT = REPO / "book" / "data" / "real_ct" / "example_ct_sm.nii.gz"
@@ -170,7 +172,7 @@ def test_predict_case_writes_the_warning_into_tables_slicer_files_and_log(tmp_pa
     lesions[4:7, 7:9, 7:9] = 1
     options = inference.PredictOptions().resolved("paper")
     records = {"vertebrae": RECORD, "metastases": RECORD}
-    with caplog.at_level(logging.WARNING, logger="spinemets.inference"):
+    with caplog.at_level(logging.WARNING, logger="spinemets.inference.predict"):
         rows, vrows, _, _, report = inference.predict_case(path, tmp_path / "out" / "c1", "c1",
                                                            _stages(vertebrae, lesions), options, records)
     assert not report["in_domain"]
@@ -191,7 +193,7 @@ def test_predict_case_writes_the_warning_into_tables_slicer_files_and_log(tmp_pa
     big_vertebrae, big_lesions = np.zeros(inside_ct.shape, np.uint8), np.zeros(inside_ct.shape, np.uint8)
     big_vertebrae[50:60, 20:40, 20:40] = 20
     big_lesions[52:55, 25:30, 25:30] = 2
-    with caplog.at_level(logging.WARNING, logger="spinemets.inference"):
+    with caplog.at_level(logging.WARNING, logger="spinemets.inference.predict"):
         rows, vrows, _, _, report = inference.predict_case(path, tmp_path / "out2" / "c1", "c1",
                                                            _stages(big_vertebrae, big_lesions), options, records)
     assert report["in_domain"], report["problems"]

@@ -1,4 +1,4 @@
-"""spinemets.estimate: the run's expected time on this machine, and the runner's lines before and during it."""
+"""spinemets.training.estimate: the run's expected time on this machine, and the runner's lines before and during it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from spinemets import estimate, runner
+from spinemets.training import estimate
+
+from spinemets.run import runner
 from spinemets.errors import SpinemetsError
 from test_runner import project  # noqa: F401  (the fixture: a tiny project of two notebooks)
 
@@ -70,7 +72,7 @@ def test_run_prints_the_estimate_and_the_time_left_per_step(project, monkeypatch
 
 
 def test_stage_budget_shares_a_total_in_the_profiles_proportions():
-    from spinemets import nnunet
+    from spinemets.training import nnunet
 
     own = nnunet.DEMO_BUDGET_S
     assert nnunet.stage_budget("vertebrae", "demo") == own["vertebrae"]

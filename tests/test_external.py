@@ -12,14 +12,15 @@ import pytest
 import SimpleITK as sitk
 
 from dciodvfy import check_valid
-from spinemets import dataset, discovery, inference
-from spinemets.dicomseg import DCIODVFY_WARNINGS as SEG_WARNINGS
-from spinemets.dicomseg import read_dicom_seg
-from spinemets.dicomsr import DCIODVFY_WARNINGS as SR_WARNINGS
-from spinemets.dicomsr import SR_FILE, read_lesion_report
+from spinemets.cohort import dataset, discovery
+from spinemets.inference import predict as inference
+from spinemets.formats.dicomseg import DCIODVFY_WARNINGS as SEG_WARNINGS
+from spinemets.formats.dicomseg import read_dicom_seg
+from spinemets.formats.dicomsr import DCIODVFY_WARNINGS as SR_WARNINGS
+from spinemets.formats.dicomsr import SR_FILE, read_lesion_report
 from spinemets.errors import SpinemetsError
-from spinemets.io import read_image
-from spinemets.tcia import COLLECTION, phantom_case, subject_id, write_tcia_cohort
+from spinemets.formats.io import read_image
+from spinemets.cohort.tcia import COLLECTION, phantom_case, subject_id, write_tcia_cohort
 
 CASES = 3
 #: A training domain (as spinemets.domain records it) that the phantoms lie outside: 2.5 mm voxels.
@@ -192,12 +193,12 @@ def test_predict_case_of_a_file_writes_no_dicom_seg(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the comparison against the clinical table (spinemets.external), on hand-made tables
+# the comparison against the clinical table (spinemets.evaluation.external), on hand-made tables
 
 
 def _clinical(tmp_path, rows):
     """A clinical CSV in tcia.py's columns; ``rows``: subject -> {vertebra: type}."""
-    from spinemets.tcia import CLINICAL_COLUMNS, TCIA_VERTEBRAE
+    from spinemets.cohort.tcia import CLINICAL_COLUMNS, TCIA_VERTEBRAE
 
     path = tmp_path / "clinical.csv"
     lines = [",".join(CLINICAL_COLUMNS)]
@@ -210,7 +211,7 @@ def _clinical(tmp_path, rows):
 
 def _predicted(pred_dir, case, rows):
     """A case's vertebrae.csv as predict writes it: ``rows`` = [(vertebra, lesions, lesion_quality)]."""
-    from spinemets.inference import VERTEBRA_COLUMNS
+    from spinemets.inference.predict import VERTEBRA_COLUMNS
 
     folder = pred_dir / case
     folder.mkdir(parents=True)
@@ -223,7 +224,7 @@ def _predicted(pred_dir, case, rows):
 
 
 def test_detection_and_type_confusion_hand_computed(tmp_path):
-    from spinemets import external
+    from spinemets.evaluation import external
 
     clinical = _clinical(tmp_path, {"A": {"T4": "lytic", "L2": "blastic"}, "B": {"T12": "mixed"},
                                     "C": {"L1": "lytic"}})  # C is not predicted: not compared
@@ -251,7 +252,7 @@ def test_detection_and_type_confusion_hand_computed(tmp_path):
 
 
 def test_no_positive_reference_gives_nan_sensitivity():
-    from spinemets import external
+    from spinemets.evaluation import external
 
     table = pd.DataFrame({"case_id": ["A", "A"], "vertebra": ["T1", "T2"], "reference": ["none", "none"],
                           "predicted": ["none", "lytic"]})
@@ -260,7 +261,7 @@ def test_no_positive_reference_gives_nan_sensitivity():
 
 
 def test_clinical_table_errors_name_the_file_row_and_column(tmp_path):
-    from spinemets import external
+    from spinemets.evaluation import external
 
     path = _clinical(tmp_path, {"A": {"T4": "osteoporotic"}})
     with pytest.raises(SpinemetsError, match=rf"^{path}: row 2 \(A\), column T4: lesion type 'osteoporotic'"):
@@ -277,7 +278,7 @@ def test_clinical_table_errors_name_the_file_row_and_column(tmp_path):
 
 
 def test_vertebra_dice_hand_computed(tmp_path):
-    from spinemets import external
+    from spinemets.evaluation import external
 
     ref = np.zeros((4, 4, 4), np.uint8)
     pred = np.zeros_like(ref)

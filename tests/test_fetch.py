@@ -1,4 +1,4 @@
-"""spinemets.fetch against a local imitation of Zenodo's API (127.0.0.1, no internet)."""
+"""spinemets.cohort.fetch against a local imitation of Zenodo's API (127.0.0.1, no internet)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import time
 import pytest
 
 from fakes import FakeZenodo, tar_gz_bytes, zip_bytes
-from spinemets import fetch as fetch_mod
+from spinemets.cohort import fetch as fetch_mod
 from spinemets.errors import SpinemetsError
-from spinemets.fetch import fetch_record, record_id_of, unpack_archive
-from spinemets.io import PARTIAL_PREFIX
+from spinemets.cohort.fetch import fetch_record, record_id_of, unpack_archive
+from spinemets.formats.io import PARTIAL_PREFIX
 
 RECORD = 4242
 FILES = {
@@ -299,7 +299,7 @@ def test_killed_download_rerun_gives_identical_outputs(zenodo, tmp_path):
     path = zenodo.file_path(RECORD, "scan.bin")
     zenodo.fail(path, "stall")
     code = (
-        "import sys; from spinemets.fetch import fetch_record; "
+        "import sys; from spinemets.cohort.fetch import fetch_record; "
         "fetch_record(sys.argv[1], sys.argv[2], api_url=sys.argv[3], backoff=0)"
     )
     proc = subprocess.Popen(

@@ -1,9 +1,11 @@
-"""spinemets.figures: the colour maps and the display window that every figure and notebook shares."""
+"""spinemets.report.figures: the colour maps and the display window that every figure and notebook shares."""
 
 import numpy as np
 import pytest
 
-from spinemets import figures, labels
+from spinemets.report import figures
+
+from spinemets import labels
 from spinemets.errors import SpinemetsError
 
 

@@ -450,7 +450,7 @@ def _lesion_masks(ct: sitk.Image, index: int) -> list[tuple[str, np.ndarray]]:
 
 def build_bases(root: Path) -> Bases:
     """Write the valid base inputs of every command below ``root``."""
-    from spinemets.slicer import write_segments
+    from spinemets.formats.slicer import write_segments
 
     conv = root / "convert"
     conv.mkdir(parents=True)
@@ -919,7 +919,7 @@ def _mapping_file(recipe: ImportRecipe, root: Path, label_values: dict) -> Path 
 
 
 def _manifest_rows(root: Path, ids: list[str]) -> list[dict]:
-    from spinemets.dataset import DEFAULT_SEGMENTATION_PATTERNS
+    from spinemets.cohort.dataset import DEFAULT_SEGMENTATION_PATTERNS
 
     rows = []
     for stage, pattern in DEFAULT_SEGMENTATION_PATTERNS.items():

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from spinemets import inference
+from spinemets.inference import predict as inference
 from spinemets.errors import SpinemetsError
 from spinemets.labels import labels
 
@@ -249,7 +249,7 @@ def test_figures_of_predictions(tmp_path, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
-    from spinemets import figures
+    from spinemets.report import figures
 
     path = _ct(tmp_path)
     stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _RecordingLesions()}
@@ -395,7 +395,8 @@ def test_a_stage_applies_the_selected_nnunet_postprocessing(tmp_path, monkeypatc
 def test_predict_output_goes_straight_into_evaluate(tmp_path, monkeypatch):
     """The folder `predict` writes (CASE/STAGE.nii.gz beside CASE/STAGE.seg.nrrd) is `evaluate`'s input
     as it is; both forms of a prediction are checked to agree, and a stale one is an error."""
-    from spinemets import cli, metrics
+    from spinemets import cli
+    from spinemets.evaluation import metrics
 
     path = _ct(tmp_path)
     stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _RecordingLesions()}
@@ -419,7 +420,7 @@ def test_predict_output_goes_straight_into_evaluate(tmp_path, monkeypatch):
         assert summary["mean"][cls]["dice"]["value"] == 1.0
     # a .seg.nrrd edited after the label map was written no longer agrees with it: refused, named
     lesions = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_a" / "metastases.nii.gz")))
-    from spinemets.slicer import write_segments
+    from spinemets.formats.slicer import write_segments
 
     write_segments(out / "case_a" / "metastases.seg.nrrd", ct, [{"name": "sclerotic", "mask": lesions > 0}])
     with pytest.raises(SpinemetsError, match=r"metastases.seg.nrrd: differs from metastases.nii.gz beside it in 16"):

@@ -4,7 +4,7 @@ The optional extra (``viewer``: ipyniivue and the widget packages it needs, ``te
 is installed by ``make test`` into a folder of its own (``build/viewer-extra``, a layer put in front
 of the kernel's ``PYTHONPATH``), so the main environment stays as lean as a user's without the
 extra and the test reaches no registry. A notebook then
-builds :func:`spinemets.viewer.live_view` for a CT and the two label maps, and the kernel returns the
+builds :func:`spinemets.report.viewer.live_view` for a CT and the two label maps, and the kernel returns the
 widget: its view (the widget mime type), its three layers and their colour tables.
 """
 
@@ -63,7 +63,7 @@ def test_live_viewer_is_built_for_our_images_in_a_kernel_with_the_extra(tmp_path
     paths = write_case(tmp_path / "case")
     code = (
         "import json\n"
-        "from spinemets import viewer\n"
+        "from spinemets.report import viewer\n"
         f"widget = viewer.live_view({str(paths['ct'])!r}, vertebrae={str(paths['vertebrae'])!r}, "
         f"lesions={str(paths['lesions'])!r})\n"
         "print(json.dumps({'module': type(widget).__module__, 'layers': [v.name for v in widget.volumes],\n"
@@ -85,7 +85,7 @@ def test_live_viewer_is_built_for_our_images_in_a_kernel_with_the_extra(tmp_path
 
 
 def test_live_viewer_without_the_extra_says_how_to_install_it(tmp_path, monkeypatch):
-    from spinemets import viewer
+    from spinemets.report import viewer
     from spinemets.errors import SpinemetsError
 
     monkeypatch.setitem(sys.modules, "ipyniivue", None)  # as where the extra is not installed

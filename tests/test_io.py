@@ -1,4 +1,4 @@
-"""spinemets.io: path checks, the case-ID rule, the output guards, and what ITK lets through silently."""
+"""spinemets.formats.io: path checks, the case-ID rule, the output guards, and what ITK lets through silently."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from spinemets import cli, io
+from spinemets import cli
+
+from spinemets.formats import io
 from spinemets.errors import SpinemetsError
 
 
@@ -156,7 +158,7 @@ def test_error_lines_are_one_line_and_name_the_path():
 
 
 def test_the_command_line_turns_os_errors_and_bugs_into_one_line(monkeypatch, capsys):
-    from spinemets import dicom
+    from spinemets.formats import dicom
 
     def fail_os(**kwargs):
         raise PermissionError(13, "Permission denied", "/data/ct.nii.gz")

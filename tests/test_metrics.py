@@ -1,4 +1,4 @@
-"""Tests of spinemets.metrics: hand-computed cases, edge cases, and cross-checks with nnU-Net and panoptica."""
+"""Tests of spinemets.evaluation.metrics: hand-computed cases, edge cases, and cross-checks with nnU-Net and panoptica."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from spinemets import labels, metrics
+from spinemets import labels
+
+from spinemets.evaluation import metrics
 from spinemets.errors import SpinemetsError
 
 NAN = math.nan
@@ -626,7 +628,7 @@ def test_summarize_means_pooled_counts_and_bootstrap():
 def test_prediction_folders_per_case_as_predict_writes_them(tmp_path):
     import SimpleITK as sitk
 
-    from spinemets.metrics import evaluate_folders
+    from spinemets.evaluation.metrics import evaluate_folders
 
     ref, pred = tmp_path / "ref", tmp_path / "pred"
     ref.mkdir()
@@ -659,7 +661,7 @@ def _lesion_maps(tmp_path):
 def test_a_seg_nrrd_prediction_is_scored_by_its_segment_names(tmp_path):
     """A prediction whose segment "sclerotic" carries labelValue 1 is sclerotic, not lytic: the
     name decides, whatever the voxel value (the file is also cropped, as 3D Slicer saves it)."""
-    from spinemets.slicer import write_segments
+    from spinemets.formats.slicer import write_segments
 
     ref, image = _lesion_maps(tmp_path)
     (tmp_path / "pred").mkdir()

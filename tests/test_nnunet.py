@@ -21,7 +21,13 @@ import pytest
 import slicerio
 import torch
 
-from spinemets import domain, figures, inference, nnunet
+from spinemets import domain
+
+from spinemets.report import figures
+
+from spinemets.inference import predict as inference
+
+from spinemets.training import nnunet
 from spinemets.errors import SpinemetsError
 
 from conftest import copy_workspace
@@ -307,7 +313,7 @@ def test_two_stage_prediction_and_localization_with_the_domain_check(ci_workspac
 
 INTERRUPTING_TRAINER = textwrap.dedent('''
     import os
-    from spinemets.trainers.spinemets_trainers import SpinemetsCITrainer
+    from spinemets.training.trainers.spinemets_trainers import SpinemetsCITrainer
 
 
     class SpinemetsInterruptOnceTrainer(SpinemetsCITrainer):
@@ -369,7 +375,7 @@ def test_dropped_lowres_is_reported_and_skipped(ci_workspace, tmp_path, capsys, 
 
 
 def test_cpu_bfloat16_setting_and_autocast_forward(clean_env):
-    from spinemets.trainers import spinemets_trainers as st
+    from spinemets.training.trainers import spinemets_trainers as st
 
     cpu = torch.device("cpu")
     for value, expected in (("0", False), ("off", False), ("1", True), ("yes", True)):
@@ -409,7 +415,7 @@ def test_cpu_bfloat16_setting_and_autocast_forward(clean_env):
 
 
 def test_project_trainer_applies_its_schedule_and_thread_setting(tmp_path, clean_env):
-    from spinemets.trainers.spinemets_trainers import SpinemetsCITrainer, SpinemetsMetastasesDemoTrainer
+    from spinemets.training.trainers.spinemets_trainers import SpinemetsCITrainer, SpinemetsMetastasesDemoTrainer
 
     plans = json.loads(_plans(tmp_path).read_text())
     dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lytic": 1, "sclerotic": 2},
@@ -517,7 +523,7 @@ def test_train_refuses_a_fold_beyond_the_split(tmp_path, clean_env):
 
 
 def test_budget_iterations_fill_the_time_left():
-    from spinemets.trainers.spinemets_trainers import iterations_for
+    from spinemets.training.trainers.spinemets_trainers import iterations_for
 
     # 100 s left over 4 epochs, 2 s of validation and checkpoint each: (25 - 2) / 0.5 = 46 iterations
     assert iterations_for(100.0, 4, 0.5, 2.0, cap=1000) == 46
@@ -528,7 +534,7 @@ def test_budget_iterations_fill_the_time_left():
 
 
 def test_budget_setting(clean_env):
-    from spinemets.trainers.spinemets_trainers import budget_seconds
+    from spinemets.training.trainers.spinemets_trainers import budget_seconds
 
     clean_env.delenv("SPINEMETS_TRAIN_BUDGET_S", raising=False)
     assert budget_seconds() is None
@@ -546,14 +552,14 @@ def test_budget_setting(clean_env):
         clean_env.setenv("SPINEMETS_TRAIN_BUDGET_S", bad)
         with pytest.raises(ValueError, match="positive number of seconds"):
             budget_seconds()
-    from spinemets.trainers import spinemets_trainers
+    from spinemets.training.trainers import spinemets_trainers
 
     assert spinemets_trainers.TRAINING_RECORD == nnunet.TRAINING_RECORD  # one name, defined on both sides
 
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_project_trainer_puts_its_network_in_channels_last_on_the_cpu(tmp_path, clean_env, dims):
-    from spinemets.trainers.spinemets_trainers import SpinemetsCITrainer
+    from spinemets.training.trainers.spinemets_trainers import SpinemetsCITrainer
 
     plans = json.loads(_plans(tmp_path).read_text())
     cfg = plans["configurations"]["3d_fullres"]
@@ -661,7 +667,7 @@ def _blosc2_cases(folder, n=2):
 def test_in_memory_cases_read_each_case_once_and_hand_out_copies(tmp_path, monkeypatch):
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-    from spinemets.trainers import spinemets_trainers as st
+    from spinemets.training.trainers import spinemets_trainers as st
 
     cases = _blosc2_cases(tmp_path / "pre")
     reads = []

@@ -12,7 +12,9 @@ import re
 import nbformat
 import pytest
 
-from spinemets import results, runner
+from spinemets.report import results
+
+from spinemets.run import runner
 
 import browser
 from conftest import require_niivue_cache

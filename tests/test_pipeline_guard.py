@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import pipeline_guard
-from spinemets import runner
+from spinemets.run import runner
 
 
 def test_a_second_run_of_a_pipeline_profile_fails_at_once_naming_the_test(monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spinemets import postprocessing
+from spinemets.inference import postprocessing
 from spinemets.labels import labels
 
 V = labels("vertebrae")
@@ -210,7 +210,8 @@ def test_no_threshold_or_no_lesion_changes_nothing():
 
 
 def test_the_demos_smallest_lesion_is_half_the_smallest_synthetic_lesion():
-    from spinemets import nnunet, synth
+    from spinemets.training import nnunet
+    from spinemets.cohort import synth
 
     preset = synth.PRESETS["demo"]
     voxel_ml = min(preset["spacing_xy"]) ** 2 * min(preset["slice_thickness"]) / 1000.0

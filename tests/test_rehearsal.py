@@ -26,9 +26,13 @@ import yaml
 
 from conftest import REPO, copy_workspace
 from fakes import FakeZenodo
-from spinemets import dataset, discovery, labels, nnunet, runner, slicer, synth
+from spinemets.cohort import dataset, discovery, synth
+from spinemets import labels
+from spinemets.training import nnunet
+from spinemets.run import runner
+from spinemets.formats import slicer
 from spinemets.errors import SpinemetsError
-from spinemets.fetch import fetch_record
+from spinemets.cohort.fetch import fetch_record
 
 RECORD = 13645871
 LATVIAN = {"lytic": "Lītiska metastāze", "sclerotic": "Sklerotiska metastāze"}

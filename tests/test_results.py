@@ -1,11 +1,13 @@
-"""spinemets.results: the results page's run, its provenance statement, and our numbers beside the paper's."""
+"""spinemets.report.results: the results page's run, its provenance statement, and our numbers beside the paper's."""
 
 from __future__ import annotations
 
 import pandas as pd
 
 from conftest import REPO
-from spinemets import labels, results, runner
+from spinemets import labels
+from spinemets.report import results
+from spinemets.run import runner
 
 
 def _summary(rows):
@@ -63,7 +65,7 @@ def test_run_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_run_summaries_and_per_case_come_from_the_run_workspace(tmp_path):
     """The page reads the tables where the workspace layout puts them (Workspace.evaluation)."""
-    from spinemets.nnunet import Workspace
+    from spinemets.training.nnunet import Workspace
 
     (tmp_path / "_toc.yml").write_text("root: intro\n")  # tmp_path is the project root
     (tmp_path / "profiles").mkdir()
@@ -84,7 +86,7 @@ def test_run_summaries_and_per_case_come_from_the_run_workspace(tmp_path):
 def test_training_statement_names_iterations_budget_and_cpu(tmp_path):
     import json
 
-    from spinemets.nnunet import TRAINING_RECORD, Workspace
+    from spinemets.training.nnunet import TRAINING_RECORD, Workspace
 
     (tmp_path / "_toc.yml").write_text("root: intro\n")
     (tmp_path / "profiles").mkdir()
@@ -301,7 +303,7 @@ def test_per_vertebra_dice_figure_has_one_tick_per_vertebra():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from spinemets import figures
+    from spinemets.report import figures
 
     paper = _paper([("vertebrae", "3d_fullres", "L1", "dice", 0.9, NAN, NAN, "x")])
     table = results.per_vertebra_table(paper, TWO_CASES)

@@ -11,9 +11,11 @@ import pytest
 import yaml
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from spinemets import cli, runner
+from spinemets import cli
+
+from spinemets.run import runner
 from spinemets.errors import SpinemetsError
-from spinemets.profiles import find_project_root, load_profile, notebook_parameters
+from spinemets.run.profiles import find_project_root, load_profile, notebook_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,9 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from spinemets import io, labels, slicer
+from spinemets.formats import io, slicer
+
+from spinemets import labels
 from spinemets.errors import SpinemetsError
 
 from conftest import REPO, make_ct

@@ -30,7 +30,9 @@ import yaml
 
 import slurm_cluster
 from conftest import REPO, copy_project
-from spinemets import cluster, inference, nnunet
+from spinemets.run import cluster
+from spinemets.inference import predict as inference
+from spinemets.training import nnunet
 from spinemets.labels import STAGE_NAMES
 
 pytestmark = pytest.mark.slow
@@ -128,7 +130,7 @@ def test_smoke_profile_is_the_paper_profile_but_for_scale_and_device(stage):
 def test_smoke_trainer_is_nnunets_default_training_shortened():
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from spinemets.trainers.spinemets_trainers import SpinemetsGPUCheckTrainer, SpinemetsSmokeTrainer
+    from spinemets.training.trainers.spinemets_trainers import SpinemetsGPUCheckTrainer, SpinemetsSmokeTrainer
 
     assert SpinemetsSmokeTrainer.__mro__[1] is nnUNetTrainer
     # it changes the schedule's length, the checkpoint interval and the validation's mirroring, nothing else

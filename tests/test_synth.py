@@ -11,9 +11,11 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from spinemets import labels, synth
+from spinemets import labels
+
+from spinemets.cohort import synth
 from spinemets.errors import SpinemetsError
-from spinemets.slicer import labelmap_from_segmentation
+from spinemets.formats.slicer import labelmap_from_segmentation
 
 SEED = 7
 N_CASES = 3  # one case per annotator style

@@ -1,4 +1,4 @@
-"""The interactive 3-D viewer (spinemets.viewer): size budget, NIfTI writing, no leaked metadata,
+"""The interactive 3-D viewer (spinemets.report.viewer): size budget, NIfTI writing, no leaked metadata,
 and a real Jupyter Book page checked in headless Chromium with software WebGL."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import SimpleITK as sitk
 
 import browser
 from conftest import require_niivue_cache, skip_or_fail
-from spinemets import viewer
+from spinemets.report import viewer
 from spinemets.errors import SpinemetsError
-from spinemets.viewer import niivue_html, nifti1_bytes, stage_layer
+from spinemets.report.viewer import niivue_html, nifti1_bytes, stage_layer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ def test_book_page_in_headless_chromium(tmp_path):
     (book / "_toc.yml").write_text("format: jb-book\nroot: index\nchapters:\n  - file: sub/viewer\n")
     (book / "_config.yml").write_text(
         "title: viewer test\nexecute:\n  execute_notebooks: 'off'\n"
-        "sphinx:\n  extra_extensions:\n    - spinemets.viewer\n"
+        "sphinx:\n  extra_extensions:\n    - spinemets.report.viewer\n"
         "  config:\n    html_context:\n      default_mode: light\n")  # as the project's _config.yml
     env = dict(os.environ, SPINEMETS_VENDOR_DIR=str(REPO / "build" / "vendor"))
     jb = Path(sys.executable).with_name("jupyter-book")

@@ -4,7 +4,7 @@ A model answers every CT it is given with a segmentation, however unlike its tra
 CT is: the demo models, trained on small synthetic volumes, label "vertebrae" and "lesions" all
 over a real thorax. So every trained model carries a **domain record** beside it
 (``spinemets_domain.json`` in nnU-Net's model folder, written by :func:`write_record` at the
-end of :func:`spinemets.nnunet.train`), and :func:`spinemets.inference.predict` compares each
+end of :func:`spinemets.training.nnunet.train`), and :func:`spinemets.inference.predict.predict` compares each
 input with it (:func:`check`) and warns, naming the case and the property, when it is outside.
 
 The record holds:
@@ -39,7 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm.auto import tqdm
 
-from .io import read_image, read_json, write_json
+from spinemets.formats.io import read_image, read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Segment names found in real files vary (``L5``, ``vertebrae_L5``, ``Vertebra L5`
 ``osteolytic``, ``blastic`` ...). :func:`resolve_segment_name` maps them to our labels,
 case-insensitively, and a user mapping file (YAML or JSON, ``{segment name: label name or
 null}``) adds names or tells the importer to ignore a segment. The mapping template that
-``spinemets scan --explain`` writes (:mod:`spinemets.discovery`) holds one such mapping per stage
+``spinemets scan --explain`` writes (:mod:`spinemets.cohort.discovery`) holds one such mapping per stage
 (:func:`mapping_document`).
 
 Built-in mappings of label values (:data:`NAMED_MAPPINGS`): ``totalsegmentator`` (its "total"
@@ -29,7 +29,7 @@ from typing import Mapping
 
 import yaml
 
-from .errors import SpinemetsError, unknown_choice
+from spinemets.errors import SpinemetsError, unknown_choice
 
 VERTEBRAE: tuple[str, ...] = (
     *(f"C{i}" for i in range(1, 8)),
@@ -153,7 +153,7 @@ def read_mapping_file(path: str | Path) -> dict[str | int, str | None]:
 
 
 def _read_yaml_mapping(path: str | Path):
-    from .io import one_line, require_file
+    from spinemets.formats.io import one_line, require_file
 
     path = require_file(path, "mapping file")
     try:

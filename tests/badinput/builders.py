@@ -79,7 +79,7 @@ def fetch(
     ``faults`` is a list of {file (name, or "record"), fault, forever}; ``offline`` stops the
     server before the call. ``record`` is the id asked for; the command line gets the same
     ``retries`` and no backoff wait."""
-    from spinemets.fetch import fetch_record
+    from spinemets.cohort.fetch import fetch_record
 
     fake = FakeZenodo()
     blobs = {name: text.encode() for name, text in (files or {"a.txt": "alpha\n"}).items()}
@@ -135,7 +135,7 @@ def dicom(
     "missing" (no folder), "empty", "text" (only a text file). ``truncate``/``delete`` name a
     slice file to cut to 200 bytes / remove; ``series_uid`` is passed on ("A"/"B" stand for the
     synthetic UIDs); ``messy`` writes a series of that kind of tests/messy_dicom.py instead."""
-    from spinemets.dicom import convert
+    from spinemets.formats.dicom import convert
 
     folder = ctx.tmp_path / "dicom"
     if messy is not None:
@@ -164,7 +164,7 @@ def dicom(
 def convert_image(ctx: Context, image: str = "plain", out: str = "case.nii.gz", series_uid: str | None = None) -> Prepared:
     """Convert a file ``image``: "plain" (a valid 3-D NRRD), "missing", "4d", "vector", "nan",
     "truncated" (a NIfTI cut short), "2d"; to ``out`` (relative to the case folder)."""
-    from spinemets.dicom import convert
+    from spinemets.formats.dicom import convert
 
     src = ctx.tmp_path / ("in.nii" if image in ("truncated", "4d") else "in.nrrd")
     if image != "missing":
@@ -190,13 +190,13 @@ def _image(kind: str) -> sitk.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# import (spinemets.dataset.import_dataset / spinemets import)
+# import (spinemets.cohort.dataset.import_dataset / spinemets import)
 
 
 def break_case(case: Path, defect: str) -> tuple[Path, str]:
     """Damage one case of a small cohort (see conftest.small_cohort); return the bad file and the error."""
     from conftest import make_ct, vertebra_labelmap, write_case
-    from spinemets.slicer import write_segments
+    from spinemets.formats.slicer import write_segments
 
     ct = make_ct(seed=2)
     if defect == "truncated CT":
@@ -249,8 +249,8 @@ def import_cohort(ctx: Context, defect: str, stage: str = "vertebrae", duplicate
     import pandas as pd
 
     from conftest import make_ct, vertebra_labelmap, write_case
-    from spinemets.dataset import scan
-    from spinemets.dataset import import_dataset
+    from spinemets.cohort.dataset import scan
+    from spinemets.cohort.dataset import import_dataset
 
     root = ctx.tmp_path / "cohort"
     for index in range(1, 4):
@@ -275,13 +275,13 @@ def import_cohort(ctx: Context, defect: str, stage: str = "vertebrae", duplicate
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluate (spinemets.metrics.evaluate_folders / spinemets evaluate)
+# evaluate (spinemets.evaluation.metrics.evaluate_folders / spinemets evaluate)
 
 
 @builder("evaluate")
 def evaluate_folders_case(ctx: Context, defect: str, stage: str = "metastases") -> Prepared:
     """Two folders of small label maps (case_a, case_b) with one ``defect``."""
-    from spinemets.metrics import evaluate_folders
+    from spinemets.evaluation.metrics import evaluate_folders
 
     ref_dir, pred_dir, out = ctx.tmp_path / "ref", ctx.tmp_path / "pred", ctx.tmp_path / "out"
     ref_dir.mkdir()
@@ -384,7 +384,7 @@ def write_seg_nrrd(path: Path, voxels_ijk: np.ndarray, segments: list[dict], spa
 
 def _cohort(ctx: Context, n: int = 3):
     from conftest import make_ct, vertebra_labelmap, write_case
-    from spinemets.dataset import scan
+    from spinemets.cohort.dataset import scan
 
     root = ctx.tmp_path / "cohort"
     for index in range(1, n + 1):
@@ -402,7 +402,7 @@ def import_manifest(ctx: Context, case_id: str | None = None, drop: str | None =
     dropped (``drop``), the ``split`` or ``stage`` of the second row, its ``image`` (``empty`` or
     ``folder`` or ``broken-link``), the manifest path itself (``manifest``: a path kind of
     :func:`odd_path`), a ``mapping`` path kind, the ``out`` folder kind, or the raw CSV ``text``."""
-    from spinemets.dataset import import_dataset
+    from spinemets.cohort.dataset import import_dataset
 
     root, frame = _cohort(ctx)
     frame = frame[frame["stage"] == "vertebrae"].reset_index(drop=True)
@@ -441,7 +441,7 @@ def import_labelmap(ctx: Context, values: list[int] | None = None, dtype: str = 
     (a non-orthogonal direction matrix), ``broken-link``; imported into ``stage``, with the built-in
     mapping ``named`` in place of a file where given."""
     from conftest import make_ct
-    from spinemets.dataset import import_dataset
+    from spinemets.cohort.dataset import import_dataset
 
     case = ctx.tmp_path / "cohort" / "case_001"
     case.mkdir(parents=True)
@@ -533,7 +533,7 @@ def _slicer_header_case(path: Path, ct: sitk.Image, defect: str, names=("L1", "L
 def import_slicer_header(ctx: Context, defect: str) -> Prepared:
     """A three-case cohort whose case_002 vertebra ``.seg.nrrd`` has a header wrong by ``defect``."""
     from conftest import make_ct
-    from spinemets.dataset import import_dataset
+    from spinemets.cohort.dataset import import_dataset
 
     root, frame = _cohort(ctx)
     _slicer_header_case(root / "case_002" / "vertebrae.seg.nrrd", make_ct(seed=2), defect)
@@ -553,8 +553,8 @@ def evaluate_more(ctx: Context, defect: str = "none", ref: str | None = None, pr
                   out: str | None = None) -> Prepared:
     """Two cases of small metastasis label maps with one ``defect``; ``ref``/``pred``/``out`` replace
     those paths by a kind of :func:`odd_path`."""
-    from spinemets.metrics import evaluate_folders
-    from spinemets.slicer import write_segments
+    from spinemets.evaluation.metrics import evaluate_folders
+    from spinemets.formats.slicer import write_segments
 
     ref_dir, pred_dir, out_dir = ctx.tmp_path / "ref", ctx.tmp_path / "pred", ctx.tmp_path / "out"
     ref_dir.mkdir()
@@ -632,7 +632,7 @@ def convert_more(ctx: Context, image: str = "plain", src: str | None = None, out
     (direction columns not of unit length), ``zero-spacing`` (an NRRD with a zero axis),
     ``truncated`` (the file cut to two thirds); ``src`` and
     ``out`` replace the input and output paths by a kind of :func:`odd_path`."""
-    from spinemets.dicom import convert
+    from spinemets.formats.dicom import convert
 
     src_path = ctx.tmp_path / f"in{suffix}"
     array = synthetic_volume(seed=5).astype(np.float32)
@@ -693,7 +693,7 @@ def scan_case(ctx: Context, root: str | None = None, out: str | None = None, cas
               holdout: int = 0, link: bool = False) -> Prepared:
     """Scan a two-case cohort; ``root``/``out`` replace the paths by a kind of :func:`odd_path`,
     ``case_name`` renames the second case folder, ``link`` makes its CT a broken link."""
-    from spinemets.dataset import scan
+    from spinemets.cohort.dataset import scan
 
     cohort, _ = _cohort(ctx, 2)
     if case_name is not None:
@@ -712,7 +712,7 @@ def scan_case(ctx: Context, root: str | None = None, out: str | None = None, cas
 @builder("synth")
 def synth_case(ctx: Context, out: str | None = None, preset: str = "demo", cases: int = 1) -> Prepared:
     """Write a one-case synthetic cohort to an odd ``out`` path."""
-    from spinemets.synth import synthesize_cohort
+    from spinemets.cohort.synth import synthesize_cohort
 
     out_path = odd_path(ctx, out, ctx.tmp_path / "cohort")
     argv = ["synth", "--out", str(out_path), "--cases", str(cases), "--preset", preset]
@@ -723,7 +723,7 @@ def synth_case(ctx: Context, out: str | None = None, preset: str = "demo", cases
 def fetch_out(ctx: Context, out: str, files: dict[str, str] | None = None, folder_named: str | None = None) -> Prepared:
     """A fake Zenodo record fetched into an odd ``out`` path (a kind of :func:`odd_path`, or
     ``new`` for a fresh folder); ``folder_named`` puts a folder where a file of the record goes."""
-    from spinemets.fetch import fetch_record
+    from spinemets.cohort.fetch import fetch_record
 
     fake = FakeZenodo()
     fake.add_record(1, {name: text.encode() for name, text in (files or {"a.txt": "alpha\n"}).items()})
@@ -748,7 +748,7 @@ def predict_case(ctx: Context, defect: str = "none", input: str | None = None, o
     inputs, an odd ``input``/``out`` path, or a ``model`` folder damaged by one defect (the model
     folder is built with the files inference reads, so the check of that defect is reached)."""
     from conftest import make_ct
-    from spinemets.inference import predict
+    from spinemets.inference.predict import predict
 
     cts = ctx.tmp_path / "cts"
     cts.mkdir()
@@ -792,7 +792,7 @@ def predict_dicom(ctx: Context, kind: str) -> Prepared:
     """``spinemets predict --profile ci`` on a folder of one case whose DICOM series is of ``kind``
     (tests/messy_dicom.py); the refusal comes before any model is loaded (there is none)."""
     from messy_dicom import write_messy_series
-    from spinemets.inference import predict
+    from spinemets.inference.predict import predict
 
     cts = ctx.tmp_path / "cts"
     write_messy_series(cts / "case1", kind)
@@ -838,7 +838,7 @@ def profile_case(ctx: Context, text: str | None = None, kind: str | None = None)
     """``spinemets run --profile FILE --dry-run`` with a profile file holding ``text``, or a path of
     ``kind`` (:func:`odd_path`) in its place."""
     from conftest import REPO
-    from spinemets.runner import dry_run
+    from spinemets.run.runner import dry_run
 
     path = ctx.tmp_path / "mine.yaml"
     if text is not None:

@@ -1,0 +1,1 @@
+"""Evaluation: the metrics, lesion detection (FROC) and the external check."""

@@ -1,0 +1,1 @@
+"""Inference: prediction with the trained models, postprocessing and the reports it writes."""

@@ -1,0 +1,1 @@
+"""The book's results: the results page, figures and the 3-D viewer."""

@@ -1,0 +1,1 @@
+"""The run: run profiles, the papermill runner and cluster jobs."""
