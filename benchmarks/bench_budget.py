@@ -1,6 +1,6 @@
 """Held-out quality against the training budget, per stage: the curve behind the demo's budget.
 
-The demo trains each stage for a wall-clock budget (``spinemets.training.nnunet.DEMO_BUDGET_S``); a CPU
+The demo trains each stage for a wall-clock budget (``spinemets.training.profiles.DEMO_BUDGET_S``); a CPU
 decides how many iterations fit into it. This benchmark trains one stage again with other budgets,
 on the data of a demo workspace that already holds both stages' models (``make demo``), and scores
 each result on the held-out cases exactly as the demo does (:func:`spinemets.inference.predict.predict`
@@ -43,6 +43,8 @@ from spinemets.evaluation import metrics
 from spinemets.training import nnunet
 from spinemets.formats.io import write_json, write_text
 from spinemets.labels import STAGE_NAMES, check_stage
+from spinemets.paths import Workspace
+from spinemets.training.profiles import stage_plan
 
 PROFILE = "demo"
 #: The variables that limit PyTorch's and oneDNN's kernels (those of ``bench_train.py``'s ``avx2`` mode), named in the report.
@@ -86,7 +88,7 @@ def scores(summary: dict, stage: str, n_cases: int) -> dict:
     return out
 
 
-def evaluate(ws: nnunet.Workspace, stage: str, out: Path) -> dict:
+def evaluate(ws: Workspace, stage: str, out: Path) -> dict:
     """Both stages on the held-out CTs with the profile's clean-up, then the stage's scores."""
     t0 = time.perf_counter()
     inference.predict(ws.held_out_images(), out / "predictions", profile=PROFILE, workspace=ws, device="cpu")
@@ -96,8 +98,8 @@ def evaluate(ws: nnunet.Workspace, stage: str, out: Path) -> dict:
     return {**scores(summary, stage, len(cases)), "predict_and_score_s": round(time.perf_counter() - t0, 1)}
 
 
-def record(ws: nnunet.Workspace, stage: str) -> dict:
-    entry = nnunet.stage_plan(stage, PROFILE)
+def record(ws: Workspace, stage: str) -> dict:
+    entry = stage_plan(stage, PROFILE)
     found = nnunet.training_records(stage, entry["configurations"], entry["folds"], entry["trainer"], ws)
     if not found:
         return {}
@@ -110,7 +112,7 @@ def record(ws: nnunet.Workspace, stage: str) -> dict:
 
 
 def run(workspace: Path, stage: str, budgets: list[float], workdir: Path) -> dict:
-    ws = nnunet.Workspace(workspace)
+    ws = Workspace(workspace)
     other = next(s for s in STAGE_NAMES if s != stage)
     with results_folder(None):
         peer = record(ws, stage)

@@ -33,8 +33,8 @@ from spinemets.inference import predict as inference
 
 from spinemets.evaluation import metrics
 
-from spinemets.training import nnunet
 from spinemets.formats.io import write_json
+from spinemets.paths import Workspace
 
 
 def lesion_recall(pred_dir: Path, ref_dir: Path, match: str) -> dict:
@@ -54,7 +54,7 @@ def lesion_recall(pred_dir: Path, ref_dir: Path, match: str) -> dict:
 
 
 def run(workspace: Path, profile: str, margin_mm: float, device: str) -> dict:
-    ws = nnunet.Workspace(workspace)
+    ws = Workspace(workspace)
     images = ws.raw / ws.dataset_name("vertebrae") / "imagesTs"
     refs = ws.raw / ws.dataset_name("metastases") / "labelsTs"
     out = ws.root / "bench_roi"

@@ -9,7 +9,7 @@ the ``demo`` profile, which preprocesses the configurations ``demo_vertebrae`` a
 
 **Measurement** (one fresh Python process per mode, so that ISA settings apply before torch loads;
 the process gets the workspace's nnU-Net variables and the demo's CPU environment,
-:func:`spinemets.training.nnunet._cpu_environment`, with ``nnUNet_results`` pointed at a temporary folder so
+:func:`spinemets.training.programs.cpu_environment`, with ``nnUNet_results`` pointed at a temporary folder so
 that no trained model is touched). Per stage, the stage's demo trainer is built in-process
 (``SpinemetsVertebraeDemoTrainer`` / ``SpinemetsMetastasesDemoTrainer``, fold ``all``, CPU, torch
 threads as ``nnUNetv2_train`` sets them), ``initialize()`` and ``on_train_start()``, then:
@@ -67,6 +67,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from spinemets.paths import PLANS, Workspace
+from spinemets.training.profiles import get_profile
+from spinemets.training.programs import cpu_environment
 
 STAGES = ("vertebrae", "metastases")
 PROFILE = "demo"
@@ -96,7 +99,7 @@ def setup(workdir: Path, cases: int, seed: int) -> dict:
     from spinemets.cohort import dataset, synth
     from spinemets.training import nnunet
 
-    ws = nnunet.Workspace(workdir / "workspace")
+    ws = Workspace(workdir / "workspace")
     cohort = workdir / "cohort"
     seconds = {}
     t0 = time.perf_counter()
@@ -159,7 +162,7 @@ def dense_conv_gflops(seconds: float) -> dict:
 
 
 def _trainer_class(stage: str):
-    from spinemets.training.nnunet import stage_plan
+    from spinemets.training.profiles import stage_plan
     from spinemets.training.trainers import spinemets_trainers
 
     return getattr(spinemets_trainers, stage_plan(stage, PROFILE)["trainer"])
@@ -210,13 +213,12 @@ def measure_stage(stage: str, iterations: int, warmup: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from spinemets.training import nnunet
     from spinemets.formats.io import read_json
 
-    ws = nnunet.Workspace(os.environ["SPINEMETS_BENCH_WORKSPACE"])
+    ws = Workspace(os.environ["SPINEMETS_BENCH_WORKSPACE"])
     configuration = f"{PROFILE}_{stage}"
     folder = ws.preprocessed / ws.dataset_name(stage)
-    plans = read_json(folder / f"{nnunet.PLANS}.json", "nnU-Net plans")
+    plans = read_json(folder / f"{PLANS}.json", "nnU-Net plans")
     plans["continue_training"] = False  # what nnU-Net's get_trainer_from_args adds for its trainers
     dataset_json = read_json(folder / "dataset.json", "nnU-Net dataset")
     cls = _trainer_class(stage)
@@ -384,11 +386,10 @@ def worker(stages: list[str], iterations: int, warmup: int, dense_seconds: float
 
 
 def run_mode(mode: str, ws, args) -> dict:
-    from spinemets.training import nnunet
 
     results_tmp = Path(tempfile.mkdtemp(prefix=f"bench-train-results-{mode}-", dir=ws.root))
     # the demo's CPU environment (its OpenMP wait policy included), as nnunet.train sets it
-    env = ws.environment(**nnunet._cpu_environment(nnunet.get_profile("demo").get("omp_wait_policy", "PASSIVE")))
+    env = ws.environment(**cpu_environment(get_profile("demo").get("omp_wait_policy", "PASSIVE")))
     env.update(MODES[mode])
     env.update({"nnUNet_results": str(results_tmp), "SPINEMETS_BENCH_WORKSPACE": str(ws.root),
                 "SPINEMETS_BENCH_MODE": mode, "PYTHONUNBUFFERED": "1"})

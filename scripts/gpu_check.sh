@@ -78,10 +78,11 @@ t2=$(stamp)
 if [ "$BENCH" = 1 ]; then
   "$PY" - "$WS" "$DEVICE" <<'EOF'
 import sys
-from spinemets.training import nnunet
-ws = nnunet.Workspace(sys.argv[1])
-nnunet.run_nnunet("nnUNetv2_train", ["501", "3d_fullres", "all", "-tr", "nnUNetTrainerBenchmark_5epochs_noDataLoading",
-                                     "-device", sys.argv[2]], ws)
+from spinemets.paths import Workspace
+from spinemets.training.programs import run_nnunet
+ws = Workspace(sys.argv[1])
+run_nnunet("nnUNetv2_train", ["501", "3d_fullres", "all", "-tr", "nnUNetTrainerBenchmark_5epochs_noDataLoading",
+           "-device", sys.argv[2]], ws)
 EOF
 fi
 t3=$(stamp)
@@ -100,16 +101,18 @@ from spinemets.report import figures
 
 from spinemets.evaluation import metrics
 
+from spinemets.paths import Workspace
 from spinemets.training import nnunet
+from spinemets.training.profiles import stage_plan
 
 work = Path(sys.argv[1])
 t0, t1, t2, t3, t4 = map(float, sys.argv[2:7])
-ws = nnunet.Workspace(work / "ws")
+ws = Workspace(work / "ws")
 summary = {"timings_s": {"synth_import": t1 - t0, "train_both_stages": t2 - t1, "benchmark": t3 - t2,
                          "predict": t4 - t3}}
 profile = sys.argv[7]
 for stage in ("vertebrae", "metastases"):
-    entry = nnunet.stage_plan(stage, profile)
+    entry = stage_plan(stage, profile)
     trained = {}
     for cfg in entry["configurations"]:
         for fold in entry["folds"]:

@@ -217,7 +217,7 @@ def copy_workspace(src, dst: Path, stages=("vertebrae", "metastases"), parts=("r
     stages' datasets of the workspace ``src`` (a folder or a Workspace), for a test that trains or
     writes where the shared run must stay as it is. Absolute paths in the selection's files are
     pointed at the copy."""
-    from spinemets.training.nnunet import Workspace
+    from spinemets.paths import Workspace
 
     src = src if isinstance(src, Workspace) else Workspace(src)
     dst = Workspace(dst)

@@ -17,9 +17,9 @@ import yaml
 import bookpages
 from spinemets import labels
 from spinemets.evaluation import metrics
-from spinemets.training import nnunet
 from spinemets.report import results
 from spinemets.run import runner
+from spinemets.paths import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -182,7 +182,7 @@ def _fake_evaluated_run(root: Path) -> Path:
         _write_labels(workspace / "pred" / "metastases", case, pmet)
     for stage in ("vertebrae", "metastases"):
         metrics.evaluate_folders(workspace / "ref" / stage, workspace / "pred" / stage, stage,
-                                 nnunet.Workspace(workspace).evaluation(stage))
+                                 Workspace(workspace).evaluation(stage))
     cohort = root / "data" / "synthetic-test"
     cohort.mkdir(parents=True)
     (cohort / "cohort.csv").write_text("case_id,sex,age,metastasis_type,primary_site\ncase0,F,61,lytic,breast\n"

@@ -22,6 +22,8 @@ from spinemets.run import cluster
 from spinemets.training import nnunet
 from spinemets.run.cluster import Resources, Step
 from spinemets.errors import SpinemetsError
+from spinemets.paths import Workspace
+from spinemets.training.profiles import PROFILES
 
 PAYLOAD = "slurm_cluster"
 
@@ -169,7 +171,7 @@ def test_nnunet_ci_training_on_slurm_is_cancelled_and_resumes(slurm, ci_run, tmp
         record = cluster.submit("metastases", "ci", workspace=ws, jobs=cluster.JobOptions("slurm", run, cpus_per_task=1))
         assert [e["name"] for e in record["steps"]] == [
             "metastases/plan", "metastases/demo_metastases/fold_all", "metastases/finalize"]
-        fold = nnunet.Workspace(ws).model_folder("metastases", "demo_metastases", "SpinemetsCITrainer") / "fold_all"
+        fold = Workspace(ws).model_folder("metastases", "demo_metastases", "SpinemetsCITrainer") / "fold_all"
         deadline = time.monotonic() + 300
         # "Epoch 1" is logged once epoch 0 has ended and its checkpoint is written completely
         # (cancelling during torch.save would leave a truncated checkpoint_latest.pth behind)
@@ -294,7 +296,7 @@ def test_resources_from_profile_and_overrides():
     with pytest.raises(SpinemetsError, match="cpus_per_task"):
         cluster.profile_resources("demo", cluster.JobOptions(cpus_per_task=0))
     # one registry: every training profile has its resources, and an unknown one is an error (no fallback)
-    for name in nnunet.PROFILES:
+    for name in PROFILES:
         assert set(cluster.profile_resources(name)) == set(cluster.KINDS)
     assert cluster.profile_resources("gpu_check")["train"].gpus_per_job == 1
     with pytest.raises(SpinemetsError, match="--profile: unknown training profile 'nope'"):

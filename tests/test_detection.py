@@ -15,6 +15,7 @@ from spinemets.evaluation import detection as det
 from spinemets.evaluation import metrics
 from spinemets.errors import SpinemetsError
 from spinemets.labels import labels
+from spinemets.paths import Workspace
 
 V = labels("vertebrae")
 SPACING = (10.0, 10.0, 10.0)  # 1 mL per voxel: volumes are voxel counts
@@ -301,7 +302,7 @@ def test_validation_detections_read_the_folds_own_predictions_and_probabilities(
     predictions of its own validation cases, with nnU-Net's --npz probabilities), not the test cases."""
     from spinemets.training import nnunet
 
-    ws = nnunet.Workspace(tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
     monkeypatch.delenv("nnUNet_raw", raising=False)
     model = tmp_path / "ws" / "results" / "model"
     monkeypatch.setattr(nnunet, "trained_models", lambda *a, **k: [{"folder": str(model), "folds": [0, 1, "all"]}])

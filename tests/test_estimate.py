@@ -11,6 +11,7 @@ from spinemets.training import estimate
 from spinemets.run import runner
 from spinemets.errors import SpinemetsError
 from test_runner import project  # noqa: F401  (the fixture: a tiny project of two notebooks)
+from spinemets.training.profiles import DEMO_BUDGET_S, stage_budget
 
 REFERENCE_MACHINE = {"torch_s": estimate.REFERENCE["torch_s"], "numpy_s": estimate.REFERENCE["numpy_s"],
                      "cores": 2, "torch_threads": 2, "torch_capability": "AVX2"}
@@ -72,17 +73,16 @@ def test_run_prints_the_estimate_and_the_time_left_per_step(project, monkeypatch
 
 
 def test_stage_budget_shares_a_total_in_the_profiles_proportions():
-    from spinemets.training import nnunet
 
-    own = nnunet.DEMO_BUDGET_S
-    assert nnunet.stage_budget("vertebrae", "demo") == own["vertebrae"]
-    assert nnunet.stage_budget("vertebrae", "demo", 6) == pytest.approx(360 * own["vertebrae"] / sum(own.values()))
-    assert nnunet.stage_budget("metastases", "demo", 6) == pytest.approx(360 * own["metastases"] / sum(own.values()))
-    assert nnunet.stage_budget("vertebrae", "ci") is None  # a fixed iteration count
-    assert nnunet.stage_budget("metastases", "ci", 4) == pytest.approx(120.0)  # no proportions: an equal share
+    own = DEMO_BUDGET_S
+    assert stage_budget("vertebrae", "demo") == own["vertebrae"]
+    assert stage_budget("vertebrae", "demo", 6) == pytest.approx(360 * own["vertebrae"] / sum(own.values()))
+    assert stage_budget("metastases", "demo", 6) == pytest.approx(360 * own["metastases"] / sum(own.values()))
+    assert stage_budget("vertebrae", "ci") is None  # a fixed iteration count
+    assert stage_budget("metastases", "ci", 4) == pytest.approx(120.0)  # no proportions: an equal share
     for bad in (0, -1, float("inf"), float("nan"), "soon"):
         with pytest.raises(SpinemetsError, match="must be a positive number"):
-            nnunet.stage_budget("vertebrae", "demo", bad)
+            stage_budget("vertebrae", "demo", bad)
 
 
 def test_cli_train_budget_reaches_the_training_notebooks(capsys):

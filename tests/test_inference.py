@@ -16,6 +16,7 @@ import slicerio
 from spinemets.inference import predict as inference
 from spinemets.errors import SpinemetsError
 from spinemets.labels import labels
+from spinemets.training.profiles import PROFILES
 
 V = labels("vertebrae")
 SPACING = (3.0, 2.0, 2.0)  # z, y, x mm
@@ -306,9 +307,9 @@ def test_predict_applies_the_profiles_minimum_lesion_size(tmp_path, monkeypatch)
     path = _ct(tmp_path)  # two lytic lesions of 8 voxels x 2 mm^3 = 0.016 mL
     stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _RecordingLesions()}
     monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
-    monkeypatch.setitem(inference.nnunet.PROFILES["demo"], "min_lesion_ml", 0.01)
+    monkeypatch.setitem(PROFILES["demo"], "min_lesion_ml", 0.01)
     assert len(inference.predict(path.parent, tmp_path / "a", profile="demo", device="cpu")) == 2
-    monkeypatch.setitem(inference.nnunet.PROFILES["demo"], "min_lesion_ml", 0.02)
+    monkeypatch.setitem(PROFILES["demo"], "min_lesion_ml", 0.02)
     assert inference.predict(path.parent, tmp_path / "b", profile="demo", device="cpu") == []
     prov = json.loads((tmp_path / "b" / "provenance.json").read_text())
     assert prov["parameters"]["min_lesion_ml"] == 0.02 and prov["timings_s"]["case_a"]["small_lesions_removed"] == 2

@@ -27,10 +27,13 @@ from spinemets.report import figures
 
 from spinemets.inference import predict as inference
 
-from spinemets.training import nnunet
+from spinemets.training import nnunet, programs
 from spinemets.errors import SpinemetsError
 
 from conftest import copy_workspace
+from spinemets.paths import TRAINER_DIR, Workspace
+from spinemets.training.profiles import DEMO_BUDGET_S, DEMO_CONFIGURATIONS, PROFILES, get_profile, stage_plan
+from spinemets.training.programs import TOOL_OUTPUT_ENV, captured_output, cpu_environment, log_block, run_nnunet, tool_output
 
 REAL_CT = Path(__file__).resolve().parents[1] / "book" / "data" / "real_ct" / "example_ct_sm.nii.gz"
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")
@@ -44,15 +47,15 @@ def clean_env(monkeypatch):
 
 
 def test_workspace_folders_and_environment(tmp_path, clean_env):
-    ws = nnunet.Workspace(tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
     before = dict(os.environ)
     env = ws.environment(extra_trainer_dirs=[tmp_path / "mine"])
     assert dict(os.environ) == before  # nothing written behind the user's back
     assert env["nnUNet_raw"] == str(tmp_path / "ws" / "raw")
     assert env["nnUNet_preprocessed"] == str(tmp_path / "ws" / "preprocessed")
     assert env["nnUNet_results"] == str(tmp_path / "ws" / "results")
-    assert env["nnUNet_extTrainer"].split(os.pathsep) == [str(nnunet.TRAINER_DIR), str(tmp_path / "mine")]
-    assert (nnunet.TRAINER_DIR / "spinemets_trainers.py").exists()
+    assert env["nnUNet_extTrainer"].split(os.pathsep) == [str(TRAINER_DIR), str(tmp_path / "mine")]
+    assert (TRAINER_DIR / "spinemets_trainers.py").exists()
 
 
 def test_user_settings_win(tmp_path, clean_env):
@@ -60,21 +63,21 @@ def test_user_settings_win(tmp_path, clean_env):
     clean_env.setenv("nnUNet_extTrainer", str(tmp_path / "theirs"))
     clean_env.setenv("OMP_WAIT_POLICY", "ACTIVE")
     clean_env.setenv("nnUNet_def_n_proc", "5")
-    ws = nnunet.Workspace(tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
     assert ws.results == tmp_path / "elsewhere" and ws.raw == tmp_path / "ws" / "raw"
-    assert ws.environment()["nnUNet_extTrainer"].split(os.pathsep) == [str(nnunet.TRAINER_DIR), str(tmp_path / "theirs")]
-    assert nnunet._cpu_environment() == {"OMP_WAIT_POLICY": "ACTIVE", "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "5"}
+    assert ws.environment()["nnUNet_extTrainer"].split(os.pathsep) == [str(TRAINER_DIR), str(tmp_path / "theirs")]
+    assert cpu_environment() == {"OMP_WAIT_POLICY": "ACTIVE", "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "5"}
     clean_env.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's setting beats the profile's
-    assert nnunet._cpu_environment("ACTIVE")["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert cpu_environment("ACTIVE")["OMP_WAIT_POLICY"] == "PASSIVE"
     clean_env.delenv("OMP_WAIT_POLICY")
-    assert nnunet._cpu_environment()["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert nnunet._cpu_environment(nnunet.get_profile("demo")["omp_wait_policy"])["OMP_WAIT_POLICY"] == "ACTIVE"
-    assert nnunet.get_profile("ci")["omp_wait_policy"] == "PASSIVE"  # tests and SLURM jobs train side by side
+    assert cpu_environment()["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert cpu_environment(get_profile("demo")["omp_wait_policy"])["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert get_profile("ci")["omp_wait_policy"] == "PASSIVE"  # tests and SLURM jobs train side by side
 
 
 def test_activated_sets_and_restores(tmp_path, clean_env):
     clean_env.setenv("nnUNet_raw", "/user/raw")
-    ws = nnunet.Workspace(tmp_path)
+    ws = Workspace(tmp_path)
     with ws.activated():
         assert os.environ["nnUNet_raw"] == "/user/raw"
         assert os.environ["nnUNet_results"] == str(tmp_path / "results")
@@ -90,26 +93,26 @@ def test_trainers_are_found_through_nnunet_ext_trainer(tmp_path, clean_env):
 
     with pytest.raises(RuntimeError, match="Could not find"):
         recursive_find_trainer_class_by_name("SpinemetsCITrainer")
-    with nnunet.Workspace(tmp_path).activated():
+    with Workspace(tmp_path).activated():
         for profile in ("demo", "ci"):
             for stage in ("vertebrae", "metastases"):
-                trainer = recursive_find_trainer_class_by_name(nnunet.stage_plan(stage, profile)["trainer"])
+                trainer = recursive_find_trainer_class_by_name(stage_plan(stage, profile)["trainer"])
                 assert issubclass(trainer, nnUNetTrainer)
         ci = recursive_find_trainer_class_by_name("SpinemetsCITrainer")
     assert (ci.EPOCHS, ci.ITERATIONS, ci.SAVE_EVERY) == (3, 2, 1)
 
 
 def test_profiles_are_plain_data():
-    paper = nnunet.get_profile("paper")
+    paper = get_profile("paper")
     for stage in ("vertebrae", "metastases"):
-        entry = nnunet.stage_plan(stage, "paper")
+        entry = stage_plan(stage, "paper")
         assert entry["configurations"] == ["2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres"]
         assert entry["folds"] == [0, 1, 2, 3, 4] and entry["trainer"] == "nnUNetTrainer_250epochs"
     assert paper["device"] == "cuda" and paper["find_best"] is True
-    assert nnunet.get_profile("demo")["device"] == "cpu"
-    json.dumps(nnunet.PROFILES)  # plain data
+    assert get_profile("demo")["device"] == "cpu"
+    json.dumps(PROFILES)  # plain data
     with pytest.raises(SpinemetsError, match="unknown training profile"):
-        nnunet.get_profile("fast")
+        get_profile("fast")
 
 
 def _plans(tmp_path):
@@ -138,9 +141,9 @@ def test_add_configuration_inherits_and_nnunet_resolves_it(tmp_path):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     path = _plans(tmp_path)
-    spec = nnunet.DEMO_CONFIGURATIONS["demo_vertebrae"]
+    spec = DEMO_CONFIGURATIONS["demo_vertebrae"]
     nnunet.add_configuration(path, "demo_vertebrae", spec)
-    nnunet.add_configuration(path, "demo_metastases", nnunet.DEMO_CONFIGURATIONS["demo_metastases"])
+    nnunet.add_configuration(path, "demo_metastases", DEMO_CONFIGURATIONS["demo_metastases"])
     plans = json.loads(path.read_text())
     cfg = PlansManager(plans).get_configuration("demo_vertebrae")
     assert list(cfg.patch_size) == spec["patch_size"] and list(cfg.spacing) == spec["spacing"]
@@ -169,7 +172,7 @@ def test_add_configuration_refuses_inconsistent_specs(tmp_path):
         nnunet.add_configuration(path, "bad", {"patch_size": [32, 32, 32], "features_per_stage": [8, 16],
                                                "strides": [[1, 1, 1]]})
     with pytest.raises(SpinemetsError, match="plans file not found"):
-        nnunet.add_configuration(tmp_path / "missing.json", "x", nnunet.DEMO_CONFIGURATIONS["demo_metastases"])
+        nnunet.add_configuration(tmp_path / "missing.json", "x", DEMO_CONFIGURATIONS["demo_metastases"])
 
 
 def test_train_refuses_bad_requests(tmp_path):
@@ -192,7 +195,7 @@ def test_train_refuses_bad_requests(tmp_path):
 
 def test_selection_is_reused_only_when_nothing_new_was_trained(tmp_path, monkeypatch, clean_env):
     """A finished protocol run again (the report job of a cluster run) trains nothing and selects nothing."""
-    ws = nnunet.Workspace(tmp_path)
+    ws = Workspace(tmp_path)
     calls = []
 
     def fake_nnunet(program, args, workspace, *rest, **kw):
@@ -226,8 +229,8 @@ def test_selection_is_reused_only_when_nothing_new_was_trained(tmp_path, monkeyp
 
 
 @pytest.fixture(scope="module")
-def ci_workspace(ci_run) -> nnunet.Workspace:
-    return nnunet.Workspace(ci_run / "workspace" / "ci")
+def ci_workspace(ci_run) -> Workspace:
+    return Workspace(ci_run / "workspace" / "ci")
 
 
 @pytest.mark.slow
@@ -423,7 +426,7 @@ def test_project_trainer_applies_its_schedule_and_thread_setting(tmp_path, clean
     before = torch.get_num_threads()
     clean_env.setenv("SPINEMETS_TORCH_THREADS", "1")
     try:
-        with nnunet.Workspace(tmp_path / "ws").activated():
+        with Workspace(tmp_path / "ws").activated():
             trainer = SpinemetsCITrainer(dict(plans, continue_training=False), "3d_fullres", "all", dataset_json,
                                          device=torch.device("cpu"))
         assert torch.get_num_threads() == 1
@@ -443,7 +446,7 @@ def test_project_trainer_applies_its_schedule_and_thread_setting(tmp_path, clean
 def test_selected_postprocessing_is_found_and_applied(tmp_path, clean_env):
     from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
 
-    ws = nnunet.Workspace(tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
     name = ws.dataset_name("metastases")
     results = ws.results / name
     crossval = results / "nnUNetTrainer_250epochs__nnUNetPlans__3d_fullres" / "crossval_results_folds_0_1_2_3_4"
@@ -477,7 +480,7 @@ def test_selected_postprocessing_is_found_and_applied(tmp_path, clean_env):
         nnunet.selected_postprocessing("metastases", "paper", ws)
 
 
-def _raw_dataset(ws: nnunet.Workspace, stage: str, cases: list[str]) -> None:
+def _raw_dataset(ws: Workspace, stage: str, cases: list[str]) -> None:
     folder = ws.raw / ws.dataset_name(stage)
     (folder / "labelsTr").mkdir(parents=True)
     (folder / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
@@ -488,7 +491,7 @@ def _raw_dataset(ws: nnunet.Workspace, stage: str, cases: list[str]) -> None:
 def test_write_splits_uses_nnunets_split_for_other_than_five_folds(tmp_path):
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    ws = nnunet.Workspace(tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
     cases = [f"case_{i:03d}" for i in range(7)]
     _raw_dataset(ws, "metastases", cases)
     assert nnunet.write_splits("metastases", 5, ws) is None  # nnU-Net's trainer makes its own 5-fold split
@@ -503,14 +506,14 @@ def test_write_splits_uses_nnunets_split_for_other_than_five_folds(tmp_path):
 
 
 def test_write_splits_refuses_too_few_cases(tmp_path):
-    ws = nnunet.Workspace(tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
     _raw_dataset(ws, "vertebrae", ["a"])
     with pytest.raises(SpinemetsError, match=r"Dataset501_Vertebrae: 1 training cases cannot be split into 2 folds"):
         nnunet.write_splits("vertebrae", 2, ws)
 
 
 def test_train_refuses_a_fold_beyond_the_split(tmp_path, clean_env):
-    ws = nnunet.Workspace(tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
     _raw_dataset(ws, "metastases", [f"c{i}" for i in range(4)])
     plans = ws.plans_file("metastases")
     plans.parent.mkdir(parents=True)
@@ -546,8 +549,8 @@ def test_budget_setting(clean_env):
         clean_env.setenv("SPINEMETS_TRAIN_BUDGET_S", bad)
         with pytest.raises(ValueError, match="positive number of seconds"):
             budget_seconds()
-    assert nnunet.stage_plan("vertebrae", "demo")["budget_s"] == nnunet.DEMO_BUDGET_S["vertebrae"]
-    assert nnunet.stage_plan("vertebrae", "ci").get("budget_s") is None
+    assert stage_plan("vertebrae", "demo")["budget_s"] == DEMO_BUDGET_S["vertebrae"]
+    assert stage_plan("vertebrae", "ci").get("budget_s") is None
     for bad in ("inf", "nan", "soon"):
         clean_env.setenv("SPINEMETS_TRAIN_BUDGET_S", bad)
         with pytest.raises(ValueError, match="positive number of seconds"):
@@ -572,7 +575,7 @@ def test_project_trainer_puts_its_network_in_channels_last_on_the_cpu(tmp_path, 
     plans["configurations"] = {"cfg": cfg}
     dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lytic": 1, "sclerotic": 2},
                     "numTraining": 1, "file_ending": ".nii.gz"}
-    ws = nnunet.Workspace(tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
     data = ws.preprocessed / "Dataset999_X" / cfg["data_identifier"]
     data.mkdir(parents=True)
     (data / "case.b2nd").touch()  # initialize() infers the dataset's file format from the folder; no data is read
@@ -603,47 +606,47 @@ def _noisy_program(tmp_path: Path, code: int = 0) -> Path:
 
 
 def test_tool_output_log_keeps_the_programs_lines_out_of_the_console(tmp_path, monkeypatch, capsys):
-    ws = nnunet.Workspace(tmp_path / "ws")
-    monkeypatch.setattr(nnunet, "_program", lambda name: str(_noisy_program(tmp_path)))
-    monkeypatch.setenv(nnunet.TOOL_OUTPUT_ENV, "log")
-    nnunet.run_nnunet("nnUNetv2_plan_and_preprocess", ["-d", "1"], ws)
+    ws = Workspace(tmp_path / "ws")
+    monkeypatch.setattr(programs, "program_path", lambda name: str(_noisy_program(tmp_path)))
+    monkeypatch.setenv(TOOL_OUTPUT_ENV, "log")
+    run_nnunet("nnUNetv2_plan_and_preprocess", ["-d", "1"], ws)
     out = capsys.readouterr().out
     assert "Searching for class" not in out and "Inspecting module" not in out and "100%" not in out
     assert out.count("\n") == 1 and "nnUNetv2_plan_and_preprocess: done in" in out
     text = (ws.logs / "nnUNetv2_plan_and_preprocess.log").read_text()
     assert text.startswith("$ ") and "Searching for class" in text and "Inspecting module x" in text
-    nnunet.log_block(ws.logs / "nnUNetv2_plan_and_preprocess.log", "plan")  # outside a notebook: the tail as text
+    log_block(ws.logs / "nnUNetv2_plan_and_preprocess.log", "plan")  # outside a notebook: the tail as text
     shown = capsys.readouterr().out
     assert shown.splitlines()[-2:] == ["100%|##########| 2/2", "Inspecting module x"]
 
 
 def test_tool_output_console_is_the_default_and_a_failure_names_the_log(tmp_path, monkeypatch, capsys):
-    ws = nnunet.Workspace(tmp_path / "ws")
-    monkeypatch.setattr(nnunet, "_program", lambda name: str(_noisy_program(tmp_path)))
-    monkeypatch.delenv(nnunet.TOOL_OUTPUT_ENV, raising=False)
-    nnunet.run_nnunet("nnUNetv2_plan_and_preprocess", [], ws)
+    ws = Workspace(tmp_path / "ws")
+    monkeypatch.setattr(programs, "program_path", lambda name: str(_noisy_program(tmp_path)))
+    monkeypatch.delenv(TOOL_OUTPUT_ENV, raising=False)
+    run_nnunet("nnUNetv2_plan_and_preprocess", [], ws)
     assert "Inspecting module x" in capsys.readouterr().out and not ws.logs.exists()
-    monkeypatch.setattr(nnunet, "_program", lambda name: str(_noisy_program(tmp_path, code=3)))
-    monkeypatch.setenv(nnunet.TOOL_OUTPUT_ENV, "log")
+    monkeypatch.setattr(programs, "program_path", lambda name: str(_noisy_program(tmp_path, code=3)))
+    monkeypatch.setenv(TOOL_OUTPUT_ENV, "log")
     with pytest.raises(SpinemetsError, match=r"exit 3.*nnUNetv2_train\.log"):
-        nnunet.run_nnunet("nnUNetv2_train", [], ws)
-    monkeypatch.setenv(nnunet.TOOL_OUTPUT_ENV, "loud")
+        run_nnunet("nnUNetv2_train", [], ws)
+    monkeypatch.setenv(TOOL_OUTPUT_ENV, "loud")
     with pytest.raises(SpinemetsError, match="SPINEMETS_TOOL_OUTPUT='loud'"):
-        nnunet.tool_output()
+        tool_output()
 
 
 def test_captured_output_sends_in_process_prints_to_the_workspace_log(tmp_path, monkeypatch, capsys):
     import warnings
 
-    ws = nnunet.Workspace(tmp_path / "ws")
-    monkeypatch.setenv(nnunet.TOOL_OUTPUT_ENV, "log")
-    with nnunet.captured_output(ws, "nnUNetPredictor"):
+    ws = Workspace(tmp_path / "ws")
+    monkeypatch.setenv(TOOL_OUTPUT_ENV, "log")
+    with captured_output(ws, "nnUNetPredictor"):
         print("perform_everything_on_device=True is only supported for cuda devices!")
         warnings.warn("a tool's warning")
     assert "cuda devices" not in capsys.readouterr().out
     assert "cuda devices" in (ws.logs / "nnUNetPredictor.log").read_text()
-    monkeypatch.setenv(nnunet.TOOL_OUTPUT_ENV, "console")
-    with nnunet.captured_output(ws, "nnUNetPredictor"):
+    monkeypatch.setenv(TOOL_OUTPUT_ENV, "console")
+    with captured_output(ws, "nnUNetPredictor"):
         print("shown")
     assert "shown" in capsys.readouterr().out
 

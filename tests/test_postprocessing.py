@@ -7,6 +7,7 @@ import pytest
 
 from spinemets.inference import postprocessing
 from spinemets.labels import labels
+from spinemets.training.profiles import DEMO_MIN_LESION_ML, PROFILES
 
 V = labels("vertebrae")
 SPACING = (3.0, 2.0, 2.0)  # z, y, x mm
@@ -210,14 +211,13 @@ def test_no_threshold_or_no_lesion_changes_nothing():
 
 
 def test_the_demos_smallest_lesion_is_half_the_smallest_synthetic_lesion():
-    from spinemets.training import nnunet
     from spinemets.cohort import synth
 
     preset = synth.PRESETS["demo"]
     voxel_ml = min(preset["spacing_xy"]) ** 2 * min(preset["slice_thickness"]) / 1000.0
     smallest_ml = preset["min_lesion_voxels"] * voxel_ml
-    assert nnunet.PROFILES["demo"]["min_lesion_ml"] == nnunet.DEMO_MIN_LESION_ML
-    assert 0.45 * smallest_ml <= nnunet.DEMO_MIN_LESION_ML <= 0.5 * smallest_ml
+    assert PROFILES["demo"]["min_lesion_ml"] == DEMO_MIN_LESION_ML
+    assert 0.45 * smallest_ml <= DEMO_MIN_LESION_ML <= 0.5 * smallest_ml
     # a component of half a lesion's voxels or fewer cannot reach IoU > 0.5 with it
     lesion = np.zeros((1, 1, 40), bool)
     lesion[0, 0, :20] = True

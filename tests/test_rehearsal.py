@@ -28,11 +28,11 @@ from conftest import REPO, copy_workspace
 from fakes import FakeZenodo
 from spinemets.cohort import dataset, discovery, synth
 from spinemets import labels
-from spinemets.training import nnunet
 from spinemets.run import runner
 from spinemets.formats import slicer
 from spinemets.errors import SpinemetsError
 from spinemets.cohort.fetch import fetch_record
+from spinemets.paths import Workspace
 
 RECORD = 13645871
 LATVIAN = {"lytic": "Lītiska metastāze", "sclerotic": "Sklerotiska metastāze"}
@@ -154,7 +154,7 @@ def test_a_release_unlike_the_synthetic_one_goes_from_fetch_to_the_evaluation(ci
     assert [n["step"] for n in record["notebooks"]] == STEPS
     assert [n["status"] for n in record["notebooks"]] == ["ok"] * len(STEPS)
     for stage in ("vertebrae", "metastases"):  # planned for this release's data; trained by the ci run
-        assert nnunet.Workspace(ws).plans_file(stage).is_file()
+        assert Workspace(ws).plans_file(stage).is_file()
     manifest = dataset.read_manifest(ws / "manifest.csv")
     vert = manifest[manifest["stage"] == "vertebrae"]
     mets = manifest[manifest["stage"] == "metastases"]

@@ -65,7 +65,7 @@ def test_run_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_run_summaries_and_per_case_come_from_the_run_workspace(tmp_path):
     """The page reads the tables where the workspace layout puts them (Workspace.evaluation)."""
-    from spinemets.training.nnunet import Workspace
+    from spinemets.paths import Workspace
 
     (tmp_path / "_toc.yml").write_text("root: intro\n")  # tmp_path is the project root
     (tmp_path / "profiles").mkdir()
@@ -86,7 +86,8 @@ def test_run_summaries_and_per_case_come_from_the_run_workspace(tmp_path):
 def test_training_statement_names_iterations_budget_and_cpu(tmp_path):
     import json
 
-    from spinemets.training.nnunet import TRAINING_RECORD, Workspace
+    from spinemets.training.nnunet import TRAINING_RECORD
+    from spinemets.paths import Workspace
 
     (tmp_path / "_toc.yml").write_text("root: intro\n")
     (tmp_path / "profiles").mkdir()

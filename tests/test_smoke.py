@@ -34,6 +34,9 @@ from spinemets.run import cluster
 from spinemets.inference import predict as inference
 from spinemets.training import nnunet
 from spinemets.labels import STAGE_NAMES
+from spinemets.paths import PLANS, Workspace
+from spinemets.training.profiles import PAPER_CONFIGURATIONS, SMOKE_TARGET_SPACING, get_profile
+from spinemets.training.programs import run_nnunet
 
 pytestmark = pytest.mark.slow
 
@@ -87,18 +90,18 @@ def smoke_run(tmp_path_factory, request) -> Path:
 SMOKE_JOBS = "jobs"
 
 
-def workspace_of(root: Path) -> nnunet.Workspace:
-    return nnunet.Workspace(root / "workspace" / "smoke")
+def workspace_of(root: Path) -> Workspace:
+    return Workspace(root / "workspace" / "smoke")
 
 
-def nnunet_program(name: str, args: list[str], ws: nnunet.Workspace) -> None:
+def nnunet_program(name: str, args: list[str], ws: Workspace) -> None:
     """One of nnU-Net's own programs on the workspace, as a user would run it."""
-    nnunet.run_nnunet(name, args, ws, env={"nnUNet_def_n_proc": "2"})
+    run_nnunet(name, args, ws, env={"nnUNet_def_n_proc": "2"})
 
 
 def model_id(configuration: str) -> str:
     """nnU-Net's name of a trained model in the selection's files."""
-    return f"{TRAINER}__{nnunet.PLANS}__{configuration}"
+    return f"{TRAINER}__{PLANS}__{configuration}"
 
 
 def labels_of(folder: Path, case: str) -> np.ndarray:
@@ -112,12 +115,12 @@ def labels_of(folder: Path, case: str) -> np.ndarray:
 
 @pytest.mark.parametrize("stage", STAGE_NAMES)
 def test_smoke_profile_is_the_paper_profile_but_for_scale_and_device(stage):
-    paper, smoke = nnunet.get_profile("paper"), nnunet.get_profile("smoke")
+    paper, smoke = get_profile("paper"), get_profile("smoke")
     allowed = {"description", "device", "gpu_memory_target_gb", "target_spacing", "cv_folds", "resources", "stages"}
     assert {k for k in paper if paper[k] != smoke[k]} <= allowed
     assert smoke["find_best"] and smoke["device"] == "cpu" and smoke["cv_folds"] == 2
     p, s = paper["stages"][stage], smoke["stages"][stage]
-    assert s["configurations"] == p["configurations"] == list(nnunet.PAPER_CONFIGURATIONS)
+    assert s["configurations"] == p["configurations"] == list(PAPER_CONFIGURATIONS)
     assert s["extra_configurations"] == p["extra_configurations"] == {}
     assert (s["trainer"], s["folds"]) == (TRAINER, [0, 1])
     # the run profiles: the same notebooks with the same parameters, but for data, scale and device
@@ -160,10 +163,10 @@ def test_all_four_configurations_planned_and_both_folds_trained(smoke_run, stage
     plans = json.loads(ws.plans_file(stage).read_text())
     assert list(plans["configurations"]) == ["2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres"]
     assert plans["configurations"]["3d_cascade_fullres"]["previous_stage"] == "3d_lowres"
-    assert plans["configurations"]["3d_fullres"]["spacing"] == list(nnunet.SMOKE_TARGET_SPACING)
+    assert plans["configurations"]["3d_fullres"]["spacing"] == list(SMOKE_TARGET_SPACING)
     splits = json.loads((ws.preprocessed / ws.dataset_name(stage) / "splits_final.json").read_text())
     assert len(splits) == 2 and not set(splits[0]["val"]) & set(splits[1]["val"])
-    for cfg in nnunet.PAPER_CONFIGURATIONS:
+    for cfg in PAPER_CONFIGURATIONS:
         folder = ws.model_folder(stage, cfg, TRAINER)
         for fold in (0, 1):
             out = folder / f"fold_{fold}"
@@ -184,7 +187,7 @@ def test_selection_is_nnunets_own_and_inference_used_it(smoke_run, stage):
     info = json.loads((results / "inference_information.json").read_text())
     # every configuration and every ensemble of two was scored on the cross-validation
     scored = set(info["all_results"])
-    singles = [model_id(c) for c in nnunet.PAPER_CONFIGURATIONS]
+    singles = [model_id(c) for c in PAPER_CONFIGURATIONS]
     pairs = {"___".join(["ensemble", a, b, "0_1"]) for i, a in enumerate(singles) for b in singles[i + 1:]}
     assert scored == set(singles) | pairs
     best = info["best_model_or_ensemble"]
@@ -215,10 +218,10 @@ OUTCOMES = {
 
 
 @pytest.fixture(scope="module")
-def steerable(smoke_run, tmp_path_factory) -> nnunet.Workspace:
+def steerable(smoke_run, tmp_path_factory) -> Workspace:
     """A copy of the smoke run's trained workspace whose selection the tests may edit."""
     src = workspace_of(smoke_run)
-    dst = nnunet.Workspace(tmp_path_factory.mktemp("steer") / "ws")
+    dst = Workspace(tmp_path_factory.mktemp("steer") / "ws")
     shutil.copytree(src.raw, dst.raw)
     shutil.copytree(src.results, dst.results)
     for stage in STAGE_NAMES:  # the selection names its files by absolute path: point it at the copy
@@ -227,7 +230,7 @@ def steerable(smoke_run, tmp_path_factory) -> nnunet.Workspace:
     return dst
 
 
-def steer(ws: nnunet.Workspace, configurations: list[str]) -> Path:
+def steer(ws: Workspace, configurations: list[str]) -> Path:
     """Make ``configurations`` (one, or two for an ensemble) the selected model of the metastasis stage.
 
     Only the selection's result file (``inference_information.json``) is edited. The
@@ -238,7 +241,7 @@ def steer(ws: nnunet.Workspace, configurations: list[str]) -> Path:
     results = ws.results / ws.dataset_name(STAGE)
     info_file = results / "inference_information.json"
     info = json.loads(info_file.read_text())
-    selected = [{"configuration": c, "trainer": TRAINER, "plans_identifier": nnunet.PLANS} for c in configurations]
+    selected = [{"configuration": c, "trainer": TRAINER, "plans_identifier": PLANS} for c in configurations]
     best = info["best_model_or_ensemble"]
     if [m["configuration"] for m in best["selected_model_or_models"]] != configurations:
         if len(configurations) == 1:
@@ -268,7 +271,7 @@ def one_case(steerable, tmp_path_factory) -> Path:
     return folder
 
 
-def nnunet_predicts(ws: nnunet.Workspace, configuration: str, out: Path, *extra: str, images: Path | None = None
+def nnunet_predicts(ws: Workspace, configuration: str, out: Path, *extra: str, images: Path | None = None
                     ) -> Path:
     images = images or ws.test_images(STAGE)
     nnunet_program("nnUNetv2_predict", ["-i", str(images), "-o", str(out), "-d", ws.dataset_name(STAGE),
@@ -277,7 +280,7 @@ def nnunet_predicts(ws: nnunet.Workspace, configuration: str, out: Path, *extra:
     return out
 
 
-def nnunet_reference(ws: nnunet.Workspace, outcome: str, tmp: Path, pp: Path, images: Path
+def nnunet_reference(ws: Workspace, outcome: str, tmp: Path, pp: Path, images: Path
                      ) -> tuple[Path, dict[str, Path]]:
     """What nnU-Net's own programs predict for an outcome on the CTs in ``images``: (postprocessed
     folder, raw folders by name)."""
@@ -405,7 +408,7 @@ def test_smoke_run_went_through_slurm_jobs_and_wrote_the_tables_of_a_local_run(s
     table = cluster.status(run)
     trains = [s for s in table["step"] if "/fold_" in s]
     assert sorted(trains) == sorted(f"{stage}/{cfg}/fold_{fold}" for stage in STAGE_NAMES
-                                    for cfg in nnunet.PAPER_CONFIGURATIONS for fold in (0, 1))
+                                    for cfg in PAPER_CONFIGURATIONS for fold in (0, 1))
     assert (table["status"] == "done").all()
     assert len(set(table["job"])) == len(table)
     assert list(table["step"])[:2] == ["run/prepare", "vertebrae/plan"] and list(table["step"])[-1] == "run/report"
@@ -426,7 +429,7 @@ def test_smoke_run_went_through_slurm_jobs_and_wrote_the_tables_of_a_local_run(s
     ws = workspace_of(smoke_run)
     for stage in STAGE_NAMES:  # the report found every fold trained by the jobs: each trained once
         log_text = (ws.results / ws.dataset_name(stage) / "spinemets_train.log").read_text()
-        assert log_text.count("Training done.") == 2 * len(nnunet.PAPER_CONFIGURATIONS)
+        assert log_text.count("Training done.") == 2 * len(PAPER_CONFIGURATIONS)
         # each stage evaluated on exactly its held-out cases
         held_out = sorted(p.name[: -len(".nii.gz")] for p in ws.test_labels(stage).glob("*.nii.gz"))
         per_case = pd.read_csv(ws.evaluation(stage) / "per_case.csv")

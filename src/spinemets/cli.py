@@ -8,7 +8,6 @@ profiles) come from the data tables of the modules, so they cannot drift.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from pathlib import Path
@@ -17,11 +16,6 @@ from spinemets import __version__
 from spinemets.errors import SpinemetsError
 from spinemets.labels import STAGE_NAMES
 from spinemets.evaluation.metrics import IOU_THRESHOLD, MATCH_RULES
-
-
-def _call(target: str, **kwargs):
-    module, name = target.rsplit(".", 1)
-    return getattr(importlib.import_module(f"spinemets.{module}"), name)(**kwargs)
 
 
 def _parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
@@ -35,11 +29,16 @@ def _parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
 
 
 def _cmd_synth(a):
-    path = _call("cohort.synth.synthesize_cohort", out_dir=a.out, cases=a.cases, seed=a.seed, preset=a.preset, jobs=a.jobs)
+    from spinemets.cohort.synth import synthesize_cohort
+
+    path = synthesize_cohort(out_dir=a.out, cases=a.cases, seed=a.seed, preset=a.preset, jobs=a.jobs)
     print(f"wrote {path}")
 
 
 def _cmd_scan(a):
+    from spinemets.cohort.dataset import scan
+    from spinemets.cohort.discovery import explain
+
     segs = _parse_assignments(a.segmentation, "--segmentation") or None
     if a.mapping_template is not None and not a.explain:
         raise SpinemetsError("--mapping-template: goes with --explain")
@@ -48,21 +47,25 @@ def _cmd_scan(a):
             raise SpinemetsError("--explain: shows the discovered layout; leave out --image and --segmentation")
         template = a.mapping_template or a.out.with_name(
             (a.out.name[:-4] if a.out.name.lower().endswith(".csv") else a.out.name) + ".mapping.yaml")
-        print(_call("cohort.discovery.explain", root=a.root, mapping=a.mapping, template=template), end="")
+        print(explain(root=a.root, mapping=a.mapping, template=template), end="")
         return
-    manifest = _call("cohort.dataset.scan", root=a.root, out_csv=a.out, image=a.image, segmentations=segs,
+    manifest = scan(root=a.root, out_csv=a.out, image=a.image, segmentations=segs,
                      holdout=a.holdout, pseudonymize=a.pseudonymize, mapping=a.mapping)
     print(f"wrote {a.out}: {manifest['case_id'].nunique()} case(s), {len(manifest)} row(s)")
 
 
 def _cmd_import(a):
-    folder = _call("cohort.dataset.import_dataset", manifest=a.manifest, stage=a.stage, raw_dir=a.out,
+    from spinemets.cohort.dataset import import_dataset
+
+    folder = import_dataset(manifest=a.manifest, stage=a.stage, raw_dir=a.out,
                    dataset_id=a.dataset_id, mapping=a.mapping, jobs=a.jobs, skip_empty=a.skip_empty)
     print(f"wrote {folder}")
 
 
 def _cmd_evaluate(a):
-    _call("evaluation.metrics.evaluate_folders", ref_dir=a.ref, pred_dir=a.pred, stage=a.stage, out_dir=a.out,
+    from spinemets.evaluation.metrics import evaluate_folders
+
+    evaluate_folders(ref_dir=a.ref, pred_dir=a.pred, stage=a.stage, out_dir=a.out,
           beta=a.beta, match=a.match, jobs=a.jobs)
     print(f"wrote {Path(a.out) / 'summary.csv'}")
     if a.stage == "metastases":
@@ -87,9 +90,11 @@ def _job_options(a):
 
 
 def _submitted(a, record: dict) -> None:
+    from spinemets.run.cluster import wait
+
     print(f"run folder: {record['folder']}\nwatch with: spinemets jobs {record['folder']}")
     if a.wait and record["executor"] == "slurm":
-        table = _call("run.cluster.wait", run_folder=record["folder"], poll_s=a.poll)
+        table = wait(run_folder=record["folder"], poll_s=a.poll)
         print(table.to_string(index=False))
 
 
@@ -100,33 +105,39 @@ def _no_job_options(a) -> None:
 
 
 def _cmd_train(a):
+    from spinemets.run.cluster import submit
+    from spinemets.training.nnunet import train
+    from spinemets.training.profiles import stage_budget
+
     if a.executor and a.train_budget is not None:
         raise SpinemetsError("--train-budget: jobs train for the profile's budget; it applies to local training only")
     if a.executor:
-        _submitted(a, _call("run.cluster.submit", stages=a.stage, profile=a.profile, workspace=a.workspace,
+        _submitted(a, submit(stages=a.stage, profile=a.profile, workspace=a.workspace,
                             configurations=a.configurations, folds=a.folds, device=a.device, jobs=_job_options(a)))
         return
     _no_job_options(a)
     for stage in a.stage:
-        options = nnunet_options(budget_s=_call("training.nnunet.stage_budget", stage=stage, profile=a.profile,
+        options = nnunet_options(budget_s=stage_budget(stage=stage, profile=a.profile,
                                                 total_min=a.train_budget))
-        _call("training.nnunet.train", stage=stage, profile=a.profile, configurations=a.configurations, folds=a.folds,
+        train(stage=stage, profile=a.profile, configurations=a.configurations, folds=a.folds,
               device=a.device, workspace=a.workspace, options=options)
 
 
 def _cmd_jobs(a):
+    from spinemets.run.cluster import resubmit, status
+
     if a.resubmit:
-        _call("run.cluster.resubmit", run_folder=a.run_folder)
-    table = _call("run.cluster.status", run_folder=a.run_folder)
+        resubmit(run_folder=a.run_folder)
+    table = status(run_folder=a.run_folder)
     print(table.to_string(index=False))
 
 
 def _cmd_predict(a):
-    from spinemets.inference.predict import PredictOptions
+    from spinemets.inference.predict import PredictOptions, predict
 
     options = PredictOptions(roi=a.roi, min_lesion_ml=a.min_lesion_ml, min_vertebra_ml=a.min_vertebra_ml,
                              repair_order=a.repair_order, min_confidence=a.min_confidence)
-    _call("inference.predict.predict", input=a.input, out_dir=a.out, profile=a.profile, workspace=a.workspace,
+    predict(input=a.input, out_dir=a.out, profile=a.profile, workspace=a.workspace,
           device=a.device, options=options)
     print(f"wrote {a.out}")
 
@@ -138,6 +149,9 @@ def nnunet_options(**fields):
 
 
 def _cmd_run(a):
+    from spinemets.run.cluster import submit_run
+    from spinemets.run.runner import dry_run, run
+
     params = {name: value for name, value in (a.parameter or [])}
     if a.train_budget is not None:
         if a.executor:
@@ -145,14 +159,14 @@ def _cmd_run(a):
                                  "it applies to local runs only")
         params["train_budget_min"] = a.train_budget
     if a.executor:
-        _submitted(a, _call("run.cluster.submit_run", profile=a.profile, parameters=params, jobs=_job_options(a)))
+        _submitted(a, submit_run(profile=a.profile, parameters=params, jobs=_job_options(a)))
         return
     _no_job_options(a)
     if a.dry_run:
-        for name, source, values in _call("run.runner.dry_run", profile=a.profile, parameters=params):
+        for name, source, values in dry_run(profile=a.profile, parameters=params):
             print(f"{name} ({source}): {values}")
         return
-    _call("run.runner.run", profile=a.profile, parameters=params)
+    run(profile=a.profile, parameters=params)
 
 
 def _add_job_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -172,17 +186,23 @@ def _add_job_options(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _cmd_book(a):
-    print(_call("run.runner.build_run_book", out_dir=a.run))
+    from spinemets.run.runner import build_run_book
+
+    print(build_run_book(out_dir=a.run))
 
 
 def _cmd_fetch(a):
-    path = _call("cohort.fetch.fetch_record", record=a.record, out_dir=a.out, api_url=a.api_url, retries=a.retries,
+    from spinemets.cohort.fetch import fetch_record
+
+    path = fetch_record(record=a.record, out_dir=a.out, api_url=a.api_url, retries=a.retries,
                  backoff=a.backoff)
     print(f"wrote {path}")
 
 
 def _cmd_convert(a):
-    path = _call("formats.dicom.convert", input=a.input, out=a.out, series_uid=a.series_uid)
+    from spinemets.formats.dicom import convert
+
+    path = convert(input=a.input, out=a.out, series_uid=a.series_uid)
     print(f"wrote {path}")
 
 
@@ -249,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="plan, preprocess and train stages with nnU-Net (nnunet.train; "
                                      "with --executor, as jobs: cluster.submit)")
     p.add_argument("--stage", required=True, nargs="+", choices=STAGE_NAMES)
-    p.add_argument("--profile", default="demo", help="training profile (spinemets.training.nnunet.PROFILES): demo, ci, smoke, paper or gpu_check")
+    p.add_argument("--profile", default="demo", help="training profile (spinemets.training.profiles.PROFILES): demo, ci, smoke, paper or gpu_check")
     p.add_argument("--configurations", nargs="+", default=None, help="nnU-Net configurations (default: the profile's)")
     p.add_argument("--folds", nargs="+", default=None, help="folds, e.g. 0 1 2 3 4 or all (default: the profile's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the profile's")

@@ -55,6 +55,8 @@ import numpy as np
 
 from spinemets.errors import SpinemetsError
 from spinemets.labels import LESION_TYPES, REGION_OF_VERTEBRA, label_names
+from spinemets.paths import workspace_of
+from spinemets.training.profiles import get_profile
 
 #: False-positive rates per case of the competition performance metric (CPM, lung-nodule detection).
 FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -460,8 +462,8 @@ def validation_detections(workspace, profile: str, match: str = "iou", connectiv
     from spinemets.evaluation.metrics import evaluate_lesion_case
     from spinemets.inference.postprocessing import merge_small_type_parts, remove_small_lesions
 
-    ws = nnunet._workspace(workspace)
-    min_ml = float(nnunet.get_profile(profile).get("min_lesion_ml", 0.0))
+    ws = workspace_of(workspace)
+    min_ml = float(get_profile(profile).get("min_lesion_ml", 0.0))
     model = nnunet.trained_models("metastases", profile, ws)[0]
     labels_tr = ws.raw / ws.dataset_name("metastases") / "labelsTr"
     out: dict[str, dict] = {}

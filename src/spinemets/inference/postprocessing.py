@@ -36,7 +36,7 @@ a slot two levels (other than C1 and C2): then the slots themselves are not to b
 It assumes a normal count of vertebrae (7 cervical, 12 thoracic, 5 lumbar) and slices across the
 spine; transitional vertebrae, a sagittal or coronal acquisition or a strongly curved spine are
 outside its design. The demo profile uses it; the paper profile, for the real data, does not
-(``repair_vertebra_order`` in :data:`spinemets.training.nnunet.PROFILES`).
+(``repair_vertebra_order`` in :data:`spinemets.training.profiles.PROFILES`).
 """
 
 from __future__ import annotations

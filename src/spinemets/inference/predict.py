@@ -83,6 +83,9 @@ from spinemets.inference.postprocessing import (check_min_ml, merge_small_type_p
 from spinemets.provenance import provenance
 from spinemets.evaluation.detection import CONFIDENCE_NAME
 from spinemets.formats.slicer import segmentation_from_labelmap
+from spinemets.paths import workspace_of
+from spinemets.training.profiles import get_profile
+from spinemets.training.programs import captured_output
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +417,7 @@ class _Stage:
 
     def __init__(self, stage: str, profile: str, workspace, device: str, tta: bool, threads: int | None = None):
         self.models = nnunet.trained_models(stage, profile, workspace)
-        ws = self.workspace = nnunet._workspace(workspace)
+        ws = self.workspace = workspace_of(workspace)
         #: What the model was trained on (:mod:`spinemets.domain`), for the domain check of each input.
         self.domain = domain_mod.training_domain(self.models[0]["folder"], ws.raw / ws.dataset_name(stage))
         self.postprocessing = nnunet.selected_postprocessing(stage, profile, workspace)
@@ -443,13 +446,13 @@ class _Stage:
             segmentation = nnunet.apply_postprocessing(segmentation, self.postprocessing)
         return segmentation, probabilities
 
-    #: The workspace whose ``logs/`` receive nnU-Net's messages (:func:`spinemets.training.nnunet.captured_output`).
+    #: The workspace whose ``logs/`` receive nnU-Net's messages (:func:`spinemets.training.programs.captured_output`).
     workspace = None
 
     def _predict(self, array: np.ndarray, spacing_zyx: Sequence[float], probabilities: bool = False):
         if self.workspace is None:
             return self._predict_members(array, spacing_zyx, probabilities)
-        with nnunet.captured_output(self.workspace, "nnUNetPredictor"):  # its messages into a log, where asked
+        with captured_output(self.workspace, "nnUNetPredictor"):  # its messages into a log, where asked
             return self._predict_members(array, spacing_zyx, probabilities)
 
     def _predict_members(self, array: np.ndarray, spacing_zyx: Sequence[float], probabilities: bool = False):
@@ -499,7 +502,7 @@ class PredictOptions:
     (:func:`remove_small_components`, label by label: a vertebra is one connected object, and
     specks of a neighbour's label at its border would each count as a whole false vertebra);
     both default to the profile's (``min_lesion_ml``, ``min_vertebra_ml`` of
-    :data:`spinemets.training.nnunet.PROFILES`; 0, nothing removed, for the paper profile).
+    :data:`spinemets.training.profiles.PROFILES`; 0, nothing removed, for the paper profile).
     ``repair_order`` makes the vertebra labels follow the spine's order
     (:func:`spinemets.inference.postprocessing.repair_vertebra_order`; default: the profile's
     ``repair_vertebra_order``, on in the demo, off in the paper profile). ``min_confidence`` clears
@@ -521,7 +524,7 @@ class PredictOptions:
         """These options with the profile's values in place of ``None``, checked."""
         if self.roi not in ROI_MODES:
             raise unknown_choice("roi mode", self.roi, ROI_MODES, "--roi")
-        prof = nnunet.get_profile(profile)
+        prof = get_profile(profile)
         out = replace(
             self,
             min_lesion_ml=float(prof.get("min_lesion_ml", 0.0) if self.min_lesion_ml is None else self.min_lesion_ml),
@@ -548,7 +551,7 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
     model is loaded. The numbers removed and relabelled per case are in the provenance.
     """
     opts = (options or PredictOptions()).resolved(profile)
-    prof = nnunet.get_profile(profile)
+    prof = get_profile(profile)
     cases = find_inputs(input)
     out_dir = check_output_dir(out_dir, "prediction folder")
     for item in input if isinstance(input, (list, tuple)) else [input]:

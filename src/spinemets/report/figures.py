@@ -24,6 +24,8 @@ import numpy as np
 from spinemets import labels as labels_mod
 from spinemets.errors import SpinemetsError
 from spinemets.training.nnunet import CHECKPOINTS
+from spinemets.paths import workspace_of
+from spinemets.training.profiles import stage_plan
 
 #: The CT display window of every figure (HU): bone and soft tissue both readable.
 CT_WINDOW = {"cmap": "gray", "vmin": -250, "vmax": 1250}
@@ -55,12 +57,10 @@ def read_logging(fold_folder: str | Path) -> dict:
 
 
 def _fold_folders(stage: str, workspace, profile: str | None) -> list[Path]:
-    from spinemets.training import nnunet
-
-    ws = workspace if isinstance(workspace, nnunet.Workspace) else nnunet.Workspace(workspace or nnunet.DEFAULT_WORKSPACE)
+    ws = workspace_of(workspace)
     base = ws.results / ws.dataset_name(stage)
     if profile is not None:
-        entry = nnunet.stage_plan(stage, profile)
+        entry = stage_plan(stage, profile)
         models = [ws.model_folder(stage, c, entry["trainer"]) for c in entry["configurations"]]
     else:
         models = sorted(p for p in base.glob("*__*__*") if p.is_dir())

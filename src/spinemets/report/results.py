@@ -3,7 +3,7 @@
 :func:`run_dir` finds the run (the folder :func:`spinemets.run.runner.run` executed the notebooks
 into, named by :data:`spinemets.run.runner.RUN_DIR_ENV` during the book build), :func:`read_provenance`
 reads what produced it, :func:`run_summaries` and :func:`run_per_case` read the tables the
-evaluation wrote into the run's workspace (:meth:`spinemets.training.nnunet.Workspace.evaluation`), and
+evaluation wrote into the run's workspace (:meth:`spinemets.paths.Workspace.evaluation`), and
 :func:`compare_with_paper`, :func:`per_vertebra_table` and :func:`per_lesion_type_table` set them
 beside the paper's values (:func:`read_paper_results`: its Tables 2 and 3 as transcribed in
 ``book/data/paper/``, and ``book/data/paper_results.csv``), :func:`with_intervals` with our
@@ -25,6 +25,7 @@ from spinemets.formats.io import read_json
 from spinemets.labels import STAGE_NAMES
 from spinemets.run.profiles import find_project_root
 from spinemets.run.runner import DEFAULT_OUT_DIR, PROVENANCE, RUN_DIR_ENV
+from spinemets.paths import workspace_of
 
 PAPER_RESULTS = "book/data/paper_results.csv"
 
@@ -62,7 +63,7 @@ def run_summaries(provenance: Mapping | None, root: str | Path | None = None) ->
     """The evaluation summaries of a run per stage (None where the run has none). The run's
     ``workspace`` parameter is relative to the project root unless absolute."""
     workspace = run_workspace(provenance, root)
-    return {stage: None if workspace is None else read_summary(_workspace(workspace).evaluation(stage))
+    return {stage: None if workspace is None else read_summary(workspace_of(workspace).evaluation(stage))
             for stage in STAGE_NAMES}
 
 
@@ -71,7 +72,7 @@ def run_per_case(provenance: Mapping | None, stage: str, root: str | Path | None
     workspace = run_workspace(provenance, root)
     if workspace is None:
         return None
-    path = _workspace(workspace).evaluation(stage) / "per_case.csv"
+    path = workspace_of(workspace).evaluation(stage) / "per_case.csv"
     return pd.read_csv(path) if path.is_file() else None
 
 
@@ -107,7 +108,7 @@ def run_training(provenance: Mapping | None, root: str | Path | None = None) -> 
         return []
     from spinemets.training.nnunet import TRAINING_RECORD
 
-    ws, rows = _workspace(workspace), []
+    ws, rows = workspace_of(workspace), []
     for stage in STAGE_NAMES:
         for path in sorted((ws.results / ws.dataset_name(stage)).glob(f"*/fold_*/{TRAINING_RECORD}")):
             record = read_json(path, "training record", missing=None)
@@ -266,12 +267,6 @@ def compare_with_paper(paper: pd.DataFrame, summaries: Mapping[str, pd.DataFrame
 
 
 _METRIC_LABEL = {"dice": "Dice", "f2": "F2", "pq": "PQ"}
-
-
-def _workspace(folder: Path):
-    from spinemets.training.nnunet import Workspace
-
-    return Workspace(folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,7 +494,7 @@ def run_detection(provenance: Mapping | None, root: str | Path | None = None) ->
     workspace = run_workspace(provenance, root)
     if workspace is None:
         return None
-    folder = _workspace(workspace).evaluation("metastases")
+    folder = workspace_of(workspace).evaluation("metastases")
     if not all((folder / name).is_file() for name in DETECTION_TABLES.values()):
         return None
     return {key: pd.read_csv(folder / name) for key, name in DETECTION_TABLES.items()}

@@ -32,7 +32,7 @@ from SLURM's accounting (``sacct``; the cluster needs ``slurmdbd``); a failed jo
 its reason and log file, never skipped.
 
 **Resources** per step kind come from the training profile (``resources`` of
-:data:`spinemets.training.nnunet.PROFILES`, the one profile registry); command-line values
+:data:`spinemets.training.profiles.PROFILES`, the one profile registry); command-line values
 (:class:`JobOptions`) override them for every job (GPUs only for training: planning and the selection run on CPUs).
 Multi-GPU training of one configuration uses nnU-Net's own DDP: ``num_gpus`` is passed to
 ``nnUNetv2_train -num_gpus`` and the job asks for at least as many GPUs.
@@ -64,7 +64,9 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 
 from spinemets.errors import SpinemetsError, unknown_choice
 from spinemets.formats.io import read_json, write_json
-from spinemets.training.nnunet import STEP_KINDS
+from spinemets.training.profiles import STEP_KINDS
+from spinemets.paths import DEFAULT_WORKSPACE
+from spinemets.training.profiles import get_profile, stage_plan
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ class JobOptions:
 
     ``executor`` is ``slurm`` or ``local``; ``folder`` the run folder (default
     ``runs/<profile>-<UTC time>``). The other fields override the training profile's resources
-    (``resources`` of :data:`spinemets.training.nnunet.PROFILES`) for every job where given:
+    (``resources`` of :data:`spinemets.training.profiles.PROFILES`) for every job where given:
     ``partition``, ``time_min``, ``mem_gb`` and ``cpus_per_task`` for every job, ``gpus_per_job``
     for the kinds in :data:`GPU_KINDS`, ``num_gpus`` (nnU-Net's DDP) for training.
     """
@@ -190,7 +192,7 @@ def train_fold(stage: str, profile: str, configuration: str, fold: int | str, de
     """
     from spinemets.training import nnunet
 
-    options = nnunet.TrainingOptions(find_best=False, npz=nnunet.get_profile(profile)["find_best"], num_gpus=num_gpus)
+    options = nnunet.TrainingOptions(find_best=False, npz=get_profile(profile)["find_best"], num_gpus=num_gpus)
     return nnunet.train(stage, profile, configurations=[configuration], folds=[fold], device=device,
                         workspace=workspace, options=options)
 
@@ -203,7 +205,7 @@ def train_fold(stage: str, profile: str, configuration: str, fold: int | str, de
 def protocol_steps(stages: str | Sequence[str], profile: str, workspace: str | Path | None = None,
                    configurations: Sequence[str] | None = None, folds: Sequence[int | str] | None = None,
                    device: str | None = None, num_gpus: int = 1) -> list[Step]:
-    """The steps of training ``stages`` with a profile of :data:`spinemets.training.nnunet.PROFILES`, in submission order.
+    """The steps of training ``stages`` with a profile of :data:`spinemets.training.profiles.PROFILES`, in submission order.
 
     ``configurations`` and ``folds`` default to the profile's. The workspace path is made
     absolute (jobs may start in another folder). ``num_gpus`` > 1 is passed to the training steps
@@ -214,12 +216,12 @@ def protocol_steps(stages: str | Sequence[str], profile: str, workspace: str | P
     stages = [stages] if isinstance(stages, str) else list(stages)
     if not stages:
         raise SpinemetsError("no stage to train")
-    nnunet.get_profile(profile)
-    ws = str(Path(workspace if workspace is not None else nnunet.DEFAULT_WORKSPACE).resolve())
+    get_profile(profile)
+    ws = str(Path(workspace if workspace is not None else DEFAULT_WORKSPACE).resolve())
     extra = _num_gpus_kwargs(num_gpus)
     steps: list[Step] = []
     for stage in stages:
-        entry = nnunet.stage_plan(stage, profile)
+        entry = stage_plan(stage, profile)
         cfgs = list(configurations or entry["configurations"])
         stage_folds = [nnunet.parse_fold(f) for f in (folds or entry["folds"])]
         common = {"stage": stage, "profile": profile, "workspace": ws}
@@ -249,15 +251,13 @@ def _num_gpus_kwargs(num_gpus: int) -> dict:
 
 
 def profile_resources(profile: str, options: JobOptions | None = None) -> dict[str, Resources]:
-    """Resources per step kind: the training profile's (``resources`` of :data:`spinemets.training.nnunet.PROFILES`;
+    """Resources per step kind: the training profile's (``resources`` of :data:`spinemets.training.profiles.PROFILES`;
     an unknown profile is an error) with the overrides of ``options`` (see :class:`JobOptions`).
     """
-    from spinemets.training import nnunet
-
     opts = options or JobOptions()
     partition, gpus_per_job, time_min = opts.partition, opts.gpus_per_job, opts.time_min
     mem_gb, cpus_per_task, num_gpus = opts.mem_gb, opts.cpus_per_task, opts.num_gpus
-    table = nnunet.get_profile(profile)["resources"]
+    table = get_profile(profile)["resources"]
     out = {}
     for kind in KINDS:
         res = Resources(**table[kind])
@@ -319,7 +319,6 @@ def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, 
 
     The profile's parameters and notebooks are checked here, before anything is submitted.
     """
-    from spinemets.training import nnunet
     from spinemets.run import runner
     from spinemets.run.profiles import find_project_root, load_profile
 
@@ -349,7 +348,7 @@ def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, 
         params = plans[index][2]
         stage = params.get("stage", "vertebrae")  # the notebook's own default
         trainers.append(params.get("profile", "demo"))
-        workspace = Path(params.get("workspace") or nnunet.DEFAULT_WORKSPACE)
+        workspace = Path(params.get("workspace") or DEFAULT_WORKSPACE)
         stage_steps = protocol_steps(stage, trainers[-1], workspace if workspace.is_absolute() else root / workspace,
                                      params.get("configurations"), params.get("folds"), params.get("device"),
                                      num_gpus)

@@ -20,7 +20,7 @@ Relative paths, of notebooks and in parameters, are relative to the project root
 the working directory the notebooks run in.
 
 A run profile and a training profile are one concept with one lookup: the run profile's
-``profile`` parameter names its entry in :data:`spinemets.training.nnunet.PROFILES` (what is trained,
+``profile`` parameter names its entry in :data:`spinemets.training.profiles.PROFILES` (what is trained,
 the inference clean-up, the job resources per step kind); an unknown name is an error here,
 when the YAML file is loaded, not hours later.
 """
@@ -143,7 +143,7 @@ def _parse(data: Any, path: Path) -> Profile:
         if extra:
             raise SpinemetsError(f"{path}: notebook entry {entry['path']!r} has unknown key(s) {extra}")
         steps.append(NotebookStep(entry["path"], _mapping(entry.get("parameters"), path, entry["path"])))
-    from spinemets.training.nnunet import PROFILES as TRAINING_PROFILES  # the one registry of training profiles
+    from spinemets.training.profiles import PROFILES as TRAINING_PROFILES  # the one registry of training profiles
 
     for where, params in [("parameters", shared), *((step.path, step.parameters) for step in steps)]:
         name = params.get("profile")

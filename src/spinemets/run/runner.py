@@ -42,6 +42,7 @@ from spinemets.errors import SpinemetsError
 from spinemets.formats.io import atomic_path, read_json, write_json, write_text
 from spinemets.run.profiles import NotebookStep, Profile, find_project_root, load_profile, notebook_parameters
 from spinemets.provenance import now, provenance
+from spinemets.training.profiles import stage_budget
 
 log = logging.getLogger(__name__)
 
@@ -239,12 +240,11 @@ def run_estimate(prof: Profile, plans: list, build_book: bool) -> dict | None:
     has no reference times (:mod:`spinemets.training.estimate`) or a training step has no wall-clock budget.
     """
     from spinemets.training import estimate
-    from spinemets.training import nnunet
 
     budgets = {}
     for name, _, params in plans:
         if "stage" in params and name.startswith(TRAINING_NOTEBOOK):
-            budgets[name] = nnunet.stage_budget(params["stage"], params.get("profile", "demo"),
+            budgets[name] = stage_budget(params["stage"], params.get("profile", "demo"),
                                                 params.get("train_budget_min"))
     steps = [name for name, _, _ in plans]
     if not estimate.has_reference(prof.name, steps, budgets):
@@ -299,7 +299,7 @@ def _step_progress(name: str, index: int, count: int, expected: dict | None, ela
 
 
 #: The environment of the kernels that execute a run's notebooks, where the user has not set these:
-#: nnU-Net's output goes to log files beside the run's outputs (``spinemets.training.nnunet.TOOL_OUTPUT_ENV``)
+#: nnU-Net's output goes to log files beside the run's outputs (``spinemets.training.programs.TOOL_OUTPUT_ENV``)
 #: and no progress bars are drawn into the pages (the runner's own progress stays on the terminal).
 NOTEBOOK_ENVIRONMENT = {"SPINEMETS_TOOL_OUTPUT": "log", "TQDM_DISABLE": "1"}
 
