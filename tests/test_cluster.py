@@ -235,7 +235,7 @@ def test_paper_protocol_graph(tmp_path):
     by_name = {s.name: s for s in steps}
     fold = by_name["metastases/3d_fullres/fold_3"]
     assert fold.after == ("metastases/plan",)
-    assert fold.target == "spinemets.run.cluster:train_fold"
+    assert fold.target == "train_fold"
     assert fold.kwargs["configuration"] == "3d_fullres" and fold.kwargs["fold"] == 3
     assert fold.kwargs["workspace"] == str((tmp_path / "ws").resolve())
     cascade = by_name["vertebrae/3d_cascade_fullres/fold_0"]
@@ -245,13 +245,10 @@ def test_paper_protocol_graph(tmp_path):
     assert len(final.after) == 20 and final.kwargs["folds"] == [0, 1, 2, 3, 4]
     cluster._check_graph(steps)  # every step after the ones it needs
     # every call names a real function with parameters it accepts
-    import importlib
     import inspect
     for step in steps:
-        module, name = step.target.split(":")
-        inspect.signature(getattr(importlib.import_module(module), name)).bind(**step.kwargs)
-    assert {s.target for s in steps if s.kind != "train"} == {"spinemets.training.nnunet:plan_and_preprocess",
-                                                                "spinemets.training.nnunet:train"}
+        inspect.signature(cluster.job_function(step.target)).bind(**step.kwargs)
+    assert {s.target for s in steps if s.kind != "train"} == {"plan_and_preprocess", "train"}
 
 
 def test_train_fold_trains_one_fold_and_saves_probabilities_for_the_selection(tmp_path, monkeypatch):
@@ -369,11 +366,9 @@ def test_run_steps_of_the_paper_profile(tmp_path):
     assert report.kwargs["parameters"] == {"folds": "[0, 1]", "workspace": "ws/paper"}
     assert report.kwargs["estimate"] is False
     cluster._check_graph(steps)
-    import importlib
     import inspect
     for step in steps:
-        module, name = step.target.split(":")
-        inspect.signature(getattr(importlib.import_module(module), name)).bind(**step.kwargs)
+        inspect.signature(cluster.job_function(step.target)).bind(**step.kwargs)
     resources = cluster.profile_resources(trainer)
     assert resources["report"].gpus_per_job == 1 and resources["prepare"].gpus_per_job == 0
 
@@ -419,3 +414,52 @@ def test_job_options_need_an_executor(capsys):
     assert "--wait go(es) with --executor" in capsys.readouterr().err
     assert cli.main(["train", "--stage", "vertebrae", "--partition", "gpu", "--num-gpus", "2"]) == 2
     assert "--num-gpus, --partition go(es) with --executor" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Run records written before the package was split into subpackages
+# ---------------------------------------------------------------------------------------------
+
+#: ``train.json`` (``spinemets train --executor local``, demo profile) and ``run.json`` (``spinemets run
+#: --executor local --profile demo``), written by the code of commit 192c49a, whose job targets name
+#: the modules of that time (``spinemets.nnunet:train``, ``spinemets.runner:run`` ...).
+RECORDED_RUNS = REPO / "tests" / "data" / "run_before_refactor"
+
+
+def test_old_run_records_name_the_functions_that_run_now():
+    import inspect
+
+    targets = set()
+    for name in ("train.json", "run.json"):
+        for entry in json.loads((RECORDED_RUNS / name).read_text())["steps"]:
+            targets.add(entry["target"])
+            inspect.signature(cluster.job_function(entry["target"])).bind(**entry["kwargs"])
+    assert targets == set(cluster.RECORDED_TARGETS)
+    now = {old: f"{cluster.job_function(old).__module__}.{cluster.job_function(old).__qualname__}" for old in targets}
+    assert now == {"spinemets.nnunet:plan_and_preprocess": "spinemets.training.nnunet.plan_and_preprocess",
+                   "spinemets.nnunet:train": "spinemets.training.nnunet.train",
+                   "spinemets.cluster:train_fold": "spinemets.run.cluster.train_fold",
+                   "spinemets.runner:run": "spinemets.run.runner.run"}
+    steps, _ = cluster.run_steps("demo", root=REPO)
+    assert {s.target for s in steps} == set(cluster.JOB_TARGETS)  # what the code records now: the stable names
+    with pytest.raises(SpinemetsError, match="unknown job target 'spinemets.nnunet_train'|job target"):
+        cluster.job_function("spinemets.nnunet_train")
+
+
+def test_old_run_record_is_resubmitted(tmp_path):
+    """The old record, its workspace pointed into this test's folder, resubmitted on this machine: the
+    planning job imports its target in a job of its own and runs it, which refuses a workspace
+    without raw datasets (planning itself is the pipeline tests' work)."""
+    record = json.loads((RECORDED_RUNS / "train.json").read_text())
+    for entry in record["steps"]:
+        entry["kwargs"]["workspace"] = str(tmp_path / "ws")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(SpinemetsError, match=r"step vertebrae/plan failed: .*Dataset501_Vertebrae: raw dataset not found"):
+        cluster.resubmit(run)
+    plan = cluster.load_record(run)["steps"][0]
+    assert plan["target"] == "spinemets.nnunet:plan_and_preprocess"  # the record keeps what it was written with
+    assert plan["jobs"][-1]["state"] == "FAILED" and "cannot be imported" not in plan["jobs"][-1]["reason"]
+    assert statuses(cluster.status(run)) == {"vertebrae/plan": "failed", "vertebrae/demo_vertebrae/fold_all": "not submitted",
+                                             "vertebrae/finalize": "not submitted"}

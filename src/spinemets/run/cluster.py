@@ -54,7 +54,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 import submitit
@@ -64,9 +64,10 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 
 from spinemets.errors import SpinemetsError, unknown_choice
 from spinemets.formats.io import read_json, write_json
-from spinemets.training.profiles import STEP_KINDS
 from spinemets.paths import DEFAULT_WORKSPACE
-from spinemets.training.profiles import get_profile, stage_plan
+from spinemets.run import runner
+from spinemets.training import nnunet
+from spinemets.training.profiles import STEP_KINDS, get_profile, stage_plan
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,11 @@ GPU_KINDS = ("train", "report")
 
 @dataclass(frozen=True)
 class Step:
-    """One job of the graph: call ``target`` (``"module:function"``) with ``kwargs`` after the steps in ``after``."""
+    """One job of the graph: call ``target`` with ``kwargs`` after the steps in ``after``.
+
+    ``target`` is a name of :data:`JOB_TARGETS` (every step the project makes), or ``"module:function"``
+    for a graph of other functions given to :func:`submit_steps`.
+    """
 
     name: str
     kind: str
@@ -152,14 +157,34 @@ class Step:
 # ---------------------------------------------------------------------------------------------
 
 
-def call_target(target: str, kwargs: Mapping[str, Any]) -> Any:
-    """Import ``module:function`` and call it with ``kwargs``: the body of every job."""
-    module, _, name = target.partition(":")
+#: The targets that run records written before :data:`JOB_TARGETS` (package 0.x before the
+#: subpackages) hold, by the name they have now.
+RECORDED_TARGETS = {
+    "spinemets.nnunet:plan_and_preprocess": "plan_and_preprocess",
+    "spinemets.cluster:train_fold": "train_fold",
+    "spinemets.nnunet:train": "train",
+    "spinemets.runner:run": "run",
+}
+
+
+def job_function(target: str) -> Callable[..., Any]:
+    """The function a job's ``target`` names: a name of :data:`JOB_TARGETS`, one of
+    :data:`RECORDED_TARGETS` (an older run record), or ``module:function``."""
+    target = RECORDED_TARGETS.get(target, target)
+    if target in JOB_TARGETS:
+        return JOB_TARGETS[target]
+    module, sep, name = target.partition(":")
+    if not sep:
+        raise unknown_choice("job target", target, JOB_TARGETS)
     try:
-        function = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise SpinemetsError(f"job target {target!r} cannot be imported: {exc}") from None
-    return function(**kwargs)
+
+
+def call_target(target: str, kwargs: Mapping[str, Any]) -> Any:
+    """Call the function ``target`` names (:func:`job_function`) with ``kwargs``: the body of every job."""
+    return job_function(target)(**kwargs)
 
 
 class StepCall(Checkpointable):
@@ -190,11 +215,19 @@ def train_fold(stage: str, profile: str, configuration: str, fold: int | str, de
     (``paper``), the fold saves its validation probabilities (``--npz``), which the selection
     ensembles. ``num_gpus`` > 1 is nnU-Net's ``-num_gpus``.
     """
-    from spinemets.training import nnunet
-
     options = nnunet.TrainingOptions(find_best=False, npz=get_profile(profile)["find_best"], num_gpus=num_gpus)
     return nnunet.train(stage, profile, configurations=[configuration], folds=[fold], device=device,
                         workspace=workspace, options=options)
+
+
+#: The functions a job runs, by the name its run record (``run.json``) keeps: names that stay when
+#: modules move, so that a run recorded before a move can still be resubmitted.
+JOB_TARGETS: dict[str, Callable[..., Any]] = {
+    "plan_and_preprocess": nnunet.plan_and_preprocess,
+    "train_fold": train_fold,
+    "train": nnunet.train,
+    "run": runner.run,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,8 +244,6 @@ def protocol_steps(stages: str | Sequence[str], profile: str, workspace: str | P
     absolute (jobs may start in another folder). ``num_gpus`` > 1 is passed to the training steps
     as nnU-Net's ``-num_gpus``.
     """
-    from spinemets.training import nnunet
-
     stages = [stages] if isinstance(stages, str) else list(stages)
     if not stages:
         raise SpinemetsError("no stage to train")
@@ -225,7 +256,7 @@ def protocol_steps(stages: str | Sequence[str], profile: str, workspace: str | P
         cfgs = list(configurations or entry["configurations"])
         stage_folds = [nnunet.parse_fold(f) for f in (folds or entry["folds"])]
         common = {"stage": stage, "profile": profile, "workspace": ws}
-        plan = Step(f"{stage}/plan", "plan", stage, "spinemets.training.nnunet:plan_and_preprocess",
+        plan = Step(f"{stage}/plan", "plan", stage, "plan_and_preprocess",
                     {**common, "configurations": cfgs})
         steps.append(plan)
         trains = []
@@ -234,11 +265,11 @@ def protocol_steps(stages: str | Sequence[str], profile: str, workspace: str | P
                 after = [plan.name]
                 if cfg == "3d_cascade_fullres" and "3d_lowres" in cfgs:
                     after += [f"{stage}/3d_lowres/fold_{f}" for f in stage_folds]
-                trains.append(Step(f"{stage}/{cfg}/fold_{fold}", "train", stage, "spinemets.run.cluster:train_fold",
+                trains.append(Step(f"{stage}/{cfg}/fold_{fold}", "train", stage, "train_fold",
                                    {**common, "configuration": cfg, "fold": fold, "device": device, **extra},
                                    tuple(after), cfg, fold))
         steps += sorted(trains, key=lambda s: len(s.after))  # the cascade after the others
-        steps.append(Step(f"{stage}/finalize", "finalize", stage, "spinemets.training.nnunet:train",
+        steps.append(Step(f"{stage}/finalize", "finalize", stage, "train",
                           {**common, "configurations": cfgs, "folds": stage_folds, "device": device},
                           tuple(s.name for s in trains)))
     return steps
@@ -319,7 +350,6 @@ def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, 
 
     The profile's parameters and notebooks are checked here, before anything is submitted.
     """
-    from spinemets.run import runner
     from spinemets.run.profiles import find_project_root, load_profile
 
     root = find_project_root(root)
@@ -336,7 +366,7 @@ def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, 
     common = {"profile": str(prof.source), "parameters": dict(parameters or {}), "root": str(root)}
     # the notebooks before training get the overrides they declare (e.g. not a training notebook's folds)
     before = set().union(*(runner.declared_parameters(src) for _, src, _ in plans[:training[0]]))
-    prepare = Step("run/prepare", "prepare", "run", "spinemets.run.runner:run",
+    prepare = Step("run/prepare", "prepare", "run", "run",
                    {**common, "parameters": {k: v for k, v in common["parameters"].items() if k in before},
                     "notebooks": names[:training[0]], "out_dir": f"{out_dir}-prepare", "build_book": False,
                     "estimate": False})
@@ -358,7 +388,7 @@ def run_steps(profile: str | Path, parameters: Mapping[str, Any] | None = None, 
     if len(set(trainers)) > 1:
         raise SpinemetsError(f"profile {prof.name!r}: the training notebooks use different training profiles "
                              f"{sorted(set(trainers))}; one run submits one")
-    steps.append(Step("run/report", "report", "run", "spinemets.run.runner:run",
+    steps.append(Step("run/report", "report", "run", "run",
                       {**common, "out_dir": out_dir, "estimate": False}, tuple(finals)))
     return steps, trainers[0]
 
@@ -426,8 +456,9 @@ def _check_graph(steps: Sequence[Step]) -> None:
         missing = [a for a in step.after if a not in seen]
         if missing:
             raise SpinemetsError(f"step {step.name!r} comes after {missing}, which are not listed before it")
-        if ":" not in step.target:
-            raise SpinemetsError(f"step {step.name!r}: target {step.target!r} must look like 'module:function'")
+        if step.target not in JOB_TARGETS and ":" not in step.target:
+            raise SpinemetsError(f"step {step.name!r}: target {step.target!r} must be one of "
+                                 f"{', '.join(JOB_TARGETS)} or look like 'module:function'")
         seen.add(step.name)
 
 
