@@ -972,7 +972,7 @@ def evaluate_lesion_pair(ref_path, pred_path, beta: float = 2.0, match: str = "i
         if path is None:
             arrays.append(None)
             continue
-        images.append(_read_detection_map(path) if path is confidence else read_image(path, what=what))
+        images.append(read_image(path, what=what))
         check_same_geometry(pred_image, images[-1], pred_path, path)
         arrays.append(sitk.GetArrayViewFromImage(images[-1]))
     if arrays[1] is not None:
@@ -980,30 +980,6 @@ def evaluate_lesion_pair(ref_path, pred_path, beta: float = 2.0, match: str = "i
     spacing = tuple(float(s) for s in reversed(ref_image.GetSpacing()))
     return evaluate_lesion_case(ref, pred, arrays[0], arrays[1], spacing, beta, match, connectivity,
                                 sources=(ref_path, pred_path, confidence))
-
-
-def _read_detection_map(path):
-    """A detection map as SimpleITK reads it, checked as an image (:func:`spinemets.formats.io.check_image`).
-
-    Not :func:`spinemets.formats.io.read_image`, whose further passes over a float NIfTI (its decompressed
-    length, and a second read for NaN) guard against voxels that silently read as 0: here
-    :func:`_check_confidence` refuses any voxel where the map and its label map disagree, which
-    such a voxel on a lesion would be, and 0 is the map's own value everywhere else. This keeps
-    the map's reading at one pass over the file.
-    """
-    import SimpleITK as sitk
-
-    from spinemets.formats.io import check_image, one_line, require_file
-
-    path = require_file(path, "detection map")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
-        raise SpinemetsError(f"{path}: cannot read detection map (truncated, corrupt or not an image file): "
-                             f"{one_line(first)[-200:]}") from None
-    check_image(image, path, "detection map")
-    return image
 
 
 def beside(pred_path, name: str) -> Path | None:

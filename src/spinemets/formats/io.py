@@ -3,8 +3,10 @@
 * Images are read with SimpleITK and checked: a missing, truncated or corrupt file, a 4-D or
   multi-component volume, NaN or infinite voxels and a sheared or scaled direction matrix each
   raise :class:`~spinemets.errors.SpinemetsError` naming the file and what is wrong. (ITK's NIfTI
-  reader turns NaN and infinite voxels into 0, and fills a truncated ``.nii.gz`` with 0: NIfTI files
-  are checked once more, their stored bytes counted and floating-point values read with nibabel.)
+  reader turns NaN and infinite voxels into 0, and fills a truncated ``.nii.gz`` with 0: a NIfTI
+  file's voxels are therefore read here, in one pass that decompresses a ``.nii.gz`` once and checks
+  its gzip trailer (CRC and length), and ITK reads only its header, for the geometry; see
+  :func:`read_image`.)
 * Paths are checked before use (:func:`require_file`, :func:`require_dir`,
   :func:`check_output_file`, :func:`check_output_dir`): a missing file, a broken link, a folder
   where a file is expected and an output under a file each get a one-line message; a failed
@@ -22,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import re
 import uuid
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -353,20 +357,26 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         from spinemets.formats.dicom import read_dicom_series  # DICOM series folders
 
         image = read_dicom_series(path)
+    elif path.name.lower().endswith((".nii", ".nii.gz")):
+        image = _read_nifti(path, what)
     else:
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
-            raise SpinemetsError(
-                f"{path}: cannot read {what} (truncated, corrupt or not an image file): {one_line(first)[-200:]}"
-            ) from None
+        image = _itk_read(path, what)
     check_image(image, path, what)
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti(path, what)
-    elif path.name.lower().endswith(".nrrd"):
+    if path.name.lower().endswith(".nrrd"):
         _check_nrrd_data(path, what)
     return image
+
+
+def _itk_read(path: Path, what: str) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise _unreadable(path, what, exc) from None
+
+
+def _unreadable(path: Path, what: str, exc: RuntimeError) -> SpinemetsError:
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return SpinemetsError(f"{path}: cannot read {what} (truncated, corrupt or not an image file): {one_line(first)[-200:]}")
 
 
 #: Bytes per voxel of the NRRD type names (NRRD format specification, "type" field).
@@ -421,37 +431,202 @@ def _check_nrrd_data(path: Path, what: str) -> None:
                              f"{expected} (sizes {[int(v) for v in header['sizes']]}, type {header.get('type')})")
 
 
-def _check_nifti(path: Path, what: str) -> None:
-    """What ITK's NIfTI reader lets through silently, refused: a file cut short (ITK fills the missing
-    voxels with 0) and NaN or infinite voxels (ITK turns them into 0). The stored bytes are counted
-    (streaming, for ``.nii.gz``), and a floating-point file's values are read once more with nibabel."""
-    import zlib
+#: NIfTI ``datatype`` codes of scalar voxels -> (numpy type, SimpleITK pixel type).
+_NIFTI_TYPES = {2: ("u1", sitk.sitkUInt8), 256: ("i1", sitk.sitkInt8), 4: ("i2", sitk.sitkInt16),
+                512: ("u2", sitk.sitkUInt16), 8: ("i4", sitk.sitkInt32), 768: ("u4", sitk.sitkUInt32),
+                1024: ("i8", sitk.sitkInt64), 1280: ("u8", sitk.sitkUInt64), 16: ("f4", sitk.sitkFloat32),
+                64: ("f8", sitk.sitkFloat64)}
+#: Bytes per voxel of the other NIfTI ``datatype`` codes (complex, RGB, long double).
+_NIFTI_OTHER_SIZES = {32: 8, 128: 3, 1536: 16, 1792: 16, 2048: 32, 2304: 4}
 
-    import nibabel
 
+def _read_nifti(path: Path, what: str) -> sitk.Image:
+    """A NIfTI file (``.nii`` or ``.nii.gz``) read and checked, a ``.nii.gz`` decompressed once.
+
+    What ITK's NIfTI reader lets through silently is refused: a file cut short (ITK fills the missing
+    voxels with 0), a qform and an sform that disagree, and NaN or infinite voxels (ITK turns them
+    into 0). The header is read from the file's first bytes. A file of integer voxels is read by ITK,
+    and its length checked without a second decompression: a gzip stream ends with its length modulo
+    2**32, which must be the header's voxel offset plus voxel bytes (only where it is not, the stream is
+    decompressed again to tell a truncated file from a longer one). A file of floating-point voxels is
+    decompressed here, once, with its gzip trailer (CRC-32 and length) checked, its values checked,
+    and the image made from them; ITK reads only its header, for the geometry.
+    """
+    gz = path.name.lower().endswith(".gz")
     try:
-        nifti = nibabel.load(str(path))
-        header = nifti.header
-        offset = int(getattr(nifti.dataobj, "offset", header.get_data_offset()))
-        expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-        if path.name.lower().endswith(".gz"):
-            with open(path, "rb") as fh:
-                stored = _gunzipped_length(fh)
-        else:
-            stored = path.stat().st_size
-    except (EOFError, OSError, zlib.error, nibabel.filebasedimages.ImageFileError, ValueError) as exc:
+        header = nifti_header(_head_bytes(path, gz))
+    except (EOFError, OSError, zlib.error, ValueError) as exc:
+        _itk_read(path, what)  # ITK's own refusal first, where it has one
         raise SpinemetsError(f"{path}: cannot read {what} (truncated or corrupt): {one_line(exc)[:200]}") from None
-    if stored < expected:
-        raise SpinemetsError(f"{path}: {what} is truncated: {stored} of {expected} bytes "
-                             "(the missing voxels would read as 0)")
-    qform, qcode = header.get_qform(coded=True)
-    sform, scode = header.get_sform(coded=True)
-    if qcode and scode and not np.allclose(qform, sform, atol=1e-3, rtol=1e-4):
+    if header["float"]:
+        image = _read_nifti_voxels(path, what, gz)
+    else:
+        image = _itk_read(path, what)
+        if not gz:
+            stored = path.stat().st_size
+        elif _gzip_length_mod32(path) == header["end"] % 2**32:
+            stored = header["end"]
+        else:
+            try:
+                with open(path, "rb") as fh:
+                    stored = _gunzipped_length(fh)
+            except (EOFError, OSError, zlib.error) as exc:
+                raise SpinemetsError(f"{path}: cannot read {what} (truncated or corrupt): {one_line(exc)[:200]}") \
+                    from None
+        _check_nifti_length(stored, header, path, what)
+    if header["qform"] is not None and header["sform"] is not None \
+            and not np.allclose(header["qform"], header["sform"], atol=1e-3, rtol=1e-4):
         raise SpinemetsError(f"{path}: {what} has a qform and an sform that disagree; readers differ on which "
                              "they use, so its geometry is ambiguous (rewrite it with one of them)")
-    if header.get_data_dtype().kind != "f":
-        return
-    check_finite(np.asanyarray(nifti.dataobj), path, what)
+    return image
+
+
+def _check_nifti_length(stored: int, header: dict, path: Path, what: str) -> None:
+    if stored < header["end"]:
+        raise SpinemetsError(f"{path}: {what} is truncated: {stored} of {header['end']} bytes "
+                             "(the missing voxels would read as 0)")
+
+
+def _head_bytes(path: Path, gz: bool, size: int = 1024) -> bytes:
+    """The first ``size`` bytes of a file's content (decompressed from its first blocks for gzip)."""
+    with open(path, "rb") as fh:
+        if not gz:
+            return fh.read(size)
+        inflater = zlib.decompressobj(wbits=31)
+        out = b""
+        while len(out) < size and not inflater.eof:
+            block = fh.read(1 << 16)
+            if not block:
+                break
+            out += inflater.decompress(block, size - len(out))
+            while len(out) < size and inflater.unconsumed_tail:
+                out += inflater.decompress(inflater.unconsumed_tail, size - len(out))
+        return out
+
+
+def _gzip_length_mod32(path: Path) -> int:
+    """The last field of a gzip file: the length of what it holds, modulo 2**32 (RFC 1952, ISIZE)."""
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        return int.from_bytes(fh.read(4), "little")
+
+
+def _read_nifti_voxels(path: Path, what: str, gz: bool) -> sitk.Image:
+    """A NIfTI file's voxels read (a ``.nii.gz`` decompressed once, its trailer checked) and checked for
+    NaN and infinite values, as an image with the geometry ITK reads from the header. A scaled, 4-D or
+    vector file, which ITK reads differently, is read by ITK (a second pass)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _unreadable(path, what, exc) from None
+    try:
+        raw = _gunzip(path.read_bytes()) if gz else path.read_bytes()
+    except (EOFError, OSError, zlib.error) as exc:
+        raise SpinemetsError(f"{path}: cannot read {what} (truncated or corrupt): {one_line(exc)[:200]}") from None
+    header = nifti_header(raw)
+    _check_nifti_length(len(raw), header, path, what)
+    voxels = header["voxels"]
+    check_finite(voxels, path, what)
+    size = header["shape"]
+    if (header["scaled"] or reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1
+            or tuple(reader.GetSize()) != size[:3] or any(n != 1 for n in size[3:])
+            or reader.GetPixelID() != header["pixel_id"]):
+        return _itk_read(path, what)  # what ITK makes of it is the reference
+    array = voxels[: int(np.prod(size[:3]))].reshape(size[2::-1]).astype(voxels.dtype.newbyteorder("="), copy=False)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(reader.GetSpacing())
+    image.SetOrigin(reader.GetOrigin())
+    image.SetDirection(reader.GetDirection())
+    return image
+
+
+def _gunzip(data: bytes) -> bytes:
+    """The bytes a gzip file holds, decompressed once; every member's trailer (CRC-32, length modulo
+    2**32) checked by zlib. Raises EOFError for a stream cut short, ``zlib.error`` for corrupt data."""
+    parts = []
+    while True:
+        inflater = zlib.decompressobj(wbits=31)
+        parts.append(inflater.decompress(data))
+        if not inflater.eof:
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        data = inflater.unused_data
+        if not data.strip(b"\0"):  # gzip allows zero padding after the last member
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def nifti_header(raw: bytes) -> dict:
+    """The fields of a NIfTI-1 or NIfTI-2 file's header (``raw``: the file's bytes, decompressed) that the
+    checks of :func:`read_image` need, read as the NIfTI standard defines them.
+
+    Returns ``{"shape": (x, y, z, ...), "end": bytes the header describes (voxel offset + voxel bytes),
+    "pixel_id": SimpleITK's pixel type of the voxels (None for other types), "float": whether they are
+    floating-point numbers, "scaled": whether
+    ``scl_slope``/``scl_inter`` change the values, "qform"/"sform": the 4 x 4 matrices where their
+    codes are set (else None), "voxels": the voxel values as stored (a flat array over ``raw``, None
+    for types without a numpy equivalent)}``. Raises ValueError for bytes that are no NIfTI header.
+    """
+    size = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else 0
+    order = "<" if size in (348, 540) else ">"
+    size = int.from_bytes(raw[:4], "little" if order == "<" else "big")
+    if size not in (348, 540) or len(raw) < size:
+        raise ValueError("not a NIfTI-1 or NIfTI-2 header")
+    if size == 348:
+        dim = np.frombuffer(raw, order + "i2", 8, 40).astype(np.int64)
+        datatype = int(np.frombuffer(raw, order + "i2", 1, 70)[0])
+        pixdim = np.frombuffer(raw, order + "f4", 8, 76).astype(np.float64)
+        vox_offset = float(np.frombuffer(raw, order + "f4", 1, 108)[0])
+        slope, inter = (float(v) for v in np.frombuffer(raw, order + "f4", 2, 112))
+        qcode, scode = (int(v) for v in np.frombuffer(raw, order + "i2", 2, 252))
+        quatern = np.frombuffer(raw, order + "f4", 6, 256).astype(np.float64)
+        srows = np.frombuffer(raw, order + "f4", 12, 280).astype(np.float64)
+    else:
+        datatype = int(np.frombuffer(raw, order + "i2", 1, 12)[0])
+        dim = np.frombuffer(raw, order + "i8", 8, 16)
+        pixdim = np.frombuffer(raw, order + "f8", 8, 104)
+        vox_offset = float(np.frombuffer(raw, order + "i8", 1, 168)[0])
+        slope, inter = (float(v) for v in np.frombuffer(raw, order + "f8", 2, 176))
+        qcode, scode = (int(v) for v in np.frombuffer(raw, order + "i4", 2, 344))
+        quatern = np.frombuffer(raw, order + "f8", 6, 352)
+        srows = np.frombuffer(raw, order + "f8", 12, 400)
+    ndim = int(dim[0])
+    if not 1 <= ndim <= 7 or (dim[1:ndim + 1] < 1).any():
+        raise ValueError(f"header dimensions {list(dim)} are not valid")
+    shape = tuple(int(n) for n in dim[1:ndim + 1])
+    offset = max(int(vox_offset), size + 4)  # a single file's voxels follow the header and its 4 extension bytes
+    numpy_type, pixel_id = _NIFTI_TYPES.get(datatype, (None, None))
+    itemsize = np.dtype(numpy_type).itemsize if numpy_type else _NIFTI_OTHER_SIZES.get(datatype)
+    if itemsize is None:
+        raise ValueError(f"unknown NIfTI datatype {datatype}")
+    count = int(np.prod(shape))
+    end = offset + count * itemsize
+    voxels = None
+    if numpy_type is not None and len(raw) >= end:
+        voxels = np.frombuffer(raw, order + numpy_type, count, offset)
+    return {"shape": shape, "end": end, "pixel_id": pixel_id, "voxels": voxels,
+            "float": numpy_type is not None and numpy_type.startswith("f"),
+            "scaled": bool(slope not in (0.0, 1.0) and np.isfinite(slope) or inter not in (0.0,) and np.isfinite(inter)),
+            "qform": _qform(quatern, pixdim) if qcode else None,
+            "sform": np.vstack([srows.reshape(3, 4), [0.0, 0.0, 0.0, 1.0]]) if scode else None}
+
+
+def _qform(quatern: np.ndarray, pixdim: np.ndarray) -> np.ndarray:
+    """The qform matrix of the NIfTI standard: the rotation of the quaternion (b, c, d; a >= 0), the voxel
+    sizes (their absolute values; ``qfac`` = ``pixdim[0]`` where it is -1, else 1) and the offsets."""
+    b, c, d = quatern[:3]
+    a = math.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
+    norm = a * a + b * b + c * c + d * d
+    a, b, c, d = (v / math.sqrt(norm) for v in (a, b, c, d))
+    rotation = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                         [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                         [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - b * b - c * c]])
+    scale = np.abs(pixdim[1:4])
+    scale[2] *= -1.0 if pixdim[0] == -1 else 1.0
+    out = np.eye(4)
+    out[:3, :3] = rotation * scale
+    out[:3, 3] = quatern[3:6]
+    return out
 
 
 def _gunzipped_length(fh) -> int:
