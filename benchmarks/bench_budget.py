@@ -4,7 +4,7 @@ The demo trains each stage for a wall-clock budget (``spinemets.training.profile
 decides how many iterations fit into it. This benchmark trains one stage again with other budgets,
 on the data of a demo workspace that already holds both stages' models (``make demo``), and scores
 each result on the held-out cases exactly as the demo does (:func:`spinemets.inference.predict.predict`
-with the profile's clean-up, then :func:`spinemets.evaluation.metrics.evaluate_folders`).
+with the profile's clean-up, then :func:`spinemets.evaluation.evaluate.evaluate_folders`).
 
 * Each budget's model goes into its own ``nnUNet_results`` folder under ``--workdir`` (the other
   stage's model is linked there from the workspace, so that prediction runs both stages as the
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from bench_train import MODES
 from spinemets.inference import predict as inference
-from spinemets.evaluation import metrics
+from spinemets.evaluation.evaluate import evaluate_folders
 from spinemets.training import nnunet
 from spinemets.formats.io import write_json, write_text
 from spinemets.labels import STAGE_NAMES, check_stage
@@ -71,7 +71,7 @@ def results_folder(path: Path | None):
 
 
 def scores(summary: dict, stage: str, n_cases: int) -> dict:
-    """The numbers the README and the results page quote, from :func:`metrics.evaluate_folders`' summary."""
+    """The numbers the README and the results page quote, from :func:`spinemets.evaluation.evaluate.evaluate_folders`' summary."""
     mean, pooled = summary["mean"], summary["pooled"]
     if stage == "vertebrae":
         levels = [v["dice"]["value"] for cls, v in mean.items()
@@ -93,8 +93,8 @@ def evaluate(ws: Workspace, stage: str, out: Path) -> dict:
     t0 = time.perf_counter()
     inference.predict(ws.held_out_images(), out / "predictions", profile=PROFILE, workspace=ws, device="cpu")
     cases = ws.held_out_cases(stage)
-    summary = metrics.evaluate_folders(ws.test_labels(stage), out / "predictions", stage, out / "evaluation",
-                                       cases=cases)
+    summary = evaluate_folders(ws.test_labels(stage), out / "predictions", stage, out / "evaluation",
+                              cases=cases)
     return {**scores(summary, stage, len(cases)), "predict_and_score_s": round(time.perf_counter() - t0, 1)}
 
 

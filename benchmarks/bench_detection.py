@@ -11,11 +11,11 @@ and ``pred/CASE/metastases.nii.gz`` beside ``metastases_confidence.nii.gz`` and
 * ``read_maps``: reading every detection map and vertebra map, the detection tables' own inputs;
 * ``metrics_on_arrays``: :func:`spinemets.evaluation.metrics.evaluate_case` of every case (the lesion
   metrics as before this issue), and ``metrics_and_detections_on_arrays``:
-  :func:`spinemets.evaluation.metrics.evaluate_lesion_case` (the same metrics and each case's detections,
+  :func:`spinemets.evaluation.evaluate.evaluate_lesion_case` (the same metrics and each case's detections,
   from one matching, the detection map checked);
 * ``folder_tables``: FROC, summary with 2000 bootstrap replicates, bands, regions, patients;
 * ``figure``: drawing and writing ``froc.png`` (a fixed cost of matplotlib, whatever the data);
-* ``evaluate``: ``spinemets.evaluation.metrics.evaluate_folders`` on the folders (read, score, write
+* ``evaluate``: ``spinemets.evaluation.evaluate.evaluate_folders`` on the folders (read, score, write
   everything), one process; and the same on a flat folder of the label maps alone (no detection
   or vertebra maps: the evaluation as it was before this issue, bar the one-point FROC).
 
@@ -47,7 +47,7 @@ def write_cases(folder: Path, n_cases: int, shape, seed: int) -> None:
     import cc3d
     import SimpleITK as sitk
 
-    from spinemets.evaluation.detection import CONFIDENCE_NAME, VERTEBRAE_NAME
+    from spinemets.paths import CONFIDENCE_NAME, VERTEBRAE_NAME
 
     def write(array, path):
         image = sitk.GetImageFromArray(array)
@@ -89,8 +89,10 @@ def main(argv=None) -> int:
     import SimpleITK as sitk
 
     from spinemets.evaluation import detection as det
+    from spinemets import paths
     from spinemets.evaluation import metrics
-    from spinemets.report.figures import froc_figure
+    from spinemets.evaluation import evaluate
+    from spinemets.evaluation.detection import froc_figure
     from spinemets.formats.io import write_json
 
     with tempfile.TemporaryDirectory(prefix="bench-detection-") as tmp:
@@ -104,14 +106,14 @@ def main(argv=None) -> int:
             return [sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in paths]
 
         label_paths = [p for c in cases for p in (tmp / "ref" / f"{c}.nii.gz", tmp / "pred" / c / "metastases.nii.gz")]
-        map_paths = [p for c in cases for p in (tmp / "pred" / c / det.CONFIDENCE_NAME, tmp / "pred" / c / det.VERTEBRAE_NAME)]
+        map_paths = [p for c in cases for p in (tmp / "pred" / c / paths.CONFIDENCE_NAME, tmp / "pred" / c / paths.VERTEBRAE_NAME)]
         t_labels, labels = _best(lambda: read(label_paths), args.repeats)
         t_maps, maps = _best(lambda: read(map_paths), args.repeats)
         spacing = tuple(reversed(SPACING_XYZ))
         pairs = [(labels[2 * i], labels[2 * i + 1], maps[2 * i], maps[2 * i + 1]) for i in range(len(cases))]
         t_old, _ = _best(lambda: [metrics.evaluate_case(r, p, "metastases", spacing) for r, p, _, _ in pairs],
                          args.repeats)
-        t_new, outcomes = _best(lambda: [metrics.evaluate_lesion_case(r, p, c, v, spacing) for r, p, c, v in pairs],
+        t_new, outcomes = _best(lambda: [evaluate.evaluate_lesion_case(r, p, c, v, spacing) for r, p, c, v in pairs],
                                 args.repeats)
         found = {case: outcome[1] for case, outcome in zip(cases, outcomes)}
 
@@ -124,13 +126,13 @@ def main(argv=None) -> int:
 
         t_tables, froc = _best(tables, args.repeats)
         t_figure, _ = _best(lambda: froc_figure(froc).savefig(tmp / "froc.png", format="png", dpi=100), args.repeats)
-        t_eval, doc = _best(lambda: metrics.evaluate_folders(tmp / "ref", tmp / "pred", "metastases",
+        t_eval, doc = _best(lambda: evaluate.evaluate_folders(tmp / "ref", tmp / "pred", "metastases",
                                                             tmp / "out"), args.repeats)
         flat = tmp / "flat"
         flat.mkdir()
         for case in cases:  # the label maps alone, as a flat folder: evaluate as it was without detection maps
             (flat / f"{case}.nii.gz").symlink_to(tmp / "pred" / case / "metastases.nii.gz")
-        t_eval_flat, _ = _best(lambda: metrics.evaluate_folders(tmp / "ref", flat, "metastases", tmp / "out_flat"),
+        t_eval_flat, _ = _best(lambda: evaluate.evaluate_folders(tmp / "ref", flat, "metastases", tmp / "out_flat"),
                                args.repeats)
         n_ref = sum(d["any"].ref_ml.size for d in found.values())
         n_pred = sum(d["any"].pred_score.size for d in found.values())

@@ -219,7 +219,8 @@ def worker(task: str, stage: str, ref_path: str, pred_path: str, repeats: int) -
     import SimpleITK as sitk  # noqa: F401  (every task reads with it)
 
     from spinemets.labels import foreground_labels
-    from spinemets.evaluation.metrics import evaluate_case, evaluate_pair
+    from spinemets.evaluation.metrics import evaluate_case
+    from spinemets.evaluation.evaluate import evaluate_pair
 
     if task == "panoptica":
         from panoptica.utils.citation_reminder import disable_citation_reminder

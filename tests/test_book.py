@@ -16,7 +16,7 @@ import yaml
 
 import bookpages
 from spinemets import labels
-from spinemets.evaluation import metrics
+from spinemets.evaluation import evaluate
 from spinemets.report import results
 from spinemets.run import runner
 from spinemets.paths import Workspace
@@ -181,7 +181,7 @@ def _fake_evaluated_run(root: Path) -> Path:
         _write_labels(workspace / "ref" / "metastases", case, met)
         _write_labels(workspace / "pred" / "metastases", case, pmet)
     for stage in ("vertebrae", "metastases"):
-        metrics.evaluate_folders(workspace / "ref" / stage, workspace / "pred" / stage, stage,
+        evaluate.evaluate_folders(workspace / "ref" / stage, workspace / "pred" / stage, stage,
                                  Workspace(workspace).evaluation(stage))
     cohort = root / "data" / "synthetic-test"
     cohort.mkdir(parents=True)

@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from spinemets.evaluation import detection as det
-from spinemets.evaluation import metrics
+from spinemets import paths
+from spinemets.evaluation import evaluate
 from spinemets.errors import SpinemetsError
 from spinemets.labels import labels
 from spinemets.paths import Workspace
@@ -48,7 +49,7 @@ def _hand_cases():
 
 def _found(cases=None):
     cases = cases or _hand_cases()
-    return {c: metrics.evaluate_lesion_case(r, p, cf, v, SPACING)[1] for c, (r, p, cf, v) in cases.items()}
+    return {c: evaluate.evaluate_lesion_case(r, p, cf, v, SPACING)[1] for c, (r, p, cf, v) in cases.items()}
 
 
 def test_froc_points_and_summary_numbers_by_hand():
@@ -156,14 +157,14 @@ def _folders(tmp_path, cases=None, with_maps=True):
         _write(tmp_path / "ref" / f"{case}.nii.gz", ref)
         _write(tmp_path / "pred" / case / "metastases.nii.gz", pred)
         if with_maps:
-            _write(tmp_path / "pred" / case / det.CONFIDENCE_NAME, conf)
-            _write(tmp_path / "pred" / case / det.VERTEBRAE_NAME, vert)
+            _write(tmp_path / "pred" / case / paths.CONFIDENCE_NAME, conf)
+            _write(tmp_path / "pred" / case / paths.VERTEBRAE_NAME, vert)
     return tmp_path / "ref", tmp_path / "pred"
 
 
 def test_evaluate_writes_the_detection_tables(tmp_path):
     ref, pred = _folders(tmp_path)
-    doc = metrics.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
+    doc = evaluate.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
     with open(tmp_path / "out" / "froc.csv", newline="") as fh:
         froc = list(csv.DictReader(fh))
     assert list(froc[0]) == det.FROC_FIELDS
@@ -181,7 +182,7 @@ def test_evaluate_writes_the_detection_tables(tmp_path):
 
 def test_evaluate_without_detection_maps_has_one_operating_point(tmp_path):
     ref, pred = _folders(tmp_path, with_maps=False)
-    doc = metrics.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
+    doc = evaluate.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
     with open(tmp_path / "out" / "froc.csv", newline="") as fh:
         lytic = [r for r in csv.DictReader(fh) if r["class"] == "lytic"]
     assert [(float(r["threshold"]), float(r["sensitivity"]), float(r["fp_per_case"])) for r in lytic] == [(1.0, 1.0, 1.0)]
@@ -198,20 +199,20 @@ def test_a_detection_map_that_does_not_fit_is_refused_by_name(tmp_path):
     ref, pred = _folders(tmp_path, {"A": (ref_a, pred_a, stale, vert_a)})
     with pytest.raises(SpinemetsError, match=r"A/metastases_confidence.nii.gz: detection map and metastases.nii.gz "
                                              r"disagree on 1 voxel"):
-        metrics.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
+        evaluate.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    _write(pred / "A" / det.CONFIDENCE_NAME, np.where(conf_a > 0, 1.5, 0).astype(np.float32))
+    _write(pred / "A" / paths.CONFIDENCE_NAME, np.where(conf_a > 0, 1.5, 0).astype(np.float32))
     with pytest.raises(SpinemetsError, match="outside \\[0, 1\\]"):
-        metrics.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
-    _write(pred / "A" / det.CONFIDENCE_NAME, conf_a, spacing=(1.0, 1.0, 1.0))
+        evaluate.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
+    _write(pred / "A" / paths.CONFIDENCE_NAME, conf_a, spacing=(1.0, 1.0, 1.0))
     with pytest.raises(SpinemetsError, match="metastases_confidence.nii.gz"):
-        metrics.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
+        evaluate.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
     # a file cut short: unreadable, or its lost voxels read as 0 where lesions are; named either way
-    _write(pred / "A" / det.CONFIDENCE_NAME, conf_a)
-    whole = (pred / "A" / det.CONFIDENCE_NAME).read_bytes()
-    (pred / "A" / det.CONFIDENCE_NAME).write_bytes(whole[: len(whole) // 2])
+    _write(pred / "A" / paths.CONFIDENCE_NAME, conf_a)
+    whole = (pred / "A" / paths.CONFIDENCE_NAME).read_bytes()
+    (pred / "A" / paths.CONFIDENCE_NAME).write_bytes(whole[: len(whole) // 2])
     with pytest.raises(SpinemetsError, match="A/metastases_confidence.nii.gz: "):
-        metrics.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
+        evaluate.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -262,7 +263,7 @@ def test_froc_equals_monais_within_its_conventions():
     from monai.metrics import compute_fp_tp_probs_nd, compute_froc_curve_data, compute_froc_score
 
     cases = _random_cases()
-    found = {c: metrics.evaluate_lesion_case(r, p, cf, None, (1.0, 1.0, 1.0))[1] for c, (r, p, cf, _) in cases.items()}
+    found = {c: evaluate.evaluate_lesion_case(r, p, cf, None, (1.0, 1.0, 1.0))[1] for c, (r, p, cf, _) in cases.items()}
     ours = det.froc_rows(found)
     for cls, value in (("lytic", 1), ("sclerotic", 2), ("any", None)):
         fps, tps, n_targets = [], [], 0
@@ -319,17 +320,17 @@ def test_validation_detections_read_the_folds_own_predictions_and_probabilities(
         np.savez_compressed(folder / f"{case}.npz", probabilities=probs)
     (model / "fold_all" / "validation").mkdir(parents=True)  # fold 'all' validates on its training cases: skipped
     np.savez_compressed(model / "fold_all" / "validation" / "A.npz", probabilities=np.zeros(1))
-    found = det.validation_detections(ws, "paper")
+    found = evaluate.validation_detections(ws, "paper")
     assert list(found) == ["A", "B"]
     lytic = det.froc_curve([found[c]["lytic"] for c in found])
     assert np.allclose(lytic.threshold, [0.9, 0.8, 0.6, 0.4]) and lytic.fp_per_case.tolist() == [0, 0.5, 1, 1]
     assert det.threshold_for(lytic, 0.5) == pytest.approx(0.8)  # at most 0.5 FP per case: keep confidence >= 0.8
     np.savez_compressed(model / "fold_0" / "validation" / "A.npz", other=np.zeros(1))
     with pytest.raises(SpinemetsError, match="A.npz: no 'probabilities'"):
-        det.validation_detections(ws, "paper")
+        evaluate.validation_detections(ws, "paper")
     (model / "fold_0" / "validation" / "A.npz").unlink()
     (model / "fold_1" / "validation" / "B.npz").unlink()
-    assert det.validation_detections(ws, "paper") == {}
+    assert evaluate.validation_detections(ws, "paper") == {}
 
 
 @pytest.mark.slow
@@ -344,7 +345,7 @@ def test_the_ci_run_predicts_confidences_and_its_froc_ends_at_the_lesion_counts(
     assert case_dirs
     for case_dir in case_dirs:
         labels_ = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "metastases.nii.gz")))
-        image = sitk.ReadImage(str(case_dir / det.CONFIDENCE_NAME))
+        image = sitk.ReadImage(str(case_dir / paths.CONFIDENCE_NAME))
         assert image.GetPixelID() == sitk.sitkFloat32
         conf = sitk.GetArrayFromImage(image)
         assert ((conf > 0) == (labels_ > 0)).all() and conf.max(initial=0) <= 1
@@ -363,5 +364,5 @@ def test_the_ci_run_predicts_confidences_and_its_froc_ends_at_the_lesion_counts(
         if cls != "any":
             pooled = summary[summary["class"] == cls].set_index("metric")["value"]
             assert (curve["tp"].iloc[-1], curve["fp"].iloc[-1]) == (pooled["tp"], pooled["fp"])
-    for name in metrics.DETECTION_FILES:
+    for name in evaluate.DETECTION_FILES:
         assert (evaluation / name).is_file(), name

@@ -211,7 +211,7 @@ def _clinical(tmp_path, rows):
 
 def _predicted(pred_dir, case, rows):
     """A case's vertebrae.csv as predict writes it: ``rows`` = [(vertebra, lesions, lesion_quality)]."""
-    from spinemets.inference.predict import VERTEBRA_COLUMNS
+    from spinemets.labels import VERTEBRA_COLUMNS
 
     folder = pred_dir / case
     folder.mkdir(parents=True)

@@ -15,7 +15,7 @@ import slicerio
 
 from spinemets.inference import predict as inference
 from spinemets.errors import SpinemetsError
-from spinemets.labels import labels
+from spinemets.labels import SINS_LOCATION, labels
 from spinemets.training.profiles import PROFILES
 
 V = labels("vertebrae")
@@ -132,7 +132,7 @@ def test_partial_sins_of_the_sacrum_has_no_location_points_and_bad_input_is_refu
 
 
 def test_every_vertebra_has_a_sins_location():
-    assert set(inference.SINS_LOCATION) == set(V) - {"background"}
+    assert set(SINS_LOCATION) == set(V) - {"background"}
 
 
 def test_vertebra_table_counts_lesions_and_involved_fraction():
@@ -397,7 +397,7 @@ def test_predict_output_goes_straight_into_evaluate(tmp_path, monkeypatch):
     """The folder `predict` writes (CASE/STAGE.nii.gz beside CASE/STAGE.seg.nrrd) is `evaluate`'s input
     as it is; both forms of a prediction are checked to agree, and a stale one is an error."""
     from spinemets import cli
-    from spinemets.evaluation import metrics
+    from spinemets.evaluation import evaluate
 
     path = _ct(tmp_path)
     stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _RecordingLesions()}
@@ -425,7 +425,7 @@ def test_predict_output_goes_straight_into_evaluate(tmp_path, monkeypatch):
 
     write_segments(out / "case_a" / "metastases.seg.nrrd", ct, [{"name": "sclerotic", "mask": lesions > 0}])
     with pytest.raises(SpinemetsError, match=r"metastases.seg.nrrd: differs from metastases.nii.gz beside it in 16"):
-        metrics.evaluate_folders(tmp_path / "ref" / "metastases", out, "metastases", tmp_path / "eval2")
+        evaluate.evaluate_folders(tmp_path / "ref" / "metastases", out, "metastases", tmp_path / "eval2")
     assert not (tmp_path / "eval2").exists()
 
 

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from spinemets import labels
 
 from spinemets.evaluation import metrics
+from spinemets.evaluation import evaluate
 from spinemets.errors import SpinemetsError
 
 NAN = math.nan
@@ -468,12 +469,12 @@ def read_rows(path: Path) -> list[dict]:
 def test_evaluate_folders_writes_tables(tmp_path):
     ref_dir, pred_dir = make_folders(tmp_path, pred_suffix=".nrrd")
     out = tmp_path / "out"
-    summary = metrics.evaluate_folders(ref_dir, pred_dir, "vertebrae", out)
+    summary = evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", out)
     assert sorted(p.name for p in out.iterdir()) == ["per_case.csv", "summary.csv", "summary.json"]
     rows = read_rows(out / "per_case.csv")
     assert list(rows[0]) == ["case", "class", "metric", "value"]
     assert {r["case"] for r in rows} == {"case_000", "case_001", "case_002"}
-    direct = metrics.evaluate_pair(ref_dir / "case_001.nii.gz", pred_dir / "case_001.nrrd", "vertebrae")
+    direct = evaluate.evaluate_pair(ref_dir / "case_001.nii.gz", pred_dir / "case_001.nrrd", "vertebrae")
     for r in rows:
         if r["case"] == "case_001":
             assert same(float(r["value"]), direct[r["class"]][r["metric"]])
@@ -487,14 +488,14 @@ def test_evaluate_folders_writes_tables(tmp_path):
     assert on_disk["pooled"]["T12"]["fn"]["value"] >= 1
     assert on_disk["pooled"]["all"]["identification_rate"]["value"] == pytest.approx(8 / 9)
     srows = read_rows(out / "summary.csv")
-    assert list(srows[0]) == metrics.SUMMARY_FIELDS
+    assert list(srows[0]) == evaluate.SUMMARY_FIELDS
     assert not any(p.name.startswith(".partial-") for p in out.iterdir())
 
 
 def test_parallel_run_gives_the_same_tables(tmp_path):
     ref_dir, pred_dir = make_folders(tmp_path)
-    metrics.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "one", jobs=1)
-    metrics.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "two", jobs=2)
+    evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "one", jobs=1)
+    evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "two", jobs=2)
     for name in ("per_case.csv", "summary.csv", "summary.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
@@ -513,12 +514,12 @@ def test_voxel_metrics_equal_nnunet(tmp_path):
     theirs = compute_metrics_on_folder(
         str(tmp_path / "ref"), str(tmp_path / "pred"), None, SimpleITKIO(), ".nii.gz", [1, 2], num_processes=1
     )
-    metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
+    evaluate.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
     ours = {(r["case"], r["class"], r["metric"]): float(r["value"]) for r in read_rows(tmp_path / "out" / "per_case.csv")}
     names = labels.label_names("metastases")
     compared = 0
     for case in theirs["metric_per_case"]:
-        cid = metrics.case_id(case["reference_file"])
+        cid = evaluate.case_id(case["reference_file"])
         for label, m in case["metrics"].items():
             for ours_key, their_key in (("dice", "Dice"), ("iou", "IoU"), ("voxel_tp", "TP"), ("voxel_fp", "FP"),
                                         ("voxel_fn", "FN")):
@@ -534,7 +535,7 @@ def test_unmatched_cases_are_named(tmp_path):
     ref_dir, pred_dir = make_folders(tmp_path)
     (pred_dir / "case_002.nii.gz").rename(pred_dir / "case_099.nii.gz")
     with pytest.raises(SpinemetsError) as err:
-        metrics.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out")
+        evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out")
     assert "case_002.nii.gz" in str(err.value) and "case_099.nii.gz" in str(err.value)
     assert not (tmp_path / "out").exists()
 
@@ -543,38 +544,38 @@ def test_mis_shaped_and_mis_spaced_pairs_are_named(tmp_path):
     ref_dir, pred_dir = make_folders(tmp_path, n=1)
     write_label_map(pred_dir / "case_000.nii.gz", spine(shape=(30, 10, 12)))
     with pytest.raises(SpinemetsError, match=r"case_000.nii.gz: size .* differs from .*ref.*case_000.nii.gz"):
-        metrics.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out")
+        evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out")
     write_label_map(pred_dir / "case_000.nii.gz", spine(shape=(30, 10, 10)), spacing=(1.0, 1.0, 2.0))
     with pytest.raises(SpinemetsError, match="spacing"):
-        metrics.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out")
+        evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_folder_errors(tmp_path):
     ref_dir, pred_dir = make_folders(tmp_path, n=1)
     with pytest.raises(SpinemetsError, match="folder not found"):
-        metrics.evaluate_folders(tmp_path / "nope", pred_dir, "vertebrae", tmp_path / "out")
+        evaluate.evaluate_folders(tmp_path / "nope", pred_dir, "vertebrae", tmp_path / "out")
     write_label_map(pred_dir / "case_000.nrrd", spine(shape=(30, 10, 10)))
     with pytest.raises(SpinemetsError, match="two prediction files for case 'case_000'"):
-        metrics.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out")
+        evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out")
     (pred_dir / "case_000.nrrd").unlink()
     with pytest.raises(SpinemetsError, match=r"case_000.nii.gz: holds label value\(s\) 30"):
         write_label_map(pred_dir / "case_000.nii.gz", np.full((30, 10, 10), 30, np.uint8), (0.8, 0.8, 2.0))
-        metrics.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out")
+        evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out")
     with pytest.raises(SpinemetsError, match="beta"):
-        metrics.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out", beta=0)
+        evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out", beta=0)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SpinemetsError, match="no reference label maps"):
-        metrics.evaluate_folders(empty, pred_dir, "vertebrae", tmp_path / "out")
+        evaluate.evaluate_folders(empty, pred_dir, "vertebrae", tmp_path / "out")
 
 
 def test_case_ids():
-    assert metrics.case_id("a/case_1.seg.nrrd") == "case_1"
-    assert metrics.case_id("case_1.nii.gz") == "case_1"
-    assert metrics.case_id("case_1.nii") == "case_1"
-    assert metrics.case_id("case_1.nrrd") == "case_1"
-    assert metrics.case_id("dataset.json") is None
+    assert evaluate.case_id("a/case_1.seg.nrrd") == "case_1"
+    assert evaluate.case_id("case_1.nii.gz") == "case_1"
+    assert evaluate.case_id("case_1.nii") == "case_1"
+    assert evaluate.case_id("case_1.nrrd") == "case_1"
+    assert evaluate.case_id("dataset.json") is None
 
 
 def test_cli_evaluate(tmp_path):
@@ -602,7 +603,7 @@ def test_summarize_means_pooled_counts_and_bootstrap():
         "b": {"lytic": {"dice": NAN, "tp": 0, "fp": 0, "fn": 2, "sq": NAN, "voxel_tp": 0, "voxel_fp": 0, "voxel_fn": 20}},
         "c": {"lytic": {"dice": 0.9, "tp": 2, "fp": 0, "fn": 1, "sq": 0.8, "voxel_tp": 45, "voxel_fp": 5, "voxel_fn": 5}},
     }
-    s = metrics.summarize(per_case, "metastases", beta=2.0, n_boot=500, seed=1)
+    s = evaluate.summarize(per_case, "metastases", beta=2.0, n_boot=500, seed=1)
     dice = s["mean"]["lytic"]["dice"]
     assert dice["value"] == pytest.approx(0.7) and dice["n"] == 2 and dice["n_nan"] == 1
     assert 0.5 <= dice["ci_low"] <= 0.7 <= dice["ci_high"] <= 0.9
@@ -619,16 +620,16 @@ def test_summarize_means_pooled_counts_and_bootstrap():
     assert pooled["fbeta"]["value"] == pytest.approx(275 / 400)
     assert pooled["recall"]["value"] == pytest.approx(55 / 80) and pooled["precision"]["value"] == pytest.approx(55 / 80)
     assert pooled["dice"]["ci_low"] <= pooled["dice"]["value"] <= pooled["dice"]["ci_high"]
-    again = metrics.summarize(per_case, "metastases", beta=2.0, n_boot=500, seed=1)
+    again = evaluate.summarize(per_case, "metastases", beta=2.0, n_boot=500, seed=1)
     assert again == s  # seeded
-    assert metrics.bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4))
-    assert all(math.isnan(v) for v in metrics.bootstrap_ci([NAN, NAN]))
+    assert evaluate.bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4))
+    assert all(math.isnan(v) for v in evaluate.bootstrap_ci([NAN, NAN]))
 
 
 def test_prediction_folders_per_case_as_predict_writes_them(tmp_path):
     import SimpleITK as sitk
 
-    from spinemets.evaluation.metrics import evaluate_folders
+    from spinemets.evaluation.evaluate import evaluate_folders
 
     ref, pred = tmp_path / "ref", tmp_path / "pred"
     ref.mkdir()
@@ -672,14 +673,14 @@ def test_a_seg_nrrd_prediction_is_scored_by_its_segment_names(tmp_path):
 
     seg = slicerio.read_segmentation(str(tmp_path / "pred" / "case_a.seg.nrrd"))
     assert [(s["name"], s["labelValue"]) for s in seg["segments"]] == [("sclerotic", 1), ("Lytic 1", 2)]
-    result = metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
+    result = evaluate.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
     assert result["mean"]["sclerotic"]["dice"]["value"] == 1.0
     assert result["mean"]["lytic"]["dice"]["value"] == 1.0
     # the reverse: a .seg.nrrd reference against a label-map prediction, and two .seg.nrrd files
     (tmp_path / "ref" / "case_a.nii.gz").rename(tmp_path / "pred_map.nii.gz")
     write_segments(tmp_path / "ref" / "case_a.seg.nrrd", image,
                    [{"name": "osteoblastic", "mask": ref == 2}, {"name": "osteolytic", "mask": ref == 1}])
-    both = metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out2")
+    both = evaluate.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out2")
     assert both["mean"]["sclerotic"]["dice"]["value"] == 1.0 and both["mean"]["lytic"]["dice"]["value"] == 1.0
     half = ref.copy()
     half[1:3, 1:4, 1:3] = 0  # 6 of the 18 sclerotic voxels predicted
@@ -687,7 +688,7 @@ def test_a_seg_nrrd_prediction_is_scored_by_its_segment_names(tmp_path):
     pred = sitk.GetImageFromArray(half)
     pred.CopyInformation(image)
     sitk.WriteImage(pred, str(tmp_path / "pred" / "case_a.nii.gz"))
-    mixed = metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out3")
+    mixed = evaluate.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out3")
     assert mixed["mean"]["sclerotic"]["dice"]["value"] == pytest.approx(2 * 6 / (18 + 6))
 
 
@@ -701,12 +702,12 @@ def test_evaluate_writes_its_files_together_or_none(tmp_path):
     shutil.copy(tmp_path / "ref" / "case_a.nii.gz", tmp_path / "pred" / "case_a.nii.gz")
     (tmp_path / "out" / "summary.json").mkdir(parents=True)
     with pytest.raises(SpinemetsError, match="summary.json: output file is an existing folder"):
-        metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
+        evaluate.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json"]
     (tmp_path / "out" / "summary.json").rmdir()
-    metrics.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
+    evaluate.evaluate_folders(tmp_path / "ref", tmp_path / "pred", "metastases", tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        ["per_case.csv", "summary.csv", "summary.json", *metrics.DETECTION_FILES])
+        ["per_case.csv", "summary.csv", "summary.json", *evaluate.DETECTION_FILES])
 
 
 # ---------------------------------------------------------------------------------------------

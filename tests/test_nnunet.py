@@ -26,6 +26,7 @@ from spinemets import domain
 from spinemets.report import figures
 
 from spinemets.inference import predict as inference
+from spinemets import labels
 
 from spinemets.training import nnunet, programs
 from spinemets.errors import SpinemetsError
@@ -286,7 +287,7 @@ def test_two_stage_prediction_and_localization_with_the_domain_check(ci_workspac
     inference.predict(images, out, profile="ci", workspace=ws, device="cpu", options=inference.PredictOptions(roi="spine"))
     (case,) = [p.name for p in out.iterdir() if p.is_dir()]
     with open(out / "lesions.csv", newline="") as fh:
-        assert csv.DictReader(fh).fieldnames == inference.LESION_COLUMNS
+        assert csv.DictReader(fh).fieldnames == labels.LESION_COLUMNS
     for name in ("vertebrae.nii.gz", "metastases.nii.gz", "vertebrae.seg.nrrd", "metastases.seg.nrrd", "vertebrae.csv"):
         assert (out / case / name).exists()
     prov = json.loads((out / "provenance.json").read_text())

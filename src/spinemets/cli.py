@@ -63,7 +63,7 @@ def _cmd_import(a):
 
 
 def _cmd_evaluate(a):
-    from spinemets.evaluation.metrics import evaluate_folders
+    from spinemets.evaluation.evaluate import evaluate_folders
 
     evaluate_folders(ref_dir=a.ref, pred_dir=a.pred, stage=a.stage, out_dir=a.out,
           beta=a.beta, match=a.match, jobs=a.jobs)

@@ -390,3 +390,25 @@ def map_label_values(values, stage: str, mapping: Mapping | None, source: str) -
         result[int(value)] = 0 if target is None else _label_of(target, stage, table,
                                                                   f"{source}: value {value}: {target!r}")
     return result
+
+
+PARTIAL_SINS_LABEL = "partial SINS (location + bone lesion quality only; not a SINS score)"
+
+
+#: SINS location points by our vertebra label (Fisher et al. 2010). None: not determined by the label.
+SINS_LOCATION: dict[str, tuple[str, int | None]] = {
+    **{v: ("junctional", 3) for v in ("C1", "C2", "C7", "T1", "T2", "T11", "T12", "L1", "L5")},
+    **{v: ("mobile", 2) for v in ("C3", "C4", "C5", "C6", "L2", "L3", "L4")},
+    **{f"T{i}": ("semi-rigid", 1) for i in range(3, 11)},
+    "Sacrum": ("sacrum: S1 junctional (3), S2-S5 rigid (0); not separated by the label", None),
+}
+
+
+LESION_COLUMNS = ["case_id", "lesion", "type", "level", "assignment", "distance_mm", "volume_ml", "voxels",
+                  "confidence", "lytic_fraction", "mean_hu", "max_hu", "centroid_x_mm", "centroid_y_mm",
+                  "centroid_z_mm", "domain_warning"]
+
+
+VERTEBRA_COLUMNS = ["case_id", "vertebra", "volume_ml", "lesions", "lesion_ids", "involved_fraction",
+                    "lesion_quality", "sins_location_class", "sins_location_points", "sins_bone_quality_points",
+                    "partial_sins_points", "partial_sins_note", "domain_warning"]

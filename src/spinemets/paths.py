@@ -165,3 +165,11 @@ def workspace_of(workspace: Workspace | str | Path | None) -> Workspace:
     if isinstance(workspace, Workspace):
         return workspace
     return Workspace(DEFAULT_WORKSPACE if workspace is None else Path(workspace))
+
+
+#: File name of the detection map beside a predicted label map (``CASE/metastases.nii.gz``).
+CONFIDENCE_NAME = "metastases_confidence.nii.gz"
+
+
+#: File name of the vertebra map beside a predicted label map.
+VERTEBRAE_NAME = "vertebrae.nii.gz"

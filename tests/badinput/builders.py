@@ -275,13 +275,13 @@ def import_cohort(ctx: Context, defect: str, stage: str = "vertebrae", duplicate
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluate (spinemets.evaluation.metrics.evaluate_folders / spinemets evaluate)
+# evaluate (spinemets.evaluation.evaluate.evaluate_folders / spinemets evaluate)
 
 
 @builder("evaluate")
 def evaluate_folders_case(ctx: Context, defect: str, stage: str = "metastases") -> Prepared:
     """Two folders of small label maps (case_a, case_b) with one ``defect``."""
-    from spinemets.evaluation.metrics import evaluate_folders
+    from spinemets.evaluation.evaluate import evaluate_folders
 
     ref_dir, pred_dir, out = ctx.tmp_path / "ref", ctx.tmp_path / "pred", ctx.tmp_path / "out"
     ref_dir.mkdir()
@@ -553,7 +553,7 @@ def evaluate_more(ctx: Context, defect: str = "none", ref: str | None = None, pr
                   out: str | None = None) -> Prepared:
     """Two cases of small metastasis label maps with one ``defect``; ``ref``/``pred``/``out`` replace
     those paths by a kind of :func:`odd_path`."""
-    from spinemets.evaluation.metrics import evaluate_folders
+    from spinemets.evaluation.evaluate import evaluate_folders
     from spinemets.formats.slicer import write_segments
 
     ref_dir, pred_dir, out_dir = ctx.tmp_path / "ref", ctx.tmp_path / "pred", ctx.tmp_path / "out"

@@ -1,7 +1,7 @@
 """Lesion detection as the detection literature reports it: FROC, sensitivity at fixed false
 positives per case, lesion-size bands, spine regions and patient-level detection.
 
-Part of the metrics step (``spinemets evaluate``, :func:`spinemets.evaluation.metrics.evaluate_folders`).
+Part of the metrics step (``spinemets evaluate``, :func:`spinemets.evaluation.evaluate.evaluate_folders`).
 
 **Scores.** Every predicted lesion (a connected component of one class, as the lesion metrics
 match them, or of the whole lesion mask for ``"any"``) has a confidence: the maximum of the
@@ -49,14 +49,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from spinemets import labels as labels_mod
 from spinemets.errors import SpinemetsError
 from spinemets.labels import LESION_TYPES, REGION_OF_VERTEBRA, label_names
-from spinemets.paths import workspace_of
-from spinemets.training.profiles import get_profile
 
 #: False-positive rates per case of the competition performance metric (CPM, lung-nodule detection).
 FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -68,10 +67,6 @@ VOLUME_BANDS_ML: tuple[float, ...] = (0.5, 2.0, 10.0)
 REGIONS: tuple[str, ...] = ("cervical", "thoracic", "lumbar", "sacral", "outside")
 #: The classes of the detection tables: each lesion type, and "any" (type ignored).
 DETECTION_CLASSES: tuple[str, ...] = (*LESION_TYPES, "any")
-#: File name of the detection map beside a predicted label map (``CASE/metastases.nii.gz``).
-CONFIDENCE_NAME = "metastases_confidence.nii.gz"
-#: File name of the vertebra map beside a predicted label map.
-VERTEBRAE_NAME = "vertebrae.nii.gz"
 
 FROC_FIELDS = ["class", "threshold", "sensitivity", "fp_per_case", "tp", "fp", "n_reference", "n_cases"]
 SUMMARY_FIELDS = ["class", "metric", "value", "ci_low", "ci_high", "n_reference", "n_cases"]
@@ -441,65 +436,58 @@ def threshold_for(curve: Froc, max_fp_per_case: float) -> float:
     return float(curve.threshold[allowed[-1]]) if allowed.size else math.nan
 
 
-def validation_detections(workspace, profile: str, match: str = "iou", connectivity: int = 26) -> dict[str, dict]:
-    """The detections of the lesion stage's cross-validation, where the training kept its probabilities.
-
-    Each numbered fold of the model that inference uses (the first of
-    :func:`spinemets.training.nnunet.trained_models`) predicted its own validation cases
-    (``fold_N/validation/CASE.nii.gz``); with nnU-Net's ``--npz`` (the paper profile) the class
-    probabilities lie beside them (``CASE.npz``, key ``probabilities``). Each case is cleaned up as
-    :func:`spinemets.inference.predict.predict` does (the profile's ``min_lesion_ml``), given its detection
-    map (:func:`spinemets.inference.predict.detection_map`) and scored against the training labels
-    (``labelsTr``). Returns ``{case: {class: Detections}}``; empty where no fold kept validation
-    probabilities (the demo trains fold ``all`` and skips its validation). A threshold chosen on
-    these cases (:func:`threshold_for`) is then applied, unchanged, to the held-out cases.
-    """
-    import SimpleITK as sitk
-
-    from spinemets.training import nnunet
-    from spinemets.inference.predict import detection_map
-    from spinemets.formats.io import check_same_geometry, read_image
-    from spinemets.evaluation.metrics import evaluate_lesion_case
-    from spinemets.inference.postprocessing import merge_small_type_parts, remove_small_lesions
-
-    ws = workspace_of(workspace)
-    min_ml = float(get_profile(profile).get("min_lesion_ml", 0.0))
-    model = nnunet.trained_models("metastases", profile, ws)[0]
-    labels_tr = ws.raw / ws.dataset_name("metastases") / "labelsTr"
-    out: dict[str, dict] = {}
-    for fold in model["folds"]:
-        if fold == "all":
-            continue
-        folder = Path(model["folder"]) / f"fold_{fold}" / "validation"
-        for npz in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
-            case = npz.name[:-4]
-            seg_path, ref_path = folder / f"{case}.nii.gz", labels_tr / f"{case}.nii.gz"
-            if not (seg_path.is_file() and ref_path.is_file()):
-                continue
-            seg_image = read_image(seg_path, "validation prediction")
-            ref_image = read_image(ref_path, "training label map")
-            check_same_geometry(ref_image, seg_image, ref_path, seg_path)
-            with np.load(npz) as data:
-                if "probabilities" not in data:
-                    raise SpinemetsError(f"{npz}: no 'probabilities' array (nnU-Net's --npz output)")
-                probabilities = np.asarray(data["probabilities"], dtype=np.float32)
-            spacing = tuple(float(x) for x in reversed(seg_image.GetSpacing()))
-            lesions = sitk.GetArrayFromImage(seg_image).astype(np.uint8)
-            if probabilities.shape[1:] != lesions.shape:
-                raise SpinemetsError(f"{npz}: probabilities of shape {probabilities.shape} do not fit "
-                                     f"{seg_path.name} ({lesions.shape})")
-            lesions = merge_small_type_parts(lesions, spacing, min_ml)[0]
-            lesions = remove_small_lesions(lesions, spacing, min_ml)[0]
-            confidence = detection_map(lesions, probabilities)
-            out[case] = evaluate_lesion_case(sitk.GetArrayFromImage(ref_image), lesions, confidence, None, spacing,
-                                             match=match, connectivity=connectivity,
-                                             sources=(ref_path, seg_path, npz))[1]
-    return dict(sorted(out.items()))
-
-
 __all__ = [
     "FP_RATES", "AUC_MAX_FP", "VOLUME_BANDS_ML", "REGIONS", "DETECTION_CLASSES", "Detections", "Froc",
     "case_detections", "froc_curve", "sensitivity_at", "froc_area", "froc_summary", "froc_rows",
     "froc_summary_rows", "band_rows", "patient_table", "threshold_for", "band_names", "volume_band",
-    "validation_detections",
+    "froc_figure",
 ]
+
+
+#: Line colours of the FROC classes.
+_FROC_COLOURS = {**{k: v for k, v in labels_mod.LESION_COLOURS.items()}, "any": (0.1, 0.1, 0.1)}
+
+
+def froc_figure(rows, published: Sequence[Mapping] | None = None, max_fp: float | None = None,
+                title: str = "FROC: lesion-wise sensitivity against false positives per case"):
+    """The FROC curves of ``froc.csv`` rows (:func:`spinemets.evaluation.detection.froc_rows`), one line per class.
+
+    Each curve is drawn as the step function the summary numbers use (sensitivity of the lowest
+    threshold within a false-positive rate), from (0, 0) to its last point, the label map's own
+    operating point (a filled marker). ``published`` adds points ``{label, sensitivity,
+    fp_per_case}`` (sensitivity as a fraction) as open markers. The x axis is logarithmic from 1/16
+    to ``max_fp`` (default: 8 or the largest value drawn). Built without pyplot (a
+    :class:`matplotlib.figure.Figure`), so it can be written from a command line.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), constrained_layout=True)
+    ax = fig.add_subplot()
+    rows = list(rows.to_dict("records") if hasattr(rows, "to_dict") else rows)
+    largest = AUC_MAX_FP
+    for cls in DETECTION_CLASSES:
+        mine = [r for r in rows if r["class"] == cls]
+        if not mine:
+            continue
+        fp = np.array([0.0] + [float(r["fp_per_case"]) for r in mine])
+        sens = np.array([0.0] + [float(r["sensitivity"]) for r in mine])
+        if not np.isfinite(sens).all():
+            continue
+        largest = max(largest, float(fp[-1]))
+        ax.step(np.maximum(fp, 1 / 32), sens, where="post", color=_FROC_COLOURS.get(cls), label=f"{cls} (ours)")
+        ax.plot([max(fp[-1], 1 / 32)], [sens[-1]], "o", color=_FROC_COLOURS.get(cls))
+    for i, point in enumerate(published or []):
+        ax.plot([float(point["fp_per_case"])], [float(point["sensitivity"])], marker="osD^v"[i % 5], mfc="none",
+                linestyle="none", color="tab:green", label=str(point["label"]))
+        largest = max(largest, float(point["fp_per_case"]))
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(1 / 16, max_fp or largest * 1.2)
+    ax.set_xticks([r for r in FP_RATES if r <= (max_fp or largest * 1.2)])
+    ax.set_xticklabels([f"{r:g}" for r in FP_RATES if r <= (max_fp or largest * 1.2)])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per case")
+    ax.set_ylabel("lesion-wise sensitivity")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig

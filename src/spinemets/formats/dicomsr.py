@@ -294,7 +294,7 @@ def read_lesion_report(path: str | Path, case_id: str | None = None) -> dict:
     """
     import pydicom
 
-    from spinemets.inference.predict import LESION_COLUMNS, PARTIAL_SINS_LABEL, SINS_LOCATION, VERTEBRA_COLUMNS
+    from spinemets.labels import LESION_COLUMNS, PARTIAL_SINS_LABEL, SINS_LOCATION, VERTEBRA_COLUMNS
 
     path = require_file(path, "DICOM SR file")
     try:

@@ -81,8 +81,9 @@ from spinemets.formats.io import (check_case_id, check_output_dir, describe_path
 from spinemets.inference.postprocessing import (check_min_ml, merge_small_type_parts, remove_small_components, remove_small_lesions,
                              repair_vertebra_order)
 from spinemets.provenance import provenance
-from spinemets.evaluation.detection import CONFIDENCE_NAME
+from spinemets.paths import CONFIDENCE_NAME
 from spinemets.formats.slicer import segmentation_from_labelmap
+from spinemets.labels import LESION_COLUMNS, PARTIAL_SINS_LABEL, SINS_LOCATION, VERTEBRA_COLUMNS
 from spinemets.paths import workspace_of
 from spinemets.training.profiles import get_profile
 from spinemets.training.programs import captured_output
@@ -95,25 +96,10 @@ OUTSIDE = "outside spine"
 MARGIN_MM = 20.0
 #: Default largest distance (mm) from a lesion to a vertebra for a lesion without overlap.
 NEAR_MM = 10.0
-PARTIAL_SINS_LABEL = "partial SINS (location + bone lesion quality only; not a SINS score)"
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
-#: SINS location points by our vertebra label (Fisher et al. 2010). None: not determined by the label.
-SINS_LOCATION: dict[str, tuple[str, int | None]] = {
-    **{v: ("junctional", 3) for v in ("C1", "C2", "C7", "T1", "T2", "T11", "T12", "L1", "L5")},
-    **{v: ("mobile", 2) for v in ("C3", "C4", "C5", "C6", "L2", "L3", "L4")},
-    **{f"T{i}": ("semi-rigid", 1) for i in range(3, 11)},
-    "Sacrum": ("sacrum: S1 junctional (3), S2-S5 rigid (0); not separated by the label", None),
-}
 #: SINS bone lesion quality points by lesion type.
 SINS_QUALITY: dict[str, int] = {"lytic": 2, "mixed": 1, "blastic": 0}
-
-LESION_COLUMNS = ["case_id", "lesion", "type", "level", "assignment", "distance_mm", "volume_ml", "voxels",
-                  "confidence", "lytic_fraction", "mean_hu", "max_hu", "centroid_x_mm", "centroid_y_mm",
-                  "centroid_z_mm", "domain_warning"]
-VERTEBRA_COLUMNS = ["case_id", "vertebra", "volume_ml", "lesions", "lesion_ids", "involved_fraction",
-                    "lesion_quality", "sins_location_class", "sins_location_points", "sins_bone_quality_points",
-                    "partial_sins_points", "partial_sins_note", "domain_warning"]
 
 
 # --------------------------------------------------------------------------------------------

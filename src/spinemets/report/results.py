@@ -218,7 +218,7 @@ def read_paper_table(number: int, folder: str | Path | None = None) -> pd.DataFr
     return frame.set_index(table.key).reindex(classes).reset_index()
 
 
-#: Our metric (in ``summary.csv`` of :func:`spinemets.evaluation.metrics.evaluate_folders`) for each paper metric.
+#: Our metric (in ``summary.csv`` of :func:`spinemets.evaluation.evaluate.evaluate_folders`) for each paper metric.
 OUR_METRIC = {"dice": "dice", "f2": "fbeta", "pq": "pq"}
 
 
