@@ -41,7 +41,7 @@ from bench_train import MODES
 from spinemets.inference import predict as inference
 from spinemets.evaluation.evaluate import evaluate_folders
 from spinemets.training import nnunet
-from spinemets.formats.io import write_json, write_text
+from spinemets.fileio import write_json, write_text
 from spinemets.labels import STAGE_NAMES, check_stage
 from spinemets.paths import Workspace
 from spinemets.training.profiles import stage_plan

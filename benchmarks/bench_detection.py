@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from spinemets.evaluation import metrics
     from spinemets.evaluation import evaluate
     from spinemets.evaluation.detection import froc_figure
-    from spinemets.formats.io import write_json
+    from spinemets.fileio import write_json
 
     with tempfile.TemporaryDirectory(prefix="bench-detection-") as tmp:
         tmp = Path(tmp)

@@ -347,7 +347,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.stage, args.ref, args.pred, args.repeats)))
         return 0
 
-    from spinemets.formats.io import write_json
+    from spinemets.fileio import write_json
 
     with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
         t0 = time.perf_counter()

@@ -33,7 +33,7 @@ from spinemets.inference import predict as inference
 
 from spinemets.evaluation import metrics
 
-from spinemets.formats.io import write_json
+from spinemets.fileio import write_json
 from spinemets.paths import Workspace
 
 

@@ -213,7 +213,7 @@ def measure_stage(stage: str, iterations: int, warmup: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from spinemets.formats.io import read_json
+    from spinemets.fileio import read_json
 
     ws = Workspace(os.environ["SPINEMETS_BENCH_WORKSPACE"])
     configuration = f"{PROFILE}_{stage}"

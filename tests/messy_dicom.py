@@ -82,7 +82,7 @@ def write_messy_series(folder: str | Path, kind: str) -> Path:
                                        "0020|0037": "1\\0\\0\\0\\0\\-1"})
     elif kind == "with-existing-seg":
         from spinemets.formats.dicomseg import write_dicom_seg
-        from spinemets.formats.io import image_from_array, read_image
+        from spinemets.formats.images import image_from_array, read_image
 
         ct = read_image(folder)
         array = np.zeros(ct.GetSize()[::-1], np.uint8)

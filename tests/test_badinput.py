@@ -19,7 +19,7 @@ import yaml
 import fuzzing
 from badinput.builders import BUILDERS, Context
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import PARTIAL_PREFIX
+from spinemets.fileio import PARTIAL_PREFIX
 
 CORPUS = Path(__file__).resolve().parent / "badinput"
 CASE_KEYS = {"id", "area", "builder", "args", "error"}

@@ -13,9 +13,11 @@ import pytest
 import SimpleITK as sitk
 
 from fakes import IDENTIFIERS, ORIGIN, SPACING, synthetic_volume, write_dicom_series
-from spinemets.formats.dicom import convert, list_series, read_dicom_series
+from spinemets.formats.dicom import list_series, read_dicom_series
+from spinemets.formats.images import convert
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import PARTIAL_PREFIX, read_image
+from spinemets.formats.images import read_image
+from spinemets.fileio import PARTIAL_PREFIX
 
 UID_A = "1.2.826.0.1.3680043.9.7433.2.1"
 UID_B = "1.2.826.0.1.3680043.9.7433.2.2"

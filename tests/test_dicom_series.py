@@ -24,7 +24,7 @@ from spinemets.formats.dicomsr import SR_FILE, read_lesion_report, report_table
 from spinemets.formats.dicomseg import DCIODVFY_WARNINGS as SEG_WARNINGS
 from spinemets.formats.dicomseg import read_dicom_seg
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import read_image
+from spinemets.formats.images import read_image
 from test_external import RECORD
 
 V = labels_mod.labels("vertebrae")

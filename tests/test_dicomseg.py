@@ -19,7 +19,7 @@ from spinemets import labels as labels_mod
 from spinemets.formats.dicomseg import (DCIODVFY_WARNINGS, build_segmentation, is_dicom_seg, read_dicom_seg, save_segmentation,
                                  write_dicom_seg)
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import read_image
+from spinemets.formats.images import read_image
 from spinemets.cohort.tcia import CLINICAL_COLUMNS, CLINICAL_FILE, COLLECTION, TCIA_VERTEBRAE, phantom_case, \
     write_tcia_cohort
 

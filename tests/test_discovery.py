@@ -21,7 +21,7 @@ from spinemets.cohort import dataset, discovery
 from spinemets import labels
 from spinemets.cli import main
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import read_image
+from spinemets.formats.images import read_image
 from spinemets.formats.slicer import write_segments
 
 V = labels.STAGES["vertebrae"]["labels"]

@@ -19,7 +19,7 @@ from spinemets.formats.dicomseg import read_dicom_seg
 from spinemets.formats.dicomsr import DCIODVFY_WARNINGS as SR_WARNINGS
 from spinemets.formats.dicomsr import SR_FILE, read_lesion_report
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import read_image
+from spinemets.formats.images import read_image
 from spinemets.cohort.tcia import COLLECTION, phantom_case, subject_id, write_tcia_cohort
 
 CASES = 3

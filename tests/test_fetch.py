@@ -16,7 +16,7 @@ from fakes import FakeZenodo, tar_gz_bytes, zip_bytes
 from spinemets.cohort import fetch as fetch_mod
 from spinemets.errors import SpinemetsError
 from spinemets.cohort.fetch import fetch_record, record_id_of, unpack_archive
-from spinemets.formats.io import PARTIAL_PREFIX
+from spinemets.fileio import PARTIAL_PREFIX
 
 RECORD = 4242
 FILES = {

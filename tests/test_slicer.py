@@ -4,7 +4,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from spinemets.formats import io, slicer
+from spinemets.formats import images, slicer
 
 from spinemets import labels
 from spinemets.errors import SpinemetsError
@@ -19,7 +19,7 @@ def _zyx(mask_ijk):
 
 
 def test_real_slicer_file_imports_onto_the_ct(slicerio_data):
-    ct = io.read_image(slicerio_data / "CTChest4.nrrd")
+    ct = images.read_image(slicerio_data / "CTChest4.nrrd")
     mapping = labels.read_mapping_file(MAPPING)
     labelmap, report = slicer.labelmap_from_segmentation(
         slicerio_data / "Segmentation.seg.nrrd", ct, "metastases", mapping)
@@ -32,7 +32,7 @@ def test_real_slicer_file_imports_onto_the_ct(slicerio_data):
 
 
 def test_real_overlapping_file_uses_layers_and_the_overlap_rule(slicerio_data):
-    ct = io.read_image(slicerio_data / "CTChest4.nrrd")
+    ct = images.read_image(slicerio_data / "CTChest4.nrrd")
     mapping = {"overlapping sphere": "lytic", "tissue": "sclerotic"}
     mapping.update({n: None for n in ("ribs", "cervical vertebral column", "thoracic vertebral column",
                                        "lumbar vertebral column", "right lung", "left lung")})
@@ -56,7 +56,7 @@ def test_round_trip_is_exact_and_cropped(tmp_path):
     array[4:9, 6:12, 10:20] = labels.STAGES["vertebrae"]["labels"]["L1"]
     array[9:13, 6:12, 10:20] = labels.STAGES["vertebrae"]["labels"]["T12"]
     array[2:4, 8:10, 12:14] = labels.STAGES["vertebrae"]["labels"]["L2"]
-    labelmap = io.image_from_array(array, ct)
+    labelmap = images.image_from_array(array, ct)
     path = slicer.segmentation_from_labelmap(labelmap, tmp_path / "v.seg.nrrd", "vertebrae")
     seg = slicerio.read_segmentation(str(path))
     assert [s["name"] for s in seg["segments"]] == ["T12", "L1", "L2"]
@@ -147,7 +147,7 @@ def test_labelmap_with_foreign_values_is_refused(tmp_path):
     array = np.zeros(ct.GetSize()[::-1], dtype=np.uint8)
     array[1, 1, 1] = 7
     with pytest.raises(SpinemetsError, match=r"label values \[7\]"):
-        slicer.segmentation_from_labelmap(io.image_from_array(array, ct), tmp_path / "x.seg.nrrd", "metastases")
+        slicer.segmentation_from_labelmap(images.image_from_array(array, ct), tmp_path / "x.seg.nrrd", "metastases")
 
 
 def test_cropped_masks_with_offsets_and_the_write_date(tmp_path):

@@ -200,7 +200,7 @@ def _cmd_fetch(a):
 
 
 def _cmd_convert(a):
-    from spinemets.formats.dicom import convert
+    from spinemets.formats.images import convert
 
     path = convert(input=a.input, out=a.out, series_uid=a.series_uid)
     print(f"wrote {path}")
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", help="write a synthetic cohort of CTs and 3D Slicer masks (synth.synthesize_cohort)")
+    p = sub.add_parser("synth", help="write a synthetic cohort of CTs and 3D Slicer masks (cohort.synth.synthesize_cohort)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--cases", type=int, default=24, help="number of cases (default 24)")
     p.add_argument("--seed", type=int, default=0, help="random seed; one seed gives byte-identical files")
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="parallel processes")
     p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("scan", help="list the cases of a folder in a manifest CSV (dataset.scan)")
+    p = sub.add_parser("scan", help="list the cases of a folder in a manifest CSV (cohort.dataset.scan)")
     p.add_argument("root", type=Path, help="folder holding the cases")
     p.add_argument("--out", required=True, type=Path, help="manifest CSV to write")
     p.add_argument("--image", default=None,
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where --explain writes the mapping template (default: beside --out, NAME.mapping.yaml)")
     p.set_defaults(func=_cmd_scan)
 
-    p = sub.add_parser("import", help="write an nnU-Net raw dataset from a manifest (dataset.import_dataset)")
+    p = sub.add_parser("import", help="write an nnU-Net raw dataset from a manifest (cohort.dataset.import_dataset)")
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--stage", required=True, choices=STAGE_NAMES)
     p.add_argument("--out", required=True, type=Path, help="nnU-Net raw folder (nnUNet_raw)")
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the import record), instead of stopping")
     p.set_defaults(func=_cmd_import)
 
-    p = sub.add_parser("evaluate", help="score predictions against references (metrics.evaluate_folders)")
+    p = sub.add_parser("evaluate", help="score predictions against references (evaluation.evaluate.evaluate_folders)")
     p.add_argument("--ref", required=True, type=Path, help="folder of reference label maps")
     p.add_argument("--pred", required=True, type=Path, help="folder of predicted label maps")
     p.add_argument("--stage", required=True, choices=STAGE_NAMES)
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("train", help="plan, preprocess and train stages with nnU-Net (nnunet.train; "
+    p = sub.add_parser("train", help="plan, preprocess and train stages with nnU-Net (training.nnunet.train; "
                                      "with --executor, as jobs: cluster.submit)")
     p.add_argument("--stage", required=True, nargs="+", choices=STAGE_NAMES)
     p.add_argument("--profile", default="demo", help="training profile (spinemets.training.profiles.PROFILES): demo, ci, smoke, paper or gpu_check")
@@ -281,13 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(p, "one job per (stage, configuration, fold), chained by afterok dependencies")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("jobs", help="state of every job of a run, from SLURM's accounting (cluster.status)")
+    p = sub.add_parser("jobs", help="state of every job of a run, from SLURM's accounting (run.cluster.status)")
     p.add_argument("run_folder", type=Path)
     p.add_argument("--resubmit", action="store_true",
-                   help="first send again the failed or cancelled steps and their dependents (cluster.resubmit)")
+                   help="first send again the failed or cancelled steps and their dependents (run.cluster.resubmit)")
     p.set_defaults(func=_cmd_jobs)
 
-    p = sub.add_parser("predict", help="two-stage inference and lesion localization (inference.predict)")
+    p = sub.add_parser("predict", help="two-stage inference and lesion localization (inference.predict.predict)")
     p.add_argument("--input", required=True, type=Path,
                    help="a CT file, a folder of CTs, a DICOM series folder, or a folder of case folders each "
                         "holding one DICOM series (TCIA's layout); DICOM inputs also get DICOM-SEG outputs")
@@ -303,14 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-vertebra-ml", type=float, default=None,
                    help="clear fragments of a vertebra label smaller than this (mL); default: the profile's (paper: 0)")
     p.add_argument("--repair-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="put the vertebra labels in the spine's order (postprocessing.repair_vertebra_order); "
+                   help="put the vertebra labels in the spine's order (inference.postprocessing.repair_vertebra_order); "
                         "default: the profile's (demo: on, paper: off)")
     p.add_argument("--min-confidence", type=float, default=None, metavar="X",
                    help="clear predicted lesions whose confidence (the largest probability of its class over a "
                         "lesion's voxels) is below X (0-1); default: the profile's (0: none cleared)")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("run", help="execute the notebooks of a profile with papermill and build the book (runner.run)")
+    p = sub.add_parser("run", help="execute the notebooks of a profile with papermill and build the book (run.runner.run)")
     p.add_argument("--profile", default="demo", help="demo, ci, smoke, paper, or a path to a profile YAML")
     p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="override a notebook parameter (repeatable)")
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run folder, relative to the project root (default: build/executed)")
     p.set_defaults(func=_cmd_book)
 
-    p = sub.add_parser("fetch", help="download a Zenodo record with checksums and resume (fetch.fetch_record)")
+    p = sub.add_parser("fetch", help="download a Zenodo record with checksums and resume (cohort.fetch.fetch_record)")
     p.add_argument("--record", required=True, help="Zenodo record id, e.g. 13645871")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--api-url", default="https://zenodo.org/api", help="API base URL (a mirror or test server)")
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before the first retry, doubling after each (default 1)")
     p.set_defaults(func=_cmd_fetch)
 
-    p = sub.add_parser("convert", help="convert a DICOM series, NRRD or NIfTI image (dicom.convert)")
+    p = sub.add_parser("convert", help="convert a DICOM series, NRRD or NIfTI image (formats.images.convert)")
     p.add_argument("input", type=Path, help="DICOM series folder or image file")
     p.add_argument("--out", required=True, type=Path, help="output image, e.g. ct.nii.gz")
     p.add_argument("--series-uid", default=None, help="series to take when the folder holds several")

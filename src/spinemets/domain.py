@@ -39,7 +39,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm.auto import tqdm
 
-from spinemets.formats.io import read_image, read_json, write_json
+from spinemets.formats.images import read_image
+from spinemets.fileio import read_json, write_json
 
 log = logging.getLogger(__name__)
 

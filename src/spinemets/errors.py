@@ -18,3 +18,8 @@ def unknown_choice(what: str, value, choices: Iterable[str], option: str | None 
     """The one message for a value outside its choices: ``--OPTION: unknown WHAT 'x'; choose one of a, b``."""
     subject = option or f"--{what.split()[-1]}"
     return SpinemetsError(f"{subject}: unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def one_line(text) -> str:
+    """``text`` (or an exception's message) with its line breaks and runs of white space folded into one space."""
+    return " ".join(str(text).split())

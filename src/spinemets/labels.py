@@ -153,7 +153,8 @@ def read_mapping_file(path: str | Path) -> dict[str | int, str | None]:
 
 
 def _read_yaml_mapping(path: str | Path):
-    from spinemets.formats.io import one_line, require_file
+    from spinemets.fileio import require_file
+    from spinemets.errors import one_line
 
     path = require_file(path, "mapping file")
     try:

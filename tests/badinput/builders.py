@@ -135,7 +135,7 @@ def dicom(
     "missing" (no folder), "empty", "text" (only a text file). ``truncate``/``delete`` name a
     slice file to cut to 200 bytes / remove; ``series_uid`` is passed on ("A"/"B" stand for the
     synthetic UIDs); ``messy`` writes a series of that kind of tests/messy_dicom.py instead."""
-    from spinemets.formats.dicom import convert
+    from spinemets.formats.images import convert
 
     folder = ctx.tmp_path / "dicom"
     if messy is not None:
@@ -164,7 +164,7 @@ def dicom(
 def convert_image(ctx: Context, image: str = "plain", out: str = "case.nii.gz", series_uid: str | None = None) -> Prepared:
     """Convert a file ``image``: "plain" (a valid 3-D NRRD), "missing", "4d", "vector", "nan",
     "truncated" (a NIfTI cut short), "2d"; to ``out`` (relative to the case folder)."""
-    from spinemets.formats.dicom import convert
+    from spinemets.formats.images import convert
 
     src = ctx.tmp_path / ("in.nii" if image in ("truncated", "4d") else "in.nrrd")
     if image != "missing":
@@ -632,7 +632,7 @@ def convert_more(ctx: Context, image: str = "plain", src: str | None = None, out
     (direction columns not of unit length), ``zero-spacing`` (an NRRD with a zero axis),
     ``truncated`` (the file cut to two thirds); ``src`` and
     ``out`` replace the input and output paths by a kind of :func:`odd_path`."""
-    from spinemets.formats.dicom import convert
+    from spinemets.formats.images import convert
 
     src_path = ctx.tmp_path / f"in{suffix}"
     array = synthetic_volume(seed=5).astype(np.float32)

@@ -55,9 +55,11 @@ from tqdm.auto import tqdm
 from spinemets import __version__
 from spinemets import labels as labels_mod
 from spinemets.errors import SpinemetsError, unknown_choice
-from spinemets.formats.io import (PARTIAL_PREFIX, case_id_problem, check_case_id, check_output_dir, check_output_file,
-                 check_same_geometry, image_from_array, inside, one_line, output_folder, read_image, remove_partials,
-                 read_json, require_dir, require_file, write_csv, write_image, write_json)
+from spinemets.errors import one_line
+from spinemets.fileio import (PARTIAL_PREFIX, case_id_problem, check_case_id, check_output_dir, check_output_file,
+                              inside, output_folder, remove_partials, read_json, require_dir, require_file, write_csv,
+                              write_json)
+from spinemets.formats.images import check_same_geometry, image_from_array, read_image, write_image
 from spinemets.domain import cohort_of
 from spinemets.formats.slicer import labelmap_from_segmentation
 

@@ -94,7 +94,8 @@ import yaml
 
 from spinemets import labels as labels_mod
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import PARTIAL_PREFIX, one_line, require_dir, write_text
+from spinemets.fileio import PARTIAL_PREFIX, require_dir, write_text
+from spinemets.errors import one_line
 from spinemets.formats.slicer import header_segment_names
 
 log = logging.getLogger(__name__)
@@ -970,7 +971,7 @@ def explain(root: str | Path, mapping=None, template: str | Path | None = None) 
     No manifest is written. With ``template``, the mapping template (:func:`template_text`) is
     written there (atomically), and the text says so. Returns the text.
     """
-    from spinemets.formats.io import check_output_file
+    from spinemets.fileio import check_output_file
 
     if template is not None:
         check_output_file(template, "mapping template")

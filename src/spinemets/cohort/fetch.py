@@ -48,7 +48,7 @@ import requests
 from tqdm.auto import tqdm
 
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import PARTIAL_PREFIX, check_output_dir, check_output_file, output_folder, write_json
+from spinemets.fileio import PARTIAL_PREFIX, check_output_dir, check_output_file, output_folder, write_json
 
 log = logging.getLogger(__name__)
 

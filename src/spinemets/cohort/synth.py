@@ -61,7 +61,8 @@ from tqdm import tqdm
 from spinemets import __version__
 from spinemets import labels as labels_mod
 from spinemets.errors import SpinemetsError, unknown_choice
-from spinemets.formats.io import check_output_dir, atomic_path, drop_nrrd_write_date, ijk_to_lps, remove_partials, write_csv, write_json
+from spinemets.formats.images import drop_nrrd_write_date, ijk_to_lps
+from spinemets.fileio import check_output_dir, atomic_path, remove_partials, write_csv, write_json
 from spinemets.formats.slicer import write_segments
 
 #: Size presets. ``demo``: CPU-sized (nnU-Net trains both stages in minutes): a spine-centred

@@ -56,7 +56,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from spinemets import labels as labels_mod
-from spinemets.formats.io import atomic_path, check_output_dir, write_csv
+from spinemets.fileio import atomic_path, check_output_dir, write_csv
 
 COLLECTION = "Spine-Mets-CT-SEG"
 DOI = "10.7937/kh36-ds04"
@@ -196,11 +196,12 @@ def write_tcia_cohort(out_dir: str | Path, cases: int = 3, seed: int = 0) -> Pat
 
 
 def write_ct_series(ct: sitk.Image, folder: str | Path, case_id: str, seed: int = 0) -> Path:
-    """Write a CT image (any 3-D image :func:`spinemets.formats.io.read_image` reads) as a DICOM CT series
+    """Write a CT image (any 3-D image :func:`spinemets.formats.images.read_image` reads) as a DICOM CT series
     into ``folder``, one file per slice, as a scanner would send it to a PACS: new UIDs (derived
     from ``case_id`` and ``seed``), ``case_id`` as patient name and ID, no other patient or study
     attribute. For showing the DICOM outputs of ``predict`` (SEG, SR) on a cohort kept as NIfTI."""
-    from spinemets.formats.io import check_case_id, check_image, check_output_dir
+    from spinemets.formats.images import check_image
+    from spinemets.fileio import check_case_id, check_output_dir
 
     check_case_id(case_id, folder)
     check_image(ct, folder, "CT")

@@ -5,7 +5,7 @@ The metrics step: it serves the command ``spinemets evaluate`` and the metrics n
 per-case metrics of arrays) and the detection tables of :mod:`spinemets.evaluation.detection`:
 **files** (:func:`read_label_pair`, :func:`evaluate_pair`, :func:`evaluate_lesion_pair`) ->
 **folder** (:func:`pair_cases`, :func:`summarize`, :func:`evaluate_folders`). Every input image is
-read once, through :func:`spinemets.formats.io.read_image` (checked).
+read once, through :func:`spinemets.formats.images.read_image` (checked).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def read_label_pair(ref_path: str | Path, pred_path: str | Path, stage: str):
     and placed on the other file's grid by physical coordinates; two ``.seg.nrrd`` files (each
     cropped by 3D Slicer) go on the smallest grid that holds both.
     """
-    from spinemets.formats.io import check_same_geometry, read_image
+    from spinemets.formats.images import check_same_geometry, read_image
     from spinemets.formats.slicer import labelmap_from_segmentation, read_slicer_segmentation, segmentation_grid
 
     ref_seg, pred_seg = is_segmentation_file(ref_path), is_segmentation_file(pred_path)
@@ -181,7 +181,7 @@ def list_case_files(folder: str | Path, what: str, stage: str | None = None) -> 
     label map is scored and the ``.seg.nrrd`` is its companion (:func:`evaluate_pair` checks that
     the two agree); two label maps of one case (``.nii.gz`` and ``.nrrd``) are an error.
     """
-    from spinemets.formats.io import check_case_id, require_dir, require_file
+    from spinemets.fileio import check_case_id, require_dir, require_file
 
     folder = require_dir(folder, f"{what} folder")
     found: dict[str, list[Path]] = {}
@@ -374,7 +374,7 @@ def evaluate_lesion_pair(ref_path, pred_path, beta: float = 2.0, match: str = "i
     share the prediction's voxel grid."""
     import SimpleITK as sitk
 
-    from spinemets.formats.io import check_same_geometry, read_image
+    from spinemets.formats.images import check_same_geometry, read_image
 
     ref_image, pred_image = read_label_pair(ref_path, pred_path, "metastases")
     ref = sitk.GetArrayViewFromImage(ref_image)
@@ -476,7 +476,7 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
     """
     from spinemets import __version__
     from spinemets.provenance import versions
-    from spinemets.formats.io import atomic_paths, check_output_dir, check_output_file, output_folder, write_csv, write_json
+    from spinemets.fileio import atomic_paths, check_output_dir, check_output_file, output_folder, write_csv, write_json
 
     check_stage(stage)
     check_match(match)
@@ -562,7 +562,7 @@ def detection_tables(found: dict[str, dict], pairs: dict | None = None) -> dict:
 
 def _write_detection_tables(tables: dict, paths: list[Path]) -> None:
     from spinemets.evaluation import detection as det
-    from spinemets.formats.io import write_csv
+    from spinemets.fileio import write_csv
 
     write_csv(paths[0], tables["froc"], det.FROC_FIELDS)
     write_csv(paths[1], tables["summary"], det.SUMMARY_FIELDS)
@@ -594,7 +594,7 @@ def validation_detections(workspace, profile: str, match: str = "iou", connectiv
 
     from spinemets.training import nnunet
     from spinemets.inference.predict import detection_map
-    from spinemets.formats.io import check_same_geometry, read_image
+    from spinemets.formats.images import check_same_geometry, read_image
     from spinemets.evaluation.evaluate import evaluate_lesion_case
     from spinemets.inference.postprocessing import merge_small_type_parts, remove_small_lesions
 

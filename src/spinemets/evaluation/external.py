@@ -41,7 +41,9 @@ import SimpleITK as sitk
 from spinemets import labels as labels_mod
 from spinemets.evaluation import metrics
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import check_same_geometry, one_line, read_image, require_dir, require_file, write_csv, write_json
+from spinemets.formats.images import check_same_geometry, read_image
+from spinemets.fileio import require_dir, require_file, write_csv, write_json
+from spinemets.errors import one_line
 from spinemets.cohort.tcia import TCIA_VERTEBRAE
 
 #: Lesion types compared; ``none`` is a vertebra without lesion.

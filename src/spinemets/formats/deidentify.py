@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import require_file, write_csv
+from spinemets.fileio import require_file, write_csv
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ Checking a series for prediction
 
 Converting
     :func:`convert` reads a DICOM folder, NRRD or NIfTI image and writes it with
-    :func:`spinemets.formats.io.write_image` (voxels and geometry only, written atomically).
+    :func:`spinemets.formats.images.write_image` (voxels and geometry only, written atomically).
 
 Pseudonyms are :mod:`spinemets.formats.deidentify`'s.
 """
@@ -73,13 +73,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from spinemets.errors import SpinemetsError
-from spinemets.formats.io import check_image, check_output_file, one_line, output_folder, read_image, write_image
+from spinemets.errors import SpinemetsError, one_line
 
 log = logging.getLogger(__name__)
 
-#: Output suffixes :func:`convert` writes (all carry voxels and geometry, nothing else).
-OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 _TAG_POSITION = "0020|0032"
@@ -444,28 +441,3 @@ def _check_slice_geometry(folder: Path, files: list[Path], rel_tol: float = 0.01
 # converting
 
 
-def convert(input: str | Path, out: str | Path, series_uid: str | None = None) -> Path:
-    """Read a DICOM series folder, NRRD or NIfTI image and write it to ``out`` (format from the suffix).
-
-    The output holds voxels and geometry only (no header fields of the source), and is written
-    to a temporary name and renamed, so a failure leaves no file under ``out``. Returns ``out``.
-    """
-    src, out = Path(input), Path(out)
-    if not any(out.name.lower().endswith(sfx) for sfx in OUTPUT_SUFFIXES):
-        raise SpinemetsError(f"{out}: unsupported output format; use one of {', '.join(OUTPUT_SUFFIXES)}")
-    check_output_file(out, "output image")
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise SpinemetsError(f"{out}: output would overwrite the input; choose another file name")
-    if src.is_dir():
-        if out.resolve().is_relative_to(src.resolve()):
-            raise SpinemetsError(f"{out}: output lies inside the DICOM folder {src}; write it elsewhere")
-        image = read_dicom_series(src, series_uid)
-        check_image(image, src, "DICOM series")
-    else:
-        if series_uid is not None:
-            raise SpinemetsError(f"{src}: a series UID applies to DICOM folders only, and this is a file")
-        image = read_image(src)
-    with output_folder(out.parent):
-        write_image(image, out)
-    log.info("converted %s -> %s", src, out)
-    return out

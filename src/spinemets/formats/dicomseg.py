@@ -64,7 +64,7 @@ Writing rules:
   removed, and Patient Identity Removed is ``YES``. UIDs are kept: they link the SEG to its CT.
 * An empty label map gives no file: DICOM-SEG needs at least one segment, so
   :func:`write_dicom_seg` writes nothing and returns None.
-* Written to a temporary name and renamed into place (:func:`spinemets.formats.io.atomic_path`).
+* Written to a temporary name and renamed into place (:func:`spinemets.fileio.atomic_path`).
 * The source series is checked first (:func:`spinemets.formats.dicom.check_series`): a series whose
   Study, Series or Frame of Reference UID is blank (an anonymiser's doing), or whose SOP Instance
   UIDs are blank or duplicated, gets no SEG (it could not reference its source: an error naming
@@ -93,8 +93,9 @@ import SimpleITK as sitk
 from spinemets import __version__
 from spinemets import labels as labels_mod
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import atomic_path, check_case_id, check_output_file, ijk_to_lps, image_from_array, one_line, require_dir, \
-    require_file
+from spinemets.errors import one_line
+from spinemets.fileio import atomic_path, check_case_id, check_output_file, require_dir, require_file
+from spinemets.formats.images import ijk_to_lps, image_from_array
 
 log = logging.getLogger(__name__)
 
@@ -608,7 +609,7 @@ def _one_line_lo(text: str | None) -> str | None:
 def _source_datasets(folder, labelmap: sitk.Image, out_path) -> list:
     """Headers of the source series' slices, in the order of the label map's slices (checked)."""
     from spinemets.formats.dicom import check_series, read_dicom_series, read_series_headers
-    from spinemets.formats.io import check_same_geometry
+    from spinemets.formats.images import check_same_geometry
 
     folder = require_dir(folder, "source CT series folder")
     checked = check_series(folder)

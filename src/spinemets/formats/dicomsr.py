@@ -64,7 +64,8 @@ from spinemets import __version__
 from spinemets import labels as labels_mod
 from spinemets.formats.dicomseg import DCIODVFY_WARNINGS as _SEG_WARNINGS
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import atomic_path, check_output_file, one_line, require_file
+from spinemets.fileio import atomic_path, check_output_file, require_file
+from spinemets.errors import one_line
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,9 @@ import slicerio
 
 from spinemets import labels as labels_mod
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import atomic_path, check_geometry, drop_nrrd_write_date, ijk_to_lps, image_from_array, one_line, require_file
+from spinemets.formats.images import check_geometry, drop_nrrd_write_date, ijk_to_lps, image_from_array
+from spinemets.fileio import atomic_path, require_file
+from spinemets.errors import one_line
 
 _TOL_MATRIX = 1e-3  # relative tolerance of spacing/direction agreement
 _TOL_OFFSET = 1e-2  # voxels: how far from the CT lattice a grid may sit

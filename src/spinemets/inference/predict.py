@@ -76,8 +76,9 @@ from spinemets.formats.dicom import check_series, read_series_headers
 from spinemets.formats.dicomseg import write_dicom_seg
 from spinemets.formats.dicomsr import SR_FILE, write_lesion_report
 from spinemets.errors import SpinemetsError, unknown_choice
-from spinemets.formats.io import (check_case_id, check_output_dir, describe_path, ijk_to_lps, image_from_array, one_line, read_image,
-                 require_file, write_csv, write_image, write_json)
+from spinemets.errors import one_line
+from spinemets.fileio import check_case_id, check_output_dir, describe_path, require_file, write_csv, write_json
+from spinemets.formats.images import ijk_to_lps, image_from_array, read_image, write_image
 from spinemets.inference.postprocessing import (check_min_ml, merge_small_type_parts, remove_small_components, remove_small_lesions,
                              repair_vertebra_order)
 from spinemets.provenance import provenance
@@ -295,7 +296,7 @@ def find_inputs(input: str | Path | Sequence[str | Path]) -> dict[str, Path]:
     series are not CTs; case = the case folder's name, never a DICOM header). ``.seg.nrrd`` files are skipped.
     A list of these gives all their cases (the held-out CTs of two stages whose data differ).
 
-    Every case ID passes the one rule of :func:`spinemets.formats.io.check_case_id`; a broken link is
+    Every case ID passes the one rule of :func:`spinemets.fileio.check_case_id`; a broken link is
     reported as one, and two files of one case are an error.
     """
     if isinstance(input, (list, tuple)):
@@ -373,7 +374,7 @@ def _dicom_series_below(folder: Path) -> list[Path]:
 
 
 def check_inputs(cases: dict[str, Path]) -> None:
-    """Read and check every CT before any model is loaded (:func:`spinemets.formats.io.read_image`; a DICOM
+    """Read and check every CT before any model is loaded (:func:`spinemets.formats.images.read_image`; a DICOM
     series also by :func:`spinemets.formats.dicom.check_series`), so that a bad case fails the command
     before the first case is written."""
     for path in cases.values():

@@ -21,7 +21,7 @@ from typing import Any, Mapping, NamedTuple
 import pandas as pd
 
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import read_json
+from spinemets.fileio import read_json
 from spinemets.labels import STAGE_NAMES
 from spinemets.run.profiles import find_project_root
 from spinemets.run.runner import DEFAULT_OUT_DIR, PROVENANCE, RUN_DIR_ENV

@@ -63,7 +63,7 @@ from submitit.helpers import Checkpointable
 from submitit.slurm.slurm import SlurmInfoWatcher
 
 from spinemets.errors import SpinemetsError, unknown_choice
-from spinemets.formats.io import read_json, write_json
+from spinemets.fileio import read_json, write_json
 from spinemets.paths import DEFAULT_WORKSPACE
 from spinemets.run import runner
 from spinemets.training import nnunet

@@ -35,7 +35,8 @@ from typing import Any, Mapping
 import yaml
 
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import one_line, require_file
+from spinemets.fileio import require_file
+from spinemets.errors import one_line
 
 PROFILE_DIR = "profiles"
 COHORTS = ("synthetic", "real")

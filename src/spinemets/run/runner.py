@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import yaml
 
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import atomic_path, read_json, write_json, write_text
+from spinemets.fileio import atomic_path, read_json, write_json, write_text
 from spinemets.run.profiles import NotebookStep, Profile, find_project_root, load_profile, notebook_parameters
 from spinemets.provenance import now, provenance
 from spinemets.training.profiles import stage_budget

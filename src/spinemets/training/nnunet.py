@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from spinemets import domain
 from spinemets.errors import SpinemetsError
-from spinemets.formats.io import one_line, read_json, write_json
+from spinemets.fileio import read_json, write_json
+from spinemets.errors import one_line
 from spinemets.paths import PLANS, Workspace, workspace_of
 from spinemets.training.profiles import get_profile, stage_plan
 from spinemets.training.programs import captured_output, children_cpu_seconds, cpu_environment, in_notebook, log_block, \

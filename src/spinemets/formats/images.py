@@ -1,105 +1,33 @@
-"""Reading and writing images and tables safely.
+"""Reading and writing images safely.
 
 * Images are read with SimpleITK and checked: a missing, truncated or corrupt file, a 4-D or
   multi-component volume, NaN or infinite voxels and a sheared or scaled direction matrix each
   raise :class:`~spinemets.errors.SpinemetsError` naming the file and what is wrong. (ITK's NIfTI
   reader turns NaN and infinite voxels into 0, and fills a truncated ``.nii.gz`` with 0: a NIfTI
-  file's voxels are therefore read here, in one pass that decompresses a ``.nii.gz`` once and checks
-  its gzip trailer (CRC and length), and ITK reads only its header, for the geometry; see
-  :func:`read_image`.)
-* Paths are checked before use (:func:`require_file`, :func:`require_dir`,
-  :func:`check_output_file`, :func:`check_output_dir`): a missing file, a broken link, a folder
-  where a file is expected and an output under a file each get a one-line message; a failed
-  command leaves no empty output folder (:func:`output_folder`) and writes nothing outside it
-  (:func:`inside`). Every case ID passes one rule (:func:`check_case_id`).
-* Every write goes to a temporary name in the destination folder and is renamed into place
-  (``os.replace``), so a crash never leaves a half-written file under the final name. Temporary
-  names start with :data:`PARTIAL_PREFIX`; :func:`remove_partials` clears those a killed run left.
-* Images are written from their voxels and geometry only: header key/value fields of the source
-  (which may hold patient identifiers) never reach an output.
+  file's header is read here and its length checked against the gzip trailer, and floating-point
+  voxels are read here, so that a ``.nii.gz`` is decompressed once; see :func:`read_image`.) A
+  DICOM series folder is read by :mod:`spinemets.formats.dicom`.
+* Images are written from their voxels and geometry only (:func:`write_image`, atomically through
+  :func:`spinemets.fileio.atomic_path`): header key/value fields of the source (which may hold
+  patient identifiers) never reach an output.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
+import logging
 import math
 import os
 import re
-import uuid
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
-from spinemets.errors import SpinemetsError
+from spinemets.errors import SpinemetsError, one_line
+from spinemets.fileio import atomic_path, check_output_file, describe_path, missing_message, output_folder
 
-PARTIAL_PREFIX = ".partial-"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` on success.
-
-    On an exception the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def atomic_paths(paths: Iterable[str | Path]) -> Iterator[list[Path]]:
-    """:func:`atomic_path` for several files that belong together: all are renamed into place
-    after the block succeeds, none when it fails (the temporary files are removed).
-
-    Each target is checked first (:func:`check_output_file`), so a target that is a folder fails
-    before anything is written rather than after the first files were renamed.
-    """
-    paths = [check_output_file(p) for p in map(Path, paths)]
-    temps = []
-    try:
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temps.append(_temporary_name(path))
-        yield temps
-        for tmp, path in zip(temps, paths):
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-
-def _temporary_name(path: Path) -> Path:
-    """A fresh temporary name beside ``path``, with its suffixes (so writers pick the same format)."""
-    return path.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")
-
-
-def remove_partials(folder: str | Path) -> int:
-    """Remove temporary files and folders a killed run left in ``folder`` (recursively); return how many."""
-    import shutil
-
-    folder = Path(folder)
-    if not folder.exists():
-        return 0
-    stale = sorted(folder.rglob(f"{PARTIAL_PREFIX}*"), key=lambda p: len(p.parts), reverse=True)
-    for p in stale:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-    return len(stale)
+log = logging.getLogger(__name__)
 
 
 _NRRD_WRITE_DATE = re.compile(rb"# on \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\(GMT\)\.\n")
@@ -117,231 +45,6 @@ def drop_nrrd_write_date(path: str | Path) -> None:
             fh.write(b"# write date omitted".ljust(len(match.group()) - 1) + b"\n")
 
 
-def read_json(path: str | Path, what: str = "JSON file", missing=...):
-    """The content of a JSON file: the one reader of the package's JSON files.
-
-    A missing file returns ``missing`` when one is given, else is a :class:`SpinemetsError`
-    naming the file (as are a folder in its place and invalid JSON).
-    """
-    path = Path(path)
-    if missing is not ... and not path.exists() and not path.is_symlink():
-        return missing
-    require_file(path, what)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpinemetsError(f"{path}: {what} is not valid JSON ({one_line(exc)})") from None
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def write_json(path: str | Path, data) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def write_csv(path: str | Path, rows: Iterable[dict], fieldnames: list[str]) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fieldnames, lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow(row)
-    return Path(path)
-
-
-def describe_path(path: str | Path) -> str:
-    """What stands at ``path`` in words: ``missing``, ``broken link``, ``folder``, ``file`` or ``other``."""
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        return "broken link"
-    if not path.exists():
-        return "missing"
-    if path.is_dir():
-        return "folder"
-    return "file" if path.is_file() else "other"
-
-
-def _missing_message(path: Path, what: str, kind: str) -> str:
-    if kind == "broken link":
-        return f"{path}: {what} is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
-    under = _file_above(path)
-    if under is not None:
-        return f"{path}: {what} not found ({under} is a file, not a folder)"
-    return f"{path}: {what} not found"
-
-
-def require_file(path: str | Path, what: str = "file") -> Path:
-    """``path`` if it is an existing regular file (or a link to one); otherwise a :class:`SpinemetsError`
-    that says whether it is missing, a broken link, a folder or something else."""
-    path = Path(path)
-    kind = describe_path(path)
-    if kind in ("missing", "broken link"):
-        raise SpinemetsError(_missing_message(path, what, kind))
-    if kind == "folder":
-        raise SpinemetsError(f"{path}: {what} is a folder; expected a file")
-    if kind == "other":
-        raise SpinemetsError(f"{path}: {what} is not a regular file")
-    return path
-
-
-def require_dir(path: str | Path, what: str = "folder") -> Path:
-    """``path`` if it is an existing folder; otherwise a :class:`SpinemetsError` saying what stands there."""
-    path = Path(path)
-    kind = describe_path(path)
-    if kind in ("missing", "broken link"):
-        raise SpinemetsError(_missing_message(path, what, kind))
-    if kind != "folder":
-        raise SpinemetsError(f"{path}: {what} is a file; expected a folder")
-    return path
-
-
-def _file_above(path: Path) -> Path | None:
-    """The nearest ancestor of ``path`` that exists and is not a folder, if any."""
-    for parent in Path(path).absolute().parents:
-        if parent.exists():
-            return None if parent.is_dir() else parent
-    return None
-
-
-#: The longest file name most file systems take (bytes); temporary names add :data:`_TEMP_EXTRA`.
-NAME_MAX = 255
-_TEMP_EXTRA = len(PARTIAL_PREFIX) + 9
-
-
-def _check_name_lengths(path: Path, what: str, extra: int = 0) -> None:
-    for part in path.parts:
-        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX - (extra if part == path.name else 0):
-            raise SpinemetsError(f"{path}: {what}: the name {part[:24]!r}... is too long for the file system "
-                                 f"(at most {NAME_MAX - extra} bytes)")
-
-
-def check_output_file(path: str | Path, what: str = "output file") -> Path:
-    """Refuse an output file path that cannot be written: an existing folder, a broken link, a path
-    under a file, a name too long, or one in a folder that cannot be written. Nothing is created."""
-    path = Path(path)
-    _check_name_lengths(path, what, _TEMP_EXTRA)
-    kind = describe_path(path)
-    if kind == "folder":
-        raise SpinemetsError(f"{path}: {what} is an existing folder; give a file name")
-    if kind == "broken link":
-        raise SpinemetsError(f"{path}: {what} is a broken symbolic link; remove it or give another name")
-    if kind == "other":
-        raise SpinemetsError(f"{path}: {what} exists and is not a regular file")
-    _check_writable_parent(path, what)
-    return path
-
-
-def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
-    """Refuse an output folder path that cannot be used: an existing file, a broken link, a path
-    under a file, a name too long, or one whose nearest existing ancestor cannot be written. Nothing is created."""
-    path = Path(path)
-    _check_name_lengths(path, what)
-    kind = describe_path(path)
-    if kind in ("file", "other"):
-        raise SpinemetsError(f"{path}: {what} is an existing file; expected a folder")
-    if kind == "broken link":
-        raise SpinemetsError(f"{path}: {what} is a broken symbolic link; remove it or give another name")
-    if kind == "folder":
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise SpinemetsError(f"{path}: {what} is not writable")
-        return path
-    _check_writable_parent(path, what)
-    return path
-
-
-def _check_writable_parent(path: Path, what: str) -> None:
-    above = _file_above(path)
-    if above is not None:
-        raise SpinemetsError(f"{path}: {what} lies under {above}, which is a file, not a folder")
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise SpinemetsError(f"{path}: {what} cannot be created: {parent} is not writable")
-            return
-
-
-@contextlib.contextmanager
-def output_folder(path: str | Path, what: str = "output folder") -> Iterator[Path]:
-    """Create the output folder ``path`` (and missing parents) for the ``with`` block.
-
-    On an exception, the folders this call created are removed again when they are empty, so a
-    failed command leaves no empty output folder behind; an existing folder is left as it was.
-    """
-    path = Path(path)
-    check_output_dir(path, what)
-    created = [folder for folder in [*reversed(path.absolute().parents), path.absolute()] if not folder.exists()]
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-    except BaseException:
-        if created:  # this call made the folder: empty folders below it go too (files never)
-            for folder in sorted((p for p in path.rglob("*") if p.is_dir() and not p.is_symlink()),
-                                 key=lambda p: len(p.parts), reverse=True):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-        for folder in reversed(created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only when empty
-        raise
-
-
-def inside(root: str | Path, relative: str | Path, what: str = "output") -> Path:
-    """``root / relative``, refused when it would resolve outside ``root`` (``..``, absolute parts, links)."""
-    root = Path(root)
-    target = root / relative
-    base = root.resolve()
-    resolved = target.resolve()
-    if Path(relative).is_absolute() or not (resolved == base or base in resolved.parents):
-        raise SpinemetsError(f"{target}: {what} would lie outside {root}; refusing to write it")
-    return target
-
-
-#: One rule for every case ID, whatever its source (file or folder name, manifest, pseudonym
-#: map): it becomes a file name in nnU-Net's folders, so it starts with a letter or digit and
-#: holds only letters, digits, '.', '_' and '-' (ASCII), at most :data:`CASE_ID_MAX` characters.
-CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-CASE_ID_MAX = 100
-
-
-def case_id_problem(case_id) -> str | None:
-    """Why ``case_id`` is not a valid case ID (see :data:`CASE_ID_PATTERN`), or None when it is."""
-    if not isinstance(case_id, str):
-        return f"case ID {case_id!r} is not text"
-    if not case_id:
-        return "empty case ID"
-    if len(case_id) > CASE_ID_MAX:
-        return f"case ID {case_id[:20]!r}... is longer than {CASE_ID_MAX} characters"
-    if not CASE_ID_PATTERN.match(case_id) or case_id.endswith("."):
-        return (f"case ID {case_id!r} must start with a letter or digit and hold only letters, digits, "
-                "'.', '_' or '-' (and not end with '.')")
-    return None
-
-
-def check_case_id(case_id, source: str | Path) -> str:
-    """``case_id`` if valid, else a :class:`SpinemetsError` naming ``source`` (the file it came from)."""
-    problem = case_id_problem(case_id)
-    if problem:
-        raise SpinemetsError(f"{source}: {problem}")
-    return case_id
-
-
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     """Read a 3-D scalar image (NRRD, NIfTI, MHA ...) and check it (:func:`check_image`).
 
@@ -352,7 +55,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     path = Path(path)
     kind = describe_path(path)
     if kind in ("missing", "broken link"):
-        raise SpinemetsError(_missing_message(path, f"{what} file", kind))
+        raise SpinemetsError(missing_message(path, f"{what} file", kind))
     if kind == "folder":
         from spinemets.formats.dicom import read_dicom_series  # DICOM series folders
 
@@ -640,11 +343,6 @@ def _gunzipped_length(fh) -> int:
     return stored
 
 
-def one_line(text) -> str:
-    """``text`` (or an exception's message) with its line breaks and runs of white space folded into one space."""
-    return " ".join(str(text).split())
-
-
 #: The largest origin coordinate or voxel spacing taken as real (mm): 1 km. Beyond it a header is
 #: damaged, and the values would not survive a float32 NIfTI header.
 GEOMETRY_LIMIT_MM = 1e6
@@ -762,3 +460,36 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> P
     with atomic_path(path) as tmp:
         sitk.WriteImage(clean_image(image), str(tmp), compress)
     return Path(path)
+
+
+#: Output suffixes :func:`convert` writes (all carry voxels and geometry, nothing else).
+OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def convert(input: str | Path, out: str | Path, series_uid: str | None = None) -> Path:
+    """Read a DICOM series folder, NRRD or NIfTI image and write it to ``out`` (format from the suffix).
+
+    The output holds voxels and geometry only (no header fields of the source), and is written
+    to a temporary name and renamed, so a failure leaves no file under ``out``. Returns ``out``.
+    """
+    src, out = Path(input), Path(out)
+    if not any(out.name.lower().endswith(sfx) for sfx in OUTPUT_SUFFIXES):
+        raise SpinemetsError(f"{out}: unsupported output format; use one of {', '.join(OUTPUT_SUFFIXES)}")
+    check_output_file(out, "output image")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise SpinemetsError(f"{out}: output would overwrite the input; choose another file name")
+    if src.is_dir():
+        from spinemets.formats.dicom import read_dicom_series
+
+        if out.resolve().is_relative_to(src.resolve()):
+            raise SpinemetsError(f"{out}: output lies inside the DICOM folder {src}; write it elsewhere")
+        image = read_dicom_series(src, series_uid)
+        check_image(image, src, "DICOM series")
+    else:
+        if series_uid is not None:
+            raise SpinemetsError(f"{src}: a series UID applies to DICOM folders only, and this is a file")
+        image = read_image(src)
+    with output_folder(out.parent):
+        write_image(image, out)
+    log.info("converted %s -> %s", src, out)
+    return out
