@@ -563,7 +563,7 @@ def test_folder_errors(tmp_path):
         write_label_map(pred_dir / "case_000.nii.gz", np.full((30, 10, 10), 30, np.uint8), (0.8, 0.8, 2.0))
         evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out")
     with pytest.raises(SpinemetsError, match="beta"):
-        evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out", beta=0)
+        evaluate.evaluate_folders(ref_dir, pred_dir, "vertebrae", tmp_path / "out", metrics.ScoringOptions(beta=0))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SpinemetsError, match="no reference label maps"):

@@ -64,9 +64,10 @@ def _cmd_import(a):
 
 def _cmd_evaluate(a):
     from spinemets.evaluation.evaluate import evaluate_folders
+    from spinemets.evaluation.metrics import ScoringOptions
 
     evaluate_folders(ref_dir=a.ref, pred_dir=a.pred, stage=a.stage, out_dir=a.out,
-          beta=a.beta, match=a.match, jobs=a.jobs)
+                     options=ScoringOptions(beta=a.beta, match=a.match), jobs=a.jobs)
     print(f"wrote {Path(a.out) / 'summary.csv'}")
     if a.stage == "metastases":
         print(f"wrote {Path(a.out) / 'froc.csv'} and the other detection tables (froc_summary.csv, lesion_bands.csv, "

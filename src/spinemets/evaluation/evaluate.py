@@ -21,13 +21,13 @@ from spinemets.labels import check_stage, foreground_labels
 from spinemets.paths import workspace_of
 from spinemets.training.profiles import get_profile
 from spinemets.evaluation.metrics import (BOOTSTRAP_LEVEL, ID_DISTANCE_MM, IOU_THRESHOLD, METRICS, N_BOOTSTRAP, SEED,
-                                          Counts, check_labels, check_match, class_rows, confusion_matrix,
+                                          Counts, ScoringOptions, check_labels, check_match, class_rows, confusion_matrix,
                                           evaluate_case, match_components, metric_names, union_box, voxel_counts)
 
 
 def evaluate_lesion_case(ref: np.ndarray, pred: np.ndarray, confidence: np.ndarray | None = None,
-                         vertebrae: np.ndarray | None = None, spacing=(1.0, 1.0, 1.0), beta: float = 2.0,
-                         match: str = "iou", connectivity: int = 26,
+                         vertebrae: np.ndarray | None = None, spacing=(1.0, 1.0, 1.0),
+                         options: ScoringOptions | None = None,
                          sources: tuple = ("reference", "prediction", "detection map")) -> tuple[dict, dict]:
     """:func:`evaluate_case` of the lesion stage and the case's lesion detections, from one matching.
 
@@ -35,10 +35,13 @@ def evaluate_lesion_case(ref: np.ndarray, pred: np.ndarray, confidence: np.ndarr
     :func:`spinemets.evaluation.detection.case_detections`). ``confidence`` is the detection map (float, in
     [0, 1], 0 outside the predicted lesions; None: confidence 1 for every predicted lesion),
     ``vertebrae`` the vertebra label map of the case (None: regions unknown); both on the grid of
-    ``pred``. Only the box holding the lesions of either map is read further.
+    ``pred``. Only the box holding the lesions of either map is read further. ``options``: how the case
+    is scored (:class:`spinemets.evaluation.metrics.ScoringOptions`; default: F2, IoU > 0.5, 26-connectivity).
     """
     from spinemets.evaluation.detection import case_detections
 
+    options = options or ScoringOptions()
+    beta, match, connectivity = options.beta, options.match, options.connectivity
     stage = "metastases"
     check_match(match)
     if ref.shape != pred.shape:
@@ -392,7 +395,7 @@ def evaluate_lesion_pair(ref_path, pred_path, beta: float = 2.0, match: str = "i
     if arrays[1] is not None:
         arrays[1] = check_labels(arrays[1], "vertebrae", vertebrae)
     spacing = tuple(float(s) for s in reversed(ref_image.GetSpacing()))
-    return evaluate_lesion_case(ref, pred, arrays[0], arrays[1], spacing, beta, match, connectivity,
+    return evaluate_lesion_case(ref, pred, arrays[0], arrays[1], spacing, ScoringOptions(beta, match, connectivity),
                                 sources=(ref_path, pred_path, confidence))
 
 
@@ -452,7 +455,7 @@ def _json_clean(obj):
     return obj
 
 
-def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", jobs=1, *, connectivity=26,
+def evaluate_folders(ref_dir, pred_dir, stage, out_dir, options: ScoringOptions | None = None, jobs: int = 1, *,
                      cases=None) -> dict:
     """Evaluate every case of a prediction folder against a reference folder; write the tables.
 
@@ -472,15 +475,19 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, beta=2.0, match="iou", j
       (``vertebrae.nii.gz``) beside each prediction of ``spinemets predict``'s layout, where present
       (their summary also goes into ``summary.json`` under ``detection``).
 
-    Returns the content of ``summary.json`` as a dict.
+    ``options``: how the cases are scored (:class:`spinemets.evaluation.metrics.ScoringOptions`: F-beta's
+    ``beta``, the ``match`` rule, the lesions' ``connectivity``). Returns the content of ``summary.json``
+    as a dict.
     """
     from spinemets import __version__
     from spinemets.provenance import versions
     from spinemets.fileio import atomic_paths, check_output_dir, check_output_file, output_folder, write_csv, write_json
 
+    options = options or ScoringOptions()
+    match, connectivity = options.match, options.connectivity
     check_stage(stage)
     check_match(match)
-    beta = float(beta)
+    beta = float(options.beta)
     if not (beta > 0 and math.isfinite(beta)):
         raise SpinemetsError(f"--beta: must be a positive number, not {beta!r}")
     jobs = int(jobs)
@@ -628,6 +635,6 @@ def validation_detections(workspace, profile: str, match: str = "iou", connectiv
             lesions = remove_small_lesions(lesions, spacing, min_ml)[0]
             confidence = detection_map(lesions, probabilities)
             out[case] = evaluate_lesion_case(sitk.GetArrayFromImage(ref_image), lesions, confidence, None, spacing,
-                                             match=match, connectivity=connectivity,
+                                             ScoringOptions(match=match, connectivity=connectivity),
                                              sources=(ref_path, seg_path, npz))[1]
     return dict(sorted(out.items()))

@@ -216,6 +216,17 @@ def _registry() -> dict[str, Metric]:
 METRICS: dict[str, Metric] = _registry()
 
 
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How cases are scored, as one object from the command line to the metrics: ``beta`` of the
+    F-beta scores, ``match`` (one of :data:`MATCH_RULES`) and ``connectivity`` (6, 18 or 26) of the
+    lesion components."""
+
+    beta: float = 2.0
+    match: str = "iou"
+    connectivity: int = 26
+
+
 def metric_names(stage: str) -> list[str]:
     """Keys of the metrics a stage reports, in output order."""
     check_stage(stage)
@@ -610,7 +621,7 @@ def _at(values, index: int) -> float:
 
 
 __all__ = [
-    "METRICS", "MATCH_RULES", "ID_DISTANCE_MM", "Counts", "Metric", "Matches", "dice", "iou", "precision", "recall",
+    "METRICS", "MATCH_RULES", "ScoringOptions", "ID_DISTANCE_MM", "Counts", "Metric", "Matches", "dice", "iou", "precision", "recall",
     "fbeta", "recognition_quality", "segmentation_quality", "panoptic_quality", "metric_names", "confusion_matrix",
     "voxel_counts", "match_pairs", "match_components", "label_instance_counts", "centroids", "identification",
     "evaluate_case",
