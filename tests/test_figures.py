@@ -58,7 +58,7 @@ def test_render_surfaces_draws_one_mesh_per_label_and_view_in_the_label_colours(
 
     matplotlib.use("Agg")
     vert, les, spacing = _two_vertebrae_and_a_lesion()
-    fig = figures.render_surfaces((vert, spacing), (les, spacing), views=("anterior", "left lateral"))
+    fig = figures.render_surfaces((vert, spacing), (les, spacing), style=figures.SurfaceStyle(views=("anterior", "left lateral")))
     meshes = _meshes(fig)
     assert len(meshes) == 2 * 3  # two vertebrae and one lesion, in each of two views
     assert all(len(m.get_facecolor()) > 0 for m in meshes)
@@ -79,7 +79,7 @@ def test_render_surfaces_is_deterministic_and_respects_max_faces():
 
     matplotlib.use("Agg")
     vert, les, spacing = _two_vertebrae_and_a_lesion()
-    figs = [figures.render_surfaces(vert, les, spacing=spacing, title="case", max_faces=3000) for _ in range(2)]
+    figs = [figures.render_surfaces(vert, les, spacing=spacing, style=figures.SurfaceStyle(title="case", max_faces=3000)) for _ in range(2)]
     assert _png(figs[0]) == _png(figs[1])
     faces = sum(len(m.get_facecolor()) for m in _meshes(figs[0]) if m.axes is figs[0].axes[0])
     assert 0 < faces <= 3000
@@ -99,7 +99,7 @@ def test_render_surfaces_reads_files_and_orients_the_anterior_view(tmp_path):
     image = sitk.GetImageFromArray(vert)
     image.SetSpacing(spacing)
     sitk.WriteImage(image, str(tmp_path / "vertebrae.nii.gz"))
-    fig = figures.render_surfaces(tmp_path / "vertebrae.nii.gz", views=("anterior",))
+    fig = figures.render_surfaces(tmp_path / "vertebrae.nii.gz", style=figures.SurfaceStyle(views=("anterior",)))
     fig.canvas.draw()
     ax = fig.axes[0]
     centres = {}
@@ -130,7 +130,7 @@ def test_render_surfaces_still_draws_a_one_voxel_lesion():
 
     matplotlib.use("Agg")
     vert, les, spacing = _two_vertebrae_and_a_lesion(lesion_voxels=[(20, 10, 12)])
-    fig = figures.render_surfaces((vert, spacing), (les, spacing), views=("anterior",))
+    fig = figures.render_surfaces((vert, spacing), (les, spacing), style=figures.SurfaceStyle(views=("anterior",)))
     lesion = [m for m in _meshes(fig) if m.spinemets_label == ("metastases", labels.SCLEROTIC)]
     assert len(lesion) == 1 and len(lesion[0].get_facecolor()) > 0
     plt.close(fig)
@@ -142,7 +142,7 @@ def test_render_surfaces_refuses_an_unknown_view():
     from spinemets.errors import SpinemetsError
 
     with pytest.raises(SpinemetsError, match="views"):
-        figures.render_surfaces(np.zeros((4, 4, 4), dtype=np.uint8), views=("superior",))
+        figures.render_surfaces(np.zeros((4, 4, 4), dtype=np.uint8), style=figures.SurfaceStyle(views=("superior",)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,5 +215,5 @@ def test_surface_of_a_fragmented_label_thinner_than_the_step_is_still_drawn():
     volume = np.zeros((shape[0] + 4, shape[1] + 4, shape[2] + 4), np.uint8)
     volume[2:-2, 2:-2, 2:-2][mask] = 16
     volume[2:-2, 2:6, 2:6] = 20  # a solid neighbour, so that the face budget forces a coarse step
-    fig = figures.render_surfaces((volume, (1.0, 1.0, 2.0)), max_faces=300)
+    fig = figures.render_surfaces((volume, (1.0, 1.0, 2.0)), style=figures.SurfaceStyle(max_faces=300))
     assert any(getattr(c, "spinemets_label", None) == ("vertebrae", 16) for ax in fig.axes for c in ax.collections)

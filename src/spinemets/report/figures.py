@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -429,9 +430,22 @@ def _view_light(elev: float, azim: float) -> np.ndarray:
     return light / np.linalg.norm(light)
 
 
-def render_surfaces(vertebrae, lesions=None, *, spacing=None, views=("anterior", "left lateral"),
-                    max_faces: int = 60_000, title: str | None = None, vertebra_alpha: float = 0.45,
-                    label_every: int = 4, dpi: int = 150):
+@dataclass(frozen=True)
+class SurfaceStyle:
+    """The rendering options of :func:`render_surfaces`: ``views`` (names of :data:`SURFACE_VIEWS` or
+    ``(elevation, azimuth)`` pairs, one panel each), ``max_faces`` (triangles of all meshes together),
+    ``title``, ``vertebra_alpha`` (opacity of the vertebrae), ``label_every`` (every n-th level named)
+    and ``dpi``."""
+
+    views: tuple = ("anterior", "left lateral")
+    max_faces: int = 60_000
+    title: str | None = None
+    vertebra_alpha: float = 0.45
+    label_every: int = 4
+    dpi: int = 150
+
+
+def render_surfaces(vertebrae, lesions=None, *, spacing=None, style: SurfaceStyle | None = None):
     """Surface rendering of the vertebrae (coloured by level) and the lesions (lytic, sclerotic) of a case,
     like the paper's Figures 3-4; one panel per view. Offscreen and deterministic: the same inputs give
     the same PNG bytes with the Agg backend and ``savefig(..., metadata={"Software": None})``.
@@ -455,12 +469,16 @@ def render_surfaces(vertebrae, lesions=None, *, spacing=None, views=("anterior",
     Every ``label_every``-th level (and the top- and bottommost) is named beside the first panel.
 
     Each mesh is one ``Poly3DCollection`` with ``spinemets_label = (stage, value)`` and
-    ``spinemets_colour`` (its unshaded RGB) set on it.
+    ``spinemets_colour`` (its unshaded RGB) set on it. The options named here are those of ``style``
+    (:class:`SurfaceStyle`).
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
+    style = style or SurfaceStyle()
+    views, max_faces, title = style.views, style.max_faces, style.title
+    vertebra_alpha, label_every, dpi = style.vertebra_alpha, style.label_every, style.dpi
     vert, vspacing = _label_volume(vertebrae, spacing)
     les, lspacing = (None, None) if lesions is None else _label_volume(lesions, spacing)
     if les is not None and les.shape != vert.shape:
