@@ -565,7 +565,7 @@ def import_dataset(
         for rel in _outputs(r.case_id, r.split):
             inside(final, rel, f"file of case {r.case_id!r}")
     with output_folder(raw_dir, "nnU-Net raw folder"):
-        return _import_into(frame, stage, raw_dir, name, final, mapping_dict, jobs, row_mappings, skip_empty)
+        return _import_into(frame, stage, raw_dir, name, mapping_dict, jobs, row_mappings, skip_empty)
 
 
 def read_row_mask(row: Mapping, ct: sitk.Image, mapping=None) -> tuple[sitk.Image, dict]:
@@ -598,8 +598,12 @@ def _check_listed(path: str, column: str, source: str) -> None:
     require_file(p, f"{column} file listed in {source}")
 
 
-def _import_into(frame: pd.DataFrame, stage: str, raw_dir: Path, name: str, final: Path, mapping_dict, jobs: int,
+def _import_into(frame: pd.DataFrame, stage: str, raw_dir: Path, name: str, mapping_dict, jobs: int,
                  row_mappings: Mapping | None = None, skip_empty: bool = False) -> Path:
+    """Write the dataset ``raw_dir/name`` of ``stage`` from the manifest rows ``frame`` (staged under a
+    partial name, then swapped into place); ``row_mappings``: each case's label mapping (default
+    ``mapping_dict``, which the import record keeps)."""
+    final = raw_dir / name
     remove_partials(raw_dir)
     previous_cases = _read_record(final).get("cases", {})
     staging = raw_dir / f"{PARTIAL_PREFIX}{name}"

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -636,7 +637,7 @@ def synthesize_case(index: int, seed: int, preset: str = "demo") -> dict:
     _paint_head(grid, tissue, an)
     cortical = max(1.0, 0.75 * sxy)
     structures = _paint_skeleton(grid, tissue, vert, an, cortical)
-    lesions = _make_lesions(rng, grid, tissue, vert, structures, cfg, demo, style, run)
+    lesions = _make_lesions(_Planting(rng, grid, tissue, vert, structures, cfg), demo, style, run)
 
     hu = _hu_field(rng, tissue, vert, demo["age"])
     meta_lab = _truth(lesions, grid.shape)
@@ -777,37 +778,50 @@ def _finish_ct(rng, hu, grid, cfg):
 # --------------------------------------------------------------------------------------------
 # Lesions
 # --------------------------------------------------------------------------------------------
-def _make_lesions(rng, grid, tissue, vert, sites, cfg, demo, style, run):
-    """Plant 0-5 lesions; returns a list of lesion dicts (type, segment, site, mask, hu).
+@dataclass(frozen=True)
+class _Planting:
+    """One case's state that its lesions are planted into: the random generator, the grid, the tissue
+    and vertebra maps, the structures' sites, the preset, and (for :func:`_plant`) the labels of the
+    whole vertebrae and the other bones' sites a lesion may sit in."""
 
-    (Nine parameters: this private step of one case's generation receives that case's state as it
-    stands, the random generator, grid, tissue and vertebra maps, sites, preset and demographics;
-    bundling them would only rename them.)
+    rng: np.random.Generator
+    grid: object
+    tissue: np.ndarray
+    vert: np.ndarray
+    sites: dict
+    cfg: dict
+    whole: tuple = ()
+    outside: tuple = ()
+
+
+def _make_lesions(planting: _Planting, demo, style, run):
+    """Plant 0-5 lesions into a case (``planting``); returns a list of lesion dicts (type, segment, site, mask, hu).
 
     A case's pattern follows its primary site: lytic only, sclerotic only, or (three cases in ten)
     mixed, where each lesion's type is a coin flip and a lesion may come with one of the other type
     drawn over its border.
     """
+    rng, grid, sites, cfg = planting.rng, planting.grid, planting.sites, planting.cfg
     if rng.random() < 0.15:
         return []
     n = int(rng.choice([1, 2, 3, 4, 5], p=[0.35, 0.25, 0.18, 0.12, 0.10]))
     p_lytic = PRIMARY_SITES[demo["primary_site"]][2]
     mixed = rng.random() < 0.3
     case_kind = "lytic" if rng.random() < p_lytic else "sclerotic"
-    whole = [v + 1 for v in run if v + 1 in sites["vertebra"]]
-    outside = [(k, sites[k]) for k in ("rib", "sternum", "ilium") if sites[k]]
+    planting = replace(planting, whole=tuple(v + 1 for v in run if v + 1 in sites["vertebra"]),
+                       outside=tuple((k, sites[k]) for k in ("rib", "sternum", "ilium") if sites[k]))
     lesions = []
     for _ in range(n * 6):
         if len(lesions) >= n:
             break
         kind = ("lytic" if rng.random() < 0.5 else "sclerotic") if mixed else case_kind
-        lesion = _plant(rng, grid, tissue, vert, sites, cfg, whole, outside, kind)
+        lesion = _plant(planting, kind)
         if lesion is None:
             continue
         lesions.append(lesion)
         if mixed and len(lesions) < n and rng.random() < 0.6:
             other = "sclerotic" if kind == "lytic" else "lytic"
-            companion = _plant(rng, grid, tissue, vert, sites, cfg, whole, outside, other, near=lesion)
+            companion = _plant(planting, other, near=lesion)
             if companion is not None:
                 lesions.append(companion)
     lesions = _drop_swallowed(lesions, grid.shape, cfg["min_lesion_voxels"])
@@ -816,11 +830,11 @@ def _make_lesions(rng, grid, tissue, vert, sites, cfg, demo, style, run):
     return lesions
 
 
-def _plant(rng, grid, tissue, vert, sites, cfg, whole, outside, kind, near=None):
-    """One lesion: a blob of one or two ellipsoids intersected with the bone it sits in.
-
-    (Ten parameters for the same reason as :func:`_make_lesions`, which alone calls it.)
-    """
+def _plant(planting: _Planting, kind, near=None):
+    """One lesion of ``kind`` in a case (``planting``): a blob of one or two ellipsoids intersected with
+    the bone it sits in; ``near``, a lesion it is drawn over the border of."""
+    rng, grid, tissue, vert, sites = planting.rng, planting.grid, planting.tissue, planting.vert, planting.sites
+    cfg, whole, outside = planting.cfg, planting.whole, planting.outside
     rmin, rmax = cfg["lesion_radius_mm"]
     if near is not None:
         r = max(rmin, 0.7 * near["radius"])

@@ -260,13 +260,14 @@ def _write_ct_series(ct: sitk.Image, folder: Path, series_uid: str, common: dict
 
 
 def _write_seg(case: dict, ct_dir: Path, path: Path, series_uid: str, seed: int, study_date: str) -> Path:
-    from spinemets.formats.dicomseg import build_segmentation, save_segmentation
+    from spinemets.formats.dicomseg import SegIdentity, build_segmentation, save_segmentation
 
     labelmap = sitk.GetImageFromArray(case["vertebrae"])
     labelmap.CopyInformation(case["ct"])
-    seg = build_segmentation(labelmap, "vertebrae", ct_dir, path, description="Vertebrae T1-L5",
-                             segment_label=SEGMENT_LABEL, series_instance_uid=series_uid,
-                             sop_instance_uid=_uid(seed, series_uid, "instance"))
+    seg = build_segmentation(labelmap, "vertebrae", ct_dir, path,
+                             SegIdentity(description="Vertebrae T1-L5", segment_label=SEGMENT_LABEL,
+                                         series_instance_uid=series_uid,
+                                         sop_instance_uid=_uid(seed, series_uid, "instance")))
     seg.SeriesDescription = SEG_SERIES_DESCRIPTION
     seg.ContentDate = seg.SeriesDate = seg.InstanceCreationDate = study_date  # reproducible files
     seg.ContentTime = seg.SeriesTime = seg.InstanceCreationTime = "120000"

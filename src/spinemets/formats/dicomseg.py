@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -513,8 +514,8 @@ def write_dicom_seg(
     writing rules for codes, references, descriptions and ``pseudonym``. Returns ``out_path``,
     or None (nothing written) when the label map holds no label.
     """
-    seg = build_segmentation(labelmap, stage, source_series_dir, out_path, description=description,
-                             pseudonym=pseudonym)
+    seg = build_segmentation(labelmap, stage, source_series_dir, out_path,
+                             SegIdentity(description=description, pseudonym=pseudonym))
     if seg is None:
         log.info("%s: the label map is empty; no DICOM-SEG written (a SEG needs a segment)", out_path)
         return None
@@ -529,25 +530,39 @@ def save_segmentation(seg, out_path: str | Path) -> Path:
     return Path(out_path)
 
 
+@dataclass(frozen=True)
+class SegIdentity:
+    """What names a DICOM-SEG and its segments, apart from its voxels: the series ``description``, the
+    ``pseudonym`` that replaces the patient's identifiers (see :func:`pseudonymise`), ``segment_label``
+    (formats each Segment Label from the label ``name``: ``"{name} vertebra"`` gives TCIA's
+    ``T1 vertebra``), and the series and instance UIDs (new ones unless given)."""
+
+    description: str | None = None
+    pseudonym: str | None = None
+    segment_label: str = "{name}"
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
 def build_segmentation(
     labelmap: sitk.Image,
     stage: str,
     source_series_dir: str | Path,
     out_path: str | Path = "DICOM-SEG",
-    description: str | None = None,
-    pseudonym: str | None = None,
-    segment_label: str = "{name}",
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
+    identity: SegIdentity | None = None,
     segmentation_type: str = "BINARY",
 ):
     """The highdicom Segmentation that :func:`write_dicom_seg` writes, or None for an empty label map.
 
-    ``segment_label`` formats each Segment Label from the label ``name`` (``"{name} vertebra"``
-    gives TCIA's ``T1 vertebra``); the UIDs are new ones unless given; ``segmentation_type`` may
-    be ``FRACTIONAL`` or ``LABELMAP`` for tests of the reader. ``out_path`` names the output in messages.
+    ``identity`` (:class:`SegIdentity`) holds its description, pseudonym, segment labels and UIDs;
+    ``segmentation_type`` may be ``FRACTIONAL`` or ``LABELMAP`` for tests of the reader. ``out_path``
+    names the output in messages.
     """
     import highdicom as hd
+
+    identity = identity or SegIdentity()
+    description, pseudonym, segment_label = identity.description, identity.pseudonym, identity.segment_label
+    series_instance_uid, sop_instance_uid = identity.series_instance_uid, identity.sop_instance_uid
 
     table = labels_mod.label_names(stage)
     array = sitk.GetArrayFromImage(labelmap)
