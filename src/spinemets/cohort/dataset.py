@@ -441,14 +441,14 @@ def _dicom_seg_file(path: Path) -> Path | None:
     """The DICOM-SEG ``path`` is or holds (a folder with exactly one DICOM-SEG file), else None.
     A folder of DICOM files holding several SEGs is an error; other folders are mask folders."""
     from spinemets.formats.dicomseg import is_dicom_seg
-    from spinemets.cohort.discovery import _is_dicom_file
+    from spinemets.formats.dicom import is_dicom_file
 
     if path.is_file():
         return path if not path.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")) \
             and is_dicom_seg(path) else None
     if not path.is_dir():
         return None
-    segs = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".") and _is_dicom_file(p)
+    segs = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)
             and is_dicom_seg(p)]
     if len(segs) > 1:
         raise SpinemetsError(f"{path}: folder holds {len(segs)} DICOM-SEG files ({', '.join(p.name for p in segs[:4])}"

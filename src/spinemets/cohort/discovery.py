@@ -93,9 +93,9 @@ import SimpleITK as sitk
 import yaml
 
 from spinemets import labels as labels_mod
-from spinemets.errors import SpinemetsError
+from spinemets.errors import SpinemetsError, one_line
 from spinemets.fileio import PARTIAL_PREFIX, require_dir, write_text
-from spinemets.errors import one_line
+from spinemets.formats.dicom import DICOM_SUFFIXES, dicom_modality, is_dicom_file
 from spinemets.formats.slicer import header_segment_names
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,6 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 SLICER_SUFFIX = ".seg.nrrd"
 #: File endings of the per-structure masks of a mask folder.
 STRUCTURE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 #: A label map has at most this many distinct values (TotalSegmentator's "total" task: 118).
 MAX_LABELS = 128
 #: VerSe's segmentation files (BIDS-like), which get the built-in mapping ``verse``.
@@ -305,7 +304,7 @@ def _walk(root: Path, plan: Plan, document) -> list[Found]:
                 subfolders.append(path)
             elif not path.is_file():
                 plan.unused.append((rel, "not a regular file"))
-            elif _is_dicom_file(path):
+            elif is_dicom_file(path):
                 dicom.append(path)
             else:
                 files.append(path)
@@ -319,7 +318,7 @@ def _walk(root: Path, plan: Plan, document) -> list[Found]:
             stack.extend(reversed(subfolders))
             continue
         if dicom:
-            modality = _dicom_modality(dicom[0])
+            modality = dicom_modality(dicom[0])
             if modality == "SEG":
                 _dicom_segs(root, dicom, found, plan)
             elif modality in ("RTSTRUCT", "SR", "PR", "RTPLAN", "RTDOSE", "KO"):
@@ -362,32 +361,6 @@ def _rel(root: Path, path: Path) -> str:
 
 def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _is_dicom_file(path: Path) -> bool:
-    name = path.name.lower()
-    if name.endswith(DICOM_SUFFIXES):
-        return True
-    if "." in name.lstrip("."):  # a suffix of another kind
-        suffix = name.rsplit(".", 1)[1]
-        if not suffix.isdigit():  # DICOM files are often named 1.2.840....1 or IM0001.1
-            return False
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM"
-
-
-def _dicom_modality(path: Path) -> str:
-    """Modality (0008|0060) of one DICOM file: a technical tag, never one that identifies anybody."""
-    from spinemets.formats.dicom import _header_reader
-
-    reader = _header_reader(path)
-    if reader is None or not reader.HasMetaDataKey("0008|0060"):
-        return "?"
-    return reader.GetMetaData("0008|0060").strip().upper()
 
 
 def _is_mask_folder(folder: Path, structure_files: list[Path], document) -> bool:
@@ -652,11 +625,11 @@ def _dicom_segment_names(item: Found, plan: Plan) -> list[str] | None:
     """Segment Labels of a DICOM-SEG, from its header (the pixel data is not read)."""
     import pydicom
 
-    from spinemets.formats.dicomseg import _segment_labels
+    from spinemets.formats.dicomseg import segment_labels
 
     try:
         ds = pydicom.dcmread(str(item.path), stop_before_pixels=True)
-        return list(_segment_labels(ds, item.path).values())
+        return list(segment_labels(ds, item.path).values())
     except SpinemetsError as exc:
         plan.ask(item, str(exc).split(": ", 1)[-1], [None])
     except Exception as exc:  # pydicom raises several types for damaged files

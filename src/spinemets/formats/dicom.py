@@ -78,7 +78,6 @@ from spinemets.errors import SpinemetsError, one_line
 log = logging.getLogger(__name__)
 
 
-_DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 _TAG_POSITION = "0020|0032"
 _TAG_ORIENTATION = "0020|0037"
 _SAFE_SUMMARY_TAGS = {"modality": "0008|0060", "rows": "0028|0010", "columns": "0028|0011",
@@ -113,7 +112,7 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> sitk
         raise SpinemetsError(f"{folder}: DICOM folder not found")
     if not folder.is_dir():
         raise SpinemetsError(f"{folder}: not a folder; a DICOM series is read from a folder of slice files")
-    series = _series_files(folder)
+    series = series_files(folder)
     uid = _pick_series(folder, series, series_uid)
     files = series[uid]
     _check_single_frames(files)
@@ -146,7 +145,7 @@ def check_series(folder: str | Path, series_uid: str | None = None) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise SpinemetsError(f"{folder}: DICOM folder not found")
-    series = _series_files(folder)
+    series = series_files(folder)
     uid = _pick_series(folder, series, series_uid)
     files = series[uid]
     headers = []
@@ -231,10 +230,10 @@ def list_series(folder: str | Path) -> list[dict]:
     """The series in ``folder``: one dict per series with ``uid``, ``files`` (count), ``modality``,
     ``rows`` and ``columns`` (technical tags only, never identifying ones)."""
     folder = Path(folder)
-    return [_summary(uid, files) for uid, files in _series_files(folder).items()]
+    return [_summary(uid, files) for uid, files in series_files(folder).items()]
 
 
-def _series_files(folder: Path) -> dict[str, list[Path]]:
+def series_files(folder: Path) -> dict[str, list[Path]]:
     """Map Series Instance UID -> slice files sorted by GDCM along the slice normal."""
     candidates = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not candidates:
@@ -281,7 +280,7 @@ def _non_image_object(path: Path) -> str | None:
 
 
 def _claims_dicom(path: Path) -> bool:
-    if path.suffix.lower() in _DICOM_SUFFIXES:
+    if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     with open(path, "rb") as fh:
         head = fh.read(132)
@@ -320,7 +319,7 @@ def _is_axial_ct(summary: dict) -> bool:
 def _summary(uid: str, files: list[Path]) -> dict:
     info = {"uid": uid, "files": len(files), "modality": "?", "rows": "?", "columns": "?", "image_type": "",
             "kernel": "", "normal": None}
-    reader = _header_reader(files[0])
+    reader = header_reader(files[0])
     if reader is not None:
         for key, tag in _SAFE_SUMMARY_TAGS.items():
             if reader.HasMetaDataKey(tag):
@@ -356,7 +355,7 @@ def _describe(series: dict[str, list[Path]]) -> str:
     return "; ".join(lines)
 
 
-def _header_reader(path: Path) -> sitk.ImageFileReader | None:
+def header_reader(path: Path) -> sitk.ImageFileReader | None:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.LoadPrivateTagsOff()
@@ -371,7 +370,7 @@ def _check_single_frames(files: list[Path]) -> None:
     """Raise for a multi-frame image (an enhanced CT: all slices in one file), which GDCM would read
     as a 4-D image placed at one frame's position."""
     path = files[0]
-    reader = _header_reader(path)
+    reader = header_reader(path)
     frames = _int(reader.GetMetaData("0028|0008")) if reader is not None and reader.HasMetaDataKey("0028|0008") else 0
     if frames > 1:
         raise SpinemetsError(
@@ -385,7 +384,7 @@ def _check_slice_geometry(folder: Path, files: list[Path], rel_tol: float = 0.01
     (gantry tilt) or are not evenly spaced along it."""
     points, normal, first = [], None, None
     for path in files:
-        reader = _header_reader(path)
+        reader = header_reader(path)
         if reader is None or not reader.HasMetaDataKey(_TAG_POSITION) or not reader.HasMetaDataKey(_TAG_ORIENTATION):
             return  # no geometry tags: ITK falls back on its own ordering; nothing to check against
         shape = tuple(reader.GetMetaData(t).strip() if reader.HasMetaDataKey(t) else "?"
@@ -441,3 +440,28 @@ def _check_slice_geometry(folder: Path, files: list[Path], rel_tol: float = 0.01
 # converting
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def is_dicom_file(path: Path) -> bool:
+    name = path.name.lower()
+    if name.endswith(DICOM_SUFFIXES):
+        return True
+    if "." in name.lstrip("."):  # a suffix of another kind
+        suffix = name.rsplit(".", 1)[1]
+        if not suffix.isdigit():  # DICOM files are often named 1.2.840....1 or IM0001.1
+            return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def dicom_modality(path: Path) -> str:
+    """Modality (0008|0060) of one DICOM file: a technical tag, never one that identifies anybody."""
+    reader = header_reader(path)
+    if reader is None or not reader.HasMetaDataKey("0008|0060"):
+        return "?"
+    return reader.GetMetaData("0008|0060").strip().upper()

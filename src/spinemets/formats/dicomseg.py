@@ -219,7 +219,7 @@ def read_dicom_seg(
         series_slices = _series_slices(ct_series_dir, referenced)
         _check_frame_of_reference(ds, path, series_slices, ct_series_dir)
 
-    segments = _segment_labels(ds, path)
+    segments = segment_labels(ds, path)
     resolved = labels_mod.resolve_segment_names(sorted(set(segments.values())), stage, mapping, source=str(path))
     frames = _frame_table(ds, path, seg_type, int(ds.get("NumberOfFrames", 1) or 1))
     ct_matrix_inv = np.linalg.inv(ijk_to_lps(ct))
@@ -322,10 +322,10 @@ def _series_slices(folder, referenced: list[str]) -> dict:
     ``{"uid", "frame_of_reference", "slices": {SOP Instance UID: (position, orientation, spacing)}}``."""
     import pydicom
 
-    from spinemets.formats.dicom import _series_files
+    from spinemets.formats.dicom import series_files
 
     folder = require_dir(folder, "CT series folder")
-    series = _series_files(folder)
+    series = series_files(folder)
     uid = next((u for u in referenced if u in series), None)
     if uid is None:
         if len(series) > 1:
@@ -353,7 +353,7 @@ def _check_frame_of_reference(ds, path: Path, series: dict, folder) -> None:
                              "the SEG was drawn in another coordinate frame (another scan or registration)")
 
 
-def _segment_labels(ds, path: Path) -> dict[int, str]:
+def segment_labels(ds, path: Path) -> dict[int, str]:
     """Segment Number -> Segment Label (or Segment Description, else ``Segment N``); number 0 (a
     LABELMAP SEG's background) is left out."""
     items = ds.get("SegmentSequence", None) or []

@@ -353,14 +353,14 @@ NOT_IMAGE_MODALITIES = dicom_mod.NOT_IMAGE_MODALITIES
 def _is_dicom_series(folder: Path) -> bool:
     """Whether ``folder`` directly holds the files of a DICOM image series (a DICOM file whose
     Modality is no SEG, RTSTRUCT ...)."""
-    from spinemets.cohort.discovery import _dicom_modality, _is_dicom_file
+    from spinemets.formats.dicom import dicom_modality, is_dicom_file
 
     try:
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     except OSError:
         return False
     # any image file decides (an existing SEG or report beside the slices is no reason to skip them)
-    return any(_dicom_modality(p) not in NOT_IMAGE_MODALITIES for p in files if _is_dicom_file(p))
+    return any(dicom_modality(p) not in NOT_IMAGE_MODALITIES for p in files if is_dicom_file(p))
 
 
 def _dicom_series_below(folder: Path) -> list[Path]:
