@@ -294,3 +294,18 @@ def test_full_preset_is_clinical_size_and_imports(tmp_path):
     assert (sitk.GetArrayViewFromImage(ct) < -900).any()  # air outside the body
     labelmap, _ = labelmap_from_segmentation(out / "case_001" / "vertebrae.seg.nrrd", ct, "vertebrae")
     assert np.array_equal(sitk.GetArrayViewFromImage(labelmap), case["vertebrae"])
+
+
+def test_ensure_cohort_writes_a_synthetic_cohort_only_where_none_is(tmp_path):
+    """The rule of the dataset and external-check notebooks: a folder with a cohort is left alone, an
+    empty or missing one gets the synthetic cohort, or, when synthesizing is off, an error saying what to do."""
+    calls = []
+    written = synth.ensure_cohort(tmp_path / "cohort", lambda: calls.append("write"), True, "fetch it")
+    assert written is True and calls == ["write"]
+    (tmp_path / "cohort").mkdir()
+    (tmp_path / "cohort" / ".hidden").write_text("")
+    with pytest.raises(SpinemetsError, match=r"cohort: no cohort here; fetch it"):
+        synth.ensure_cohort(tmp_path / "cohort", lambda: calls.append("write"), False, "fetch it")
+    (tmp_path / "cohort" / "case_000").mkdir()
+    assert synth.ensure_cohort(tmp_path / "cohort", lambda: calls.append("write"), False, "fetch it") is False
+    assert calls == ["write"]

@@ -76,6 +76,9 @@ The mapping template (``--explain`` writes it; ``--mapping`` reads it back, in `
 Every open question is there with ``null`` and a comment saying what was seen and the choices.
 Since null also means "ignore"/"leave out", a template is refused until ``reviewed: true``. The
 older flat mapping format (``{name or value: label or null}``, for every stage) is read too.
+
+One job in one module (over 700 lines): recognising a folder's layout; its rules (case folders, mask
+folders, nnU-Net and VerSe layouts, DICOM series) decide together which file is what.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 It serves the command ``spinemets synth``; the dataset notebook (``01_dataset``) calls it when the
 cohort is missing.
 
+One job in one module (over 700 lines): every part (anatomy, tissue, lesions, files) draws from one
+seeded random generator in a fixed order, which is what makes one seed give byte-identical files.
+
 Each case is a CT volume (``ct.nrrd``, int16 HU, LPS, anisotropic spacing) with two 3D Slicer
 segmentations: ``vertebrae.seg.nrrd`` (one segment per vertebra in view) and
 ``metastases.seg.nrrd`` (one segment per lesion, named ``lytic``/``sclerotic`` or an alias).
@@ -52,6 +55,7 @@ import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -990,6 +994,22 @@ def _synth_and_write(args):
     write_case(case, out_dir, PRESETS[preset]["ct_compression"])
     row = {k: case["metadata"][k] for k in COHORT_COLUMNS}
     return index, row, _lesion_rows(case)
+
+
+def ensure_cohort(folder: str | Path, write: Callable[[], object], synthesize: bool, missing: str) -> bool:
+    """Make sure ``folder`` holds a cohort (a folder with an entry that is not hidden): where it holds
+    none, ``write()`` writes a synthetic one if ``synthesize`` is true; otherwise
+    :class:`SpinemetsError` says ``FOLDER: no cohort here; MISSING`` (``missing``: what to do instead).
+    Returns whether a cohort was written. The rule of the dataset notebook (``01_dataset``, with
+    :func:`synthesize_cohort`) and of the external check (``06_external``, with
+    :func:`spinemets.cohort.tcia.write_tcia_cohort`)."""
+    folder = Path(folder)
+    if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
+        return False
+    if not synthesize:
+        raise SpinemetsError(f"{folder}: no cohort here; {missing}")
+    write()
+    return True
 
 
 def synthesize_cohort(out_dir: str | Path, cases: int, seed: int, preset: str = "demo", jobs: int = 1) -> Path:

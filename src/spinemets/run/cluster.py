@@ -1,6 +1,8 @@
 """Scale-out: the training protocol as a small graph of jobs on SLURM (or on this machine), through submitit.
 
 It serves ``spinemets train --executor``, ``spinemets run --executor`` and ``spinemets jobs``.
+One job in one module (over 700 lines): the run record (``run.json``) and the functions that write,
+submit, watch and resubmit it.
 
 **The graph.** For each stage, :func:`protocol_steps` makes one *step* per unit of work, each a
 call of one function of :mod:`spinemets.training.nnunet` run inside its own job:
