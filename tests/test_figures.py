@@ -217,3 +217,44 @@ def test_surface_of_a_fragmented_label_thinner_than_the_step_is_still_drawn():
     volume[2:-2, 2:6, 2:6] = 20  # a solid neighbour, so that the face budget forces a coarse step
     fig = figures.render_surfaces((volume, (1.0, 1.0, 2.0)), style=figures.SurfaceStyle(max_faces=300))
     assert any(getattr(c, "spinemets_label", None) == ("vertebrae", 16) for ax in fig.axes for c in ax.collections)
+
+
+def test_three_planes_go_through_the_slice_with_the_most_lesion_voxels():
+    import SimpleITK as sitk
+
+    ct = np.full((20, 30, 40), -1000, np.int16)
+    vert = np.zeros(ct.shape, np.uint8)
+    vert[5:15, 10:20, 10:30] = 20
+    met = np.zeros(ct.shape, np.uint8)
+    met[12, 14:16, 21:25] = 1
+    met[8, 15, 22] = 2
+    images = []
+    for array in (ct, vert, met):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((0.8, 0.8, 2.0))
+        images.append(image)
+    fig = figures.three_planes(*images, case="c1")
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["c1: axial", "c1: sagittal", "c1: coronal"]
+    axial = axes[0].images[0].get_array()
+    assert axial.shape == (30, 40)  # one axial slice, y by x
+    np.testing.assert_array_equal(axes[0].images[2].get_array(), met[12])  # the slice with the most lesion voxels
+    assert axes[1].images[0].get_array().shape == (20, 30) and axes[2].images[0].get_array().shape == (20, 40)
+    plain = figures.three_planes(images[0])
+    assert [ax.get_title() for ax in plain.axes] == ["axial", "sagittal", "coronal"] and len(plain.axes[0].images) == 1
+
+
+def test_dice_per_vertebra_takes_per_case_rows_or_a_dice_table():
+    import pandas as pd
+
+    per_case = pd.DataFrame({"case": ["a", "b", "a", "b", "a"], "class": ["L1", "L1", "T12", "T12", "L1"],
+                             "metric": ["dice", "dice", "dice", "dice", "iou"], "value": [0.9, 0.7, 0.5, np.nan, 0.1]})
+    fig = figures.dice_per_vertebra(per_case)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["T12", "L1"]  # anatomical order, those with a value
+    points = sorted(tuple(np.round(o, 3)) for c in ax.collections for o in c.get_offsets())
+    assert [p[1] for p in points] == [0.5, 0.7, 0.9]  # the Dice rows only, NaN left out
+    table = pd.DataFrame({"vertebra": ["T1", "T2"], "dice": [0.8, 0.6]})
+    fig = figures.dice_per_vertebra(table, ["T1", "T2", "T3"], "external")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["T1", "T2", "T3"]
+    assert fig.axes[0].get_title() == "external"

@@ -758,3 +758,32 @@ def test_vertebra_shifts_reports_the_majority_label_of_each_reference_vertebra()
     assert (rows["T7"]["predicted"], rows["T7"]["share"], rows["T7"]["shift"]) == ("T7", 1.0, 0.0)
     assert (rows["T8"]["predicted"], rows["T8"]["share"], rows["T8"]["shift"]) == ("T9", 0.75, 1.0)
     assert rows["T9"]["predicted"] == "" and rows["T9"]["share"] == 0.75 and np.isnan(rows["T9"]["shift"])
+
+
+def test_evaluate_workspace_scores_each_stage_of_predict_s_folder(tmp_path):
+    """The metrics notebook's step: predict's folder (CASE/STAGE.nii.gz) against each stage's labelsTs,
+    into evaluation/STAGE; a stage whose held-out cases differ from the other's scores only its own."""
+    from spinemets.paths import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    vert = np.zeros((8, 10, 12), np.uint8)
+    vert[2:6, 2:8, 2:10] = V["L1"]
+    les = np.zeros(vert.shape, np.uint8)
+    les[3:5, 3:5, 3:5] = 1
+    for case in ("case_000", "case_001"):
+        for stage, array in (("vertebrae", vert), ("metastases", les)):
+            write_label_map(ws.test_labels(stage) / f"{case}.nii.gz", array)
+            write_label_map(ws.test_images(stage) / f"{case}_0000.nii.gz", np.zeros(vert.shape, np.int16))
+            write_label_map(ws.predictions / case / f"{stage}.nii.gz", array)
+    result = evaluate.evaluate_workspace(ws)
+    assert set(result) == {"vertebrae", "metastases"}
+    for stage in ("vertebrae", "metastases"):
+        rows = read_rows(ws.evaluation(stage) / "per_case.csv")
+        assert {r["case"] for r in rows} == {"case_000", "case_001"}
+        dice = [float(r["value"]) for r in rows if r["metric"] == "dice" and r["class"] in ("L1", "lytic")]
+        assert dice == [1.0, 1.0]
+    (ws.test_images("metastases") / "case_001_0000.nii.gz").unlink()  # the stages' held-out cases now differ
+    (ws.test_labels("metastases") / "case_001.nii.gz").unlink()
+    evaluate.evaluate_workspace(ws, metrics.ScoringOptions(beta=1.0))
+    assert {r["case"] for r in read_rows(ws.evaluation("metastases") / "per_case.csv")} == {"case_000"}
+    assert evaluate.evaluate_workspace(ws)["metastases"]["settings"]["beta"] == 2.0

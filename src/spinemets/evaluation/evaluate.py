@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from spinemets.errors import SpinemetsError
-from spinemets.labels import check_stage, foreground_labels
+from spinemets.labels import STAGE_NAMES, check_stage, foreground_labels
 from spinemets.paths import workspace_of
 from spinemets.training.profiles import get_profile
 from spinemets.evaluation.metrics import (BOOTSTRAP_LEVEL, ID_DISTANCE_MM, IOU_THRESHOLD, METRICS, N_BOOTSTRAP, SEED,
@@ -541,6 +541,19 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, options: ScoringOptions 
 
 #: The detection tables of the lesion stage (:mod:`spinemets.evaluation.detection`), in the order written.
 DETECTION_FILES: tuple[str, ...] = ("froc.csv", "froc_summary.csv", "lesion_bands.csv", "patients.csv", "froc.png")
+
+
+def evaluate_workspace(workspace, options: ScoringOptions | None = None, jobs: int = 1) -> dict[str, dict]:
+    """Score a workspace's predictions (``predictions/``, as ``spinemets predict`` writes them: one folder
+    per case) against each stage's held-out reference label maps (``labelsTs``), into
+    ``evaluation/<stage>`` (:func:`evaluate_folders`): the metrics notebook's step. Where the stages'
+    held-out cases differ (their data come from different datasets), each stage scores only its own.
+    Returns ``{stage: summary}`` (the content of each ``summary.json``)."""
+    ws = workspace_of(workspace)
+    shared = ws.held_out_cases("vertebrae") == ws.held_out_cases("metastases")
+    return {stage: evaluate_folders(ws.test_labels(stage), ws.predictions, stage, ws.evaluation(stage), options, jobs,
+                                    cases=None if shared else ws.held_out_cases(stage))
+            for stage in STAGE_NAMES}
 
 
 def detection_tables(found: dict[str, dict], pairs: dict | None = None) -> dict:

@@ -269,6 +269,80 @@ def prediction_overlays(predictions: str | Path, images: str | Path | None = Non
     return fig
 
 
+def three_planes(ct, vertebrae=None, lesions=None, *, case: str = "", centre=None):
+    """Axial, sagittal and coronal slices of a CT, with its label maps over them: the notebooks' first look at a case.
+
+    ``ct``, ``vertebrae`` and ``lesions`` are SimpleITK images on one grid (the label maps optional).
+    The slices pass through ``centre`` (z, y, x voxel indices); by default through the axial slice with
+    the most lesion voxels (vertebra voxels where there is no lesion) and the middle of that slice's
+    label, or through the middle of the volume without labels. Vertebrae are coloured by level, lesions
+    by type with a yellow outline; the CT is shown in :data:`CT_WINDOW`, with the voxel spacing's aspect.
+    Panel titles are ``CASE: axial`` and so on. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+
+    volume = sitk.GetArrayFromImage(ct)
+    vert = None if vertebrae is None else sitk.GetArrayFromImage(vertebrae)
+    met = None if lesions is None else sitk.GetArrayFromImage(lesions)
+    if centre is None:
+        target = met if met is not None and met.any() else vert
+        if target is None or not target.any():
+            centre = tuple(n // 2 for n in volume.shape)
+        else:
+            z = int(np.argmax((target > 0).sum(axis=(1, 2))))
+            y, x = np.round(np.argwhere(target[z] > 0).mean(axis=0)).astype(int)
+            centre = (z, int(y), int(x))
+    z, y, x = centre
+    sx, sy, sz = ct.GetSpacing()
+    planes = {"axial": (np.s_[z], sy / sx), "sagittal": (np.s_[::-1, :, x], sz / sy),
+              "coronal": (np.s_[::-1, y, :], sz / sx)}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 5))
+    for ax, (name, (index, aspect)) in zip(axes, planes.items()):
+        ax.imshow(volume[index], aspect=aspect, **CT_WINDOW)
+        if vert is not None:
+            ax.imshow(vert[index], cmap=label_colormap("vertebrae", 0.35), vmin=0, vmax=25, aspect=aspect,
+                      interpolation="nearest")
+        if met is not None:
+            ax.imshow(met[index], cmap=label_colormap("metastases", 0.9), vmin=0, vmax=2, aspect=aspect,
+                      interpolation="nearest")
+            if (met[index] > 0).any():
+                ax.contour(met[index] > 0, levels=[0.5], colors="yellow", linewidths=1.2)
+        ax.set_title(f"{case}: {name}" if case else name)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def dice_per_vertebra(rows, vertebrae: Sequence[str] | None = None, title: str = "Dice per vertebra"):
+    """Each vertebra's per-case Dice as a box with the cases as points, the vertebrae in anatomical order.
+
+    ``rows``: a table with ``vertebra`` and ``dice`` columns (the external check's ``dice.csv``), or the
+    vertebra stage's ``per_case.csv`` (its ``dice`` rows: ``class`` the vertebra, ``value`` the Dice).
+    ``vertebrae``: the vertebrae on the x axis (default: those of :data:`spinemets.labels.VERTEBRAE`
+    with a value). Missing values (NaN) are left out; the points are spread sideways by rank, so the
+    figure is deterministic. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    if "metric" in frame:
+        frame = frame[frame["metric"] == "dice"].rename(columns={"class": "vertebra", "value": "dice"})
+    frame = frame.dropna(subset=["dice"])
+    present = set(frame["vertebra"])
+    order = list(vertebrae) if vertebrae is not None else [v for v in labels_mod.VERTEBRAE if v in present]
+    groups = [np.sort(frame.loc[frame["vertebra"] == v, "dice"].to_numpy(dtype=float)) for v in order]
+    fig, ax = plt.subplots(figsize=(11, 3.8), constrained_layout=True)
+    ax.boxplot(groups, positions=range(len(order)), widths=0.6, showfliers=False, medianprops={"color": "black"})
+    for i, values in enumerate(groups):
+        offsets = np.linspace(-0.2, 0.2, values.size) if values.size > 1 else np.zeros(values.size)
+        ax.scatter(i + offsets, values, s=8, color="0.25", zorder=3)
+    ax.set_xticks(range(len(order)), order)
+    ax.set(title=title, ylabel="Dice", ylim=(-0.02, 1.02), xlim=(-0.6, len(order) - 0.4))
+    return fig
+
+
 def per_vertebra_dice(table, per_case=None, *, paper_range: tuple[float, float] | None = None,
                       title: str = "Dice per vertebra: ours and the paper's"):
     """Per-vertebra Dice, ours against the paper's, on one axis (vertebrae C1 ... Sacrum on x).
