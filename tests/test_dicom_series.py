@@ -115,14 +115,14 @@ def test_series_that_predict_write_valid_dicom_or_say_why_not(kind, tmp_path):
     folder = write_messy_series(tmp_path / "in" / "case1", kind)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     case_dir = tmp_path / "out" / "case1"
-    lesion_rows, _, _, times, report = inference.predict_case(folder, case_dir, "case1", _stages(), OPTIONS,
-                                                              {"vertebrae": RECORD, "metastases": RECORD})
+    lesion_rows, _, _, _, report, dicom_outputs = inference.predict_case(folder, case_dir, "case1", _stages(), OPTIONS,
+                                                                         {"vertebrae": RECORD, "metastases": RECORD})
     levels = {r["level"] for r in lesion_rows}  # the corner lesion: near T12, or outside the spine on a large CT
     assert len(lesion_rows) == 4 and {"T12", "Sacrum"} <= levels <= {"T12", "Sacrum", "outside spine"}
     for name in ("vertebrae.nii.gz", "metastases.nii.gz", "vertebrae.seg.nrrd", "metastases.seg.nrrd",
                  "lesions.csv", "vertebrae.csv"):
         assert (case_dir / name).is_file(), name
-    record = times["dicom_outputs"]
+    record = dicom_outputs
     dicom = sorted(p.name for p in case_dir.glob("*.dcm"))
     if outcome == "no-dicom":
         assert dicom == [] and record["written"] == [] and reason in record["not_written"]
@@ -197,17 +197,17 @@ def test_a_rerun_on_a_series_without_uids_removes_the_old_dicom_outputs(tmp_path
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID = ""
         ds.save_as(path)
-    _, _, _, times, _ = inference.predict_case(folder, case_dir, "case1", _stages(), OPTIONS)
-    assert not list(case_dir.glob("*.dcm")) and "Study Instance UID blank" in times["dicom_outputs"]["not_written"]
+    result = inference.predict_case(folder, case_dir, "case1", _stages(), OPTIONS)
+    assert not list(case_dir.glob("*.dcm")) and "Study Instance UID blank" in result.dicom_outputs["not_written"]
 
 
 def test_nothing_found_gives_no_dicom_objects(tmp_path):
     folder = write_messy_series(tmp_path / "in" / "case1", "clean")
     case_dir = tmp_path / "out" / "case1"
     nothing = lambda ct, spacing: np.zeros(ct.shape, np.uint8)  # noqa: E731
-    _, _, _, times, _ = inference.predict_case(folder, case_dir, "case1", (nothing, nothing), OPTIONS)
-    assert not list(case_dir.glob("*.dcm")) and times["dicom_outputs"] == {"written": [], "not_written": None,
-                                                                          "repaired": []}
+    result = inference.predict_case(folder, case_dir, "case1", (nothing, nothing), OPTIONS)
+    assert not list(case_dir.glob("*.dcm")) and result.dicom_outputs == {"written": [], "not_written": None,
+                                                                        "repaired": []}
     assert (case_dir / "vertebrae.seg.nrrd").is_file()
 
 

@@ -173,7 +173,7 @@ def test_predict_case_writes_the_warning_into_tables_slicer_files_and_log(tmp_pa
     options = inference.PredictOptions().resolved("paper")
     records = {"vertebrae": RECORD, "metastases": RECORD}
     with caplog.at_level(logging.WARNING, logger="spinemets.inference.predict"):
-        rows, vrows, _, _, report = inference.predict_case(path, tmp_path / "out" / "c1", "c1",
+        rows, vrows, _, _, report, _ = inference.predict_case(path, tmp_path / "out" / "c1", "c1",
                                                            _stages(vertebrae, lesions), options, records)
     assert not report["in_domain"]
     assert [r["domain_warning"] for r in rows] == ["outside training domain: spacing, field of view, intensity"]
@@ -194,7 +194,7 @@ def test_predict_case_writes_the_warning_into_tables_slicer_files_and_log(tmp_pa
     big_vertebrae[50:60, 20:40, 20:40] = 20
     big_lesions[52:55, 25:30, 25:30] = 2
     with caplog.at_level(logging.WARNING, logger="spinemets.inference.predict"):
-        rows, vrows, _, _, report = inference.predict_case(path, tmp_path / "out2" / "c1", "c1",
+        rows, vrows, _, _, report, _ = inference.predict_case(path, tmp_path / "out2" / "c1", "c1",
                                                            _stages(big_vertebrae, big_lesions), options, records)
     assert report["in_domain"], report["problems"]
     assert [r["domain_warning"] for r in rows] == [""] and {r["domain_warning"] for r in vrows} == {""}

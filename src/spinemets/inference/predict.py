@@ -60,7 +60,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import cc3d
 import numpy as np
@@ -555,15 +555,15 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
     records = {stage: getattr(model, "domain", None) for stage, model in zip(("vertebrae", "metastases"), stages)}
     for case, path in tqdm(cases.items(), desc="predict", unit="case"):
         t0 = time.perf_counter()
-        lesion_rows, vertebra_rows, note, times, reports[case] = predict_case(path, out_dir / case, case, stages,
-                                                                              opts, records)
-        if "dicom_outputs" in times:
-            dicom_outputs[case] = times.pop("dicom_outputs")
-        timings[case] = {**times, "total_s": round(time.perf_counter() - t0, 3)}
-        if note:
-            notes[case] = note
-        all_lesions += lesion_rows
-        all_vertebrae += vertebra_rows
+        result = predict_case(path, out_dir / case, case, stages, opts, records)
+        reports[case] = result.domain
+        if result.dicom_outputs is not None:
+            dicom_outputs[case] = result.dicom_outputs
+        timings[case] = {**result.timings, "total_s": round(time.perf_counter() - t0, 3)}
+        if result.note:
+            notes[case] = result.note
+        all_lesions += result.lesions
+        all_vertebrae += result.vertebrae
     write_csv(out_dir / "lesions.csv", all_lesions, LESION_COLUMNS)
     write_csv(out_dir / "vertebrae.csv", all_vertebrae, VERTEBRA_COLUMNS)
     write_json(out_dir / "provenance.json", _provenance(
@@ -586,14 +586,28 @@ def _loud(message: str) -> None:
     log.warning("WARNING: %s", message)
 
 
+class CaseResult(NamedTuple):
+    """What :func:`predict_case` returns for one case: its ``lesions`` and ``vertebrae`` rows, a ``note``
+    (empty, or why a stage found nothing), the ``timings`` (seconds and counts of the clean-up), the
+    ``domain`` report of :func:`spinemets.domain.check_case`, and ``dicom_outputs`` (for a DICOM series:
+    ``written``, ``not_written``: the reason, ``repaired``; None for an image file)."""
+
+    lesions: list[dict]
+    vertebrae: list[dict]
+    note: str
+    timings: dict
+    domain: dict
+    dicom_outputs: dict | None
+
+
 def predict_case(path: Path, case_dir: Path, case: str, stages, options: PredictOptions,
-                 domains: dict | None = None) -> tuple[list[dict], list[dict], str, dict, dict]:
+                 domains: dict | None = None) -> CaseResult:
     """Both stages and localization for one CT; writes the case folder.
 
     ``stages`` is (stage 1, stage 2), each called as ``stage(ct_array, spacing_zyx)``; ``options``
     are resolved :class:`PredictOptions`; ``domains`` the training domain record of each stage
-    (:mod:`spinemets.domain`; None: no check). Returns (lesions, vertebrae, note, timings,
-    domain report); timings also count the small lesions and vertebra fragments removed, the
+    (:mod:`spinemets.domain`; None: no check). Returns a :class:`CaseResult` (lesions, vertebrae,
+    note, timings, domain report, DICOM outputs); timings also count the small lesions and vertebra fragments removed, the
     lesion parts given their lesion's main type, and the
     vertebra voxels relabelled by the order repair. A CT outside a training domain is predicted
     as any other; the warning goes into its rows, its ``.seg.nrrd`` descriptions and the log.
@@ -604,7 +618,7 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
     ID (the source's identifying attributes left out); an empty label map gives no file. The
     tables are also written as a DICOM SR (``report.dcm``, :mod:`spinemets.formats.dicomsr`). The series
     is checked first (:func:`spinemets.formats.dicom.check_series`, before the stages run): a series it
-    refuses raises; one whose headers cannot be referenced gets no DICOM object, and the timings'
+    refuses raises; one whose headers cannot be referenced gets no DICOM object, and the result's
     ``dicom_outputs`` (``written``, ``not_written``: the reason, ``repaired``) and the log say why.
     """
     stage1, stage2 = stages
@@ -665,13 +679,10 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
     write_image(image_from_array(confidence, image), case_dir / CONFIDENCE_NAME)
     write_csv(case_dir / "lesions.csv", lesion_rows, LESION_COLUMNS)
     write_csv(case_dir / "vertebrae.csv", vertebra_rows, VERTEBRA_COLUMNS)
-    return lesion_rows, vertebra_rows, note, {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3),
-                                              "small_lesions_removed": removed,
-                                              "lesion_parts_merged": merged,
-                                              "unconfident_lesions_removed": unconfident,
-                                              "vertebra_fragments_removed": fragments,
-                                              "vertebra_voxels_relabelled": relabelled,
-                                              **({"dicom_outputs": dicom} if dicom is not None else {})}, report
+    timings = {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3), "small_lesions_removed": removed,
+               "lesion_parts_merged": merged, "unconfident_lesions_removed": unconfident,
+               "vertebra_fragments_removed": fragments, "vertebra_voxels_relabelled": relabelled}
+    return CaseResult(lesion_rows, vertebra_rows, note, timings, report, dicom)
 
 
 def _dicom_output(record: dict, target: Path, write) -> Path | None:
