@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
 from spinemets.cohort import dataset
+from spinemets.cohort import curation
 
 from spinemets import labels
 from spinemets.cli import main
@@ -233,21 +234,21 @@ def test_curation_tables_of_the_data_notebook(tmp_path, small_cohort):
     """Table 1, the QC table with its review flags, and label volumes, as the data notebook shows them."""
     (tmp_path / "cohort.csv").write_text("case_id,sex,age,metastasis_type,primary_site\n"
                                          "a,F,60,lytic,breast\nb,M,70,sclerotic,prostate\nc,F,80,lytic,lung\n")
-    age, table = dataset.cohort_table(tmp_path / "cohort.csv")
+    age, table = curation.cohort_table(tmp_path / "cohort.csv")
     assert age == "3 cases; age 70.0 ± 10.0 years (range 60–80)"
     assert table.loc[("sex", "F"), "n"] == 2 and table.loc[("sex", "F"), "%"] == 66.7
     assert table.loc[("type of metastasis", "lytic"), "n"] == 2
     manifest = dataset.scan(small_cohort)
-    qc = dataset.qc_table(manifest)
+    qc = curation.qc_table(manifest)
     assert list(qc.index) == ["case_001", "case_002", "case_003"]
     assert qc.loc["case_001", "size (x×y×z)"] == "24×20×16" and qc.loc["case_001", "spacing z (mm)"] == 2.5
     assert qc.loc["case_001", "field of view z (mm)"] == 40.0
-    assert dataset.flagged_for_review(qc) == []
+    assert curation.flagged_for_review(qc) == []
     qc.loc["case_002", "spacing z (mm)"] = 6.0
     qc.loc["case_003", "HU p1"] = -2000.0
-    assert dataset.flagged_for_review(qc) == ["case_002", "case_003"]
+    assert curation.flagged_for_review(qc) == ["case_002", "case_003"]
     folder = dataset.import_dataset(manifest, "metastases", tmp_path / "raw")
-    volumes = dataset.label_volumes(folder, "metastases").set_index(["case_id", "label"])["volume_ml"]
+    volumes = curation.label_volumes(folder, "metastases").set_index(["case_id", "label"])["volume_ml"]
     voxel_ml = 1.5 * 1.2 * 2.5 / 1000
     assert volumes[("case_001", "lytic")] == pytest.approx(3 * 3 * 4 * voxel_ml)
     assert volumes[("case_002", "lytic")] == 0 and volumes[("case_002", "sclerotic")] == 0

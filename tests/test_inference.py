@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import slicerio
 
 from spinemets.inference import predict as inference
+from spinemets.inference import localization
 from spinemets.errors import SpinemetsError
 from spinemets.labels import SINS_LOCATION, labels
 from spinemets.training.profiles import PROFILES
@@ -44,7 +45,7 @@ def test_lesion_planted_in_a_vertebra_is_localized_to_that_level():
     ct = np.full(vert.shape, 100, np.int16)
     ct[ball] = 20
     ct[18, 10, 10] = 55
-    rows = inference.localize(les, vert, ct, SPACING)
+    rows = localization.localize(les, vert, ct, SPACING)
     assert len(rows) == 1
     row = rows[0]
     assert row["level"] == "T6" and row["assignment"] == "overlap" and row["type"] == "lytic"
@@ -60,7 +61,7 @@ def test_largest_overlap_wins_across_two_vertebrae():
     vert = _spine()
     les = np.zeros_like(vert)
     les[20:27, 8:12, 8:12] = 2  # 3 slices in T6 (20..22), 2 in the gap, 2 in T7 (25..26)
-    rows = inference.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
+    rows = localization.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
     assert [(r["level"], r["type"]) for r in rows] == [("T6", "sclerotic")]
 
 
@@ -70,22 +71,22 @@ def test_lesion_without_overlap_goes_to_the_nearest_vertebra_within_the_distance
     les[8, 10, 17:19] = 1  # beside T5, x = 17..18; T5 ends at x = 14: 3 voxels = 6 mm away
     les[30, 0, 0] = 2  # far corner: nearest vertebra voxel (30, 5, 5) at sqrt(50 + 50) = 10 voxels -> 14.1 mm
     ct = np.zeros(vert.shape, np.int16)
-    near, far = sorted(inference.localize(les, vert, ct, SPACING, near_mm=10.0), key=lambda r: r["voxels"], reverse=True)
+    near, far = sorted(localization.localize(les, vert, ct, SPACING, near_mm=10.0), key=lambda r: r["voxels"], reverse=True)
     assert (near["level"], near["assignment"], near["distance_mm"]) == ("T5", "nearest", 6.0)
-    assert (far["level"], far["assignment"]) == (inference.OUTSIDE, "none")
+    assert (far["level"], far["assignment"]) == (localization.OUTSIDE, "none")
     assert far["distance_mm"] == pytest.approx(np.hypot(5 * 2.0, 5 * 2.0), abs=0.01)
     # a larger allowed distance takes the far lesion in as well
-    rows = inference.localize(les, vert, ct, SPACING, near_mm=15.0)
+    rows = localization.localize(les, vert, ct, SPACING, near_mm=15.0)
     assert sorted(r["level"] for r in rows) == ["T5", "T7"]
 
 
 def test_no_vertebrae_means_outside_spine_and_no_lesions_means_no_rows():
     vert = np.zeros((10, 10, 10), np.uint8)
     les = np.zeros_like(vert)
-    assert inference.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING) == []
+    assert localization.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING) == []
     les[5, 5, 5] = 1
-    rows = inference.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
-    assert rows[0]["level"] == inference.OUTSIDE and np.isnan(rows[0]["distance_mm"])
+    rows = localization.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
+    assert rows[0]["level"] == localization.OUTSIDE and np.isnan(rows[0]["distance_mm"])
 
 
 def test_a_component_with_both_classes_is_mixed():
@@ -93,13 +94,13 @@ def test_a_component_with_both_classes_is_mixed():
     les = np.zeros_like(vert)
     les[16:19, 9:12, 9:12] = 1
     les[19:21, 9:12, 9:12] = 2  # touching: one component
-    (row,) = inference.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
+    (row,) = localization.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
     assert row["type"] == "mixed" and row["lytic_fraction"] == pytest.approx(27 / 45, abs=1e-4)
 
 
 def test_shape_mismatch_is_an_error():
     with pytest.raises(SpinemetsError, match="differ in shape"):
-        inference.localize(np.zeros((2, 2, 2), np.uint8), np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 2)), SPACING)
+        localization.localize(np.zeros((2, 2, 2), np.uint8), np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 2)), SPACING)
 
 
 @pytest.mark.parametrize("level, types, location, quality, total", [
@@ -113,7 +114,7 @@ def test_shape_mismatch_is_an_error():
     ("T3", ["sclerotic"], ("semi-rigid", 1), ("blastic", 0), 1),
 ])
 def test_partial_sins_hand_cases(level, types, location, quality, total):
-    s = inference.partial_sins(level, types)
+    s = localization.partial_sins(level, types)
     assert (s["sins_location_class"], s["sins_location_points"]) == location
     assert (s["lesion_quality"], s["sins_bone_quality_points"]) == quality
     assert s["partial_sins_points"] == total
@@ -121,14 +122,14 @@ def test_partial_sins_hand_cases(level, types, location, quality, total):
 
 
 def test_partial_sins_of_the_sacrum_has_no_location_points_and_bad_input_is_refused():
-    s = inference.partial_sins("Sacrum", ["lytic"])
+    s = localization.partial_sins("Sacrum", ["lytic"])
     assert s["sins_location_points"] is None and s["partial_sins_points"] is None and s["sins_bone_quality_points"] == 2
     with pytest.raises(SpinemetsError, match="not a vertebra"):
-        inference.partial_sins("S3", ["lytic"])
+        localization.partial_sins("S3", ["lytic"])
     with pytest.raises(SpinemetsError, match="no lesions"):
-        inference.partial_sins("T5", [])
+        localization.partial_sins("T5", [])
     with pytest.raises(SpinemetsError, match="unknown lesion type"):
-        inference.partial_sins("T5", ["benign"])
+        localization.partial_sins("T5", ["benign"])
 
 
 def test_every_vertebra_has_a_sins_location():
@@ -139,8 +140,8 @@ def test_vertebra_table_counts_lesions_and_involved_fraction():
     vert = _spine()
     les = np.zeros_like(vert)
     les[16:18, 8:10, 8:10] = 1  # 8 voxels in T6 (800 voxels)
-    rows = inference.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
-    table = {r["vertebra"]: r for r in inference.vertebra_table(rows, les, vert, SPACING)}
+    rows = localization.localize(les, vert, np.zeros(vert.shape, np.int16), SPACING)
+    table = {r["vertebra"]: r for r in localization.vertebra_table(rows, les, vert, SPACING)}
     assert set(table) == {"T5", "T6", "T7"}
     assert table["T6"]["lesions"] == 1 and table["T6"]["involved_fraction"] == pytest.approx(8 / 800)
     assert table["T6"]["partial_sins_points"] == 3 and table["T5"]["lesions"] == 0
@@ -320,7 +321,7 @@ def test_predict_applies_the_profiles_minimum_lesion_size(tmp_path, monkeypatch)
     assert prov["timings_s"]["case_a"]["vertebra_fragments_removed"] == 0
     rows = inference.predict(path.parent, tmp_path / "d", profile="demo", device="cpu",
                              options=inference.PredictOptions(min_lesion_ml=0, min_vertebra_ml=5))
-    assert {r["level"] for r in rows} == {inference.OUTSIDE}
+    assert {r["level"] for r in rows} == {localization.OUTSIDE}
     prov = json.loads((tmp_path / "d" / "provenance.json").read_text())
     assert prov["parameters"]["min_vertebra_ml"] == 5 and prov["timings_s"]["case_a"]["vertebra_fragments_removed"] == 1
     with pytest.raises(SpinemetsError, match="minimum component size"):

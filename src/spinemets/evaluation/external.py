@@ -15,7 +15,7 @@ prediction folder (:func:`spinemets.inference.predict.predict`) says the same pe
 * **Prediction** (:func:`read_predicted`): a vertebra has a lesion when its row of the case's
   ``vertebrae.csv`` counts at least one (``lesions``); its type is that row's ``lesion_quality``
   (``lytic`` when all its lesions are lytic, ``blastic`` when all are sclerotic, ``mixed``
-  otherwise; :func:`spinemets.inference.predict.partial_sins`). A vertebra without a row (stage 1 did not
+  otherwise; :func:`spinemets.inference.localization.partial_sins`). A vertebra without a row (stage 1 did not
   find it) has no predicted lesion; lesions outside the spine belong to no vertebra.
 * **Detection** (:func:`detection`): over all compared (case, vertebra) pairs, "the vertebra has a
   lesion": TP (both), FP (predicted only), FN (reference only), TN (neither); sensitivity =

@@ -76,7 +76,7 @@ def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_ml
     """Clear the connected components (26-connectivity) smaller than ``min_ml`` millilitres.
 
     ``per_label=False``: components of all labels together (a lesion with lytic and sclerotic
-    parts is one component, as :func:`spinemets.inference.predict.localize` counts it);
+    parts is one component, as :func:`spinemets.inference.localization.localize` counts it);
     ``per_label=True``: each label's own components (touching vertebrae stay apart). Returns the
     cleaned map (the input when nothing is removed; never modified) and the number of components
     removed.
