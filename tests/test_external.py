@@ -151,8 +151,8 @@ def test_predict_case_of_a_dicom_series_writes_dicom_seg(cohort, tmp_path):
     lesions[vertebrae == 0] = 0
     options = inference.PredictOptions().resolved("paper")
     out = tmp_path / "out" / "SMCS-0001"
-    _, _, _, _, report = inference.predict_case(ct_dir, out, "SMCS-0001", _stages(vertebrae, lesions), options,
-                                                {"vertebrae": RECORD, "metastases": RECORD})
+    _, _, _, _, report, _ = inference.predict_case(ct_dir, out, "SMCS-0001", _stages(vertebrae, lesions), options,
+                                                   {"vertebrae": RECORD, "metastases": RECORD})
     assert not report["in_domain"]  # 1.5 x 1.5 x 3 mm phantoms, 48 voxels wide: the warning goes along
     ct = read_image(ct_dir)
     ct_uid = pydicom.dcmread(str(next(ct_dir.iterdir())), stop_before_pixels=True).SeriesInstanceUID
