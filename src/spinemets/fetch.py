@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tarfile
 import time
 import zipfile
@@ -436,7 +437,12 @@ def _archive_entries(archive: Path) -> list[tuple[str, int, bool]]:
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
-                entries = [(i.filename, i.file_size, i.is_dir()) for i in zf.infolist()]
+                infos = zf.infolist()
+            for i in infos:  # a zip entry made from a link keeps the link's mode in its Unix attributes
+                kind = stat.S_IFMT(i.external_attr >> 16)  # 0: no Unix type recorded (a plain file)
+                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                    raise SpinemetsError(f"{archive}: entry '{i.filename}' is a link or special file; refusing to unpack")
+            entries = [(i.filename, i.file_size, i.is_dir()) for i in infos]
         else:
             with tarfile.open(archive) as tf:
                 members = tf.getmembers()
@@ -448,6 +454,23 @@ def _archive_entries(archive: Path) -> list[tuple[str, int, bool]]:
         raise SpinemetsError(f"{archive}: cannot unpack (not a valid archive, or truncated): {_short(exc)}") from None
     for name, _, _ in entries:
         _check_relative_name(name, archive)
+    return entries
+
+
+def archive_entries(archive: str | Path, max_bytes: int, max_ratio: float, max_entries: int) -> list[tuple[str, int, bool]]:
+    """(name, size, is_dir) of each entry of an archive, checked as :func:`unpack_archive` checks them
+    (names that leave the folder, links, special files), and refused as a bomb when it holds more than
+    ``max_entries`` entries or declares more than ``max_bytes`` bytes, or more than ``max_ratio`` times its
+    own size. Nothing is written. (Python's zip reader never writes more than an entry declares.)"""
+    archive = Path(archive)
+    entries = _archive_entries(archive)
+    total = sum(size for _, size, _ in entries)
+    if len(entries) > max_entries:
+        raise SpinemetsError(f"{archive}: {len(entries)} entries (at most {max_entries}); refusing to unpack")
+    if total > max_bytes or total > max_ratio * max(archive.stat().st_size, 1):
+        raise SpinemetsError(f"{archive}: would unpack to {total} bytes from {archive.stat().st_size} "
+                             f"(at most {max_bytes} bytes and {max_ratio:g} times its size): an archive bomb or not "
+                             "this kind of archive; refusing to unpack")
     return entries
 
 

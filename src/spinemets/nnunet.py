@@ -757,8 +757,7 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     trainer = trainer or entry["trainer"]
     folds = [parse_fold(f) for f in (folds or entry["folds"])]
     device = device or prof["device"]
-    if device not in ("cpu", "cuda"):
-        raise SpinemetsError(f"device must be cpu or cuda, not {device!r}")
+    check_device(device)
     if int(num_gpus) < 1 or (int(num_gpus) > 1 and device != "cuda"):
         raise SpinemetsError(f"num_gpus {num_gpus}: must be 1, or more with device cuda")
     find_best = prof["find_best"] if find_best is None else find_best
@@ -1046,6 +1045,41 @@ def apply_postprocessing(segmentation: np.ndarray, postprocessing_file: str | Pa
     return nnunet_apply(segmentation, functions, kwargs)
 
 
+#: The devices nnU-Net runs on (its ``-device``): the CPU, a CUDA GPU, Apple silicon's GPU (``mps``).
+DEVICES = ("cpu", "cuda", "mps")
+
+
+def _mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def best_device() -> str:
+    """``cuda`` where a CUDA GPU is, else ``mps`` where Apple silicon's GPU is, else ``cpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if _mps_available() else "cpu"
+
+
+def check_device(device: str, available: bool = False) -> str:
+    """Refuse a device nnU-Net does not run on; with ``available``, also one this machine does not have."""
+    if device not in DEVICES:
+        raise SpinemetsError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if available and device != "cpu":
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SpinemetsError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+        if device == "mps" and not _mps_available():
+            raise SpinemetsError("device 'mps' requested but PyTorch finds no Apple-silicon GPU (MPS) here; "
+                                 "use --device cpu")
+    return device
+
+
 def load_predictor(model: Mapping, device: str = "cpu", tta: bool = False, workspace: Workspace | str | Path | None = None,
                    threads: int | None = None):
     """nnU-Net's three-step predictor: construct, initialise from the model folder; ready for ``predict_*``.
@@ -1056,8 +1090,7 @@ def load_predictor(model: Mapping, device: str = "cpu", tta: bool = False, works
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SpinemetsError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    check_device(device, available=True)
     if threads:
         torch.set_num_threads(threads)
     folder = Path(model["folder"])
