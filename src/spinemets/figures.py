@@ -61,7 +61,8 @@ def _fold_folders(stage: str, workspace, profile: str | None) -> list[Path]:
     base = ws.results / ws.dataset_name(stage)
     if profile is not None:
         entry = nnunet.stage_plan(stage, profile)
-        models = [ws.model_folder(stage, c, entry["trainer"]) for c in entry["configurations"]]
+        models = [ws.model_folder(stage, c, entry["trainer"], plans=nnunet.profile_plans(profile))
+                  for c in entry["configurations"]]
     else:
         models = sorted(p for p in base.glob("*__*__*") if p.is_dir())
     folds = [f for m in models for f in sorted(m.glob("fold_*")) if any((f / c).exists() for c in CHECKPOINTS)]

@@ -145,6 +145,11 @@ def _selected_models(stage: str, profile: str, ws: nnunet.Workspace) -> list[dic
     return out
 
 
+def _plans_of(model: Mapping) -> str:
+    """The plans name of a model folder (nnU-Net's ``TRAINER__PLANS__CONFIGURATION``)."""
+    return Path(model["folder"]).name.split("__")[1]
+
+
 def _validated(folder: Path, folds: Sequence) -> bool:
     """Whether nnU-Net's export can take these folds as they are (it needs each fold's final validation)."""
     return all((folder / f"fold_{f}" / "validation" / "summary.json").is_file()
@@ -158,17 +163,17 @@ def _nnunet_entries(ws: nnunet.Workspace, dataset: str, models: list[dict], scra
 
     entries: dict[str, Path | bytes] = {}
     how = []
-    groups: dict[tuple[str, tuple], list[str]] = {}
+    groups: dict[tuple[str, str, tuple], list[str]] = {}
     for model in models:
-        groups.setdefault((model["trainer"], tuple(model["folds"])), []).append(model["configuration"])
-    for (trainer, folds), configurations in groups.items():
-        folders = [ws.results / dataset / f"{trainer}__{nnunet.PLANS}__{c}" for c in configurations]
+        groups.setdefault((model["trainer"], _plans_of(model), tuple(model["folds"])), []).append(model["configuration"])
+    for (trainer, plans, folds), configurations in groups.items():
+        folders = [ws.results / dataset / f"{trainer}__{plans}__{c}" for c in configurations]
         if all(_validated(f, folds) for f in folders):
             target = scratch / f"{trainer}-{len(entries)}.zip"
             with ws.activated(), nnunet.captured_output(ws, "nnUNetv2_export_model_to_zip"), \
                     contextlib.redirect_stdout(_io.StringIO()):
                 export_pretrained_model(dataset, str(target), configurations=tuple(configurations), trainer=trainer,
-                                        plans_identifier=nnunet.PLANS, folds=folds, strict=True)
+                                        plans_identifier=plans, folds=folds, strict=True)
             with zipfile.ZipFile(target) as zf:
                 for name in zf.namelist():
                     if not name.endswith("/"):
@@ -307,7 +312,7 @@ def export_model(out: str | Path, profile: str = "demo", workspace=None, stages:
                 "dataset": dataset_name,
                 "labels": dataset_json.get("labels"),
                 "models": [{"folder": f"{RESULTS}/{Path(m['folder']).relative_to(ws.results).as_posix()}",
-                            "configuration": m["configuration"], "trainer": m["trainer"], "plans": nnunet.PLANS,
+                            "configuration": m["configuration"], "trainer": m["trainer"], "plans": _plans_of(m),
                             "folds": m["folds"], **({"cascade_of": m["cascade_of"]} if "cascade_of" in m else {}),
                             "training": _training_summary(Path(m["folder"]), m["folds"])}
                            for m in models],
@@ -336,6 +341,7 @@ def export_model(out: str | Path, profile: str = "demo", workspace=None, stages:
                               "identifiers": "none: the card and the archive hold counts and ranges only, no case ID",
                               **({"note": SYNTHETIC_NOTE} if cohort == "synthetic" else {})},
             "protocol": {"profile": profile, "description": prof.get("description"),
+                         "plans": nnunet.profile_plans(profile), "planner": prof.get("planner") or "nnU-Net's default",
                          "stages": {s: {"configurations": [m["configuration"] for m in card_stages[s]["models"]],
                                         "folds": card_stages[s]["models"][0]["folds"],
                                         "trainer": card_stages[s]["models"][0]["trainer"]} for s in stages},

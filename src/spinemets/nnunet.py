@@ -249,6 +249,26 @@ PROFILES: dict[str, dict] = {
                    resources=_each_kind(time_min=20, mem_gb=4, cpus_per_task=1)),
 }
 
+#: nnU-Net's residual-encoder presets (Isensee et al., "nnU-Net Revisited", MICCAI 2024), recommended by
+#: nnU-Net's authors since 2024 over the original plans the paper used: size -> (planner, plans name).
+#: ``nnUNetv2_plan_and_preprocess -pl PLANNER`` writes ``PLANS.json``; training and inference name it.
+RESENC_PRESETS = {"m": ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
+                  "l": ("nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans")}
+for _size, (_planner, _plans) in RESENC_PRESETS.items():
+    # the paper's protocol (and the GPU check's) with the residual-encoder preset: only the planner differs
+    PROFILES[f"resenc_{_size}"] = _derived(
+        _PAPER, planner=_planner, plans=_plans,
+        description=f"the paper's protocol planned with nnU-Net's residual-encoder preset {_size.upper()} "
+                    f"({_planner}, plans {_plans})")
+    PROFILES[f"gpu_check_resenc_{_size}"] = _derived(
+        PROFILES["gpu_check"], planner=_planner, plans=_plans,
+        description=f"scripts/gpu_check.sh with nnU-Net's residual-encoder preset {_size.upper()} ({_planner})")
+
+
+def profile_plans(profile: str) -> str:
+    """The nnU-Net plans a profile trains with: ``nnUNetPlans``, or the residual-encoder preset's."""
+    return get_profile(profile).get("plans") or PLANS
+
 
 def stage_budget(stage: str, profile: str, total_min: float | None = None) -> float | None:
     """A stage's training budget per fold in seconds: the profile's, or the share of ``total_min``
@@ -655,10 +675,13 @@ def plan_and_preprocess(stage: str, profile: str = "demo", configurations: Seque
     name = ws.dataset_name(stage, dataset_id)
     if not (ws.raw / name / "dataset.json").exists():
         raise SpinemetsError(f"{ws.raw / name}: raw dataset not found; import it first (spinemets import --stage {stage})")
-    plans_file = ws.plans_file(stage, dataset_id)
+    plans_name = profile_plans(profile)
+    plans_file = ws.plans_file(stage, dataset_id, plans_name)
     if force or not plans_file.exists():
         prof = get_profile(profile)
         planner = []  # the profile's inputs to nnU-Net's planner, where they differ from nnU-Net's defaults
+        if prof.get("planner"):
+            planner += ["-pl", prof["planner"]]
         if prof["gpu_memory_target_gb"]:
             planner += ["-gpu_memory_target", str(prof["gpu_memory_target_gb"])]
         if prof["target_spacing"]:
@@ -689,7 +712,7 @@ def plan_and_preprocess(stage: str, profile: str = "demo", configurations: Seque
         if force or not (ws.preprocessed / name / ident).is_dir():
             todo.setdefault(ident, cfg)
     if todo:
-        run_nnunet("nnUNetv2_preprocess", ["-d", name.split("_")[0][7:], "-c", *todo.values(),
+        run_nnunet("nnUNetv2_preprocess", ["-d", name.split("_")[0][7:], "-c", *todo.values(), "-plans_name", plans_name,
                                            "-np", *[str(processes)] * len(todo)], ws)
     return usable
 
@@ -755,6 +778,7 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     prof = get_profile(profile)
     entry = stage_plan(stage, profile)
     trainer = trainer or entry["trainer"]
+    plans_name = profile_plans(profile)
     folds = [parse_fold(f) for f in (folds or entry["folds"])]
     device = device or prof["device"]
     check_device(device)
@@ -782,11 +806,11 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     trained = False
     for cfg in tqdm(usable, desc=f"{stage}: configurations", unit="config"):
         for fold in tqdm(folds, desc=f"{stage} {cfg}: folds", unit="fold", leave=False):
-            out = ws.model_folder(stage, cfg, trainer, dataset_id) / f"fold_{fold}"
+            out = ws.model_folder(stage, cfg, trainer, dataset_id, plans_name) / f"fold_{fold}"
             if (out / CHECKPOINT_FINAL).exists():
                 log.info("%s: already trained, skipped", out)
                 continue
-            args = [name.split("_")[0][7:], cfg, _fold_arg(fold), "-tr", trainer, "-p", PLANS, "-device", device]
+            args = [name.split("_")[0][7:], cfg, _fold_arg(fold), "-tr", trainer, "-p", plans_name, "-device", device]
             if any((out / f).exists() for f in (CHECKPOINT_LATEST, CHECKPOINT_BEST)):
                 args.append("--c")
             if npz:
@@ -797,7 +821,7 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
             trained = True
             if tool_output() == "log" and _in_notebook():
                 log_block(log_file, f"nnUNetv2_train {cfg} fold {fold}")
-    records = training_records(stage, usable, folds, trainer, ws, dataset_id)
+    records = training_records(stage, usable, folds, trainer, ws, dataset_id, plans_name)
     if budget and not records:
         log.warning("%s: trainer %s keeps no training record, so it did not train for the %g s budget "
                     "(only the project's trainers do); it trained for its own number of iterations",
@@ -806,16 +830,16 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
                "train_cpu_s": round(_children_cpu_seconds() - cpu0, 1)}
     built: dict = {}  # one dataset, one fingerprint: its raw CTs are read once for all configurations
     for cfg in usable:  # what each model was trained on, for the domain check of inference
-        domain.write_record(ws.model_folder(stage, cfg, trainer, dataset_id), ws.raw / name, built)
+        domain.write_record(ws.model_folder(stage, cfg, trainer, dataset_id, plans_name), ws.raw / name, built)
     best = None
     if find_best:
         best = None if trained else _previous_selection(ws.results / name, usable, folds, trainer)
         if best is None:
-            best = find_best_configuration(stage, usable, folds, trainer, ws, dataset_id, env)
+            best = find_best_configuration(stage, usable, folds, trainer, ws, dataset_id, env, plans_name)
         else:
             log.info("%s: every fold was trained before and the selection for them exists; reused", name)
-    return {"dataset": name, "trainer": trainer, "plans": PLANS, "configurations": usable, "folds": folds,
-            "model_folders": {cfg: str(ws.model_folder(stage, cfg, trainer, dataset_id)) for cfg in usable},
+    return {"dataset": name, "trainer": trainer, "plans": plans_name, "configurations": usable, "folds": folds,
+            "model_folders": {cfg: str(ws.model_folder(stage, cfg, trainer, dataset_id, plans_name)) for cfg in usable},
             "best": best, "budget_s": float(budget) if budget and records else None,
             "training": records, **seconds}
 
@@ -830,14 +854,15 @@ def training_table(records: Mapping[str, Mapping]) -> list[dict]:
 
 
 def training_records(stage: str, configurations: Sequence[str], folds: Sequence[int | str], trainer: str,
-                     workspace: Workspace | str | Path | None = None, dataset_id: int | None = None) -> dict:
+                     workspace: Workspace | str | Path | None = None, dataset_id: int | None = None,
+                     plans: str = PLANS) -> dict:
     """What each fold's training reached (``spinemets_training.json`` of the project's trainers):
     ``{"configuration/fold_F": record}``; folds trained by other trainers are left out."""
     ws = _workspace(workspace)
     out = {}
     for cfg in configurations:
         for fold in folds:
-            path = ws.model_folder(stage, cfg, trainer, dataset_id) / f"fold_{fold}" / TRAINING_RECORD
+            path = ws.model_folder(stage, cfg, trainer, dataset_id, plans) / f"fold_{fold}" / TRAINING_RECORD
             if path.is_file():
                 out[f"{cfg}/fold_{fold}"] = read_json(path, "training record")
     return out
@@ -921,7 +946,7 @@ SELECTION_RECORD = "spinemets_selection.json"
 
 def find_best_configuration(stage: str, configurations: Sequence[str], folds: Sequence[int | str], trainer: str,
                             workspace: Workspace | str | Path | None = None, dataset_id: int | None = None,
-                            env: Mapping[str, str] | None = None) -> dict:
+                            env: Mapping[str, str] | None = None, plans: str = PLANS) -> dict:
     """Run ``nnUNetv2_find_best_configuration`` (cross-validation Dice of each configuration and of
     the ensembles of two) and return its ``inference_information.json``. ``env``: extra environment
     variables for the program (:func:`train` passes its CPU settings, among them the number of
@@ -933,7 +958,7 @@ def find_best_configuration(stage: str, configurations: Sequence[str], folds: Se
     ws = _workspace(workspace)
     name = ws.dataset_name(stage, dataset_id)
     run_nnunet("nnUNetv2_find_best_configuration",
-               [name.split("_")[0][7:], "-c", *configurations, "-tr", trainer, "-p", PLANS,
+               [name.split("_")[0][7:], "-c", *configurations, "-tr", trainer, "-p", plans,
                 "-f", *map(str, folds)], ws, env=env)
     info = ws.results / name / "inference_information.json"
     if not info.exists():
@@ -974,19 +999,20 @@ def trained_models(stage: str, profile: str, workspace: Workspace | str | Path |
     ws = _workspace(workspace)
     entry = stage_plan(stage, profile)
     trainer = entry["trainer"]
+    plans = profile_plans(profile)
     _, best = _selected(stage, profile, ws, dataset_id)
     chosen = [(model["configuration"], model["trainer"]) for model in best.get("selected_model_or_models", [])]
     if not chosen:
-        cfgs = [c for c in entry["configurations"] if (ws.model_folder(stage, c, trainer, dataset_id)).is_dir()]
+        cfgs = [c for c in entry["configurations"] if (ws.model_folder(stage, c, trainer, dataset_id, plans)).is_dir()]
         preferred = [c for c in ("3d_fullres", *entry["configurations"]) if c in cfgs]
         if not preferred:
-            first = ws.model_folder(stage, entry["configurations"][0], trainer, dataset_id)
+            first = ws.model_folder(stage, entry["configurations"][0], trainer, dataset_id, plans)
             raise SpinemetsError(f"{first}: no trained {stage} model of profile {profile!r}; "
                                  f"train it first (spinemets train --stage {stage} --profile {profile})")
         chosen = [(preferred[0], trainer)]
     models = []
     for cfg, tr in chosen:
-        folder = ws.model_folder(stage, cfg, tr, dataset_id)
+        folder = ws.model_folder(stage, cfg, tr, dataset_id, plans)
         folds = sorted(p.name[5:] for p in folder.glob("fold_*")
                        if (p / CHECKPOINT_FINAL).exists() or (p / CHECKPOINT_BEST).exists())
         if not folds:
