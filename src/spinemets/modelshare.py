@@ -719,3 +719,39 @@ def installed_models(models: str | Path | None = None) -> list[dict]:
         out.append({"name": folder.name, "profile": card.get("protocol", {}).get("profile"),
                     "stages": ", ".join(card.get("stages", {})), "created": card.get("created")})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The card of a run, for the book
+
+
+def run_card(provenance: Mapping | None, root: str | Path | None = None) -> tuple[dict, str] | None:
+    """The model card (JSON and Markdown) that ``spinemets export-model`` writes for the run the book shows:
+    exported into a temporary folder, read back, removed. None when the run has no workspace or no
+    trained models. Data that is not synthetic and has no stated dataset or licence is shown as such."""
+    from .results import run_parameter, run_workspace
+
+    workspace = run_workspace(provenance, root)
+    profile = run_parameter(provenance, "profile") if provenance else None
+    if workspace is None or profile is None or not (Path(workspace) / "results").is_dir():
+        return None
+    unstated = "not stated (spinemets export-model --dataset ... --licence ... states it)"
+    with tempfile.TemporaryDirectory(prefix="spinemets-card-") as scratch:
+        try:
+            archive = export_model(Path(scratch) / "model.zip", profile=profile, workspace=workspace)
+        except SpinemetsError as exc:
+            if "--dataset, --licence" not in str(exc):
+                log.warning("no model card for the book: %s", exc)
+                return None
+            archive = export_model(Path(scratch) / "model.zip", profile=profile, workspace=workspace,
+                                   dataset=unstated, licence=unstated)
+        with zipfile.ZipFile(archive) as zf:
+            card = json.loads(zf.read(CARD_JSON))
+            markdown = zf.read(CARD_MD).decode()
+        card["archive_bytes"] = archive.stat().st_size
+    return card, markdown
+
+
+def card_for_page(markdown: str, levels: int = 2) -> str:
+    """A card's Markdown with its headings moved ``levels`` down, for a section of a page."""
+    return "\n".join("#" * levels + line if line.startswith("#") else line for line in markdown.splitlines())
