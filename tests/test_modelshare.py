@@ -295,7 +295,7 @@ def test_ci_model_card(ci_run, ci_archive, tmp_path):
     assert card["inference"] == {"min_lesion_ml": 0.18, "min_vertebra_ml": 0.5, "repair_vertebra_order": True,
                                  "min_confidence": 0.0}
     for words in ("Research only", "Not a medical device", "## Training data", "## Protocol", "Held-out cases",
-                  "95 %", "## Intended domain", "nnU-Net 2.", "SpinemetsCITrainer"):
+                  "95 %", "## Intended domain", "nnU-Net 2.", "SpinemetsCITrainer", "`nnUNetPlans`"):
         assert words in markdown, words
 
 
@@ -314,3 +314,18 @@ def test_real_data_needs_dataset_and_licence_for_the_card(ci_run, tmp_path, monk
         modelshare.export_model(tmp_path / "m.zip", profile="ci", workspace=Workspace(ci_run / "workspace" / "ci"),
                                 stages=["metastases"])
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_results_page_shows_the_runs_model_card(ci_run, ci_archive):
+    """The book of the ci run carries the card export-model writes: every file's SHA-256, as tables."""
+    page = (ci_run / "_build" / "html" / "book" / "results.html").read_text()
+    start = page.index('class="spinemets-model-card"')
+    shown = page[start:page.index("</div>", start)]
+    assert "Model card: spinemets-ci-vertebrae-metastases" in shown and "Research only" in shown
+    assert shown.count("<table>") >= 3  # protocol, held-out results of each stage, files
+    with zipfile.ZipFile(ci_archive) as zf:
+        card = json.loads(zf.read(modelshare.CARD_JSON))
+    for name, meta in card["files"].items():
+        if name != modelshare.CARD_MD:
+            assert meta["sha256"] in shown, name

@@ -411,6 +411,7 @@ def render_card(card: Mapping, files: Mapping[str, Mapping] | None = None) -> st
     v = protocol["versions"]
     lines += ["", "## Protocol", "",
               f"- Profile: `{protocol['profile']}` ({protocol.get('description') or ''})",
+              f"- nnU-Net planner and plans: {protocol.get('planner')}, `{protocol.get('plans')}`",
               f"- Versions: spinemets {v.get('spinemets')}, nnU-Net {v.get('nnunetv2')}, torch {v.get('torch')}, "
               f"Python {v.get('python')}",
               f"- Inference settings: " + ", ".join(f"{k} {val}" for k, val in card["inference"].items()), "",
@@ -752,6 +753,10 @@ def run_card(provenance: Mapping | None, root: str | Path | None = None) -> tupl
     return card, markdown
 
 
-def card_for_page(markdown: str, levels: int = 2) -> str:
-    """A card's Markdown with its headings moved ``levels`` down, for a section of a page."""
-    return "\n".join("#" * levels + line if line.startswith("#") else line for line in markdown.splitlines())
+def card_html(markdown: str, levels: int = 2) -> str:
+    """A card's Markdown as HTML with its headings moved ``levels`` down, for a section of a page (the
+    book renders a cell's Markdown output as CommonMark, without tables)."""
+    from markdown_it import MarkdownIt
+
+    moved = "\n".join("#" * levels + line if line.startswith("#") else line for line in markdown.splitlines())
+    return f'<div class="spinemets-model-card">{MarkdownIt("commonmark").enable("table").render(moved)}</div>'
