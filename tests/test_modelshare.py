@@ -94,6 +94,32 @@ def test_a_hand_built_archive_installs_and_is_checked_again_when_used(tmp_path, 
         modelshare.open_model(folder)
 
 
+def test_an_archive_given_to_predict_is_unpacked_for_the_run_only(tmp_path):
+    import gc
+
+    model = modelshare.open_model(build_archive(tmp_path / "ok.zip"))
+    folder = model.folder
+    assert modelshare.check_folder(folder)["name"] == NAME and tmp_path not in folder.parents
+    assert model.stage_models("vertebrae") == [{"folder": str(folder / MODEL), "configuration": "demo_vertebrae",
+                                                "trainer": "SpinemetsCITrainer", "folds": ["all"]}]
+    with pytest.raises(SpinemetsError, match="holds no metastases stage"):
+        model.stage_models("metastases")
+    del model
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_predict_refuses_a_hostile_model_before_writing_anything(tmp_path, capsys):
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkInt16), str(ct))
+    archive = build_archive(tmp_path / "evil.zip", extra={"../../outside.txt": b"x"})
+    out = tmp_path / "pred"
+    code = cli.main(["predict", "--input", str(ct), "--out", str(out), "--model", str(archive)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "would be written outside the output folder" in err[0], err
+    assert not out.exists() and not (tmp_path.parent / "outside.txt").exists()
+
+
 def test_path_traversal_is_refused(tmp_path, capsys):
     archive = build_archive(tmp_path / "evil.zip", extra={"../outside.txt": b"x"})
     refused(capsys, archive, tmp_path / "models", "../outside.txt", "outside the output folder")
