@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="plan, preprocess and train stages with nnU-Net (nnunet.train; "
                                      "with --executor, as jobs: cluster.submit)")
     p.add_argument("--stage", required=True, nargs="+", choices=STAGE_NAMES)
-    p.add_argument("--profile", default="demo", help="training profile (spinemets.nnunet.PROFILES): demo, ci, smoke, paper or gpu_check")
+    p.add_argument("--profile", default="demo", help="training profile (spinemets.nnunet.PROFILES): demo, ci, smoke, paper, resenc_m, resenc_l (the paper's protocol with nnU-Net's residual-encoder presets) or gpu_check")
     p.add_argument("--configurations", nargs="+", default=None, help="nnU-Net configurations (default: the profile's)")
     p.add_argument("--folds", nargs="+", default=None, help="folds, e.g. 0 1 2 3 4 or all (default: the profile's)")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
