@@ -423,6 +423,7 @@ def render_card(card: Mapping, files: Mapping[str, Mapping] | None = None) -> st
             its = ", ".join(_fmt(t.get("iterations")) for t in model["training"].values())
             lines.append(f"| {stage} | {entry['dataset']} | {model['configuration']} | {model['trainer']} | "
                          f"{', '.join(map(str, model['folds']))} | {epochs} | {its} |")
+    lines += [""] + [f"- {stage} exported by: {entry['export']}" for stage, entry in card["stages"].items()]
     lines += ["", "## Results", ""]
     for stage, entry in card["stages"].items():
         cv = entry.get("cross_validation")
@@ -450,7 +451,7 @@ def render_card(card: Mapping, files: Mapping[str, Mapping] | None = None) -> st
         lines.append("")
     lines += ["## Intended domain", ""]
     for stage, entry in card["stages"].items():
-        lines.append(f"- {stage}: {entry['domain']['summary']}")
+        lines.append(f"- {stage}: {entry['domain']['summary']}; {_domain_ranges(entry['domain'])}")
     lines += ["", "Inputs outside it are predicted with a warning (the domain check of `spinemets predict`).", "",
               "## Files", "", "| file | bytes | SHA-256 |", "| --- | --- | --- |"]
     for name, meta in sorted(files.items()):
@@ -459,6 +460,21 @@ def render_card(card: Mapping, files: Mapping[str, Mapping] | None = None) -> st
         lines.append(f"| `{name}` | {meta['bytes']} | `{meta['sha256']}` |")
     lines += ["", f"`{CARD_JSON}` lists these and the SHA-256 of this file.", ""]
     return "\n".join(lines)
+
+
+def _domain_ranges(domain: Mapping) -> str:
+    """Spacing, field of view (x, y, z) and whole-CT median HU ranges of a domain record, in words."""
+    def per_axis(key: str, digits: int) -> str:
+        rng = domain.get(key) or {}
+        if not rng.get("min"):
+            return "–"
+        return " x ".join(f"{lo:.{digits}f}–{hi:.{digits}f}" for lo, hi in zip(rng["min"], rng["max"]))
+
+    text = f"spacing {per_axis('spacing_mm', 2)} mm, field of view {per_axis('field_of_view_mm', 0)} mm (x, y, z)"
+    median = (domain.get("intensity_hu") or {}).get("p50")
+    if median:
+        text += f", median HU {median['min']:.0f}–{median['max']:.0f}"
+    return text
 
 
 _HEADLINE_METRICS = ("dice", "lesion_fbeta", "lesion_recall", "lesion_precision", "identification_rate", "fp")
