@@ -134,12 +134,11 @@ def sha256_file(path: str | Path) -> str:
 def _selected_models(stage: str, profile: str, ws: nnunet.Workspace) -> list[dict]:
     """The stage's models as inference uses them, with the cascade's previous stage added."""
     models = nnunet.trained_models(stage, profile, ws)
-    out = []
+    out = list(models)
     for model in models:
-        out.append(model)
         plans = read_json(Path(model["folder"]) / "plans.json", "nnU-Net plans")
         previous = plans.get("configurations", {}).get(model["configuration"], {}).get("previous_stage")
-        if previous:
+        if previous and not any(m["configuration"] == previous and m["trainer"] == model["trainer"] for m in out):
             folder = Path(model["folder"]).with_name(Path(model["folder"]).name.replace(model["configuration"], previous))
             out.append({**model, "folder": str(folder), "configuration": previous, "cascade_of": model["configuration"]})
     return out
@@ -165,7 +164,9 @@ def _nnunet_entries(ws: nnunet.Workspace, dataset: str, models: list[dict], scra
     how = []
     groups: dict[tuple[str, str, tuple], list[str]] = {}
     for model in models:
-        groups.setdefault((model["trainer"], _plans_of(model), tuple(model["folds"])), []).append(model["configuration"])
+        group = groups.setdefault((model["trainer"], _plans_of(model), tuple(model["folds"])), [])
+        if model["configuration"] not in group:
+            group.append(model["configuration"])
     for (trainer, plans, folds), configurations in groups.items():
         folders = [ws.results / dataset / f"{trainer}__{plans}__{c}" for c in configurations]
         if all(_validated(f, folds) for f in folders):
