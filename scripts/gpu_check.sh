@@ -23,6 +23,9 @@
 # nibabel graphviz imagecodecs yacs blosc2 ndindex numexpr pydantic pydantic-core annotated-types
 # typing-inspection slicerio pynrrd connected-components-3d (and h2/hpack/hyperframe for httpx[http2]).
 #
+# PROFILE=gpu_check_resenc_m (or _l) runs the same check with nnU-Net's residual-encoder preset M (or L):
+# nnUNetPlannerResEncM plans (nnUNetResEncUNetMPlans), everything else as gpu_check.
+#
 # Not yet run on a GPU (none was available when it was written). The same protocol runs on a CPU in CI
 # (profile smoke, tests/test_smoke.py); the dry run below checks this script's plumbing on a CPU (PROFILE=smoke
 # plans all four configurations on the small demo preset, where nnU-Net's default plans would drop 3d_lowres):
@@ -76,13 +79,14 @@ for stage in vertebrae metastases; do
 done
 t2=$(stamp)
 if [ "$BENCH" = 1 ]; then
-  "$PY" - "$WS" "$DEVICE" <<'EOF'
+  "$PY" - "$WS" "$DEVICE" "$PROFILE" <<'EOF'
 import sys
 from spinemets.paths import Workspace
+from spinemets.training.profiles import profile_plans
 from spinemets.training.programs import run_nnunet
 ws = Workspace(sys.argv[1])
 run_nnunet("nnUNetv2_train", ["501", "3d_fullres", "all", "-tr", "nnUNetTrainerBenchmark_5epochs_noDataLoading",
-           "-device", sys.argv[2]], ws)
+           "-p", profile_plans(sys.argv[3]), "-device", sys.argv[2]], ws)
 EOF
 fi
 t3=$(stamp)
@@ -103,7 +107,7 @@ from spinemets.evaluation import metrics
 
 from spinemets.paths import Workspace
 from spinemets.training import nnunet
-from spinemets.training.profiles import stage_plan
+from spinemets.training.profiles import profile_plans, stage_plan
 
 work = Path(sys.argv[1])
 t0, t1, t2, t3, t4 = map(float, sys.argv[2:7])
@@ -116,7 +120,7 @@ for stage in ("vertebrae", "metastases"):
     trained = {}
     for cfg in entry["configurations"]:
         for fold in entry["folds"]:
-            folder = ws.model_folder(stage, cfg, entry["trainer"]) / f"fold_{fold}"
+            folder = ws.model_folder(stage, cfg, entry["trainer"], plans=profile_plans(profile)) / f"fold_{fold}"
             if not (folder / nnunet.CHECKPOINT_FINAL).exists():
                 continue
             log = figures.read_logging(folder)

@@ -239,6 +239,39 @@ def test_archive_links_are_refused(tmp_path):
         unpack_archive(archive, tmp_path / "dest")
 
 
+def test_zip_entries_made_from_links_are_refused(tmp_path):
+    """A zip keeps a link's Unix mode in its entry's attributes; unpacking would write the link's target as
+    a file (Python's zipfile) or a link (other tools): refused, nothing written."""
+    import stat
+    import zipfile
+
+    archive = tmp_path / "links.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.txt", "a")
+        info = zipfile.ZipInfo("passwd")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(SpinemetsError, match="entry 'passwd' is a link or special file"):
+        unpack_archive(archive, dest)
+    assert list(dest.iterdir()) == []
+
+
+def test_archive_bombs_are_refused_before_unpacking(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", bytes(8 * 2**20))
+    with pytest.raises(SpinemetsError, match="archive bomb"):
+        fetch_mod.archive_entries(archive, max_bytes=2**30, max_ratio=50, max_entries=10)
+    with pytest.raises(SpinemetsError, match="archive bomb"):
+        fetch_mod.archive_entries(archive, max_bytes=2**20, max_ratio=10_000, max_entries=10)
+    assert fetch_mod.archive_entries(archive, max_bytes=2**30, max_ratio=10_000, max_entries=10) == \
+        [("zeros.bin", 8 * 2**20, False)]
+
+
 def test_truncated_archive(tmp_path):
     archive = tmp_path / "cut.zip"
     archive.write_bytes(FILES["cases.zip"][:40])

@@ -437,3 +437,41 @@ def test_smoke_run_went_through_slurm_jobs_and_wrote_the_tables_of_a_local_run(s
     # the same tables, with the same columns, as the local executor's run of the same notebooks (the ci run)
     on_slurm, local = table_shape(ws.root), table_shape(ci_run / "workspace" / "ci")
     assert on_slurm and {path: local.get(path) for path in on_slurm} == on_slurm
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's model travels (spinemets.training.sharing)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_smoke_model_travels_with_its_selection_and_postprocessing(smoke_run, tmp_path):
+    """The smoke run's archive is nnU-Net's own export of what the selection chose (its folds have their
+    final validation), with the selection's ``postprocessing.pkl`` and cross-validation result; installed in
+    a fresh folder, it predicts the held-out cases as the run's ``predict --profile smoke`` did."""
+    from spinemets.training import sharing
+
+    ws = workspace_of(smoke_run)
+    archive = sharing.export_model(tmp_path / "smoke.zip", profile="smoke", workspace=ws)
+    card = sharing.check_archive(archive)
+    for stage in STAGE_NAMES:
+        entry = card["stages"][stage]
+        assert all("nnU-Net's export_pretrained_model" in part for part in entry["export"].split("; ")), entry["export"]
+        selected = [m["configuration"] for m in nnunet.trained_models(stage, "smoke", ws)]
+        assert [m["configuration"] for m in entry["models"] if "cascade_of" not in m] == selected
+        post = nnunet.selected_postprocessing(stage, "smoke", ws)
+        assert entry["postprocessing"] and card["files"][entry["postprocessing"]]["sha256"] == sharing.sha256_file(post)
+        assert entry["cross_validation"]["foreground_mean_dice"] is not None
+    installed = sharing.install_model(archive, tmp_path / "models")
+    ran = json.loads((ws.predictions / "provenance.json").read_text())
+    out = tmp_path / "pred"
+    case = ws.held_out_cases("vertebrae")[0]  # one case: the ensemble and cascade of two folds take minutes per case
+    assert run_in(tmp_path, ["predict", "--input", str(ws.test_images("vertebrae") / f"{case}_0000.nii.gz"),
+                             "--out", str(out), "--model", str(installed), "--device", "cpu"]) == 0
+    mine = json.loads((out / "provenance.json").read_text())
+    for key in ("roi", "margin_mm", "near_mm", "tta", "min_lesion_ml", "min_vertebra_ml", "repair_order", "min_confidence"):
+        assert mine["parameters"][key] == ran["parameters"][key], key
+    for case in [case]:
+        for name in ("vertebrae.nii.gz", "metastases.nii.gz", "metastases_confidence.nii.gz"):
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(ws.predictions / case / name)))
+            b = sitk.GetArrayFromImage(sitk.ReadImage(str(out / case / name)))
+            assert np.array_equal(a, b), (case, name)

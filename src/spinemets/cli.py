@@ -139,8 +139,22 @@ def _cmd_predict(a):
     options = PredictOptions(roi=a.roi, min_lesion_ml=a.min_lesion_ml, min_vertebra_ml=a.min_vertebra_ml,
                              repair_order=a.repair_order, min_confidence=a.min_confidence)
     predict(input=a.input, out_dir=a.out, profile=a.profile, workspace=a.workspace,
-          device=a.device, options=options)
+          device=a.device, options=options, model=a.model)
     print(f"wrote {a.out}")
+
+
+def _cmd_export_model(a):
+    from spinemets.training.sharing import export_model
+
+    path = export_model(out=a.out, profile=a.profile, workspace=a.workspace, stages=a.stage,
+                        name=a.name, dataset=a.dataset, licence=a.licence)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def _cmd_install_model(a):
+    from spinemets.training.sharing import install_model
+
+    print(f"installed {install_model(archive=a.archive, models=a.models, name=a.name)}")
 
 
 def nnunet_options(**fields):
@@ -270,10 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="plan, preprocess and train stages with nnU-Net (training.nnunet.train; "
                                      "with --executor, as jobs: cluster.submit)")
     p.add_argument("--stage", required=True, nargs="+", choices=STAGE_NAMES)
-    p.add_argument("--profile", default="demo", help="training profile (spinemets.training.profiles.PROFILES): demo, ci, smoke, paper or gpu_check")
+    p.add_argument("--profile", default="demo", help="training profile (spinemets.training.profiles.PROFILES): demo, ci, smoke, paper, resenc_m, resenc_l (the paper's protocol with nnU-Net's residual-encoder presets) or gpu_check")
     p.add_argument("--configurations", nargs="+", default=None, help="nnU-Net configurations (default: the profile's)")
     p.add_argument("--folds", nargs="+", default=None, help="folds, e.g. 0 1 2 3 4 or all (default: the profile's)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the profile's")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
+                   help="default: the profile's (mps: Apple silicon's GPU, as nnU-Net's -device mps)")
     p.add_argument("--train-budget", type=float, default=None, metavar="MINUTES",
                    help="wall-clock minutes of training of both stages together, shared in the profile's "
                         "proportions (demo: 12 min vertebrae, 3 min lesions), for each configuration and fold "
@@ -296,7 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="demo")
     p.add_argument("--roi", choices=("none", "spine"), default="none",
                    help="lesion stage on the whole CT (none, as the paper) or on the spine's box (spine)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
+                   help="default: the profile's; with --model the best available (cuda, else mps, else cpu)")
+    p.add_argument("--model", type=Path, default=None, metavar="ARCHIVE_OR_FOLDER",
+                   help="an exported model (the archive of export-model, or a folder install-model wrote) instead "
+                        "of the profile's trained models; its card's inference settings replace the profile's")
     p.add_argument("--workspace", type=Path, default=None)
     p.add_argument("--min-lesion-ml", type=float, default=None,
                    help="clear predicted lesions smaller than this (mL), after giving a lesion's parts of the other "
@@ -310,6 +329,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clear predicted lesions whose confidence (the largest probability of its class over a "
                         "lesion's voxels) is below X (0-1); default: the profile's (0: none cleared)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export-model", help="one archive of a run's trained models with nnU-Net's export, the domain "
+                                            "records and a model card (training.sharing.export_model)")
+    p.add_argument("--out", required=True, type=Path, help="the archive to write (.zip)")
+    p.add_argument("--profile", default="demo", help="the training profile of the run")
+    p.add_argument("--workspace", type=Path, default=None, help="workspace folder (default: ./workspace)")
+    p.add_argument("--stage", nargs="+", choices=STAGE_NAMES, default=None, help="default: both")
+    p.add_argument("--name", default=None, help="the model's name (default: spinemets-PROFILE-STAGES)")
+    p.add_argument("--dataset", default=None, help="the training data for the card (required for real data), "
+                                                   "e.g. 'doi:10.5281/zenodo.13645871'")
+    p.add_argument("--licence", default=None, help="the training data's licence for the card (required for real data)")
+    p.set_defaults(func=_cmd_export_model)
+
+    p = sub.add_parser("install-model", help="check a model archive completely, then unpack it into the models "
+                                             "folder (training.sharing.install_model)")
+    p.add_argument("archive", type=Path)
+    p.add_argument("--models", type=Path, default=None,
+                   help="models folder (default: $SPINEMETS_MODELS, else ~/.local/share/spinemets/models)")
+    p.add_argument("--name", default=None, help="folder name (default: the card's name)")
+    p.set_defaults(func=_cmd_install_model)
 
     p = sub.add_parser("run", help="execute the notebooks of a profile with papermill and build the book (run.runner.run)")
     p.add_argument("--profile", default="demo", help="demo, ci, smoke, paper, or a path to a profile YAML")

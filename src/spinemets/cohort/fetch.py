@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tarfile
 import time
 import zipfile
@@ -420,7 +421,7 @@ def unpack_archive(archive: str | Path, dest: str | Path, protected: Iterable[st
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        _extract(archive, staging)
+        extract_into(archive, staging)
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):
             target = dest / path.relative_to(staging)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -436,7 +437,12 @@ def _archive_entries(archive: Path) -> list[tuple[str, int, bool]]:
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
-                entries = [(i.filename, i.file_size, i.is_dir()) for i in zf.infolist()]
+                infos = zf.infolist()
+            for i in infos:  # a zip entry made from a link keeps the link's mode in its Unix attributes
+                kind = stat.S_IFMT(i.external_attr >> 16)  # 0: no Unix type recorded (a plain file)
+                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                    raise SpinemetsError(f"{archive}: entry '{i.filename}' is a link or special file; refusing to unpack")
+            entries = [(i.filename, i.file_size, i.is_dir()) for i in infos]
         else:
             with tarfile.open(archive) as tf:
                 members = tf.getmembers()
@@ -451,7 +457,26 @@ def _archive_entries(archive: Path) -> list[tuple[str, int, bool]]:
     return entries
 
 
-def _extract(archive: Path, staging: Path) -> None:
+def archive_entries(archive: str | Path, max_bytes: int, max_ratio: float, max_entries: int) -> list[tuple[str, int, bool]]:
+    """(name, size, is_dir) of each entry of an archive, checked as :func:`unpack_archive` checks them
+    (names that leave the folder, links, special files), and refused as a bomb when it holds more than
+    ``max_entries`` entries or declares more than ``max_bytes`` bytes, or more than ``max_ratio`` times its
+    own size. Nothing is written. (Python's zip reader never writes more than an entry declares.)"""
+    archive = Path(archive)
+    entries = _archive_entries(archive)
+    total = sum(size for _, size, _ in entries)
+    if len(entries) > max_entries:
+        raise SpinemetsError(f"{archive}: {len(entries)} entries (at most {max_entries}); refusing to unpack")
+    if total > max_bytes or total > max_ratio * max(archive.stat().st_size, 1):
+        raise SpinemetsError(f"{archive}: would unpack to {total} bytes from {archive.stat().st_size} "
+                             f"(at most {max_bytes} bytes and {max_ratio:g} times its size): an archive bomb or not "
+                             "this kind of archive; refusing to unpack")
+    return entries
+
+
+def extract_into(archive: Path, staging: Path) -> None:
+    """Unpack ``archive`` into ``staging``: call it only on an archive whose entries :func:`archive_entries`
+    (or :func:`unpack_archive`) has checked."""
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:

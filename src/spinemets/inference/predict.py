@@ -269,12 +269,19 @@ class _Stage:
     ``nnUNetv2_apply_postprocessing`` would.
     """
 
-    def __init__(self, stage: str, profile: str, workspace, device: str, tta: bool, threads: int | None = None):
-        self.models = nnunet.trained_models(stage, profile, workspace)
+    def __init__(self, stage: str, profile: str, workspace, device: str, tta: bool, threads: int | None = None,
+                 model=None):
+        self.name = stage
         ws = self.workspace = workspace_of(workspace)
-        #: What the model was trained on (:mod:`spinemets.domain`), for the domain check of each input.
-        self.domain = domain_mod.training_domain(self.models[0]["folder"], ws.raw / ws.dataset_name(stage))
-        self.postprocessing = nnunet.selected_postprocessing(stage, profile, workspace)
+        if model is not None:  # a shared model (spinemets.training.sharing.Model): its card names the models
+            self.models = model.stage_models(stage)
+            self.domain = domain_mod.training_domain(self.models[0]["folder"])
+            self.postprocessing = model.postprocessing(stage)
+        else:
+            self.models = nnunet.trained_models(stage, profile, workspace)
+            #: What the model was trained on (:mod:`spinemets.domain`), for the domain check of each input.
+            self.domain = domain_mod.training_domain(self.models[0]["folder"], ws.raw / ws.dataset_name(stage))
+            self.postprocessing = nnunet.selected_postprocessing(stage, profile, workspace)
         self.members = []
         for model in self.models:
             predictor = nnunet.load_predictor(model, device=device, tta=tta, workspace=workspace, threads=threads)
@@ -374,11 +381,12 @@ class PredictOptions:
     repair_order: bool | None = None
     min_confidence: float | None = None
 
-    def resolved(self, profile: str) -> "PredictOptions":
-        """These options with the profile's values in place of ``None``, checked."""
+    def resolved(self, profile) -> "PredictOptions":
+        """These options with the profile's values in place of ``None``, checked. ``profile``: a training
+        profile's name, or its entries (a shared model's inference settings)."""
         if self.roi not in ROI_MODES:
             raise unknown_choice("roi mode", self.roi, ROI_MODES, "--roi")
-        prof = get_profile(profile)
+        prof = profile if isinstance(profile, dict) else get_profile(profile)
         out = replace(
             self,
             min_lesion_ml=float(prof.get("min_lesion_ml", 0.0) if self.min_lesion_ml is None else self.min_lesion_ml),
@@ -395,7 +403,7 @@ class PredictOptions:
 
 
 def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profile: str = "demo", workspace=None,
-            device: str | None = None, options: PredictOptions | None = None) -> list[dict]:
+            device: str | None = None, options: PredictOptions | None = None, model=None) -> list[dict]:
     """Two-stage prediction, localization and partial SINS for one CT or a folder (or a list of
     them, :func:`find_inputs`); return the cohort's lesion rows.
 
@@ -403,9 +411,17 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
     defaults to the profile's; ``options`` (:class:`PredictOptions`) say how the stages run and
     what is cleaned up. Every input is read and checked, and the options resolved, before any
     model is loaded. The numbers removed and relabelled per case are in the provenance.
+    ``model``: an exported model (an archive or an installed folder, :mod:`spinemets.training.sharing`)
+    instead of the profile's trained models; its card's inference settings replace the profile's,
+    its domain records are checked against, and the device defaults to the best one available.
     """
-    opts = (options or PredictOptions()).resolved(profile)
-    prof = get_profile(profile)
+    shared = None
+    if model is not None:
+        from spinemets.training.sharing import open_model
+
+        shared = open_model(model)
+    opts = (options or PredictOptions()).resolved(shared.settings() if shared else profile)
+    prof = shared.settings() if shared else get_profile(profile)
     cases = find_inputs(input)
     out_dir = check_output_dir(out_dir, "prediction folder")
     for item in input if isinstance(input, (list, tuple)) else [input]:
@@ -414,10 +430,10 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
             raise SpinemetsError(f"{out_dir}: prediction folder lies inside the input folder {item}; "
                                  "write predictions elsewhere (they would sit beside, or replace, source files)")
     check_inputs(cases)
-    device = device or prof["device"]
+    device = device or prof.get("device") or nnunet.best_device()
     started = time.perf_counter()
-    stages = (_Stage("vertebrae", profile, workspace, device, opts.tta, opts.threads),
-              _Stage("metastases", profile, workspace, device, opts.tta, opts.threads))
+    stages = (_Stage("vertebrae", profile, workspace, device, opts.tta, opts.threads, shared),
+              _Stage("metastases", profile, workspace, device, opts.tta, opts.threads, shared))
     all_lesions, all_vertebrae, timings, notes, reports, dicom_outputs = [], [], {}, {}, {}, {}
     records = {stage: getattr(model, "domain", None) for stage, model in zip(("vertebrae", "metastases"), stages)}
     for case, path in tqdm(cases.items(), desc="predict", unit="case"):
@@ -434,10 +450,8 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
     write_csv(out_dir / "lesions.csv", all_lesions, LESION_COLUMNS)
     write_csv(out_dir / "vertebrae.csv", all_vertebrae, VERTEBRA_COLUMNS)
     write_json(out_dir / "provenance.json", _provenance(
-        locals_={"input": [str(i) for i in input] if isinstance(input, (list, tuple)) else str(input), "out_dir": str(out_dir), "profile": profile, "device": device, **asdict(opts)},
-        models={"vertebrae": stages[0].models, "metastases": stages[1].models},
-        postprocessing={"vertebrae": stages[0].postprocessing, "metastases": stages[1].postprocessing},
-        timings=timings, notes=notes, seconds=time.perf_counter() - started,
+        locals_={"input": [str(i) for i in input] if isinstance(input, (list, tuple)) else str(input), "out_dir": str(out_dir), "profile": None if shared else profile, "device": device, **asdict(opts)},
+        shared_model=shared.record() if shared else None, stages=stages, timings=timings, notes=notes, seconds=time.perf_counter() - started,
         domain={"training": domain_mod.summary(records), "cases": reports}, dicom_outputs=dicom_outputs))
     outside = [case for case, report in reports.items() if not report["in_domain"]]
     if outside:
@@ -579,13 +593,15 @@ def _lesion_stage(stage, array: np.ndarray, spacing: Sequence[float]) -> tuple[n
     return with_probabilities(array, spacing)
 
 
-def _provenance(locals_: dict, models: dict, postprocessing: dict, timings: dict, notes: dict, seconds: float,
-                domain: dict, dicom_outputs: dict | None = None) -> dict:
+def _provenance(locals_: dict, stages: Sequence["_Stage"], timings: dict, notes: dict, seconds: float,
+                domain: dict, dicom_outputs: dict | None = None, shared_model: dict | None = None) -> dict:
     return provenance(
         "spinemets.inference.predict.predict",
         parameters=locals_,
-        models=models,
-        nnunet_postprocessing={stage: str(path) if path else None for stage, path in postprocessing.items()},
+        shared_model=shared_model,
+        models={stage.name: stage.models for stage in stages},
+        nnunet_postprocessing={stage.name: str(stage.postprocessing) if stage.postprocessing else None
+                               for stage in stages},
         partial_sins=PARTIAL_SINS_LABEL,
         notes=notes,
         timings_s=timings,

@@ -26,7 +26,7 @@ from spinemets import labels as labels_mod
 from spinemets.errors import SpinemetsError
 from spinemets.training.nnunet import CHECKPOINTS
 from spinemets.paths import workspace_of
-from spinemets.training.profiles import stage_plan
+from spinemets.training.profiles import profile_plans, stage_plan
 
 #: The CT display window of every figure (HU): bone and soft tissue both readable.
 CT_WINDOW = {"cmap": "gray", "vmin": -250, "vmax": 1250}
@@ -62,7 +62,8 @@ def _fold_folders(stage: str, workspace, profile: str | None) -> list[Path]:
     base = ws.results / ws.dataset_name(stage)
     if profile is not None:
         entry = stage_plan(stage, profile)
-        models = [ws.model_folder(stage, c, entry["trainer"]) for c in entry["configurations"]]
+        models = [ws.model_folder(stage, c, entry["trainer"], plans=profile_plans(profile))
+                  for c in entry["configurations"]]
     else:
         models = sorted(p for p in base.glob("*__*__*") if p.is_dir())
     folds = [f for m in models for f in sorted(m.glob("fold_*")) if any((f / c).exists() for c in CHECKPOINTS)]

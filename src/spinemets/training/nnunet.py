@@ -33,7 +33,7 @@ from spinemets.errors import SpinemetsError
 from spinemets.fileio import read_json, write_json
 from spinemets.errors import one_line
 from spinemets.paths import PLANS, Workspace, workspace_of
-from spinemets.training.profiles import get_profile, stage_plan
+from spinemets.training.profiles import get_profile, profile_plans, stage_plan
 from spinemets.training.programs import captured_output, children_cpu_seconds, cpu_environment, in_notebook, log_block, \
     run_nnunet, tool_output
 
@@ -135,10 +135,13 @@ def plan_and_preprocess(stage: str, profile: str = "demo", configurations: Seque
     name = ws.dataset_name(stage, dataset_id)
     if not (ws.raw / name / "dataset.json").exists():
         raise SpinemetsError(f"{ws.raw / name}: raw dataset not found; import it first (spinemets import --stage {stage})")
-    plans_file = ws.plans_file(stage, dataset_id)
+    plans_name = profile_plans(profile)
+    plans_file = ws.plans_file(stage, dataset_id, plans_name)
     if force or not plans_file.exists():
         prof = get_profile(profile)
         planner = []  # the profile's inputs to nnU-Net's planner, where they differ from nnU-Net's defaults
+        if prof.get("planner"):
+            planner += ["-pl", prof["planner"]]
         if prof["gpu_memory_target_gb"]:
             planner += ["-gpu_memory_target", str(prof["gpu_memory_target_gb"])]
         if prof["target_spacing"]:
@@ -169,7 +172,7 @@ def plan_and_preprocess(stage: str, profile: str = "demo", configurations: Seque
         if force or not (ws.preprocessed / name / ident).is_dir():
             todo.setdefault(ident, cfg)
     if todo:
-        run_nnunet("nnUNetv2_preprocess", ["-d", name.split("_")[0][7:], "-c", *todo.values(),
+        run_nnunet("nnUNetv2_preprocess", ["-d", name.split("_")[0][7:], "-c", *todo.values(), "-plans_name", plans_name,
                                            "-np", *[str(processes)] * len(todo)], ws)
     return usable
 
@@ -235,10 +238,10 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     prof = get_profile(profile)
     entry = stage_plan(stage, profile)
     trainer = trainer or entry["trainer"]
+    plans_name = profile_plans(profile)
     folds = [parse_fold(f) for f in (folds or entry["folds"])]
     device = device or prof["device"]
-    if device not in ("cpu", "cuda"):
-        raise SpinemetsError(f"device must be cpu or cuda, not {device!r}")
+    check_device(device)
     if int(num_gpus) < 1 or (int(num_gpus) > 1 and device != "cuda"):
         raise SpinemetsError(f"num_gpus {num_gpus}: must be 1, or more with device cuda")
     find_best = prof["find_best"] if find_best is None else find_best
@@ -263,11 +266,11 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     trained = False
     for cfg in tqdm(usable, desc=f"{stage}: configurations", unit="config"):
         for fold in tqdm(folds, desc=f"{stage} {cfg}: folds", unit="fold", leave=False):
-            out = ws.model_folder(stage, cfg, trainer, dataset_id) / f"fold_{fold}"
+            out = ws.model_folder(stage, cfg, trainer, dataset_id, plans_name) / f"fold_{fold}"
             if (out / CHECKPOINT_FINAL).exists():
                 log.info("%s: already trained, skipped", out)
                 continue
-            args = [name.split("_")[0][7:], cfg, _fold_arg(fold), "-tr", trainer, "-p", PLANS, "-device", device]
+            args = [name.split("_")[0][7:], cfg, _fold_arg(fold), "-tr", trainer, "-p", plans_name, "-device", device]
             if any((out / f).exists() for f in (CHECKPOINT_LATEST, CHECKPOINT_BEST)):
                 args.append("--c")
             if npz:
@@ -278,7 +281,7 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
             trained = True
             if tool_output() == "log" and in_notebook():
                 log_block(log_file, f"nnUNetv2_train {cfg} fold {fold}")
-    records = training_records(stage, usable, folds, trainer, ws, dataset_id)
+    records = training_records(stage, usable, folds, trainer, ws, dataset_id, plans_name)
     if budget and not records:
         log.warning("%s: trainer %s keeps no training record, so it did not train for the %g s budget "
                     "(only the project's trainers do); it trained for its own number of iterations",
@@ -287,16 +290,16 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
                "train_cpu_s": round(children_cpu_seconds() - cpu0, 1)}
     built: dict = {}  # one dataset, one fingerprint: its raw CTs are read once for all configurations
     for cfg in usable:  # what each model was trained on, for the domain check of inference
-        domain.write_record(ws.model_folder(stage, cfg, trainer, dataset_id), ws.raw / name, built)
+        domain.write_record(ws.model_folder(stage, cfg, trainer, dataset_id, plans_name), ws.raw / name, built)
     best = None
     if find_best:
         best = None if trained else _previous_selection(ws.results / name, usable, folds, trainer)
         if best is None:
-            best = find_best_configuration(stage, usable, folds, trainer, ws, dataset_id, env)
+            best = find_best_configuration(stage, usable, folds, trainer, ws, dataset_id, env, plans_name)
         else:
             log.info("%s: every fold was trained before and the selection for them exists; reused", name)
-    return {"dataset": name, "trainer": trainer, "plans": PLANS, "configurations": usable, "folds": folds,
-            "model_folders": {cfg: str(ws.model_folder(stage, cfg, trainer, dataset_id)) for cfg in usable},
+    return {"dataset": name, "trainer": trainer, "plans": plans_name, "configurations": usable, "folds": folds,
+            "model_folders": {cfg: str(ws.model_folder(stage, cfg, trainer, dataset_id, plans_name)) for cfg in usable},
             "best": best, "budget_s": float(budget) if budget and records else None,
             "training": records, **seconds}
 
@@ -311,14 +314,15 @@ def training_table(records: Mapping[str, Mapping]) -> list[dict]:
 
 
 def training_records(stage: str, configurations: Sequence[str], folds: Sequence[int | str], trainer: str,
-                     workspace: Workspace | str | Path | None = None, dataset_id: int | None = None) -> dict:
+                     workspace: Workspace | str | Path | None = None, dataset_id: int | None = None,
+                     plans: str = PLANS) -> dict:
     """What each fold's training reached (``spinemets_training.json`` of the project's trainers):
     ``{"configuration/fold_F": record}``; folds trained by other trainers are left out."""
     ws = workspace_of(workspace)
     out = {}
     for cfg in configurations:
         for fold in folds:
-            path = ws.model_folder(stage, cfg, trainer, dataset_id) / f"fold_{fold}" / TRAINING_RECORD
+            path = ws.model_folder(stage, cfg, trainer, dataset_id, plans) / f"fold_{fold}" / TRAINING_RECORD
             if path.is_file():
                 out[f"{cfg}/fold_{fold}"] = read_json(path, "training record")
     return out
@@ -375,7 +379,7 @@ SELECTION_RECORD = "spinemets_selection.json"
 
 def find_best_configuration(stage: str, configurations: Sequence[str], folds: Sequence[int | str], trainer: str,
                             workspace: Workspace | str | Path | None = None, dataset_id: int | None = None,
-                            env: Mapping[str, str] | None = None) -> dict:
+                            env: Mapping[str, str] | None = None, plans: str = PLANS) -> dict:
     """Run ``nnUNetv2_find_best_configuration`` (cross-validation Dice of each configuration and of
     the ensembles of two) and return its ``inference_information.json``. ``env``: extra environment
     variables for the program (:func:`train` passes its CPU settings, among them the number of
@@ -387,7 +391,7 @@ def find_best_configuration(stage: str, configurations: Sequence[str], folds: Se
     ws = workspace_of(workspace)
     name = ws.dataset_name(stage, dataset_id)
     run_nnunet("nnUNetv2_find_best_configuration",
-               [name.split("_")[0][7:], "-c", *configurations, "-tr", trainer, "-p", PLANS,
+               [name.split("_")[0][7:], "-c", *configurations, "-tr", trainer, "-p", plans,
                 "-f", *map(str, folds)], ws, env=env)
     info = ws.results / name / "inference_information.json"
     if not info.exists():
@@ -428,19 +432,20 @@ def trained_models(stage: str, profile: str, workspace: Workspace | str | Path |
     ws = workspace_of(workspace)
     entry = stage_plan(stage, profile)
     trainer = entry["trainer"]
+    plans = profile_plans(profile)
     _, best = _selected(stage, profile, ws, dataset_id)
     chosen = [(model["configuration"], model["trainer"]) for model in best.get("selected_model_or_models", [])]
     if not chosen:
-        cfgs = [c for c in entry["configurations"] if (ws.model_folder(stage, c, trainer, dataset_id)).is_dir()]
+        cfgs = [c for c in entry["configurations"] if (ws.model_folder(stage, c, trainer, dataset_id, plans)).is_dir()]
         preferred = [c for c in ("3d_fullres", *entry["configurations"]) if c in cfgs]
         if not preferred:
-            first = ws.model_folder(stage, entry["configurations"][0], trainer, dataset_id)
+            first = ws.model_folder(stage, entry["configurations"][0], trainer, dataset_id, plans)
             raise SpinemetsError(f"{first}: no trained {stage} model of profile {profile!r}; "
                                  f"train it first (spinemets train --stage {stage} --profile {profile})")
         chosen = [(preferred[0], trainer)]
     models = []
     for cfg, tr in chosen:
-        folder = ws.model_folder(stage, cfg, tr, dataset_id)
+        folder = ws.model_folder(stage, cfg, tr, dataset_id, plans)
         folds = sorted(p.name[5:] for p in folder.glob("fold_*")
                        if (p / CHECKPOINT_FINAL).exists() or (p / CHECKPOINT_BEST).exists())
         if not folds:
@@ -499,6 +504,41 @@ def apply_postprocessing(segmentation: np.ndarray, postprocessing_file: str | Pa
     return nnunet_apply(segmentation, functions, kwargs)
 
 
+#: The devices nnU-Net runs on (its ``-device``): the CPU, a CUDA GPU, Apple silicon's GPU (``mps``).
+DEVICES = ("cpu", "cuda", "mps")
+
+
+def _mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def best_device() -> str:
+    """``cuda`` where a CUDA GPU is, else ``mps`` where Apple silicon's GPU is, else ``cpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if _mps_available() else "cpu"
+
+
+def check_device(device: str, available: bool = False) -> str:
+    """Refuse a device nnU-Net does not run on; with ``available``, also one this machine does not have."""
+    if device not in DEVICES:
+        raise SpinemetsError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if available and device != "cpu":
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SpinemetsError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+        if device == "mps" and not _mps_available():
+            raise SpinemetsError("device 'mps' requested but PyTorch finds no Apple-silicon GPU (MPS) here; "
+                                 "use --device cpu")
+    return device
+
+
 def load_predictor(model: Mapping, device: str = "cpu", tta: bool = False, workspace: Workspace | str | Path | None = None,
                    threads: int | None = None):
     """nnU-Net's three-step predictor: construct, initialise from the model folder; ready for ``predict_*``.
@@ -509,8 +549,7 @@ def load_predictor(model: Mapping, device: str = "cpu", tta: bool = False, works
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SpinemetsError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    check_device(device, available=True)
     if threads:
         torch.set_num_threads(threads)
     folder = Path(model["folder"])

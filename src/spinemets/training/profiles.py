@@ -42,6 +42,7 @@ from typing import Mapping
 
 from spinemets import labels as labels_mod
 from spinemets.errors import SpinemetsError, unknown_choice
+from spinemets.paths import PLANS
 
 PAPER_CONFIGURATIONS = ("2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres")
 _STRIDES_5 = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 1, 1]]
@@ -199,6 +200,26 @@ PROFILES: dict[str, dict] = {
                    omp_wait_policy="PASSIVE",  # tests and SLURM jobs may train side by side
                    resources=_each_kind(time_min=20, mem_gb=4, cpus_per_task=1)),
 }
+
+#: nnU-Net's residual-encoder presets (Isensee et al., "nnU-Net Revisited", MICCAI 2024), recommended by
+#: nnU-Net's authors since 2024 over the original plans the paper used: size -> (planner, plans name).
+#: ``nnUNetv2_plan_and_preprocess -pl PLANNER`` writes ``PLANS.json``; training and inference name it.
+RESENC_PRESETS = {"m": ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
+                  "l": ("nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans")}
+for _size, (_planner, _plans) in RESENC_PRESETS.items():
+    # the paper's protocol (and the GPU check's) with the residual-encoder preset: only the planner differs
+    PROFILES[f"resenc_{_size}"] = _derived(
+        _PAPER, planner=_planner, plans=_plans,
+        description=f"the paper's protocol planned with nnU-Net's residual-encoder preset {_size.upper()} "
+                    f"({_planner}, plans {_plans})")
+    PROFILES[f"gpu_check_resenc_{_size}"] = _derived(
+        PROFILES["gpu_check"], planner=_planner, plans=_plans,
+        description=f"scripts/gpu_check.sh with nnU-Net's residual-encoder preset {_size.upper()} ({_planner})")
+
+
+def profile_plans(profile: str) -> str:
+    """The nnU-Net plans a profile trains with: ``nnUNetPlans``, or the residual-encoder preset's."""
+    return get_profile(profile).get("plans") or PLANS
 
 
 def stage_budget(stage: str, profile: str, total_min: float | None = None) -> float | None:
