@@ -8,7 +8,7 @@ Python process (start-up and imports included), the best of ``--repeats``:
 * ``floor``: importing SimpleITK and reading the two files into arrays, nothing else;
 * ``evaluate``: ``python -m spinemets.cli evaluate --ref ... --pred ... --stage STAGE --out ...``:
   reading and checking both files, every metric of the stage, and writing the tables (and, for the
-  metastases, the detection tables and ``froc.png``).
+  metastases, the detection tables; ``froc.png`` is drawn only with ``--plot``, not timed here).
 
 The goal is ``evaluate`` at most 1.5 x ``floor`` on both stages. ``--before SRC`` times the same
 command with the package of another source tree (e.g. a checkout of an earlier commit's ``src``)

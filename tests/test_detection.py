@@ -162,9 +162,23 @@ def _folders(tmp_path, cases=None, with_maps=True):
     return tmp_path / "ref", tmp_path / "pred"
 
 
+def test_evaluate_command_draws_the_curve_when_asked(tmp_path, capsys):
+    from spinemets import cli
+
+    ref, pred = _folders(tmp_path)
+    for plot, out in ((False, "tables"), (True, "plotted")):
+        args = ["evaluate", "--ref", str(ref), "--pred", str(pred), "--stage", "metastases", "--out", str(tmp_path / out)]
+        assert cli.main(args + (["--plot"] if plot else [])) == 0
+        assert (tmp_path / out / "froc.csv").is_file()
+        assert (tmp_path / out / evaluate.FROC_PLOT).exists() == plot
+        assert ("froc.png" in capsys.readouterr().out) == plot
+
+
 def test_evaluate_writes_the_detection_tables(tmp_path):
     ref, pred = _folders(tmp_path)
-    doc = evaluate.evaluate_folders(ref, pred, "metastases", tmp_path / "out")
+    evaluate.evaluate_folders(ref, pred, "metastases", tmp_path / "tables")
+    assert not (tmp_path / "tables" / evaluate.FROC_PLOT).exists()  # drawn only when asked for
+    doc = evaluate.evaluate_folders(ref, pred, "metastases", tmp_path / "out", plot=True)
     with open(tmp_path / "out" / "froc.csv", newline="") as fh:
         froc = list(csv.DictReader(fh))
     assert list(froc[0]) == det.FROC_FIELDS

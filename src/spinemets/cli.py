@@ -67,11 +67,11 @@ def _cmd_evaluate(a):
     from spinemets.evaluation.metrics import ScoringOptions
 
     evaluate_folders(ref_dir=a.ref, pred_dir=a.pred, stage=a.stage, out_dir=a.out,
-                     options=ScoringOptions(beta=a.beta, match=a.match), jobs=a.jobs)
+                     options=ScoringOptions(beta=a.beta, match=a.match), jobs=a.jobs, plot=a.plot)
     print(f"wrote {Path(a.out) / 'summary.csv'}")
     if a.stage == "metastases":
         print(f"wrote {Path(a.out) / 'froc.csv'} and the other detection tables (froc_summary.csv, lesion_bands.csv, "
-              "patients.csv, froc.png)")
+              f"patients.csv{', froc.png' if a.plot else ''})")
 
 
 #: The job options of ``train`` and ``run``: flag -> field of :class:`spinemets.run.cluster.JobOptions`.
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match", choices=MATCH_RULES, default="iou",
                    help=f"lesion matching: IoU > {IOU_THRESHOLD} (default) or any overlap")
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--plot", action="store_true",
+                   help="lesion stage: also draw the FROC curve as froc.png (matplotlib: about half a second more)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("train", help="plan, preprocess and train stages with nnU-Net (training.nnunet.train; "

@@ -27,8 +27,6 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-import yaml
-
 from spinemets.errors import SpinemetsError, unknown_choice
 
 VERTEBRAE: tuple[str, ...] = (
@@ -153,6 +151,8 @@ def read_mapping_file(path: str | Path) -> dict[str | int, str | None]:
 
 
 def _read_yaml_mapping(path: str | Path):
+    import yaml  # here: the commands that read no mapping (evaluate, predict) do not pay its import
+
     from spinemets.fileio import require_file
     from spinemets.errors import one_line
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,6 @@ def read_label_pair(ref_path: str | Path, pred_path: str | Path, stage: str):
     cropped by 3D Slicer) go on the smallest grid that holds both.
     """
     from spinemets.formats.images import check_same_geometry, read_image
-    from spinemets.formats.slicer import labelmap_from_segmentation, read_slicer_segmentation, segmentation_grid
 
     ref_seg, pred_seg = is_segmentation_file(ref_path), is_segmentation_file(pred_path)
     if not ref_seg and not pred_seg:
@@ -109,6 +109,8 @@ def read_label_pair(ref_path: str | Path, pred_path: str | Path, stage: str):
         pred_image = read_image(pred_path, what="prediction label map")
         check_same_geometry(ref_image, pred_image, ref_path, pred_path)
         return ref_image, pred_image
+    from spinemets.formats.slicer import labelmap_from_segmentation, read_slicer_segmentation, segmentation_grid
+
     if ref_seg and pred_seg:
         ref_dict, pred_dict = read_slicer_segmentation(ref_path), read_slicer_segmentation(pred_path)
         grid = segmentation_grid(ref_dict, pred_dict, ref_path, pred_path)
@@ -271,17 +273,32 @@ def bootstrap_ci(values, n_boot: int = N_BOOTSTRAP, seed: int = SEED,
     NaN values stay in the resamples and are skipped by each replicate's mean (replicates of only
     NaN are dropped). Returns (NaN, NaN) when no value is finite.
     """
+    low, high = bootstrap_cis(np.asarray(values, dtype=float)[None, :], n_boot, seed, level)
+    return float(low[0]), float(high[0])
+
+
+def bootstrap_cis(values: np.ndarray, n_boot: int = N_BOOTSTRAP, seed: int = SEED,
+                  level: float = BOOTSTRAP_LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bootstrap_ci` of each row of ``values`` (metrics x cases), with the same resamples of
+    cases for every row: the indices are drawn once for a whole table."""
     values = np.asarray(values, dtype=float)
-    if not np.isfinite(values).any():
-        return math.nan, math.nan
     rng = np.random.default_rng(seed)
-    samples = values[rng.integers(0, values.size, size=(n_boot, values.size))]
-    finite = np.isfinite(samples)
-    n = finite.sum(axis=1)
-    means = np.where(finite, samples, 0.0).sum(axis=1)[n > 0] / n[n > 0]
+    idx = rng.integers(0, values.shape[1], size=(n_boot, values.shape[1]))
     alpha = (1 - level) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
+    low, high = np.full(len(values), math.nan), np.full(len(values), math.nan)
+    complete = np.isfinite(values).all(axis=1)
+    if complete.any():  # no NaN: each replicate's mean is a weighted sum (cases by their draw counts)
+        draws = np.zeros((n_boot, values.shape[1]))
+        np.add.at(draws, (np.repeat(np.arange(n_boot), values.shape[1]), idx.ravel()), 1.0)
+        means = values[complete] @ draws.T / values.shape[1]
+        low[complete], high[complete] = np.quantile(means, [alpha, 1 - alpha], axis=1)
+    for row in np.flatnonzero(np.isfinite(values).any(axis=1) & ~complete):
+        samples = values[row][idx]
+        finite = np.isfinite(samples)
+        n = finite.sum(axis=1)
+        means = np.where(finite, samples, 0.0).sum(axis=1)[n > 0] / n[n > 0]
+        low[row], high[row] = np.quantile(means, [alpha, 1 - alpha])
+    return low, high
 
 
 def _pooled(per_case: dict[str, dict], cls: str, stage: str, beta: float, n_boot: int, seed: int) -> dict:
@@ -335,20 +352,20 @@ def summarize(
     if not per_case:
         raise SpinemetsError("no cases to summarize")
     classes = list(next(iter(per_case.values())))
-    mean: dict[str, dict] = {}
-    for cls in classes:
-        mean[cls] = {}
-        for key in next(iter(per_case.values()))[cls]:
-            values = np.array([per_case[c][cls][key] for c in per_case], dtype=float)
-            finite = np.isfinite(values)
-            low, high = bootstrap_ci(values, n_boot, seed)
-            mean[cls][key] = {
-                "value": float(values[finite].mean()) if finite.any() else math.nan,
-                "ci_low": low,
-                "ci_high": high,
-                "n": int(finite.sum()),
-                "n_nan": int((~finite).sum()),
-            }
+    first = next(iter(per_case.values()))
+    keys = [(cls, key) for cls in classes for key in first[cls]]
+    table = np.array([[per_case[c][cls][key] for c in per_case] for cls, key in keys], dtype=float)
+    lows, highs = bootstrap_cis(table, n_boot, seed)
+    mean: dict[str, dict] = {cls: {} for cls in classes}
+    for (cls, key), values, low, high in zip(keys, table, lows, highs):
+        finite = np.isfinite(values)
+        mean[cls][key] = {
+            "value": float(values[finite].mean()) if finite.any() else math.nan,
+            "ci_low": float(low),
+            "ci_high": float(high),
+            "n": int(finite.sum()),
+            "n_nan": int((~finite).sum()),
+        }
     pooled = {cls: _pooled(per_case, cls, stage, beta, n_boot, seed) for cls in classes if cls != "all"}
     if stage == "vertebrae":
         ids = np.array([[per_case[c][v]["identified"] for v in classes if v != "all"] for c in per_case], float)
@@ -419,9 +436,18 @@ def _evaluate_one(item):
     return case, (evaluate_pair(ref_path, pred_path, stage, beta, match, connectivity, companion), None)
 
 
-def _run_cases(items: list[tuple], jobs: int) -> dict[str, dict]:
-    from tqdm.auto import tqdm
+def _progress_bar():
+    """tqdm's notebook bar where IPython runs (a notebook has imported it), else the terminal's bar,
+    without the import of asyncio and the widgets that ``tqdm.auto`` costs a command."""
+    if "IPython" in sys.modules:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm.std import tqdm
+    return tqdm
 
+
+def _run_cases(items: list[tuple], jobs: int) -> dict[str, dict]:
+    tqdm = _progress_bar()
     results: dict[str, dict] = {}
     with tqdm(total=len(items), desc="evaluate", unit="case") as bar:
         if jobs <= 1 or len(items) <= 1:
@@ -456,7 +482,7 @@ def _json_clean(obj):
 
 
 def evaluate_folders(ref_dir, pred_dir, stage, out_dir, options: ScoringOptions | None = None, jobs: int = 1, *,
-                     cases=None) -> dict:
+                     cases=None, plot: bool = False) -> dict:
     """Evaluate every case of a prediction folder against a reference folder; write the tables.
 
     Files are paired by case ID (file name without ``.nii.gz``, ``.nii``, ``.nrrd``, ``.seg.nrrd``
@@ -470,8 +496,9 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, options: ScoringOptions 
     * ``summary.csv``: ``class, metric, aggregate (mean|pooled), value, ci_low, ci_high, n, n_nan``;
     * ``summary.json``: the same aggregates with the settings and the list of cases (NaN -> null);
     * for the lesion stage, the detection tables of :mod:`spinemets.evaluation.detection` (:data:`DETECTION_FILES`):
-      ``froc.csv``, ``froc_summary.csv``, ``lesion_bands.csv``, ``patients.csv`` and the plot
-      ``froc.png``, from the detection map (``metastases_confidence.nii.gz``) and the vertebra map
+      ``froc.csv``, ``froc_summary.csv``, ``lesion_bands.csv`` and ``patients.csv`` (with ``plot``,
+      also the curve drawn as ``froc.png``: matplotlib's import and drawing cost about as much as
+      reading a case, so it is asked for; the notebooks and the book draw it from ``froc.csv``), from the detection map (``metastases_confidence.nii.gz``) and the vertebra map
       (``vertebrae.nii.gz``) beside each prediction of ``spinemets predict``'s layout, where present
       (their summary also goes into ``summary.json`` under ``detection``).
 
@@ -496,7 +523,7 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, options: ScoringOptions 
     out_dir = Path(out_dir)
     names = ["per_case.csv", "summary.csv", "summary.json"]
     if stage == "metastases":
-        names += list(DETECTION_FILES)
+        names += list(DETECTION_FILES) + ([FROC_PLOT] if plot else [])
     targets = [out_dir / name for name in names]
     check_output_dir(out_dir)
     for target in targets:
@@ -535,12 +562,14 @@ def evaluate_folders(ref_dir, pred_dir, stage, out_dir, options: ScoringOptions 
         write_csv(temps[1], summary_rows(summary), SUMMARY_FIELDS)
         write_json(temps[2], document)
         if tables is not None:
-            _write_detection_tables(tables, temps[3:])
+            _write_detection_tables(tables, temps[3:7], temps[7] if plot else None)
     return document
 
 
 #: The detection tables of the lesion stage (:mod:`spinemets.evaluation.detection`), in the order written.
-DETECTION_FILES: tuple[str, ...] = ("froc.csv", "froc_summary.csv", "lesion_bands.csv", "patients.csv", "froc.png")
+DETECTION_FILES: tuple[str, ...] = ("froc.csv", "froc_summary.csv", "lesion_bands.csv", "patients.csv")
+#: The FROC curve drawn, written beside them when asked for (``spinemets evaluate --plot``).
+FROC_PLOT = "froc.png"
 
 
 def evaluate_workspace(workspace, options: ScoringOptions | None = None, jobs: int = 1) -> dict[str, dict]:
@@ -580,7 +609,7 @@ def detection_tables(found: dict[str, dict], pairs: dict | None = None) -> dict:
     return {"froc": froc, "summary": summary, "bands": bands, "patients": patients, "document": document}
 
 
-def _write_detection_tables(tables: dict, paths: list[Path]) -> None:
+def _write_detection_tables(tables: dict, paths: list[Path], plot: Path | None = None) -> None:
     from spinemets.evaluation import detection as det
     from spinemets.fileio import write_csv
 
@@ -588,9 +617,8 @@ def _write_detection_tables(tables: dict, paths: list[Path]) -> None:
     write_csv(paths[1], tables["summary"], det.SUMMARY_FIELDS)
     write_csv(paths[2], tables["bands"], det.BAND_FIELDS)
     write_csv(paths[3], tables["patients"], det.PATIENT_FIELDS)
-    from spinemets.evaluation.detection import froc_figure
-
-    froc_figure(tables["froc"]).savefig(paths[4], format="png", dpi=100)
+    if plot is not None:
+        det.froc_figure(tables["froc"]).savefig(plot, format="png", dpi=100)
 
 
 #: File name endings of label maps, longest first (the case ID is the name without it).
