@@ -286,8 +286,9 @@ def test_ci_model_card(ci_run, ci_archive, tmp_path):
         names = [n for n in zf.namelist() if not n.endswith("/")]
         texts = {n: zf.read(n) for n in names if n.endswith((".json", ".md"))}
         digests = {n: hashlib.sha256(zf.read(n)).hexdigest() for n in names if n != sharing.CARD_JSON}
-    # every other file with its SHA-256, in the JSON and in the Markdown
+    # every other file with its SHA-256, in the JSON and in the Markdown; no debug.json (host name, folders)
     assert {n: m["sha256"] for n, m in card["files"].items()} == digests
+    assert not [n for n in names if n.endswith("debug.json")]
     for name, digest in digests.items():
         if name != sharing.CARD_MD:
             assert f"`{name}`" in markdown and digest in markdown

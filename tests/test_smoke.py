@@ -453,6 +453,7 @@ def test_smoke_model_travels_with_its_selection_and_postprocessing(smoke_run, tm
     ws = workspace_of(smoke_run)
     archive = sharing.export_model(tmp_path / "smoke.zip", profile="smoke", workspace=ws)
     card = sharing.check_archive(archive)
+    assert not [name for name in card["files"] if name.endswith("debug.json")]  # left out of nnU-Net's export
     for stage in STAGE_NAMES:
         entry = card["stages"][stage]
         assert all("nnU-Net's export_pretrained_model" in part for part in entry["export"].split("; ")), entry["export"]

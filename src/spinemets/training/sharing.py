@@ -157,6 +157,12 @@ def _validated(folder: Path, folds: Sequence) -> bool:
                and (folder / f"fold_{f}" / "progress.png").is_file() for f in folds)
 
 
+#: Files of nnU-Net's export that a shared model leaves out: ``debug.json`` records the training
+#: machine's host name, its folders (which may name a site or a person) and the trainer's whole state,
+#: and nnU-Net does not read it to predict.
+LEFT_OUT = frozenset({"debug.json"})
+
+
 def _nnunet_entries(ws: Workspace, dataset: str, models: list[dict], scratch: Path) -> tuple[dict[str, Path | bytes], str]:
     """The files of nnU-Net's export of these models: archive name (below :data:`RESULTS`) -> file or
     bytes; and how they were made."""
@@ -179,7 +185,7 @@ def _nnunet_entries(ws: Workspace, dataset: str, models: list[dict], scratch: Pa
                                         plans_identifier=plans, folds=folds, strict=True)
             with zipfile.ZipFile(target) as zf:
                 for name in zf.namelist():
-                    if not name.endswith("/"):
+                    if not name.endswith("/") and PurePosixPath(name).name not in LEFT_OUT:
                         entries[name] = zf.read(name)
             how.append(f"{trainer} {', '.join(configurations)}: nnU-Net's export_pretrained_model")
         else:
@@ -197,7 +203,7 @@ def _same_files_as_nnunet(ws: Workspace, folder: Path, folds: Sequence) -> dict[
     files = []
     for fold in folds:
         sub = folder / f"fold_{fold}"
-        files += [sub / "debug.json", sub / nnunet.CHECKPOINT_FINAL, sub / "progress.png",
+        files += [sub / nnunet.CHECKPOINT_FINAL, sub / "progress.png",
                   sub / "network_architecture.pdf", sub / "validation" / "summary.json"]
     files += [folder / "plans.json", folder / "dataset_fingerprint.json", folder / "dataset.json"]
     for name in ("inference_information.json", "inference_information.txt"):
