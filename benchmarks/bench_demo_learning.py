@@ -27,7 +27,7 @@ each type and the false-positive lesions per case. Times are wall-clock on a pos
 machine; the iterations are the same on every CPU.
 
     .venv/bin/python benchmarks/bench_demo_learning.py --stage vertebrae [--every 4] [--train] \\
-        [--workspace workspace/demo] [--workdir DIR] [--csv benchmarks/results/bench_demo_learning_vertebrae.csv]
+        [--points 200,600,1000] [--workspace workspace/demo] [--workdir DIR] [--csv benchmarks/results/bench_demo_learning_vertebrae.csv]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def model_at(model: Path, checkpoint: Path, results: Path, dataset: str) -> None
         final.symlink_to(checkpoint)
 
 
-def run(workspace: Path, stage: str, every: int, train: bool, workdir: Path) -> list[dict]:
+def run(workspace: Path, stage: str, every: int, train: bool, workdir: Path, only: set[int] | None = None) -> list[dict]:
     ws = nnunet.Workspace(workspace)
     entry = nnunet.stage_plan(stage, PROFILE)
     other = next(s for s in STAGE_NAMES if s != stage)
@@ -113,6 +113,8 @@ def run(workspace: Path, stage: str, every: int, train: bool, workdir: Path) -> 
         model = ws.model_folder(stage, cfg, trainer)
     record = nnunet.read_json(model / "fold_all" / nnunet.TRAINING_RECORD, "training record")
     points = kept_checkpoints(model / "fold_all")
+    if only:
+        points = {n: p for n, p in points.items() if n in only}
     if not points:
         raise SystemExit(f"{model / 'fold_all'}: no kept checkpoints (train with SPINEMETS_KEEP_CHECKPOINTS_EVERY set)")
     cpu = record.get("cpu", {})
@@ -154,6 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=2, help="with --train: keep a checkpoint every N epochs")
     parser.add_argument("--train", action="store_true", help="train the stage again (this environment's CPU settings)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here; default: a temporary folder")
+    parser.add_argument("--points", default=None, help="score only these kept checkpoints (iterations, comma-separated)")
     parser.add_argument("--csv", type=Path, default=None, help="write the curve here (CSV, atomically)")
     a = parser.parse_args(argv)
     check_stage(a.stage)
@@ -161,7 +164,8 @@ def main(argv=None) -> int:
         parser.error("--every: a positive number of epochs")
     workdir = a.workdir.resolve() if a.workdir else Path(tempfile.mkdtemp(prefix="bench-learning-"))
     try:
-        rows = run(a.workspace.resolve(), a.stage, a.every, a.train, workdir)
+        only = {int(p) for p in a.points.split(",") if p.strip()} if a.points else None
+        rows = run(a.workspace.resolve(), a.stage, a.every, a.train, workdir, only)
     finally:
         if a.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
