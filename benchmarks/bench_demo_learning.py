@@ -11,7 +11,8 @@ clean-up, then :func:`spinemets.metrics.evaluate_folders`; ``bench_budget.evalua
 * With ``--train``: the stage is trained again, with the demo's trainer, seed and iterations, into
   its own ``nnUNet_results`` under ``--workdir``, keeping checkpoints every ``--every`` epochs; the
   CPU settings of the environment apply (e.g. the AVX2 emulation ``SPINEMETS_CPU_BF16=0
-  ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``). The other stage's model is the workspace's.
+  ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``). The other stage's model is the workspace's,
+  or the one in ``--other-results`` (e.g. another run's, on the same cohort).
 * Each checkpoint ``N`` is scored as the model of the stage: its own ``nnUNet_results`` folder
   under ``--workdir`` where ``fold_all/checkpoint_final.pth`` links to it.
 
@@ -90,19 +91,21 @@ def model_at(model: Path, checkpoint: Path, results: Path, dataset: str) -> None
         final.symlink_to(checkpoint)
 
 
-def run(workspace: Path, stage: str, every: int, train: bool, workdir: Path, only: set[int] | None = None) -> list[dict]:
+def run(workspace: Path, stage: str, every: int, train: bool, workdir: Path, only: set[int] | None = None,
+        other_results: Path | None = None) -> list[dict]:
     ws = nnunet.Workspace(workspace)
     entry = nnunet.stage_plan(stage, PROFILE)
     other = next(s for s in STAGE_NAMES if s != stage)
     cfg, trainer = entry["configurations"][0], entry["trainer"]
     own_results = ws.results
     results = own_results
+    other_from = (other_results or own_results) / ws.dataset_name(other)  # the other stage's model
     if train:
         results = workdir / "trained" / "results"
         results.mkdir(parents=True, exist_ok=True)
         link = results / ws.dataset_name(other)
         if not link.exists():
-            link.symlink_to(own_results / ws.dataset_name(other), target_is_directory=True)
+            link.symlink_to(other_from, target_is_directory=True)
         os.environ["SPINEMETS_KEEP_CHECKPOINTS_EVERY"] = str(every)
         with results_folder(results):
             log(f"{stage}: training {nnunet.planned_iterations(stage, PROFILE)} iterations, a checkpoint every {every} epochs")
@@ -125,7 +128,7 @@ def run(workspace: Path, stage: str, every: int, train: bool, workdir: Path, onl
         model_at(model, checkpoint, point_results, ws.dataset_name(stage))
         link = point_results / ws.dataset_name(other)
         if not link.exists():
-            link.symlink_to(own_results / ws.dataset_name(other), target_is_directory=True)
+            link.symlink_to(other_from, target_is_directory=True)
         with results_folder(point_results):
             scored = evaluate(ws, stage, folder)
         rows.append({"stage": stage, "iterations": iterations, "trained_s": seconds_at(record, iterations),
@@ -157,6 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train", action="store_true", help="train the stage again (this environment's CPU settings)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here; default: a temporary folder")
     parser.add_argument("--points", default=None, help="score only these kept checkpoints (iterations, comma-separated)")
+    parser.add_argument("--other-results", type=Path, default=None,
+                        help="nnUNet_results folder holding the other stage's model (default: the workspace's)")
     parser.add_argument("--csv", type=Path, default=None, help="write the curve here (CSV, atomically)")
     a = parser.parse_args(argv)
     check_stage(a.stage)
@@ -165,7 +170,8 @@ def main(argv=None) -> int:
     workdir = a.workdir.resolve() if a.workdir else Path(tempfile.mkdtemp(prefix="bench-learning-"))
     try:
         only = {int(p) for p in a.points.split(",") if p.strip()} if a.points else None
-        rows = run(a.workspace.resolve(), a.stage, a.every, a.train, workdir, only)
+        rows = run(a.workspace.resolve(), a.stage, a.every, a.train, workdir, only,
+                   a.other_results.resolve() if a.other_results else None)
     finally:
         if a.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
