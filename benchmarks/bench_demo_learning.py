@@ -92,7 +92,7 @@ def model_at(model: Path, checkpoint: Path, results: Path, dataset: str) -> None
 
 
 def run(workspace: Path, stage: str, every: int, train: bool, workdir: Path, only: set[int] | None = None,
-        other_results: Path | None = None) -> list[dict]:
+        other_results: Path | None = None, model_results: Path | None = None) -> list[dict]:
     ws = nnunet.Workspace(workspace)
     entry = nnunet.stage_plan(stage, PROFILE)
     other = next(s for s in STAGE_NAMES if s != stage)
@@ -100,6 +100,8 @@ def run(workspace: Path, stage: str, every: int, train: bool, workdir: Path, onl
     own_results = ws.results
     results = own_results
     other_from = (other_results or own_results) / ws.dataset_name(other)  # the other stage's model
+    if model_results is not None:  # a model trained before (e.g. by --train with this --workdir)
+        results = model_results
     if train:
         results = workdir / "trained" / "results"
         results.mkdir(parents=True, exist_ok=True)
@@ -162,6 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--points", default=None, help="score only these kept checkpoints (iterations, comma-separated)")
     parser.add_argument("--other-results", type=Path, default=None,
                         help="nnUNet_results folder holding the other stage's model (default: the workspace's)")
+    parser.add_argument("--model-results", type=Path, default=None,
+                        help="score the stage's model in this nnUNet_results folder (e.g. WORKDIR/trained/results)")
     parser.add_argument("--csv", type=Path, default=None, help="write the curve here (CSV, atomically)")
     a = parser.parse_args(argv)
     check_stage(a.stage)
@@ -171,7 +175,8 @@ def main(argv=None) -> int:
     try:
         only = {int(p) for p in a.points.split(",") if p.strip()} if a.points else None
         rows = run(a.workspace.resolve(), a.stage, a.every, a.train, workdir, only,
-                   a.other_results.resolve() if a.other_results else None)
+                   a.other_results.resolve() if a.other_results else None,
+                   a.model_results.resolve() if a.model_results else None)
     finally:
         if a.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
