@@ -142,8 +142,8 @@ def training_statement(records: list[dict]) -> str:
                    "time, so these numbers hold for this machine only.")
     elif all(r.get("seed") is not None for r in records):
         closing = ("Each stage trained a fixed number of iterations with a fixed seed: the numbers are the same on any "
-                   "CPU (up to floating-point differences; within 0.03 between CPUs with and without bfloat16 units), "
-                   "only the time differs.")
+                   "CPU up to floating-point differences (bfloat16 units, where the trainers use them, change the "
+                   "arithmetic of the forward pass), and only the time differs.")
     else:
         closing = ("Each stage trained a fixed number of iterations: any CPU trains the same amount, only the time "
                    "differs; without a seed, two runs differ by their random draws.")
