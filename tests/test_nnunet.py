@@ -30,6 +30,7 @@ from spinemets import labels
 
 from spinemets.training import nnunet, programs
 from spinemets.errors import SpinemetsError
+from spinemets.training import profiles as profiles_mod
 
 from conftest import copy_workspace
 from spinemets.paths import TRAINER_DIR, Workspace
@@ -248,11 +249,13 @@ def test_ci_run_trained_both_stages_with_their_records(ci_workspace, tmp_path, c
         record = result["training"]["demo_" + stage + "/fold_all"]
         assert record == json.loads((fold / nnunet.TRAINING_RECORD).read_text())
         assert record["finished"] and record["epochs"] == 3 and record["budget_s"] is None
-        assert record["iterations"] == 3 * 2  # the trainer's own count
+        assert record["iterations"] == record["iterations_planned"] == 3 * 2  # the trainer's own count: fixed work
+        assert record["iterations_planned"] == profiles_mod.planned_iterations(stage, "ci")
+        assert record["seed"] == profiles_mod.PROFILES["ci"]["seed"] == 0 and record["data_loading"] == "in-process"
         assert record["channels_last"] and record["cpu"]["torch_capability"] and record["seconds_per_iteration"] > 0
         text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
-        lines = re.findall(r"spinemets: epoch (\d+)/3, .* about (\d+) s left", text)
-        assert [int(e) for e, _ in lines] == [1, 2, 3] and int(lines[-1][1]) == 0
+        lines = re.findall(r"spinemets: epoch (\d+)/3, iterations (\d+)/6, .* about ([\d.]+) min left", text)
+        assert [(int(e), int(i)) for e, i, _ in lines] == [(1, 2), (2, 4), (3, 6)] and float(lines[-1][2]) == 0
     assert "nnUNet_results" not in os.environ
     fig = figures.training_curves("metastases", workspace=ws, profile="ci")
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
@@ -269,9 +272,10 @@ def test_training_for_a_budget_fits_its_iterations_to_the_cpu(ci_workspace, tmp_
     record = result["training"]["demo_metastases/fold_all"]
     assert record == json.loads((fold / nnunet.TRAINING_RECORD).read_text())
     assert record["finished"] and record["epochs"] == 3 and record["budget_s"] == 12.0
+    assert record["iterations_planned"] is None  # a budget: the CPU decides the iterations, and the record says so
     text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
-    lines = re.findall(r"spinemets: epoch (\d+)/3, .* about (\d+) s left", text)
-    assert [int(e) for e, _ in lines] == [1, 2, 3] and int(lines[-1][1]) == 0
+    lines = re.findall(r"spinemets: epoch (\d+)/3, iterations \d+/\d+, .* about ([\d.]+) min left", text)
+    assert [int(e) for e, _ in lines] == [1, 2, 3] and float(lines[-1][1]) == 0
     # the first epoch runs a fifth of the class's count (at least 2), the others what fits
     assert record["iterations"] >= 2 + 1 + 1 and "Training budget 12 s over 3 epochs" in text
 
@@ -526,6 +530,17 @@ def test_train_refuses_a_fold_beyond_the_split(tmp_path, clean_env):
         nnunet.train("metastases", "smoke", configurations=["2d"], folds=[2], workspace=ws)
 
 
+def test_demo_trains_fixed_iterations_with_a_seed():
+    from spinemets.trainers import spinemets_trainers as st
+
+    assert profiles_mod.planned_iterations("vertebrae", "demo") == 1000
+    assert profiles_mod.planned_iterations("metastases", "demo") == 900
+    assert profiles_mod.planned_iterations("vertebrae", "ci") == st.SpinemetsCITrainer.EPOCHS * st.SpinemetsCITrainer.ITERATIONS
+    assert profiles_mod.planned_iterations("vertebrae", "paper") is None  # nnU-Net's own trainer
+    assert profiles_mod.stage_budget("vertebrae", "demo") is None and profiles_mod.stage_budget("metastases", "demo") is None
+    assert profiles_mod.PROFILES["demo"]["seed"] == 0 and profiles_mod.PROFILES["paper"].get("seed") is None
+
+
 def test_budget_iterations_fill_the_time_left():
     from spinemets.training.trainers.spinemets_trainers import iterations_for
 
@@ -550,7 +565,9 @@ def test_budget_setting(clean_env):
         clean_env.setenv("SPINEMETS_TRAIN_BUDGET_S", bad)
         with pytest.raises(ValueError, match="positive number of seconds"):
             budget_seconds()
-    assert stage_plan("vertebrae", "demo")["budget_s"] == DEMO_BUDGET_S["vertebrae"]
+    # the demo trains a fixed number of iterations; a budget is an opt-in, shared in these proportions
+    assert stage_plan("vertebrae", "demo")["budget_s"] is None
+    assert stage_plan("vertebrae", "demo")["budget_weight"] == DEMO_BUDGET_S["vertebrae"]
     assert stage_plan("vertebrae", "ci").get("budget_s") is None
     for bad in ("inf", "nan", "soon"):
         clean_env.setenv("SPINEMETS_TRAIN_BUDGET_S", bad)
@@ -694,3 +711,78 @@ def test_in_memory_cases_read_each_case_once_and_hand_out_copies(tmp_path, monke
         for identifier, (data, _seg) in cases.items():
             assert np.array_equal(capped.load_case(identifier)[0], data)
     assert reads == ["case_0", "case_1", "case_1"]  # case_0 kept, case_1 read at every use
+
+
+def _seeded_trainer(tmp_path, clean_env, seed: str):
+    """A CI trainer built in-process (no training) on a few tiny preprocessed cases with labelled voxels."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    from spinemets.trainers.spinemets_trainers import SpinemetsCITrainer
+
+    plans = json.loads(_plans(tmp_path).read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    cfg["patch_size"] = [16, 16, 16]
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lytic": 1, "sclerotic": 2},
+                    "numTraining": 4, "file_ending": ".nii.gz"}
+    ws = nnunet.Workspace(tmp_path / "ws")
+    data = ws.preprocessed / "Dataset999_X" / cfg["data_identifier"]
+    if not data.is_dir():
+        data.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i in range(4):
+            image = rng.standard_normal((1, 24, 24, 24)).astype(np.float32)
+            seg = np.zeros((1, 24, 24, 24), np.int8)
+            seg[0, 4 + i:10 + i, 6:12, 5:14] = 1 + i % 2
+            locations = {c: np.argwhere(seg == c)[:, [0, 1, 2, 3]] for c in (1, 2)}
+            nnUNetDatasetBlosc2.save_case(image, seg, {"class_locations": locations, "spacing": [3.0, 2.5, 2.5],
+                                                       "shape_after_cropping_and_before_resampling": [24, 24, 24]},
+                                          str(data / f"case_{i}"))
+    clean_env.setenv("SPINEMETS_TRAIN_SEED", seed)
+    clean_env.delenv("nnUNet_n_proc_DA", raising=False)
+    with ws.activated():
+        trainer = SpinemetsCITrainer(dict(plans, continue_training=False), "3d_fullres", "all", dataset_json,
+                                     device=torch.device("cpu"))
+        trainer.initialize()
+        loaders = trainer.get_dataloaders()
+    return trainer, loaders
+
+
+def _first_batches(trainer, loaders, epoch: int, n: int = 3) -> list:
+    trainer.current_epoch = epoch
+    trainer.on_train_epoch_start()  # seeds this epoch's draws
+    train, _ = loaders
+    return [next(train) for _ in range(n)]
+
+
+def test_seeded_trainer_draws_the_same_weights_and_batches(tmp_path, clean_env):
+    from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+
+    from spinemets.trainers.spinemets_trainers import training_seed
+
+    one, loaders_one = _seeded_trainer(tmp_path, clean_env, "0")
+    two, loaders_two = _seeded_trainer(tmp_path, clean_env, "0")
+    # in-process data loading (nnU-Net's worker processes are not seeded), the variable restored
+    assert isinstance(loaders_one[0], SingleThreadedAugmenter) and "nnUNet_n_proc_DA" not in os.environ
+    assert training_seed() == 0 and one.seed == 0
+    for a, b in zip(one.network.state_dict().values(), two.network.state_dict().values()):
+        assert torch.equal(a, b)  # the same initial weights
+    first = _first_batches(one, loaders_one, epoch=0)
+    again = _first_batches(two, loaders_two, epoch=0)
+    for a, b in zip(first, again):
+        assert a["keys"].tolist() == b["keys"].tolist()
+        assert torch.equal(torch.as_tensor(a["data"]), torch.as_tensor(b["data"]))
+        assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in zip(a["target"], b["target"]))
+    # an epoch draws from its own stream: the same epoch again gives the same batches, another epoch others
+    assert [b["keys"].tolist() for b in _first_batches(one, loaders_one, epoch=0)] == \
+        [b["keys"].tolist() for b in first]
+    later = _first_batches(one, loaders_one, epoch=1)
+    assert any(not torch.equal(torch.as_tensor(a["data"]), torch.as_tensor(b["data"])) for a, b in zip(first, later))
+    # another seed: other initial weights and other batches
+    other, loaders_other = _seeded_trainer(tmp_path, clean_env, "1")
+    assert not all(torch.equal(a, b) for a, b in zip(one.network.state_dict().values(),
+                                                     other.network.state_dict().values()))
+    drawn = _first_batches(other, loaders_other, epoch=0)
+    assert any(not torch.equal(torch.as_tensor(a["data"]), torch.as_tensor(b["data"])) for a, b in zip(first, drawn))
+    clean_env.setenv("SPINEMETS_TRAIN_SEED", "-1")
+    with pytest.raises(ValueError, match="non-negative integer"):
+        training_seed()

@@ -106,9 +106,17 @@ def test_training_statement_names_iterations_budget_and_cpu(tmp_path):
     assert [(r["stage"], r["model"], r["fold"], r["iterations"]) for r in rows] == [
         ("vertebrae", "demo_vertebrae", "all", 123), ("metastases", "demo_metastases", "all", 6)]
     text = results.training_statement(rows)
-    assert "vertebrae (demo_vertebrae, fold all): 123 iterations in 239 s of a 240 s budget, 1.80 s per iteration" in text
-    assert "metastases (demo_metastases, fold all): 6 iterations in 239 s (a fixed iteration count)" in text
+    assert ("vertebrae (demo_vertebrae, fold all): 123 iterations, this run used a time budget of 240 s, 239 s, "
+            "1.80 s per iteration") in text
+    assert "metastases (demo_metastases, fold all): 6 iterations (a fixed iteration count), 239 s" in text
     assert "Some CPU, torch kernels AVX2, 2 threads, bfloat16 autocast off" in text
+    assert "This run used a time budget (`--train-budget`)" in text and "for this machine only" in text
+    # fixed iterations with the demo's seed (no budget): the page says the numbers hold on any CPU
+    fixed = [{**r, "budget_s": None, "seed": 0} for r in rows]
+    text = results.training_statement(fixed)
+    assert "vertebrae (demo_vertebrae, fold all): 123 iterations (a fixed iteration count), seed 0, 239 s" in text
+    assert "the numbers are the same on any CPU" in text and "time budget" not in text
+    assert "without a seed" in results.training_statement([{**r, "budget_s": None} for r in rows])
 
 
 # --- per vertebra (the paper's Table 2), per lesion type, and the figure ------------------------

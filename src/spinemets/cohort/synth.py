@@ -74,18 +74,24 @@ from spinemets.formats.slicer import write_segments
 #: in-plane field of view of 120 mm, every case with >= 10 whole consecutive vertebrae and at least
 #: one level anchor. ``full``: clinical size, the whole body cross-section. ``spacing_xy`` is a
 #: range (low, high) in mm, ``slice_thickness`` the choices in mm, ``slices`` the range of slice
-#: counts, ``lesion_radius_mm`` the range of lesion radii.
+#: counts, ``lesion_radius_mm`` the range of lesion radii, ``lesion_free`` the share of cases
+#: without lesions and ``lesions_per_case`` the probabilities of 1, 2, ... lesions in the others.
+#: The demo plants more lesions per case than the full preset (4.8 against 2.2 on average), so that
+#: its held-out cases hold enough lesions of each type to measure a lesion-level F2 (one lesion of
+#: 30 is worth 0.03 of it, where one of 4 was worth 0.25).
 PRESETS: dict[str, dict] = {
     "demo": {
         "size_xy": 48, "spacing_xy": (2.5, 2.5), "slice_thickness": (3.0,), "slices": (55, 160),
         "fov": "spine", "min_vertebrae": 10, "require_anchor": True, "curvature": 0.5,
         "lesion_radius_mm": (5.0, 10.0), "min_lesion_voxels": 20,
+        "lesion_free": 0.05, "lesions_per_case": (0.0, 0.05, 0.15, 0.25, 0.25, 0.15, 0.15),
         "blur_voxels": 0.5, "noise_hu": 18.0, "ct_compression": 6,
     },
     "full": {
         "size_xy": 512, "spacing_xy": (0.68, 0.86), "slice_thickness": (1.0, 1.25, 1.5), "slices": (300, 420),
         "fov": "body", "min_vertebrae": 10, "require_anchor": False, "curvature": 1.0,
         "lesion_radius_mm": (3.5, 14.0), "min_lesion_voxels": 60,
+        "lesion_free": 0.15, "lesions_per_case": (0.35, 0.25, 0.18, 0.12, 0.10),
         "blur_voxels": 0.7, "noise_hu": 25.0, "ct_compression": 1,
     },
 }
@@ -799,16 +805,18 @@ class _Planting:
 
 
 def _make_lesions(planting: _Planting, demo, style, run):
-    """Plant 0-5 lesions into a case (``planting``); returns a list of lesion dicts (type, segment, site, mask, hu).
+    """Plant lesions into a case (``planting``; how many: the preset's ``lesion_free`` and
+    ``lesions_per_case``); returns a list of lesion dicts (type, segment, site, mask, hu).
 
     A case's pattern follows its primary site: lytic only, sclerotic only, or (three cases in ten)
     mixed, where each lesion's type is a coin flip and a lesion may come with one of the other type
     drawn over its border.
     """
     rng, grid, sites, cfg = planting.rng, planting.grid, planting.sites, planting.cfg
-    if rng.random() < 0.15:
+    if rng.random() < cfg["lesion_free"]:
         return []
-    n = int(rng.choice([1, 2, 3, 4, 5], p=[0.35, 0.25, 0.18, 0.12, 0.10]))
+    weights = cfg["lesions_per_case"]
+    n = int(rng.choice(np.arange(1, len(weights) + 1), p=weights))
     p_lytic = PRIMARY_SITES[demo["primary_site"]][2]
     mixed = rng.random() < 0.3
     case_kind = "lytic" if rng.random() < p_lytic else "sclerotic"

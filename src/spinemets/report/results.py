@@ -119,24 +119,36 @@ def run_training(provenance: Mapping | None, root: str | Path | None = None) -> 
 
 
 def training_statement(records: list[dict]) -> str:
-    """One Markdown paragraph: how long each stage trained, how far it got, and on what CPU."""
+    """One Markdown paragraph: how many iterations each stage trained, how long, on what CPU, and
+    whether the numbers hold on any CPU (a fixed iteration count) or on this machine only (a
+    wall-clock budget, ``--train-budget``)."""
     if not records:
         return ("This run's models carry no training record: their trainer keeps none (nnU-Net's own trainers, "
                 "as in the paper profile), or they were trained before records were kept.")
     parts = []
     for rec in records:
-        budget = f" of a {rec['budget_s']:.0f} s budget" if rec.get("budget_s") else " (a fixed iteration count)"
-        parts.append(f"{rec['stage']} ({rec['model']}, fold {rec['fold']}): {rec['iterations']} iterations in "
-                     f"{rec['elapsed_s']:.0f} s{budget}, {rec['seconds_per_iteration']:.2f} s per iteration")
+        budget = (f", this run used a time budget of {rec['budget_s']:.0f} s" if rec.get("budget_s")
+                  else " (a fixed iteration count)")
+        seed = f", seed {rec['seed']}" if rec.get("seed") is not None else ""
+        parts.append(f"{rec['stage']} ({rec['model']}, fold {rec['fold']}): {rec['iterations']} iterations{budget}"
+                     f"{seed}, {rec['elapsed_s']:.0f} s, {rec['seconds_per_iteration']:.2f} s per iteration")
     cpus = {(r.get("device", "cpu"), (r.get("cpu") or {}).get("model", "?"), (r.get("cpu") or {}).get("torch_capability", "?"),
              (r.get("cpu") or {}).get("threads", "?"), bool(r.get("bf16_autocast"))) for r in records}
     where = "; ".join(
         f"{model}, torch kernels {cap}, {threads} threads, bfloat16 autocast {'on' if bf16 else 'off'}"
         if device == "cpu" else f"{device.upper()} (host CPU {model})"
         for device, model, cap, threads, bf16 in sorted(cpus, key=str))
-    return ("**Training.** " + "; ".join(parts) + f". **Trained on:** {where}. "
-            "With a budget, a faster CPU trains more iterations in the same time, so these numbers hold for this "
-            "machine only.")
+    if any(r.get("budget_s") for r in records):
+        closing = ("This run used a time budget (`--train-budget`): a faster CPU trains more iterations in the same "
+                   "time, so these numbers hold for this machine only.")
+    elif all(r.get("seed") is not None for r in records):
+        closing = ("Each stage trained a fixed number of iterations with a fixed seed: the numbers are the same on any "
+                   "CPU up to floating-point differences (bfloat16 units, where the trainers use them, change the "
+                   "arithmetic of the forward pass), and only the time differs.")
+    else:
+        closing = ("Each stage trained a fixed number of iterations: any CPU trains the same amount, only the time "
+                   "differs; without a seed, two runs differ by their random draws.")
+    return "**Training.** " + "; ".join(parts) + f". **Trained on:** {where}. " + closing
 
 
 def read_paper_results(path: str | Path | None = None, tables: str | Path | None = None) -> pd.DataFrame:

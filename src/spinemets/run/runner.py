@@ -42,7 +42,7 @@ from spinemets.errors import SpinemetsError
 from spinemets.fileio import atomic_path, read_json, write_json, write_text
 from spinemets.run.profiles import NotebookStep, Profile, find_project_root, load_profile, notebook_parameters
 from spinemets.provenance import now, provenance
-from spinemets.training.profiles import stage_budget
+from spinemets.training.profiles import planned_iterations, stage_budget, stage_plan
 
 log = logging.getLogger(__name__)
 
@@ -236,25 +236,63 @@ def declared_parameters(notebook: str | Path) -> set[str]:
 def run_estimate(prof: Profile, plans: list, build_book: bool) -> dict | None:
     """Measure this machine for a few seconds and print the run's expected time per step and in all.
 
-    Returns ``{"machine", "steps": {step: seconds}}`` for the provenance, or None where the profile
-    has no reference times (:mod:`spinemets.training.estimate`) or a training step has no wall-clock budget.
+    Each training step with a fixed number of iterations is timed: a few real training iterations
+    of its stage's network here (:func:`spinemets.training.estimate.time_training_iterations`); one with a
+    wall-clock budget (``--train-budget``) takes its budget. Returns ``{"machine", "training",
+    "steps": {step: seconds}}`` for the provenance, or None where the profile has no reference
+    times (:mod:`spinemets.training.estimate`) or a training step has neither (nnU-Net's own trainers).
     """
     from spinemets.training import estimate
 
-    budgets = {}
+    steps = [name for name, _, _ in plans]
+    if prof.name not in estimate.REFERENCE["steps"]:
+        return None
+    training: dict = {}
     for name, _, params in plans:
         if "stage" in params and name.startswith(TRAINING_NOTEBOOK):
-            budgets[name] = stage_budget(params["stage"], params.get("profile", "demo"),
-                                                params.get("train_budget_min"))
-    steps = [name for name, _, _ in plans]
-    if not estimate.has_reference(prof.name, steps, budgets):
+            training[name] = training_work(params["stage"], params.get("profile", "demo"),
+                                           params.get("train_budget_min"))
+    if not estimate.has_reference(prof.name, steps, training):
         return None
     machine = estimate.measure_machine()
-    expected = estimate.estimate_run(prof.name, steps, budgets, machine, book=build_book)
-    lines = estimate.format_estimate(expected, machine)
+    timed: dict = {}
+    for name, work in training.items():
+        if isinstance(work, dict):
+            key = (work["stage"], work["configuration"])
+            if key not in timed:
+                timed[key] = estimate.time_training_iterations(work["spec"], work["classes"])
+            work.update(timed[key])
+            del work["spec"]
+    expected = estimate.estimate_run(prof.name, steps, training, machine, book=build_book)
+    lines = estimate.format_estimate(expected, machine, training)
     for line in lines:
         print(line, flush=True)
-    return {"machine": machine, "steps": {k: round(v, 1) for k, v in expected.items()}}
+    return {"machine": machine, "training": training, "steps": {k: round(v, 1) for k, v in expected.items()}}
+
+
+def training_work(stage: str, profile: str, train_budget_min=None):
+    """What one training step will do, for the estimate: its wall-clock budget in seconds (a
+    number: ``--train-budget``, or a profile with ``budget_s``), or its fixed work (a dict: stage,
+    configuration and its plans ``spec``, output ``classes``, ``iterations``, ``epochs``,
+    ``val_iterations``), or None where the trainer is not one of the project's or the configuration
+    is not one the project adds (nnU-Net plans it: not known before planning)."""
+    from spinemets import labels
+    from spinemets.training.trainers import spinemets_trainers
+
+    budget = stage_budget(stage, profile, train_budget_min)
+    if budget:
+        return float(budget)
+    entry = stage_plan(stage, profile)
+    iterations = planned_iterations(stage, profile)
+    configurations = [c for c in entry["configurations"] if c in entry.get("extra_configurations", {})]
+    if iterations is None or len(configurations) != len(entry["configurations"]) or len(configurations) != 1:
+        return None
+    cls = getattr(spinemets_trainers, entry["trainer"])
+    cfg = configurations[0]
+    n_folds = len(entry["folds"])
+    return {"stage": stage, "configuration": cfg, "spec": entry["extra_configurations"][cfg],
+            "classes": len(labels.labels(stage)), "iterations": iterations * n_folds,
+            "epochs": int(cls.EPOCHS) * n_folds, "val_iterations": int(cls.VAL_ITERATIONS)}
 
 
 @contextlib.contextmanager

@@ -204,7 +204,8 @@ class TrainingOptions:
     on two cores); ``num_gpus`` > 1 is nnU-Net's own multi-GPU training (``-num_gpus``);
     ``dataset_id`` replaces the stage's default dataset id; ``budget_s`` replaces the profile's
     wall-clock training budget per fold (the project's trainers fit their iterations into it; 0
-    turns the budget off, so that the trainer's own iteration count applies).
+    turns the budget off, so that the trainer's own iteration count applies); ``seed`` replaces the
+    profile's training seed (the project's trainers: deterministic initial weights and batches).
     """
 
     trainer: str | None = None
@@ -215,6 +216,7 @@ class TrainingOptions:
     num_gpus: int = 1
     dataset_id: int | None = None
     budget_s: float | None = None
+    seed: int | None = None
 
 
 def train(stage: str, profile: str = "demo", configurations: Sequence[str] | None = None,
@@ -262,6 +264,8 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     if budget is not None and not (math.isfinite(float(budget)) and float(budget) >= 0):
         raise SpinemetsError(f"training budget {budget!r}: must be a finite number of seconds >= 0")
     env["SPINEMETS_TRAIN_BUDGET_S"] = f"{float(budget):g}" if budget else ""  # honoured by the project's trainers
+    seed = prof.get("seed") if opts.seed is None else opts.seed
+    env["SPINEMETS_TRAIN_SEED"] = "" if seed is None else str(int(seed))  # honoured by the project's trainers
     wall0, cpu0 = time.perf_counter(), children_cpu_seconds()
     trained = False
     for cfg in tqdm(usable, desc=f"{stage}: configurations", unit="config"):
@@ -304,7 +308,7 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
             "training": records, **seconds}
 
 
-TRAINING_COLUMNS = ("budget_s", "elapsed_s", "epochs", "iterations", "seconds_per_iteration", "bf16_autocast")
+TRAINING_COLUMNS = ("budget_s", "elapsed_s", "epochs", "iterations", "seconds_per_iteration", "bf16_autocast", "seed")
 
 
 def training_table(records: Mapping[str, Mapping]) -> list[dict]:

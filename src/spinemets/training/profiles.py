@@ -72,9 +72,11 @@ DEMO_CONFIGURATIONS: dict[str, dict] = {
     },
 }
 
-#: The demo's wall-clock training budget per stage (seconds of each fold's training): the trainers
-#: fit their iterations into it on any CPU (see :mod:`spinemets.training.trainers.spinemets_trainers`).
-#: ``spinemets run --train-budget MINUTES`` scales both in these proportions. The vertebra stage
+#: The demo trains a fixed number of iterations per stage (its trainers' ``EPOCHS x ITERATIONS``),
+#: the same on every CPU. A wall-clock budget is an explicit opt-in (``spinemets run --train-budget
+#: MINUTES``): the trainers then fit their iterations into it, and the total is shared between the
+#: stages in these proportions (the profile's ``budget_weight``; seconds of each fold's training
+#: in the budgeted demo of before). The vertebra stage
 #: needs several hundred iterations of its network before it tells the levels apart: on 2 AVX2
 #: cores (about one iteration a second) 300 s gave 278 iterations and a held-out per-vertebra Dice
 #: of 0.06; 700 iterations gave 0.69-0.76 before. 720 s buys about 700 there, and more than twice
@@ -118,12 +120,13 @@ _DEMO = {
     "min_confidence": 0.0,
     "repair_vertebra_order": True,
     "omp_wait_policy": "ACTIVE",  # one fold at a time on a machine of its own: see _cpu_environment
+    "seed": 0,  # the trainers' seed: initial weights and batches, data loading in-process (deterministic)
     "resources": _each_kind(time_min=60, mem_gb=8, cpus_per_task=2),
     "stages": {
         stage: {"configurations": [f"demo_{stage}"], "folds": ["all"],
                 "trainer": f"Spinemets{stage.capitalize()}DemoTrainer",
                 "extra_configurations": {f"demo_{stage}": DEMO_CONFIGURATIONS[f"demo_{stage}"]},
-                "budget_s": DEMO_BUDGET_S[stage]}
+                "budget_s": None, "budget_weight": DEMO_BUDGET_S[stage]}
         for stage in labels_mod.STAGE_NAMES
     },
 }
@@ -195,7 +198,7 @@ PROFILES: dict[str, dict] = {
         resources={**_each_kind(time_min=60, mem_gb=32, cpus_per_task=8),
                    "train": {"gpus_per_job": 1, "time_min": 60, "mem_gb": 32, "cpus_per_task": 8},
                    "report": {"gpus_per_job": 1, "time_min": 60, "mem_gb": 32, "cpus_per_task": 8}}),
-    "ci": _derived(_DEMO, {"trainer": "SpinemetsCITrainer", "budget_s": None},
+    "ci": _derived(_DEMO, {"trainer": "SpinemetsCITrainer", "budget_weight": None},
                    description="tests: the demo's configurations, a few iterations",
                    omp_wait_policy="PASSIVE",  # tests and SLURM jobs may train side by side
                    resources=_each_kind(time_min=20, mem_gb=4, cpus_per_task=1)),
@@ -224,8 +227,9 @@ def profile_plans(profile: str) -> str:
 
 def stage_budget(stage: str, profile: str, total_min: float | None = None) -> float | None:
     """A stage's training budget per fold in seconds: the profile's, or the share of ``total_min``
-    (minutes of training for all stages) in the profile's proportions; None when the profile trains
-    for a fixed number of iterations and no total is given."""
+    (minutes of training for all stages) in the profile's proportions (``budget_s``, else
+    ``budget_weight``); None when the profile trains for a fixed number of iterations and no total
+    is given (the demo: a budget is an explicit opt-in)."""
     stages = get_profile(profile)["stages"]
     own = stage_plan(stage, profile).get("budget_s")
     if total_min is None:
@@ -236,10 +240,22 @@ def stage_budget(stage: str, profile: str, total_min: float | None = None) -> fl
         total = math.nan
     if not (math.isfinite(total) and total > 0):
         raise SpinemetsError(f"training budget {total_min!r} minutes: must be a positive number")
-    budgets = {name: entry.get("budget_s") for name, entry in stages.items()}
+    budgets = {name: entry.get("budget_s") or entry.get("budget_weight") for name, entry in stages.items()}
+    own = budgets[stage]
     if not all(budgets.values()):  # no proportions to keep: an equal share per stage
         return 60.0 * total / len(stages)
     return 60.0 * total * float(own) / sum(map(float, budgets.values()))
+
+
+def planned_iterations(stage: str, profile: str, trainer: str | None = None) -> int | None:
+    """The training iterations per fold of the stage's trainer (``EPOCHS x ITERATIONS`` of the
+    project's trainers), or None for a trainer that is not one of them (e.g. nnU-Net's own)."""
+    from spinemets.training.trainers import spinemets_trainers
+
+    cls = getattr(spinemets_trainers, trainer or stage_plan(stage, profile)["trainer"], None)
+    if cls is None or not hasattr(cls, "EPOCHS") or not hasattr(cls, "ITERATIONS"):
+        return None
+    return int(cls.EPOCHS) * int(cls.ITERATIONS)
 
 
 def profile_names() -> tuple[str, ...]:

@@ -534,7 +534,7 @@ class Model:
         return dict(self.card["inference"])
 
     def stage_models(self, stage: str) -> list[dict]:
-        """The stage's models as :func:`spinemets.nnunet.trained_models` gives them (the cascade's previous
+        """The stage's models as :func:`spinemets.training.nnunet.trained_models` gives them (the cascade's previous
         stage is loaded by its member, so it is left out here)."""
         entry = self._stage(stage)
         return [{"folder": str(self.folder / m["folder"]), "configuration": m["configuration"],

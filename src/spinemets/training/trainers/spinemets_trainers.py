@@ -16,12 +16,25 @@ The demo trains on 2 CPU cores in minutes, so these trainers change nnU-Net's de
 * **progress.png drawn every ``SAVE_EVERY`` epochs** and at the end, not every epoch;
 * **no end-of-training validation on fold 'all'**, where the "validation" cases are the
   training cases (nnU-Net would predict them all with its sliding window);
-* **a wall-clock budget** (``SPINEMETS_TRAIN_BUDGET_S``, set by :func:`spinemets.training.nnunet.train` from
-  the profile's ``budget_s``): the number of epochs stays ``EPOCHS`` (so the polynomial learning
+* **a fixed number of iterations** by default, ``EPOCHS x ITERATIONS``, the same on every machine,
+  so that every CPU ends with the same model up to floating-point differences;
+  ``spinemets_training.json`` in the fold's folder records what was reached (iterations, seconds,
+  seconds per iteration, the CPU, the seed), renewed after every epoch, and the log says after each
+  epoch how many iterations are done and how many minutes are left at the measured speed;
+* **deterministic with a seed** (``SPINEMETS_TRAIN_SEED``, set by :func:`spinemets.training.nnunet.train`
+  from the profile's ``seed``): the network's initial weights come from the seed, and the batches of
+  each epoch from the seed and the epoch (numpy, torch and ``random`` are seeded at the start of
+  every epoch, so a resumed run draws what an uninterrupted one would). nnU-Net's augmentation
+  worker processes are not seeded (``NonDetMultiThreadedAugmenter``, ``seeds=None``); with a seed the
+  data loader runs in the training process instead (nnU-Net's own ``nnUNet_n_proc_DA=0`` path, a
+  ``SingleThreadedAugmenter``), which for the demo's in-memory cases without augmentation costs a
+  few milliseconds per batch. Two runs on one machine then give the same weights bit for bit;
+* **a wall-clock budget only when asked** (``SPINEMETS_TRAIN_BUDGET_S``, set by
+  :func:`spinemets.training.nnunet.train` from ``--train-budget``): the number of epochs stays ``EPOCHS`` (so the polynomial learning
   rate, stepped per epoch, runs its whole course), and the iterations of each epoch are set from the
   measured cost of the epochs before, so that training ends near the budget on any CPU. A fast CPU
-  gets more iterations, a slow one fewer; ``spinemets_training.json`` in the fold's folder records
-  what was reached (iterations, seconds, seconds per iteration, the CPU), renewed after every epoch;
+  gets more iterations, a slow one fewer, so the model, and the numbers, then depend on the CPU
+  (the training record says ``budget_s``, and the results page says that the run used a budget);
 * **channels-last 3-D weights on the CPU** (oneDNN's faster convolution layout here: 12 % per
   iteration for the vertebra network, 33 % for the lesion network on an AVX2 CPU); the checkpoints
   hold the same values, so inference is unchanged;
@@ -44,10 +57,12 @@ Hyperparameters are class attributes, so a variant is a three-line subclass.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -97,6 +112,44 @@ def budget_seconds() -> float | None:
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"SPINEMETS_TRAIN_BUDGET_S must be a positive number of seconds, not {value!r}")
     return budget
+
+
+def training_seed() -> int | None:
+    """The training seed from ``SPINEMETS_TRAIN_SEED``, or None (nnU-Net's unseeded behaviour)."""
+    value = os.environ.get("SPINEMETS_TRAIN_SEED", "").strip()
+    if not value:
+        return None
+    try:
+        seed = int(value)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise ValueError(f"SPINEMETS_TRAIN_SEED must be a non-negative integer, not {value!r}")
+    return seed
+
+
+def seed_everything(seed: int, epoch: int | None = None) -> None:
+    """Seed numpy's, torch's and Python's global generators from ``seed`` (and ``epoch``: one
+    stream per epoch, so that an epoch draws the same batches whether or not the run was resumed)."""
+    value = int(np.random.SeedSequence([int(seed)] + ([] if epoch is None else [int(epoch)])).generate_state(1)[0])
+    np.random.seed(value)
+    torch.manual_seed(value)
+    random.seed(value)
+
+
+@contextlib.contextmanager
+def in_process_data_loading():
+    """nnU-Net's data loader in the training process (``nnUNet_n_proc_DA=0``: its
+    ``SingleThreadedAugmenter``) for the duration: batches drawn from the seeded global generators."""
+    before = os.environ.get("nnUNet_n_proc_DA")
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("nnUNet_n_proc_DA", None)
+        else:
+            os.environ["nnUNet_n_proc_DA"] = before
 
 
 def iterations_for(remaining_s: float, epochs_left: int, per_iteration_s: float, per_epoch_s: float,
@@ -203,10 +256,13 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
         self.oversample_foreground_percent = self.OVERSAMPLE
         self.save_every = self.SAVE_EVERY
         self.budget_s = budget_seconds()
+        self.seed = training_seed()
         self._epoch_costs: list[tuple[int, float, float]] = []  # (iterations, training s, other s) per epoch
         self._epoch_log_before: list[tuple[int, float]] = []  # (iterations, s) of the epochs before a resume
 
     def initialize(self):
+        if self.seed is not None:
+            seed_everything(self.seed)  # the network's initial weights
         super().initialize()
         plot = self.logger.plot_progress_png
 
@@ -223,6 +279,12 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
         if self.bf16:
             autocast_forward(self.network)
             self.print_to_log_file("CPU bfloat16 autocast for the forward pass (float32 weights and loss)")
+
+    def get_dataloaders(self):
+        if self.seed is None:
+            return super().get_dataloaders()
+        with in_process_data_loading():  # nnU-Net's worker processes are not seeded
+            return super().get_dataloaders()
 
     # -- the wall-clock budget ------------------------------------------------------------------
 
@@ -246,6 +308,8 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
 
     def on_train_epoch_start(self):
         self._epoch_t0 = time.monotonic()
+        if self.seed is not None:
+            seed_everything(self.seed, self.current_epoch)  # this epoch's batches, resumed or not
         super().on_train_epoch_start()
 
     def on_train_epoch_end(self, train_outputs):
@@ -264,9 +328,19 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
             self.num_iterations_per_epoch = iterations_for(self.budget_s - elapsed, left, per_it, per_epoch,
                                                            cap=20 * self.ITERATIONS)
         eta = left * (self.num_iterations_per_epoch * per_it + per_epoch)
-        self.print_to_log_file(f"spinemets: epoch {self.current_epoch}/{self.num_epochs}, {elapsed:.0f} s, "
-                               f"{per_it:.2f} s per iteration; about {eta:.0f} s left")
+        done = sum(n for n, _ in self._epoch_log_before) + sum(n for n, _, _ in self._epoch_costs)
+        planned = done + left * self.num_iterations_per_epoch
+        self.print_to_log_file(f"spinemets: epoch {self.current_epoch}/{self.num_epochs}, iterations {done}/{planned}, "
+                               f"{elapsed:.0f} s, {per_it:.2f} s per iteration; about {eta / 60:.1f} min left")
         self._write_record(elapsed, done=left <= 0)
+        self._keep_checkpoint(done)
+
+    def _keep_checkpoint(self, iterations: int) -> None:
+        """With ``SPINEMETS_KEEP_CHECKPOINTS_EVERY=N`` (epochs; the learning-curve benchmark), a copy of
+        the weights after every N-th epoch, ``checkpoint_it{iterations}.pth``."""
+        every = int(os.environ.get("SPINEMETS_KEEP_CHECKPOINTS_EVERY", "0") or 0)
+        if every > 0 and self.current_epoch % every == 0 and self.local_rank == 0:
+            self.save_checkpoint(str(Path(self.output_folder) / f"checkpoint_it{iterations}.pth"))
 
     def _costs(self) -> tuple[float, float]:
         """Seconds per training iteration and per epoch's other work: medians, the first epoch (warm-up) left out."""
@@ -290,6 +364,8 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
         record = {"trainer": type(self).__name__, "budget_s": self.budget_s, "finished": done,
                   "epochs": self.current_epoch, "epochs_planned": self.num_epochs,
                   "iterations": int(sum(n for n, _ in epoch_log)),
+                  "iterations_planned": None if self.budget_s is not None else self.EPOCHS * self.ITERATIONS,
+                  "seed": self.seed, "data_loading": "in-process" if self.seed is not None else "worker processes",
                   "elapsed_s": round(elapsed, 1), "seconds_per_iteration": round(per_it, 4),
                   "seconds_per_epoch_other": round(per_epoch, 3), "batch_size": self.batch_size,
                   "patch_size": list(self.configuration_manager.patch_size), "bf16_autocast": self.bf16,
@@ -315,14 +391,16 @@ class SpinemetsTrainer(nnUNetTrainerNoDA):
 class SpinemetsVertebraeDemoTrainer(SpinemetsTrainer):
     """Vertebra stage of the CPU demo: 25 classes whose identity needs many iterations.
 
-    ``ITERATIONS`` per epoch applies without a budget (700 in all); the demo profile gives a
-    wall-clock budget, and the iterations follow the CPU's speed. With the network at half the
-    features per stage (2.3 times cheaper per iteration), 700 iterations had not yet left the
-    all-background start (pseudo-Dice 0.001): the width stays. On 12 held-out synthetic cases (per-vertebra Dice, before the fragment clean-up of inference),
-    800 iterations at lr 3e-3 gave 0.64, 700 at 6e-3 gave 0.69, and 600 at 8e-3 only 0.29.
+    ``EPOCHS x ITERATIONS`` = 1000 iterations on every CPU. With the network at half the features
+    per stage (2.3 times cheaper per iteration), 700 iterations had not yet left the all-background
+    start (pseudo-Dice 0.001): the width stays. On 12 held-out synthetic cases (per-vertebra Dice,
+    before the fragment clean-up of inference), 800 iterations at lr 3e-3 gave 0.64, 700 at 6e-3
+    gave 0.69, and 600 at 8e-3 only 0.29; on the 8 held-out cases of the budgeted demo, 467
+    iterations gave 0.31 and 963 gave 0.73 (identification rate 0.93; ``bench_budget_vertebrae.md``).
+    The learning curve of this schedule: ``benchmarks/bench_demo_learning.py``.
     """
 
-    EPOCHS = 14
+    EPOCHS = 20
     ITERATIONS = 50
     LR = 6e-3
     OVERSAMPLE = 0.33
@@ -330,7 +408,7 @@ class SpinemetsVertebraeDemoTrainer(SpinemetsTrainer):
 
 class SpinemetsMetastasesDemoTrainer(SpinemetsTrainer):
     """Metastasis stage of the CPU demo: half of each batch centred on a lesion voxel (900 iterations
-    without a budget; with one, as many as fit).
+    on every CPU; with an opt-in budget, as many as fit).
 
     With every patch centred on a lesion (oversampling 1.0) the network saw too little lesion-free
     bone and predicted many small false positives on held-out cases; 0.5 roughly halved them.
