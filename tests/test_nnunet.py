@@ -531,7 +531,7 @@ def test_train_refuses_a_fold_beyond_the_split(tmp_path, clean_env):
 
 
 def test_demo_trains_fixed_iterations_with_a_seed():
-    from spinemets.trainers import spinemets_trainers as st
+    from spinemets.training.trainers import spinemets_trainers as st
 
     assert profiles_mod.planned_iterations("vertebrae", "demo") == 1000
     assert profiles_mod.planned_iterations("metastases", "demo") == 900
@@ -717,7 +717,7 @@ def _seeded_trainer(tmp_path, clean_env, seed: str):
     """A CI trainer built in-process (no training) on a few tiny preprocessed cases with labelled voxels."""
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-    from spinemets.trainers.spinemets_trainers import SpinemetsCITrainer
+    from spinemets.training.trainers.spinemets_trainers import SpinemetsCITrainer
 
     plans = json.loads(_plans(tmp_path).read_text())
     cfg = plans["configurations"]["3d_fullres"]
@@ -757,7 +757,7 @@ def _first_batches(trainer, loaders, epoch: int, n: int = 3) -> list:
 def test_seeded_trainer_draws_the_same_weights_and_batches(tmp_path, clean_env):
     from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
-    from spinemets.trainers.spinemets_trainers import training_seed
+    from spinemets.training.trainers.spinemets_trainers import training_seed
 
     one, loaders_one = _seeded_trainer(tmp_path, clean_env, "0")
     two, loaders_two = _seeded_trainer(tmp_path, clean_env, "0")

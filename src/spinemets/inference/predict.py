@@ -60,7 +60,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import cc3d
 import numpy as np
@@ -79,7 +79,7 @@ from spinemets.formats.slicer import segmentation_from_labelmap
 from spinemets.inference.localization import NEAR_MM, localize, vertebra_table
 from spinemets.inference.postprocessing import (check_min_ml, merge_small_type_parts, remove_small_components,
                                                 remove_small_lesions, repair_vertebra_order)
-from spinemets.labels import LESION_COLUMNS, PARTIAL_SINS_LABEL, VERTEBRA_COLUMNS
+from spinemets.labels import LESION_COLUMNS, PARTIAL_SINS_LABEL, STAGE_NAMES, VERTEBRA_COLUMNS
 from spinemets.paths import CONFIDENCE_NAME, workspace_of
 from spinemets.provenance import provenance
 from spinemets.training import nnunet
@@ -271,7 +271,6 @@ class _Stage:
 
     def __init__(self, stage: str, profile: str, workspace, device: str, tta: bool, threads: int | None = None,
                  model=None):
-        self.name = stage
         ws = self.workspace = workspace_of(workspace)
         if model is not None:  # a shared model (spinemets.training.sharing.Model): its card names the models
             self.models = model.stage_models(stage)
@@ -451,7 +450,8 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
     write_csv(out_dir / "vertebrae.csv", all_vertebrae, VERTEBRA_COLUMNS)
     write_json(out_dir / "provenance.json", _provenance(
         locals_={"input": [str(i) for i in input] if isinstance(input, (list, tuple)) else str(input), "out_dir": str(out_dir), "profile": None if shared else profile, "device": device, **asdict(opts)},
-        shared_model=shared.record() if shared else None, stages=stages, timings=timings, notes=notes, seconds=time.perf_counter() - started,
+        shared_model=shared.record() if shared else None, stages=dict(zip(STAGE_NAMES, stages)), timings=timings,
+        notes=notes, seconds=time.perf_counter() - started,
         domain={"training": domain_mod.summary(records), "cases": reports}, dicom_outputs=dicom_outputs))
     outside = [case for case, report in reports.items() if not report["in_domain"]]
     if outside:
@@ -593,15 +593,15 @@ def _lesion_stage(stage, array: np.ndarray, spacing: Sequence[float]) -> tuple[n
     return with_probabilities(array, spacing)
 
 
-def _provenance(locals_: dict, stages: Sequence["_Stage"], timings: dict, notes: dict, seconds: float,
+def _provenance(locals_: dict, stages: Mapping[str, "_Stage"], timings: dict, notes: dict, seconds: float,
                 domain: dict, dicom_outputs: dict | None = None, shared_model: dict | None = None) -> dict:
     return provenance(
         "spinemets.inference.predict.predict",
         parameters=locals_,
         shared_model=shared_model,
-        models={stage.name: stage.models for stage in stages},
-        nnunet_postprocessing={stage.name: str(stage.postprocessing) if stage.postprocessing else None
-                               for stage in stages},
+        models={name: stage.models for name, stage in stages.items()},
+        nnunet_postprocessing={name: str(stage.postprocessing) if stage.postprocessing else None
+                               for name, stage in stages.items()},
         partial_sins=PARTIAL_SINS_LABEL,
         notes=notes,
         timings_s=timings,

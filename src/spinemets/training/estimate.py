@@ -87,7 +87,7 @@ def time_training_iterations(spec: Mapping, classes: int, iterations: int = 3, s
     ``spec``: a plans configuration of :data:`spinemets.training.profiles.DEMO_CONFIGURATIONS` (patch, features,
     strides, batch size); ``classes``: the stage's output channels (background included). A training
     iteration is what the project's trainers run per batch: forward (under CPU bfloat16 autocast
-    where :func:`~spinemets.trainers.spinemets_trainers.use_cpu_bf16` says so), nnU-Net's Dice +
+    where :func:`~spinemets.training.trainers.spinemets_trainers.use_cpu_bf16` says so), nnU-Net's Dice +
     cross-entropy loss over the deep-supervision outputs, backward, gradient clipping and an AdamW
     step, channels-last 3-D weights; a validation iteration is the forward pass and loss without
     gradients. One warm-up iteration, then the median of ``iterations``.
