@@ -552,6 +552,20 @@ def test_budget_iterations_fill_the_time_left():
     assert iterations_for(10.0, 1, 0.0, 0.0, cap=7) == 7  # an unmeasurably cheap iteration
 
 
+def test_seed_setting(clean_env):
+    from spinemets.training.trainers.spinemets_trainers import training_seed
+
+    clean_env.delenv("SPINEMETS_TRAIN_SEED", raising=False)
+    assert training_seed() is None
+    for value, seed in (("", None), ("0", 0), (" 17 ", 17)):
+        clean_env.setenv("SPINEMETS_TRAIN_SEED", value)
+        assert training_seed() == seed
+    for bad in ("-1", "1.5", "soon"):
+        clean_env.setenv("SPINEMETS_TRAIN_SEED", bad)
+        with pytest.raises(ValueError, match=f"SPINEMETS_TRAIN_SEED must be a non-negative integer, not '{bad}'"):
+            training_seed()
+
+
 def test_budget_setting(clean_env):
     from spinemets.training.trainers.spinemets_trainers import budget_seconds
 

@@ -100,32 +100,30 @@ def use_cpu_bf16(device: torch.device) -> bool:
 TRAINING_RECORD = "spinemets_training.json"
 
 
-def budget_seconds() -> float | None:
-    """The training budget in seconds from ``SPINEMETS_TRAIN_BUDGET_S``, or None (a fixed iteration count)."""
-    value = os.environ.get("SPINEMETS_TRAIN_BUDGET_S", "").strip()
+def _setting(name: str, convert, valid, expected: str):
+    """The value of environment variable ``name`` through ``convert``, or None when unset or empty;
+    a ValueError naming the variable when it does not convert or ``valid`` refuses it."""
+    value = os.environ.get(name, "").strip()
     if not value:
         return None
     try:
-        budget = float(value)
+        parsed = convert(value)
     except ValueError:
-        budget = float("nan")
-    if not (math.isfinite(budget) and budget > 0):
-        raise ValueError(f"SPINEMETS_TRAIN_BUDGET_S must be a positive number of seconds, not {value!r}")
-    return budget
+        parsed = None
+    if parsed is None or not valid(parsed):
+        raise ValueError(f"{name} must be {expected}, not {value!r}")
+    return parsed
+
+
+def budget_seconds() -> float | None:
+    """The training budget in seconds from ``SPINEMETS_TRAIN_BUDGET_S``, or None (a fixed iteration count)."""
+    return _setting("SPINEMETS_TRAIN_BUDGET_S", float, lambda v: math.isfinite(v) and v > 0,
+                    "a positive number of seconds")
 
 
 def training_seed() -> int | None:
     """The training seed from ``SPINEMETS_TRAIN_SEED``, or None (nnU-Net's unseeded behaviour)."""
-    value = os.environ.get("SPINEMETS_TRAIN_SEED", "").strip()
-    if not value:
-        return None
-    try:
-        seed = int(value)
-    except ValueError:
-        seed = -1
-    if seed < 0:
-        raise ValueError(f"SPINEMETS_TRAIN_SEED must be a non-negative integer, not {value!r}")
-    return seed
+    return _setting("SPINEMETS_TRAIN_SEED", int, lambda v: v >= 0, "a non-negative integer")
 
 
 def seed_everything(seed: int, epoch: int | None = None) -> None:
