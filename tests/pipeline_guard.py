@@ -32,7 +32,8 @@ PIPELINE_RUNS = {"ci": 1, "smoke": 1, "rehearsal": 1, "demo": 0, "paper": 0, "gp
 #: run (16: two stages x four configurations x two folds), the budget training (1), the interrupted
 #: training resumed in its folder (1), the SLURM job cancelled and resubmitted (1) and the fold of
 #: nnU-Net's residual-encoder preset M (1, tests/test_resenc.py). A trainer that a test builds
-#: in-process without training (tests/test_nnunet.py) opens its log but logs no epoch: it is no training.
+#: in-process without training (tests/test_nnunet.py: its layout, its schedule, its seeded batches)
+#: opens its log, and may log an epoch's start, but ends no epoch: it is no training.
 TRAININGS = 2 + 16 + 1 + 1 + 1 + 1
 
 
@@ -67,11 +68,12 @@ def trainings(basetemp: Path) -> Counter:
     A training is a folder holding a training log first written there. A test that copies a trained
     workspace copies its logs too: a log counts once, in the folder where it was first written
     (copies have the same name and content and a later ctime). Launches in one folder (a resumption)
-    are one training, and a log without an epoch (a trainer built, never trained) is none."""
+    are one training, and a log without an ended epoch (nnU-Net logs ``train_loss`` as an epoch ends;
+    a trainer built in-process, never trained, logs none) is none."""
     first: dict[tuple[str, str], tuple[float, Path]] = {}
     for log in Path(basetemp).rglob("training_log_*.txt"):
         text = log.read_bytes()
-        if b"Epoch " not in text:
+        if b"train_loss" not in text:
             continue
         key = (log.name, hashlib.sha1(text).hexdigest())
         seen = (log.stat().st_ctime, log.parent.relative_to(basetemp))
@@ -87,6 +89,6 @@ def training_problem(counts: Counter, limit: int = TRAININGS) -> str | None:
         return None
     table = ", ".join(f"{folder}: {n}" for folder, n in counts.most_common())
     return (f"this session trained {total} nnU-Net models (output folders with a training log of their "
-            f"own), more than the {limit} the session fixtures need (tests/pipeline_guard.py: TRAININGS). "
+            f"own and an ended epoch), more than the {limit} the session fixtures need (tests/pipeline_guard.py: TRAININGS). "
             f"By temporary folder: {table}. A test that needs trained models reads the ci_run or smoke_run "
             f"fixture's, or trains on a copy of its datasets and is counted in TRAININGS.")

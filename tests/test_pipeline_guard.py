@@ -43,17 +43,17 @@ def _count_trainings(tmp_path: Path) -> None:
         for i in range(n):
             log = tmp_path / folder / "ws" / "results" / f"fold_{i}" / f"training_log_2026_12_6_{i}.txt"
             log.parent.mkdir(parents=True)
-            log.write_text(f"{folder} fold {i}: Epoch 0\n")
+            log.write_text(f"{folder} fold {i}: Epoch 0\ntrain_loss -0.1\n")
     (tmp_path / "other0" / "training_log.txt").parent.mkdir()
-    (tmp_path / "other0" / "training_log.txt").write_text("Epoch 0")  # not nnU-Net's name
+    (tmp_path / "other0" / "training_log.txt").write_text("Epoch 0\ntrain_loss -0.1")  # not nnU-Net's name
     built = tmp_path / "test_builds_a_trainer0" / "fold_all" / "training_log_2026_12_6_1.txt"
     built.parent.mkdir(parents=True)
-    built.write_text("Please cite nnU-Net\n")  # a trainer built in-process, never trained
+    built.write_text("Please cite nnU-Net\nEpoch 0\n")  # a trainer built in-process: an epoch started, none ended
     shutil.copytree(tmp_path / "ci0", tmp_path / "test_reads_a_copy0", copy_function=shutil.copy2)
     # a resumption in a copy (a second launch where the copied log lies) and one in place (requeued)
     for resumed in (tmp_path / "test_reads_a_copy0" / "ws" / "results" / "fold_0",
                     tmp_path / "test_resume0" / "ws" / "results" / "fold_2"):
-        (resumed / "training_log_2026_12_6_9.txt").write_text(f"{resumed}: Epoch 1\n")
+        (resumed / "training_log_2026_12_6_9.txt").write_text(f"{resumed}: Epoch 1\ntrain_loss -0.2\n")
     counts = pipeline_guard.trainings(tmp_path)
     # a copied log is no training, a second launch in one folder is none either, a resumption in a copy is one
     assert counts == {"ci0": 2, "test_resume0": 3, "test_reads_a_copy0": 1}
