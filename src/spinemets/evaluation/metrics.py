@@ -246,21 +246,21 @@ def check_match(match: str) -> None:
 def union_box(ref: np.ndarray, pred: np.ndarray) -> tuple[slice, ...] | None:
     """Bounding box (tuple of slices) of the voxels labelled in either 3-D array; None when both are empty.
 
-    Uses maximum projections (along z, and over each z slice), not a full-size mask.
+    Uses maximum projections, not a full-size mask: over z first (one pass over each array), which
+    gives the box in y and x; then, inside that box only, over each z slice.
     """
-    slab = np.zeros(ref.shape[0], dtype=bool)
     plane = np.zeros(ref.shape[1:], dtype=bool)
     for array in (ref, pred):
-        flat = array.reshape(array.shape[0], -1) if array.flags.c_contiguous else None
-        slab |= (flat.max(axis=1) if flat is not None else array.max(axis=(1, 2))) != 0
         plane |= array.max(axis=0) != 0
-    box = []
-    for hit in (slab, plane.any(axis=1), plane.any(axis=0)):
-        where = np.flatnonzero(hit)
-        if where.size == 0:
-            return None
-        box.append(slice(int(where[0]), int(where[-1]) + 1))
-    return tuple(box)
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    if rows.size == 0:
+        return None
+    y, x = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+    slab = np.zeros(ref.shape[0], dtype=bool)
+    for array in (ref, pred):
+        slab |= array[:, y, x].max(axis=(1, 2)) != 0
+    where = np.flatnonzero(slab)
+    return slice(int(where[0]), int(where[-1]) + 1), y, x
 
 
 def pair_table(a: np.ndarray, b: np.ndarray, n_a: int, n_b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -520,16 +520,21 @@ def identification(ref_centroids: np.ndarray, pred_centroids: np.ndarray) -> tup
 # ---------------------------------------------------------------------------------------------
 
 
+def check_label_kind(array: np.ndarray, source) -> None:
+    """A SpinemetsError naming ``source`` when the array is empty or not of a number type."""
+    if array.dtype.kind not in "fui" and array.dtype != bool:
+        raise SpinemetsError(f"{source}: label map has voxel type {array.dtype}; expected integers")
+    if array.size == 0:
+        raise SpinemetsError(f"{source}: label map is empty")
+
+
 def check_labels(array: np.ndarray, stage: str, source) -> np.ndarray:
     """The array as non-negative integers within the stage's labels, or a SpinemetsError naming ``source``."""
+    check_label_kind(array, source)
     if array.dtype.kind == "f":
         if not np.array_equal(array, np.round(array)):
             raise SpinemetsError(f"{source}: label map holds non-integer values")
         array = array.astype(np.int32)
-    elif array.dtype.kind not in "ui" and array.dtype != bool:
-        raise SpinemetsError(f"{source}: label map has voxel type {array.dtype}; expected integers")
-    if array.size == 0:
-        raise SpinemetsError(f"{source}: label map is empty")
     low = int(array.min()) if array.dtype.kind == "i" else 0
     high = int(array.max())
     n_max = max(foreground_labels(stage).values())
@@ -565,14 +570,16 @@ def evaluate_case(
     check_match(match)
     if ref.shape != pred.shape:
         raise SpinemetsError(f"{sources[1]}: shape {pred.shape} differs from {sources[0]} ({ref.shape})")
-    ref = check_labels(ref, stage, sources[0])
-    pred = check_labels(pred, stage, sources[1])
+    check_label_kind(ref, sources[0])
+    check_label_kind(pred, sources[1])
     classes = foreground_labels(stage)
     n_labels = max(classes.values()) + 1
     box = union_box(ref, pred)
     empty = box is None
-    if not empty:
+    if not empty:  # outside the box both hold 0 only: the values are checked where they can be wrong
         ref, pred = ref[box], pred[box]
+    ref = check_labels(ref, stage, sources[0])
+    pred = check_labels(pred, stage, sources[1])
     zeros = np.zeros(n_labels, dtype=np.int64)
     voxels = Counts(zeros, zeros, zeros) if empty else voxel_counts(confusion_matrix(ref, pred, n_labels))
     if stage == "vertebrae":
