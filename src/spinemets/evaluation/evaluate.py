@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -282,8 +281,7 @@ def bootstrap_cis(values: np.ndarray, n_boot: int = N_BOOTSTRAP, seed: int = SEE
     """:func:`bootstrap_ci` of each row of ``values`` (metrics x cases), with the same resamples of
     cases for every row: the indices are drawn once for a whole table."""
     values = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.shape[1], size=(n_boot, values.shape[1]))
+    idx = case_resamples(values.shape[1], n_boot, seed)
     alpha = (1 - level) / 2
     low, high = np.full(len(values), math.nan), np.full(len(values), math.nan)
     complete = np.isfinite(values).all(axis=1)
@@ -301,14 +299,19 @@ def bootstrap_cis(values: np.ndarray, n_boot: int = N_BOOTSTRAP, seed: int = SEE
     return low, high
 
 
-def _pooled(per_case: dict[str, dict], cls: str, stage: str, beta: float, n_boot: int, seed: int) -> dict:
-    """Instance and voxel counts summed over cases and the metrics of the sums, with case-bootstrap intervals."""
+def case_resamples(n_cases: int, n_boot: int = N_BOOTSTRAP, seed: int = SEED) -> np.ndarray:
+    """The bootstrap's resamples of cases: ``n_boot`` rows of ``n_cases`` case indices drawn with
+    replacement, the same for every metric of a folder (one seed, one draw)."""
+    return np.random.default_rng(seed).integers(0, n_cases, size=(n_boot, n_cases))
+
+
+def _pooled(per_case: dict[str, dict], cls: str, stage: str, beta: float, idx: np.ndarray) -> dict:
+    """Instance and voxel counts summed over cases and the metrics of the sums, with case-bootstrap
+    intervals over the resamples ``idx`` (:func:`case_resamples`)."""
     cases = list(per_case)
     tp, fp, fn = (np.array([per_case[c][cls][k] for c in cases], dtype=float) for k in ("tp", "fp", "fn"))
     sq = np.array([per_case[c][cls]["sq"] for c in cases], dtype=float)
     iou_sum = np.where(tp > 0, np.nan_to_num(sq) * tp, 0.0)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(cases), size=(n_boot, len(cases)))
     total = Counts(tp.sum(), fp.sum(), fn.sum(), iou_sum.sum())
     boot = Counts(tp[idx].sum(axis=1), fp[idx].sum(axis=1), fn[idx].sum(axis=1), iou_sum[idx].sum(axis=1))
     vtp, vfp, vfn = (np.array([per_case[c][cls][k] for c in cases], dtype=float)
@@ -366,7 +369,8 @@ def summarize(
             "n": int(finite.sum()),
             "n_nan": int((~finite).sum()),
         }
-    pooled = {cls: _pooled(per_case, cls, stage, beta, n_boot, seed) for cls in classes if cls != "all"}
+    idx = case_resamples(len(per_case), n_boot, seed)
+    pooled = {cls: _pooled(per_case, cls, stage, beta, idx) for cls in classes if cls != "all"}
     if stage == "vertebrae":
         ids = np.array([[per_case[c][v]["identified"] for v in classes if v != "all"] for c in per_case], float)
         n_ref = np.isfinite(ids).sum()
@@ -437,9 +441,11 @@ def _evaluate_one(item):
 
 
 def _progress_bar():
-    """tqdm's notebook bar where IPython runs (a notebook has imported it), else the terminal's bar,
-    without the import of asyncio and the widgets that ``tqdm.auto`` costs a command."""
-    if "IPython" in sys.modules:
+    """tqdm's notebook bar in a notebook, else the terminal's bar, without the import of asyncio and
+    the widgets that ``tqdm.auto`` costs a command."""
+    from spinemets.training.programs import in_notebook
+
+    if in_notebook():
         from tqdm.auto import tqdm
     else:
         from tqdm.std import tqdm

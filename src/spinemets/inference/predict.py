@@ -419,8 +419,8 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
         from spinemets.training.sharing import open_model
 
         shared = open_model(model)
-    opts = (options or PredictOptions()).resolved(shared.settings() if shared else profile)
     prof = shared.settings() if shared else get_profile(profile)
+    opts = (options or PredictOptions()).resolved(prof)
     cases = find_inputs(input)
     out_dir = check_output_dir(out_dir, "prediction folder")
     for item in input if isinstance(input, (list, tuple)) else [input]:

@@ -58,10 +58,12 @@ def tool_output() -> str:
 
 
 def in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:
+    """Whether this process is a notebook's kernel. A kernel has imported IPython already; a command
+    has not, and does not pay for importing it here."""
+    if "IPython" not in sys.modules:
         return False
+    from IPython import get_ipython
+
     shell = get_ipython()
     return shell is not None and hasattr(shell, "kernel")
 
