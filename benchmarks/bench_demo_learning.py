@@ -8,6 +8,9 @@ clean-up, then :func:`spinemets.metrics.evaluate_folders`; ``bench_budget.evalua
 
 * Without ``--train``: the checkpoints of the workspace's own training (a demo run started with
   ``SPINEMETS_KEEP_CHECKPOINTS_EVERY=2``, for instance).
+* With ``--train --epochs N``: a variant, the demo's trainer with ``N`` epochs of its iterations per
+  epoch (the learning rate decaying over the longer schedule), trained as above; its checkpoints are
+  scored as the demo's model would be (the checkpoint under the demo trainer's name).
 * With ``--train``: the stage is trained again, with the demo's trainer, seed and iterations, into
   its own ``nnUNet_results`` under ``--workdir``, keeping checkpoints every ``--every`` epochs; the
   CPU settings of the environment apply (e.g. the AVX2 emulation ``SPINEMETS_CPU_BF16=0
@@ -80,21 +83,42 @@ def seconds_at(record: dict, iterations: int) -> float | None:
     return None
 
 
-def model_at(model: Path, checkpoint: Path, results: Path, dataset: str) -> None:
-    """An ``nnUNet_results`` folder under ``results`` whose model of ``dataset`` is ``model`` with ``checkpoint`` as final."""
-    target = results / dataset / model.name
+def model_at(model: Path, checkpoint: Path, results: Path, dataset: str, as_trainer: str | None = None) -> None:
+    """An ``nnUNet_results`` folder under ``results`` whose model of ``dataset`` is ``model`` with ``checkpoint``
+    as final; with ``as_trainer``, under that trainer's name (a variant scored as the demo's model)."""
+    name = model.name if as_trainer is None else "__".join([as_trainer, *model.name.split("__")[1:]])
+    target = results / dataset / name
     fold = target / "fold_all"
     fold.mkdir(parents=True, exist_ok=True)
     for item in model.iterdir():
         if item.is_file() and not (target / item.name).exists():
             (target / item.name).symlink_to(item)
     final = fold / nnunet.CHECKPOINT_FINAL
-    if not final.exists():
+    if final.exists():
+        return
+    if as_trainer is None or as_trainer == model.name.split("__")[0]:
         final.symlink_to(checkpoint)
+        return
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state["trainer_name"] = as_trainer  # the variant differs only in its schedule; inference is the demo trainer's
+    torch.save(state, final)
+
+
+def variant_trainer(stage: str, epochs: int, folder: Path) -> str:
+    """A trainer module in ``folder``: the demo trainer of ``stage`` with ``epochs`` epochs; its class name."""
+    base = stage_plan(stage, PROFILE)["trainer"]
+    name = f"{base}_{epochs}epochs"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench_variants.py").write_text(
+        f"from spinemets.training.trainers.spinemets_trainers import {base}\n\n\n"
+        f"class {name}({base}):\n    EPOCHS = {int(epochs)}\n")
+    return name
 
 
 def run(workspace: Path, stage: str, every: int, train: bool, workdir: Path, only: set[int] | None = None,
-        other_results: Path | None = None, model_results: Path | None = None) -> list[dict]:
+        other_results: Path | None = None, model_results: Path | None = None, epochs: int | None = None) -> list[dict]:
     ws = Workspace(workspace)
     entry = stage_plan(stage, PROFILE)
     other = next(s for s in STAGE_NAMES if s != stage)
@@ -111,11 +135,17 @@ def run(workspace: Path, stage: str, every: int, train: bool, workdir: Path, onl
         if not link.exists():
             link.symlink_to(other_from, target_is_directory=True)
         os.environ["SPINEMETS_KEEP_CHECKPOINTS_EVERY"] = str(every)
+        options = None
+        if epochs:
+            trainer = variant_trainer(stage, epochs, workdir / "trainers")
+            options = nnunet.TrainingOptions(trainer=trainer, extra_trainer_dirs=(workdir / "trainers",))
         with results_folder(results):
-            log(f"{stage}: training {planned_iterations(stage, PROFILE)} iterations, a checkpoint every {every} epochs")
+            log(f"{stage}: training {trainer}, a checkpoint every {every} epochs")
             t0 = time.perf_counter()
-            nnunet.train(stage, PROFILE, workspace=ws)
+            nnunet.train(stage, PROFILE, workspace=ws, options=options)
             log(f"{stage}: trained in {time.perf_counter() - t0:.0f} s")
+    elif epochs:
+        trainer = f"{trainer}_{epochs}epochs"
     with results_folder(results):
         model = ws.model_folder(stage, cfg, trainer)
     record = read_json(model / "fold_all" / nnunet.TRAINING_RECORD, "training record")
@@ -129,13 +159,13 @@ def run(workspace: Path, stage: str, every: int, train: bool, workdir: Path, onl
     for iterations, checkpoint in points.items():
         folder = workdir / f"it{iterations}"
         point_results = folder / "results"
-        model_at(model, checkpoint, point_results, ws.dataset_name(stage))
+        model_at(model, checkpoint, point_results, ws.dataset_name(stage), as_trainer=entry["trainer"])
         link = point_results / ws.dataset_name(other)
         if not link.exists():
             link.symlink_to(other_from, target_is_directory=True)
         with results_folder(point_results):
             scored = evaluate(ws, stage, folder)
-        rows.append({"stage": stage, "iterations": iterations, "trained_s": seconds_at(record, iterations),
+        rows.append({"stage": stage, "variant": trainer, "iterations": iterations, "trained_s": seconds_at(record, iterations),
                      "seconds_per_iteration": record.get("seconds_per_iteration"),
                      "iterations_planned": record.get("iterations_planned"), "seed": record.get("seed"),
                      "torch_capability": cpu.get("torch_capability"), "bf16_autocast": record.get("bf16_autocast"),
@@ -162,6 +192,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", required=True)
     parser.add_argument("--every", type=int, default=2, help="with --train: keep a checkpoint every N epochs")
     parser.add_argument("--train", action="store_true", help="train the stage again (this environment's CPU settings)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="a variant: the demo trainer with this many epochs (with --train; without it, score "
+                             "such a variant trained before with --model-results)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here; default: a temporary folder")
     parser.add_argument("--points", default=None, help="score only these kept checkpoints (iterations, comma-separated)")
     parser.add_argument("--other-results", type=Path, default=None,
@@ -178,7 +211,7 @@ def main(argv=None) -> int:
         only = {int(p) for p in a.points.split(",") if p.strip()} if a.points else None
         rows = run(a.workspace.resolve(), a.stage, a.every, a.train, workdir, only,
                    a.other_results.resolve() if a.other_results else None,
-                   a.model_results.resolve() if a.model_results else None)
+                   a.model_results.resolve() if a.model_results else None, a.epochs)
     finally:
         if a.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

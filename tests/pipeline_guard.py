@@ -31,10 +31,11 @@ PIPELINE_RUNS = {"ci": 1, "smoke": 1, "rehearsal": 1, "demo": 0, "paper": 0, "gp
 #: nnU-Net trainings (output folders) of a whole session: the ci run (2: one per stage), the smoke
 #: run (16: two stages x four configurations x two folds), the budget training (1), the interrupted
 #: training resumed in its folder (1), the SLURM job cancelled and resubmitted (1) and the fold of
-#: nnU-Net's residual-encoder preset M (1, tests/test_resenc.py). A trainer that a test builds
+#: nnU-Net's residual-encoder preset M (1, tests/test_resenc.py) and the two tiny models in
+#: TotalSegmentator's layout (2, tests/test_totalseg.py). A trainer that a test builds
 #: in-process without training (tests/test_nnunet.py: its layout, its schedule, its seeded batches)
 #: opens its log, and may log an epoch's start, but ends no epoch: it is no training.
-TRAININGS = 2 + 16 + 1 + 1 + 1 + 1
+TRAININGS = 2 + 16 + 1 + 1 + 1 + 1 + 2
 
 
 class PipelineRunAgain(AssertionError):

@@ -20,6 +20,13 @@ from spinemets.labels import SINS_LOCATION, labels
 from spinemets.training.profiles import PROFILES
 
 V = labels("vertebrae")
+
+
+@pytest.fixture(autouse=True)
+def keep_lesions_outside_the_spine(monkeypatch):
+    """The hand-made cases here put lesions beside their one vertebra block: the demo profile's clean-up
+    of lesions that touch no vertebra (tested on its own below) is off for them."""
+    monkeypatch.setitem(PROFILES["demo"], "spine_only", False)
 SPACING = (3.0, 2.0, 2.0)  # z, y, x mm
 
 
@@ -247,6 +254,27 @@ def test_predict_writes_case_and_cohort_outputs(tmp_path, monkeypatch, roi, lesi
     assert "Doe^Jane" not in everything
 
 
+def test_predict_clears_lesions_further_than_the_margin_from_every_vertebra_where_asked(tmp_path, monkeypatch):
+    path = _ct(tmp_path)
+    stages = {"vertebrae": _ThresholdVertebrae(), "metastases": _RecordingLesions()}
+    monkeypatch.setattr(inference, "_Stage", lambda stage, *a: stages[stage])
+    every = inference.predict(path.parent, tmp_path / "all", device="cpu",
+                              options=inference.PredictOptions(min_lesion_ml=0, spine_only=False))
+    near = [r for r in every if r["level"] != localization.OUTSIDE]
+    assert len(every) == 2 and len(near) == 1 and near[0]["distance_mm"] > 0  # one beside the vertebra, one far
+    rows = inference.predict(path.parent, tmp_path / "near", device="cpu",
+                             options=inference.PredictOptions(min_lesion_ml=0, spine_only=True,
+                                                              spine_margin_mm=near[0]["distance_mm"]))
+    assert [r["level"] for r in rows] == [near[0]["level"]]
+    prov = json.loads((tmp_path / "near" / "provenance.json").read_text())
+    assert prov["parameters"]["spine_only"] is True and prov["timings_s"]["case_a"]["lesions_outside_spine_removed"] == 1
+    assert inference.predict(path.parent, tmp_path / "touch", device="cpu",
+                             options=inference.PredictOptions(min_lesion_ml=0, spine_only=True, spine_margin_mm=0)) == []
+    with pytest.raises(SpinemetsError, match="--spine-margin-mm"):
+        inference.predict(path.parent, tmp_path / "bad", device="cpu",
+                          options=inference.PredictOptions(spine_only=True, spine_margin_mm=-1))
+
+
 def test_figures_of_predictions(tmp_path, monkeypatch):
     import matplotlib
 
@@ -289,6 +317,28 @@ def test_small_lesions_are_cleared_by_size_in_millilitres():
     assert lesions.sum() == 8 + 54 + 1 + 2  # the input is not modified
     with pytest.raises(SpinemetsError, match="minimum component size"):
         inference.remove_small_lesions(lesions, spacing, -1)
+
+
+def test_lesions_outside_the_spine_are_those_localization_calls_outside_and_only_those():
+    vert = np.zeros((10, 10, 40), np.uint8)
+    vert[2:8, 2:8, 2:8] = V["L1"]  # x 2..7
+    lesions = np.zeros_like(vert)
+    lesions[4, 4, 6:9] = 1  # overlaps L1
+    lesions[4, 4, 12] = 2  # 5 voxels of 2 mm = 10 mm from x=7: kept at near_mm 10 (exactly the distance)
+    lesions[4, 4, 20] = 1  # 26 mm away: removed
+    lesions[4, 4, 30:33] = 2  # 46 mm: removed
+    spacing = (1.0, 1.0, 2.0)
+    cleaned, removed = inference.remove_lesions_outside_spine(lesions, vert, spacing, near_mm=10.0)
+    assert removed == 2 and not cleaned[:, :, 14:].any() and (cleaned[:, :, :14] == lesions[:, :, :14]).all()
+    ct = np.zeros(vert.shape, np.int16)
+    rows = localization.localize(lesions, vert, ct, spacing, near_mm=10.0)
+    kept = localization.localize(cleaned, vert, ct, spacing, near_mm=10.0)
+    assert sum(r["level"] == localization.OUTSIDE for r in rows) == 2
+    assert [r["level"] for r in kept] == ["L1", "L1"]
+    assert inference.remove_lesions_outside_spine(lesions, vert, spacing, near_mm=5.0)[1] == 3
+    same, none = inference.remove_lesions_outside_spine(lesions, np.zeros_like(vert), spacing, 10.0)
+    assert none == 0 and same is lesions  # without vertebrae nothing is judged
+    assert lesions.sum() == 3 + 2 + 1 + 6  # the input is not modified
 
 
 def test_small_vertebra_fragments_are_cleared_label_by_label():

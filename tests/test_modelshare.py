@@ -320,8 +320,8 @@ def test_ci_model_card(ci_run, ci_archive, tmp_path):
         assert entry["cross_validation"] is None
         assert entry["domain"]["cohort"] == "synthetic"
         assert entry["domain"]["record"] in card["files"]
-    assert card["inference"] == {"min_lesion_ml": 0.18, "min_vertebra_ml": 0.5, "repair_vertebra_order": True,
-                                 "min_confidence": 0.0}
+    assert card["inference"] == {"min_lesion_ml": 0.3, "min_vertebra_ml": 0.5, "repair_vertebra_order": True,
+                                 "min_confidence": 0.0, "spine_only": True, "spine_margin_mm": 0.0}
     for words in ("Research only", "Not a medical device", "## Training data", "## Protocol", "Held-out cases",
                   "95 %", "## Intended domain", "nnU-Net 2.", "SpinemetsCITrainer", "`nnUNetPlans`"):
         assert words in markdown, words

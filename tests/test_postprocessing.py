@@ -210,17 +210,19 @@ def test_no_threshold_or_no_lesion_changes_nothing():
     assert out is lesions and merged == 0
 
 
-def test_the_demos_smallest_lesion_is_half_the_smallest_synthetic_lesion():
+def test_the_demos_smallest_lesion_is_four_fifths_of_the_smallest_synthetic_lesion():
     from spinemets.cohort import synth
 
     preset = synth.PRESETS["demo"]
     voxel_ml = min(preset["spacing_xy"]) ** 2 * min(preset["slice_thickness"]) / 1000.0
     smallest_ml = preset["min_lesion_voxels"] * voxel_ml
     assert PROFILES["demo"]["min_lesion_ml"] == DEMO_MIN_LESION_ML
-    assert 0.45 * smallest_ml <= DEMO_MIN_LESION_ML <= 0.5 * smallest_ml
-    # a component of half a lesion's voxels or fewer cannot reach IoU > 0.5 with it
-    lesion = np.zeros((1, 1, 40), bool)
-    lesion[0, 0, :20] = True
-    half = np.zeros_like(lesion)
-    half[0, 0, :10] = True
-    assert (lesion & half).sum() / (lesion | half).sum() == 0.5
+    assert 0.75 * smallest_ml <= DEMO_MIN_LESION_ML <= 0.85 * smallest_ml
+    # the smallest planted lesion, predicted whole, is kept; a prediction of it needs 16 of its 20 voxels (the
+    # price: a match with IoU > 0.5 may hold only 11 and is then cleared, one true lesion of the demo's held-out 78)
+    assert DEMO_MIN_LESION_ML < smallest_ml and 11 / 20 * smallest_ml < DEMO_MIN_LESION_ML
+
+
+def test_the_demo_clears_lesions_that_touch_no_vertebra_and_the_paper_keeps_them():
+    assert PROFILES["demo"]["spine_only"] is True and PROFILES["demo"]["spine_margin_mm"] == 0.0
+    assert PROFILES["paper"]["spine_only"] is False

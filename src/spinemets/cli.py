@@ -14,7 +14,7 @@ from pathlib import Path
 
 from spinemets import __version__
 from spinemets.errors import SpinemetsError
-from spinemets.labels import STAGE_NAMES
+from spinemets.labels import STAGE_NAMES, VERTEBRA_SOURCES
 from spinemets.evaluation.metrics import IOU_THRESHOLD, MATCH_RULES
 
 
@@ -137,9 +137,10 @@ def _cmd_predict(a):
     from spinemets.inference.predict import PredictOptions, predict
 
     options = PredictOptions(roi=a.roi, min_lesion_ml=a.min_lesion_ml, min_vertebra_ml=a.min_vertebra_ml,
-                             repair_order=a.repair_order, min_confidence=a.min_confidence)
+                             repair_order=a.repair_order, min_confidence=a.min_confidence,
+                             spine_only=a.spine_only, spine_margin_mm=a.spine_margin_mm)
     predict(input=a.input, out_dir=a.out, profile=a.profile, workspace=a.workspace,
-          device=a.device, options=options, model=a.model)
+            device=a.device, options=options, model=a.model, vertebrae=a.vertebrae)
     print(f"wrote {a.out}")
 
 
@@ -318,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, metavar="ARCHIVE_OR_FOLDER",
                    help="an exported model (the archive of export-model, or a folder install-model wrote) instead "
                         "of the profile's trained models; its card's inference settings replace the profile's")
+    p.add_argument("--vertebrae", choices=tuple(VERTEBRA_SOURCES), default="trained",
+                   help="stage 1: the trained vertebra model (trained), or TotalSegmentator's public CT model "
+                        "(totalsegmentator; totalsegmentator-fast: its 3 mm model), installed with "
+                        "pip install 'spinemets[totalsegmentator]'; its weights download on first use")
     p.add_argument("--workspace", type=Path, default=None)
     p.add_argument("--min-lesion-ml", type=float, default=None,
                    help="clear predicted lesions smaller than this (mL), after giving a lesion's parts of the other "
@@ -330,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, default=None, metavar="X",
                    help="clear predicted lesions whose confidence (the largest probability of its class over a "
                         "lesion's voxels) is below X (0-1); default: the profile's (0: none cleared)")
+    p.add_argument("--spine-only", action=argparse.BooleanOptionalAction, default=None,
+                   help="clear predicted lesions that localization would call 'outside spine' (no overlap with, and "
+                        "further than --spine-margin-mm from, every predicted vertebra); default: the profile's "
+                        "(demo: on, paper: off)")
+    p.add_argument("--spine-margin-mm", type=float, default=None, metavar="MM",
+                   help="with --spine-only: how far from a vertebra a kept lesion may lie (0: it must touch one); "
+                        "default: the profile's (demo: 0)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export-model", help="one archive of a run's trained models with nnU-Net's export, the domain "

@@ -76,6 +76,15 @@ TOTALSEGMENTATOR_TOTAL_TO_VERTEBRAE: dict[int, int] = {
     **{ts: 51 - ts for ts in range(27, 51)},  # 27 L5 ... 31 L1, 32 T12 ... 43 T1, 44 C7 ... 50 C1
 }
 
+#: Where stage 1's vertebrae come from (``spinemets predict --vertebrae``): the run's (or shared model's)
+#: own trained model, or TotalSegmentator's ``total`` task in its default (1.5 mm) or fast (3 mm) mode
+#: (:mod:`spinemets.inference.totalseg`).
+VERTEBRA_SOURCES: dict[str, dict | None] = {
+    "trained": None,
+    "totalsegmentator": {"fast": False, "mode": "default (1.5 mm)"},
+    "totalsegmentator-fast": {"fast": True, "mode": "fast (3 mm)"},
+}
+
 
 def check_stage(stage: str) -> dict:
     """The table of a stage; an unknown stage is an error naming the known ones."""

@@ -45,6 +45,7 @@ from typing import Sequence
 
 import cc3d
 import numpy as np
+from scipy import ndimage
 from scipy.ndimage import maximum_filter1d
 
 from spinemets import labels as labels_mod
@@ -96,6 +97,28 @@ def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_ml
     cleaned = labels.copy()
     cleaned[small[components]] = 0
     return cleaned, int(small.sum())
+
+
+def remove_lesions_outside_spine(lesions: np.ndarray, vertebrae: np.ndarray, spacing: Sequence[float],
+                                 near_mm: float) -> tuple[np.ndarray, int]:
+    """Clear the predicted lesions that :func:`spinemets.inference.localization.localize` would call
+    ``outside spine``: the components (26-connectivity, both types together) that overlap no vertebra
+    and lie further than ``near_mm`` millimetres from every vertebra voxel. Without any vertebra
+    nothing is cleared (nothing to judge by). Returns the cleaned map (the input when nothing is
+    removed; never modified) and the number of lesions removed.
+    """
+    if not lesions.any() or not vertebrae.any():
+        return lesions, 0
+    components, n = cc3d.connected_components(lesions > 0, connectivity=26, return_N=True)
+    distance = ndimage.distance_transform_edt(vertebrae == 0, sampling=np.asarray(spacing, dtype=float))
+    nearest = ndimage.minimum(distance, labels=components, index=np.arange(1, n + 1))
+    outside = np.zeros(n + 1, dtype=bool)
+    outside[1:] = np.asarray(nearest, dtype=float) > near_mm
+    if not outside.any():
+        return lesions, 0
+    cleaned = lesions.copy()
+    cleaned[outside[components]] = 0
+    return cleaned, int(outside.sum())
 
 
 def merge_small_type_parts(lesions: np.ndarray, spacing: Sequence[float], min_ml: float) -> tuple[np.ndarray, int]:

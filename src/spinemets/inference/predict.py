@@ -4,7 +4,9 @@ The inference step: it serves the command ``spinemets predict`` and the inferenc
 
 :func:`predict` runs, per CT:
 
-1. **Stage 1** (vertebrae): nnU-Net segments C1...Sacrum (labels 1-25) on the whole CT.
+1. **Stage 1** (vertebrae): nnU-Net segments C1...Sacrum (labels 1-25) on the whole CT, with the
+   run's trained model, or TotalSegmentator's public model (``vertebrae="totalsegmentator"``,
+   :mod:`spinemets.inference.totalseg`).
 2. **Stage 2** (metastases, lytic 1 / sclerotic 2): on the whole CT (``roi="none"``, as in the
    paper, which also found sternal lesions), or on the bounding box of the stage-1 vertebrae
    grown by ``margin_mm`` on every side (``roi="spine"``), pasted back into an empty map of the
@@ -13,8 +15,9 @@ The inference step: it serves the command ``spinemets predict`` and the inferenc
    ``min_lesion_ml`` then takes the lesion's main type (:func:`merge_small_type_parts`: a few
    lytic voxels on the rim of a sclerotic lesion are not a lytic lesion), and predicted lesions
    smaller than ``min_lesion_ml`` are cleared (:func:`remove_small_lesions`; the demo profile's
-   0.18 mL is half its smallest synthetic lesion, 0.375 mL, and a smaller prediction cannot match
-   a lesion with IoU > 0.5; the paper profile changes nothing). Likewise, fragments of a
+   0.3 mL is four fifths of its smallest synthetic lesion, 0.375 mL; the paper profile changes
+   nothing); where the profile asks for it (the demo), so are the lesions that touch no predicted
+   vertebra (:func:`spinemets.inference.postprocessing.remove_lesions_outside_spine`). Likewise, fragments of a
    vertebra label smaller than ``min_vertebra_ml`` are cleared from the stage-1 map, and, where
    the profile asks for it (the demo), its labels are put in the spine's order
    (:func:`spinemets.inference.postprocessing.repair_vertebra_order`).
@@ -77,8 +80,8 @@ from spinemets.formats.dicomsr import SR_FILE, write_lesion_report
 from spinemets.formats.images import ijk_to_lps, image_from_array, read_image, write_image
 from spinemets.formats.slicer import segmentation_from_labelmap
 from spinemets.inference.localization import NEAR_MM, localize, vertebra_table
-from spinemets.inference.postprocessing import (check_min_ml, merge_small_type_parts, remove_small_components,
-                                                remove_small_lesions, repair_vertebra_order)
+from spinemets.inference.postprocessing import (check_min_ml, merge_small_type_parts, remove_lesions_outside_spine,
+                                                remove_small_components, remove_small_lesions, repair_vertebra_order)
 from spinemets.labels import LESION_COLUMNS, PARTIAL_SINS_LABEL, STAGE_NAMES, VERTEBRA_COLUMNS
 from spinemets.paths import CONFIDENCE_NAME, workspace_of
 from spinemets.provenance import provenance
@@ -367,7 +370,11 @@ class PredictOptions:
     (:func:`spinemets.inference.postprocessing.repair_vertebra_order`; default: the profile's
     ``repair_vertebra_order``, on in the demo, off in the paper profile). ``min_confidence`` clears
     predicted lesions whose confidence (:func:`detection_map`) is below it (default: the profile's
-    ``min_confidence``, 0 in every profile: nothing cleared).
+    ``min_confidence``, 0 in every profile: nothing cleared). ``spine_only`` clears the predicted
+    lesions that overlap no predicted vertebra and lie further than ``spine_margin_mm`` from every
+    one (0: each kept lesion touches a vertebra; :func:`remove_lesions_outside_spine`; default: the
+    profile's ``spine_only`` and ``spine_margin_mm``, on with 0 mm in the demo, off in the paper
+    profile, whose authors also found sternal lesions).
     """
 
     roi: str = "none"
@@ -379,6 +386,8 @@ class PredictOptions:
     min_vertebra_ml: float | None = None
     repair_order: bool | None = None
     min_confidence: float | None = None
+    spine_only: bool | None = None
+    spine_margin_mm: float | None = None
 
     def resolved(self, profile) -> "PredictOptions":
         """These options with the profile's values in place of ``None``, checked. ``profile``: a training
@@ -394,7 +403,12 @@ class PredictOptions:
             repair_order=bool(prof.get("repair_vertebra_order", False) if self.repair_order is None
                               else self.repair_order),
             min_confidence=float(prof.get("min_confidence", 0.0) if self.min_confidence is None
-                                 else self.min_confidence))
+                                 else self.min_confidence),
+            spine_only=bool(prof.get("spine_only", False) if self.spine_only is None else self.spine_only),
+            spine_margin_mm=float(prof.get("spine_margin_mm", NEAR_MM) if self.spine_margin_mm is None
+                                  else self.spine_margin_mm))
+        if not (np.isfinite(out.spine_margin_mm) and out.spine_margin_mm >= 0):
+            raise SpinemetsError(f"--spine-margin-mm: a distance >= 0 mm, not {out.spine_margin_mm!r}")
         for value in (out.min_lesion_ml, out.min_vertebra_ml):
             check_min_ml(value)
         check_min_confidence(out.min_confidence)
@@ -402,7 +416,8 @@ class PredictOptions:
 
 
 def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profile: str = "demo", workspace=None,
-            device: str | None = None, options: PredictOptions | None = None, model=None) -> list[dict]:
+            device: str | None = None, options: PredictOptions | None = None, model=None,
+            vertebrae: str = "trained") -> list[dict]:
     """Two-stage prediction, localization and partial SINS for one CT or a folder (or a list of
     them, :func:`find_inputs`); return the cohort's lesion rows.
 
@@ -413,7 +428,16 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
     ``model``: an exported model (an archive or an installed folder, :mod:`spinemets.training.sharing`)
     instead of the profile's trained models; its card's inference settings replace the profile's,
     its domain records are checked against, and the device defaults to the best one available.
+    ``vertebrae``: where stage 1 comes from (:data:`spinemets.labels.VERTEBRA_SOURCES`): the
+    trained model (``trained``) or TotalSegmentator's public model (``totalsegmentator``, or
+    ``totalsegmentator-fast`` for its 3 mm model; :mod:`spinemets.inference.totalseg`); with
+    TotalSegmentator the vertebra labels are not put in order unless ``options`` ask for it.
     """
+    from spinemets.inference.totalseg import TotalSegmentatorStage, check_source, installed_version
+
+    ready_made = check_source(vertebrae)
+    if ready_made is not None:
+        installed_version()  # a missing TotalSegmentator is said before anything is read
     shared = None
     if model is not None:
         from spinemets.training.sharing import open_model
@@ -421,6 +445,8 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
         shared = open_model(model)
     prof = shared.settings() if shared else get_profile(profile)
     opts = (options or PredictOptions()).resolved(prof)
+    if ready_made is not None and (options is None or options.repair_order is None):
+        opts = replace(opts, repair_order=False)  # TotalSegmentator's labels are its own, not reordered
     cases = find_inputs(input)
     out_dir = check_output_dir(out_dir, "prediction folder")
     for item in input if isinstance(input, (list, tuple)) else [input]:
@@ -431,8 +457,9 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
     check_inputs(cases)
     device = device or prof.get("device") or nnunet.best_device()
     started = time.perf_counter()
-    stages = (_Stage("vertebrae", profile, workspace, device, opts.tta, opts.threads, shared),
-              _Stage("metastases", profile, workspace, device, opts.tta, opts.threads, shared))
+    stage1 = (_Stage("vertebrae", profile, workspace, device, opts.tta, opts.threads, shared) if ready_made is None
+              else TotalSegmentatorStage(device, fast=ready_made["fast"], workspace=workspace))
+    stages = (stage1, _Stage("metastases", profile, workspace, device, opts.tta, opts.threads, shared))
     all_lesions, all_vertebrae, timings, notes, reports, dicom_outputs = [], [], {}, {}, {}, {}
     records = {stage: getattr(model, "domain", None) for stage, model in zip(("vertebrae", "metastases"), stages)}
     for case, path in tqdm(cases.items(), desc="predict", unit="case"):
@@ -449,7 +476,7 @@ def predict(input: str | Path | Sequence[str | Path], out_dir: str | Path, profi
     write_csv(out_dir / "lesions.csv", all_lesions, LESION_COLUMNS)
     write_csv(out_dir / "vertebrae.csv", all_vertebrae, VERTEBRA_COLUMNS)
     write_json(out_dir / "provenance.json", _provenance(
-        locals_={"input": [str(i) for i in input] if isinstance(input, (list, tuple)) else str(input), "out_dir": str(out_dir), "profile": None if shared else profile, "device": device, **asdict(opts)},
+        locals_={"input": [str(i) for i in input] if isinstance(input, (list, tuple)) else str(input), "out_dir": str(out_dir), "profile": None if shared else profile, "device": device, "vertebrae": vertebrae, **asdict(opts)},
         shared_model=shared.record() if shared else None, stages=dict(zip(STAGE_NAMES, stages)), timings=timings,
         notes=notes, seconds=time.perf_counter() - started,
         domain={"training": domain_mod.summary(records), "cases": reports}, dicom_outputs=dicom_outputs))
@@ -513,7 +540,10 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
     ct = sitk.GetArrayFromImage(image)
     spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
     t0 = time.perf_counter()
-    vertebrae, fragments = remove_small_components(stage1(ct, spacing), spacing, opts.min_vertebra_ml, per_label=True)
+    segment_image = getattr(stage1, "segment_image", None)  # a stage that needs the image's geometry (TotalSegmentator)
+    first = segment_image(image, f"case {case}") if segment_image else stage1(ct, spacing)
+    vertebrae, fragments = remove_small_components(first, spacing, opts.min_vertebra_ml, per_label=True)
+    del first
     relabelled = 0
     if opts.repair_order:
         vertebrae, relabelled = repair_vertebra_order(vertebrae, spacing)
@@ -528,6 +558,9 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
         lesions[box], probabilities = _lesion_stage(stage2, np.ascontiguousarray(ct[box]), spacing)
     lesions, merged = merge_small_type_parts(lesions, spacing, opts.min_lesion_ml)
     lesions, removed = remove_small_lesions(lesions, spacing, opts.min_lesion_ml)
+    outside = 0
+    if opts.spine_only:
+        lesions, outside = remove_lesions_outside_spine(lesions, vertebrae, spacing, opts.spine_margin_mm)
     confidence = detection_map(lesions, probabilities, box)
     del probabilities
     lesions, confidence, unconfident = remove_unconfident_lesions(lesions, confidence, opts.min_confidence)
@@ -562,6 +595,7 @@ def predict_case(path: Path, case_dir: Path, case: str, stages, options: Predict
     write_csv(case_dir / "vertebrae.csv", vertebra_rows, VERTEBRA_COLUMNS)
     timings = {"stage1_s": round(t1 - t0, 3), "stage2_s": round(t2 - t1, 3), "small_lesions_removed": removed,
                "lesion_parts_merged": merged, "unconfident_lesions_removed": unconfident,
+               "lesions_outside_spine_removed": outside,
                "vertebra_fragments_removed": fragments, "vertebra_voxels_relabelled": relabelled}
     return CaseResult(lesion_rows, vertebra_rows, note, timings, report, dicom)
 

@@ -151,6 +151,29 @@ def training_statement(records: list[dict]) -> str:
     return "**Training.** " + "; ".join(parts) + f". **Trained on:** {where}. " + closing
 
 
+def stage1_statement(provenance: Mapping | None, root: str | Path | None = None) -> str:
+    """One Markdown sentence naming the stage-1 model of the run's held-out predictions (their
+    ``provenance.json``): the run's own trained vertebra model, or TotalSegmentator's public model
+    (``predict --vertebrae totalsegmentator``); "" when the run has no predictions."""
+    workspace = run_workspace(provenance, root)
+    if workspace is None:
+        return ""
+    record = read_json(workspace_of(workspace).predictions / PROVENANCE, "prediction provenance", missing=None)
+    if not record:
+        return ""
+    source = (record.get("parameters") or {}).get("vertebrae") or "trained"
+    models = (record.get("models") or {}).get("vertebrae") or []
+    if source != "trained" and models:
+        model = models[0]
+        return (f"**Stage 1 (vertebrae):** {model.get('model', 'TotalSegmentator')}, task `{model.get('task', 'total')}`, "
+                f"{model.get('mode', '')} model, its public weights (not trained in this run); its labels of "
+                f"{model.get('roi_subset', 'the vertebrae')} mapped onto ours. The vertebra rows below score its "
+                "labels, not a model of this run.")
+    described = ", ".join(f"{m.get('configuration', '?')} ({m.get('trainer', '?')}, folds "
+                          f"{', '.join(map(str, m.get('folds', [])))})" for m in models) or "its trained model"
+    return f"**Stage 1 (vertebrae):** this run's trained nnU-Net model: {described}."
+
+
 def read_paper_results(path: str | Path | None = None, tables: str | Path | None = None) -> pd.DataFrame:
     """The paper's reported values: one row per stage, class and metric with either a ``value`` or a
     ``low``-``high`` range, its ``configuration`` and its ``source``.

@@ -262,8 +262,12 @@ def _held_out(ws: Workspace, stage: str) -> dict | None:
 
 def _profile_settings(profile: str) -> dict:
     prof = get_profile(profile)
-    return {key: prof.get(key, default) for key, default in (("min_lesion_ml", 0.0), ("min_vertebra_ml", 0.0),
-                                                               ("repair_vertebra_order", False), ("min_confidence", 0.0))}
+    settings = {key: prof.get(key, default) for key, default in (("min_lesion_ml", 0.0), ("min_vertebra_ml", 0.0),
+                                                                   ("repair_vertebra_order", False), ("min_confidence", 0.0),
+                                                                   ("spine_only", False))}
+    if "spine_margin_mm" in prof:  # otherwise predict's default
+        settings["spine_margin_mm"] = prof["spine_margin_mm"]
+    return settings
 
 
 def default_name(profile: str, stages: Sequence[str]) -> str:
