@@ -45,19 +45,21 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -e ".[test]"
 	touch $(STAMP)
 
+# A layer: the requirements file $(2) installed without their requirements into build/$(1), in a
+# folder of its own renamed into place when complete (its .installed is a copy of the file).
+define install_layer
+	rm -rf build/$(1).partial
+	$(VENV)/bin/python -m pip install --quiet --no-deps --target build/$(1).partial -r $(2)
+	cp $(2) build/$(1).partial/.installed
+	rm -rf build/$(1)
+	mv build/$(1).partial build/$(1)
+endef
+
 $(VIEWER_EXTRA): tests/viewer-extra.txt $(STAMP)
-	rm -rf build/viewer-extra.partial
-	$(VENV)/bin/python -m pip install --quiet --no-deps --target build/viewer-extra.partial -r tests/viewer-extra.txt
-	cp tests/viewer-extra.txt build/viewer-extra.partial/.installed
-	rm -rf build/viewer-extra
-	mv build/viewer-extra.partial build/viewer-extra
+	$(call install_layer,viewer-extra,tests/viewer-extra.txt)
 
 $(TOTALSEG_EXTRA): tests/totalseg-extra.txt $(STAMP)
-	rm -rf build/totalseg-extra.partial
-	$(VENV)/bin/python -m pip install --quiet --no-deps --target build/totalseg-extra.partial -r tests/totalseg-extra.txt
-	cp tests/totalseg-extra.txt build/totalseg-extra.partial/.installed
-	rm -rf build/totalseg-extra
-	mv build/totalseg-extra.partial build/totalseg-extra
+	$(call install_layer,totalseg-extra,tests/totalseg-extra.txt)
 
 # niivue (the book's 3-D viewer) packed from the npm registry once into build/vendor; every later
 # book build, the tests' included, reads it from there. Without npm the book leaves the viewer out.

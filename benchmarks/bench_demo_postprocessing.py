@@ -16,8 +16,6 @@ lesions per case. The peer is the variant without any lesion clean-up but the si
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import shutil
 import sys
 import tempfile
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench_demo_learning import to_csv
 from spinemets.evaluation.evaluate import evaluate_folders
 from spinemets.fileio import write_text
 from spinemets.inference.predict import PredictOptions, predict
@@ -78,14 +77,6 @@ def run(workspace: Path, workdir: Path) -> list[dict]:
                      "predict_and_score_s": round(time.perf_counter() - t0, 1)})
         print("[bench_demo_postprocessing]", rows[-1], file=sys.stderr, flush=True)
     return rows
-
-
-def to_csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def main(argv=None) -> int:

@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the profile's (mps: Apple silicon's GPU, as nnU-Net's -device mps)")
     p.add_argument("--train-budget", type=float, default=None, metavar="MINUTES",
                    help="opt-in: wall-clock minutes of training of both stages together, shared in the profile's "
-                        "proportions (demo: 4:1 vertebrae:lesions), for each configuration and fold (the demo trains "
+                        "proportions (demo: 2:1 vertebrae:lesions), for each configuration and fold (the demo trains "
                         "one per stage); a faster CPU then trains more. Default: the profile's fixed iterations")
     p.add_argument("--workspace", type=Path, default=None, help="workspace folder (default: ./workspace)")
     _add_job_options(p, "one job per (stage, configuration, fold), chained by afterok dependencies")
@@ -372,9 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the profile and the parameters, print each notebook with its parameters, run nothing")
     p.add_argument("--train-budget", type=float, default=None, metavar="MINUTES",
                    help="opt-in: wall-clock minutes of training for the run (both stages, per configuration and fold: "
-                        "the demo trains one per stage), shared in the profile's proportions (demo: 4:1); a faster "
+                        "the demo trains one per stage), shared in the profile's proportions (demo: 2:1); a faster "
                         "CPU then trains more, and the results page says so. Default: the profile's fixed "
-                        "iterations (demo: 1000 vertebrae, 900 lesions); same as -p train_budget_min")
+                        "iterations (demo: 1000 vertebrae, 1800 lesions); same as -p train_budget_min")
     _add_job_options(p, "the notebooks before training as one job, one job per (stage, configuration, fold), "
                         "then the remaining notebooks and the book as one job (cluster.submit_run)")
     p.set_defaults(func=_cmd_run)

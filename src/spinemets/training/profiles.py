@@ -75,13 +75,14 @@ DEMO_CONFIGURATIONS: dict[str, dict] = {
 #: The demo trains a fixed number of iterations per stage (its trainers' ``EPOCHS x ITERATIONS``),
 #: the same on every CPU. A wall-clock budget is an explicit opt-in (``spinemets run --train-budget
 #: MINUTES``): the trainers then fit their iterations into it, and the total is shared between the
-#: stages in these proportions (the profile's ``budget_weight``; seconds of each fold's training
-#: in the budgeted demo of before). The vertebra stage
+#: stages in these proportions (the profile's ``budget_weight``: the shares of the fixed schedules,
+#: 1000 vertebra and 1800 lesion iterations at a fifth of a vertebra iteration each, about 2:1 in
+#: seconds on every CPU measured). The vertebra stage
 #: needs several hundred iterations of its network before it tells the levels apart: on 2 AVX2
 #: cores (about one iteration a second) 300 s gave 278 iterations and a held-out per-vertebra Dice
 #: of 0.06; 700 iterations gave 0.69-0.76 before. 720 s buys about 700 there, and more than twice
 #: as many on a CPU with bfloat16 units. The lesion stage's iterations cost a fifth of a vertebra one.
-DEMO_BUDGET_S: dict[str, float] = {"vertebrae": 720.0, "metastases": 180.0}
+DEMO_BUDGET_S: dict[str, float] = {"vertebrae": 720.0, "metastases": 360.0}
 
 #: The demo's smallest predicted lesion (mL), below which :func:`spinemets.inference.predict.predict`
 #: clears a component: 0.3 mL, four fifths of the smallest lesion of the synthetic cohort
