@@ -367,3 +367,31 @@ def test_published_froc_points_carry_their_citation_and_sit_beside_ours(tmp_path
     published.assign(sensitivity=[89.1, 0.827, 0.894]).to_csv(bad, index=False)
     with pytest.raises(SpinemetsError, match="fraction"):
         results.read_published_froc(bad)
+
+
+def test_stage1_statement_names_the_trained_model_or_totalsegmentator(tmp_path):
+    import json
+
+    from spinemets.paths import Workspace
+
+    (tmp_path / "_toc.yml").write_text("root: intro\n")
+    (tmp_path / "profiles").mkdir()
+    ws = Workspace(tmp_path / "workspace" / "x")
+    provenance = {"notebooks": [{"parameters": {"workspace": "workspace/x"}}]}
+    assert results.stage1_statement(provenance, tmp_path) == ""  # no predictions yet
+    assert results.stage1_statement(None, tmp_path) == ""
+    ws.predictions.mkdir(parents=True)
+    record = {"parameters": {"vertebrae": "trained"},
+              "models": {"vertebrae": [{"folder": "/x/y", "configuration": "demo_vertebrae",
+                                        "trainer": "SpinemetsVertebraeDemoTrainer", "folds": ["all"]}]}}
+    (ws.predictions / "provenance.json").write_text(json.dumps(record))
+    text = results.stage1_statement(provenance, tmp_path)
+    assert text == ("**Stage 1 (vertebrae):** this run's trained nnU-Net model: demo_vertebrae "
+                    "(SpinemetsVertebraeDemoTrainer, fold all).")
+    record = {"parameters": {"vertebrae": "totalsegmentator"},
+              "models": {"vertebrae": [{"model": "TotalSegmentator 2.18.0", "task": "total", "mode": "fast (3 mm)",
+                                        "roi_subset": "C1-L5, S1 and sacrum", "weights": "/home/u/.totalsegmentator"}]}}
+    (ws.predictions / "provenance.json").write_text(json.dumps(record))
+    text = results.stage1_statement(provenance, tmp_path)
+    assert text.startswith("**Stage 1 (vertebrae):** TotalSegmentator 2.18.0, task `total`, fast (3 mm) model")
+    assert "not trained in this run" in text and "/home/u" not in text

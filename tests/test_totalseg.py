@@ -84,6 +84,33 @@ def test_unknown_source_and_missing_totalsegmentator_are_clear_errors(monkeypatc
         predict(tmp_path / "missing.nii.gz", tmp_path / "out", vertebrae="totalsegmentator")
 
 
+def test_a_failed_totalsegmentator_run_names_the_case_and_a_missing_map_is_an_error(monkeypatch, tmp_path):
+    stage = object.__new__(totalseg.TotalSegmentatorStage)
+    stage.device, stage.fast, stage.workspace = "cpu", False, Workspace(tmp_path / "ws")
+    monkeypatch.setattr(totalseg.shutil, "which", lambda *a, **k: "/bin/true")
+    image = sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16))
+
+    def fails(program, args, workspace):
+        raise SpinemetsError(f"{program}: {program} failed (exit 1)")
+
+    monkeypatch.setattr(totalseg, "run_nnunet", fails)
+    with pytest.raises(SpinemetsError, match="^case c1: TotalSegmentator: TotalSegmentator failed"):
+        stage.segment_image(image, "case c1")
+    monkeypatch.setattr(totalseg, "run_nnunet", lambda program, args, workspace: None)  # "succeeds", writes nothing
+    with pytest.raises(SpinemetsError, match="^case c1: TotalSegmentator wrote no label map"):
+        stage.segment_image(image, "case c1")
+
+    def writes_other_grid(program, args, workspace):  # its map on a grid of another origin: put onto the CT's
+        out = sitk.GetImageFromArray(np.full((4, 5, 6), 27, np.uint8))  # vertebrae_L5 everywhere
+        out.SetOrigin((1.0, 0.0, 0.0))
+        sitk.WriteImage(out, args[args.index("-o") + 1])
+
+    monkeypatch.setattr(totalseg, "run_nnunet", writes_other_grid)
+    labels_zyx = stage.segment_image(image, "case c1")
+    assert labels_zyx.shape == (4, 5, 6) and set(np.unique(labels_zyx)) == {0, 24}  # L5; the shifted column empty
+    assert (labels_zyx[:, :, 0] == 0).all() and (labels_zyx[:, :, 1:] == 24).all()
+
+
 def _tiny_model(ci_vertebrae: Workspace, home: Path, build: Path, spec, ours_to_theirs: dict[int, int],
                 names: dict[int, str], cases: list[str]) -> None:
     """One tiny nnU-Net of TotalSegmentator's layout in ``home``: ``cases`` of the ci run's vertebra dataset

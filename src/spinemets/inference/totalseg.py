@@ -123,7 +123,10 @@ class TotalSegmentatorStage:
         with tempfile.TemporaryDirectory(prefix="spinemets-totalseg-") as tmp:
             ct, out = Path(tmp) / "ct.nii.gz", Path(tmp) / "vertebrae.nii.gz"
             sitk.WriteImage(image, str(ct))
-            run_nnunet(PROGRAM, self.arguments(ct, out), self.workspace)
+            try:
+                run_nnunet(PROGRAM, self.arguments(ct, out), self.workspace)
+            except SpinemetsError as exc:  # its message names the temporary copy: say which CT it was
+                raise SpinemetsError(f"{name}: {exc}") from None
             if not out.is_file():
                 raise SpinemetsError(f"{name}: TotalSegmentator wrote no label map (expected {out.name})")
             seg = sitk.ReadImage(str(out))

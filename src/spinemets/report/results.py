@@ -169,7 +169,7 @@ def stage1_statement(provenance: Mapping | None, root: str | Path | None = None)
                 f"{model.get('mode', '')} model, its public weights (not trained in this run); its labels of "
                 f"{model.get('roi_subset', 'the vertebrae')} mapped onto ours. The vertebra rows below score its "
                 "labels, not a model of this run.")
-    described = ", ".join(f"{m.get('configuration', '?')} ({m.get('trainer', '?')}, folds "
+    described = ", ".join(f"{m.get('configuration', '?')} ({m.get('trainer', '?')}, fold{'s' if len(m.get('folds', [])) > 1 else ''} "
                           f"{', '.join(map(str, m.get('folds', [])))})" for m in models) or "its trained model"
     return f"**Stage 1 (vertebrae):** this run's trained nnU-Net model: {described}."
 
