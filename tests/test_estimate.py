@@ -138,10 +138,12 @@ def test_training_is_timed_on_the_stages_own_network(tmp_path):
 def test_run_estimate_times_each_stage_with_fixed_work(monkeypatch, capsys):
     from spinemets.run.profiles import load_profile
 
-    timed = []
+    timed, settings = [], []
+    monkeypatch.delenv("SPINEMETS_CPU_BF16", raising=False)
 
-    def timing(spec, classes, iterations=3, seed=0):
+    def timing(spec, classes, iterations=3, seed=0, bf16_setting=None):
         timed.append((tuple(spec["patch_size"]), classes))
+        settings.append(bf16_setting)
         return {"seconds_per_iteration": 0.5 if classes == 26 else 0.1, "seconds_per_val_iteration": 0.05,
                 "timed_iterations": iterations, "bf16_autocast": False}
 
@@ -157,7 +159,8 @@ def test_run_estimate_times_each_stage_with_fixed_work(monkeypatch, capsys):
     ref = estimate.REFERENCE["steps"]["demo"]
     assert result["steps"]["03_training_vertebrae"] == pytest.approx(
         ref["03_training_vertebrae"] + 1000 * 0.5 * estimate.LOOP_FACTOR + 20 * 3 * 0.05, abs=0.1)
-    assert result["training"]["03_training_metastases"]["iterations"] == 900
+    assert result["training"]["03_training_metastases"]["iterations"] == 1800
+    assert settings == ["0", "0"]  # timed as the demo trains: float32, whatever the CPU has
     printed = capsys.readouterr().out
     assert "03_training_vertebrae: 1000 training iterations at 0.50 s" in printed
     # with --train-budget, the budget is the training's time, and nothing is timed

@@ -224,6 +224,36 @@ def test_selection_is_reused_only_when_nothing_new_was_trained(tmp_path, monkeyp
     assert len(calls) == 7  # no record of what the selection was made for: made again
 
 
+def test_the_demo_trains_in_float32_unless_the_user_asks_for_bfloat16(tmp_path, monkeypatch, clean_env):
+    from spinemets.training import profiles
+
+    monkeypatch.delenv(profiles.CPU_BF16_ENV, raising=False)
+    assert profiles.cpu_bf16_setting("demo") == "0" and profiles.cpu_bf16_setting("ci") == "0"
+    assert profiles.cpu_bf16_setting("paper") == "auto"  # nnU-Net's own trainers: the setting is not theirs
+    ws, seen = Workspace(tmp_path), []
+
+    class Started(Exception):
+        pass
+
+    def fake_nnunet(program, args, workspace, log_file=None, dirs=(), env=None):
+        seen.append(dict(env or {}))
+        raise Started  # what the training would see is all this test needs
+
+    monkeypatch.setattr(nnunet, "run_nnunet", fake_nnunet)
+    monkeypatch.setattr(nnunet, "plan_and_preprocess", lambda stage, profile, cfgs, *a, **k: list(cfgs))
+    monkeypatch.setattr(nnunet, "write_splits", lambda *a, **k: None)
+    with pytest.raises(Started):
+        nnunet.train("metastases", "demo", configurations=["demo_metastases"], workspace=ws, device="cpu")
+    assert seen[-1][profiles.CPU_BF16_ENV] == "0"
+    monkeypatch.setenv(profiles.CPU_BF16_ENV, "1")  # the user's setting wins: faster where it has bfloat16 units
+    assert profiles.cpu_bf16_setting("demo") == "1"
+    from spinemets.training.trainers.spinemets_trainers import use_cpu_bf16
+    import torch
+
+    assert use_cpu_bf16(torch.device("cpu"), "0") is False and use_cpu_bf16(torch.device("cpu"), "1") is True
+    assert use_cpu_bf16(torch.device("cuda"), "1") is False
+
+
 # ------------------------------------------------------------------------------------------
 # Slow: the session's trained ci workspace (tests/conftest.py: ci_run), read as it is; a test that
 # trains works on a copy of the datasets it needs
@@ -534,7 +564,7 @@ def test_demo_trains_fixed_iterations_with_a_seed():
     from spinemets.training.trainers import spinemets_trainers as st
 
     assert profiles_mod.planned_iterations("vertebrae", "demo") == 1000
-    assert profiles_mod.planned_iterations("metastases", "demo") == 900
+    assert profiles_mod.planned_iterations("metastases", "demo") == 1800
     assert profiles_mod.planned_iterations("vertebrae", "ci") == st.SpinemetsCITrainer.EPOCHS * st.SpinemetsCITrainer.ITERATIONS
     assert profiles_mod.planned_iterations("vertebrae", "paper") is None  # nnU-Net's own trainer
     assert profiles_mod.stage_budget("vertebrae", "demo") is None and profiles_mod.stage_budget("metastases", "demo") is None

@@ -42,7 +42,7 @@ from spinemets.errors import SpinemetsError
 from spinemets.fileio import atomic_path, read_json, write_json, write_text
 from spinemets.run.profiles import NotebookStep, Profile, find_project_root, load_profile, notebook_parameters
 from spinemets.provenance import now, provenance
-from spinemets.training.profiles import planned_iterations, stage_budget, stage_plan
+from spinemets.training.profiles import cpu_bf16_setting, planned_iterations, stage_budget, stage_plan
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,8 @@ def run_estimate(prof: Profile, plans: list, build_book: bool) -> dict | None:
         if isinstance(work, dict):
             key = (work["stage"], work["configuration"])
             if key not in timed:
-                timed[key] = estimate.time_training_iterations(work["spec"], work["classes"])
+                timed[key] = estimate.time_training_iterations(work["spec"], work["classes"],
+                                                               bf16_setting=work.get("bf16_setting"))
             work.update(timed[key])
             del work["spec"]
     expected = estimate.estimate_run(prof.name, steps, training, machine, book=build_book)
@@ -291,6 +292,7 @@ def training_work(stage: str, profile: str, train_budget_min=None):
     cfg = configurations[0]
     n_folds = len(entry["folds"])
     return {"stage": stage, "configuration": cfg, "spec": entry["extra_configurations"][cfg],
+            "bf16_setting": cpu_bf16_setting(profile),
             "classes": len(labels.labels(stage)), "iterations": iterations * n_folds,
             "epochs": int(cls.EPOCHS) * n_folds, "val_iterations": int(cls.VAL_ITERATIONS)}
 

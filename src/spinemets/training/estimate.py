@@ -81,7 +81,8 @@ def network_for(spec: Mapping, classes: int):
                                   allow_init=True, deep_supervision=True)
 
 
-def time_training_iterations(spec: Mapping, classes: int, iterations: int = 3, seed: int = 0) -> dict:
+def time_training_iterations(spec: Mapping, classes: int, iterations: int = 3, seed: int = 0,
+                             bf16_setting: str | None = None) -> dict:
     """Seconds per training iteration and per validation iteration of one stage's network on this CPU.
 
     ``spec``: a plans configuration of :data:`spinemets.training.profiles.DEMO_CONFIGURATIONS` (patch, features,
@@ -90,7 +91,8 @@ def time_training_iterations(spec: Mapping, classes: int, iterations: int = 3, s
     where :func:`~spinemets.training.trainers.spinemets_trainers.use_cpu_bf16` says so), nnU-Net's Dice +
     cross-entropy loss over the deep-supervision outputs, backward, gradient clipping and an AdamW
     step, channels-last 3-D weights; a validation iteration is the forward pass and loss without
-    gradients. One warm-up iteration, then the median of ``iterations``.
+    gradients. One warm-up iteration, then the median of ``iterations``. ``bf16_setting``: the trainers'
+    bfloat16 setting (:func:`spinemets.training.profiles.cpu_bf16_setting`; default: the environment's).
     """
     import torch
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
@@ -101,7 +103,7 @@ def time_training_iterations(spec: Mapping, classes: int, iterations: int = 3, s
 
     generator = torch.Generator().manual_seed(seed)
     network = network_for(spec, classes).to(memory_format=torch.channels_last_3d)
-    bf16 = use_cpu_bf16(torch.device("cpu"))
+    bf16 = use_cpu_bf16(torch.device("cpu"), bf16_setting)
     if bf16:
         autocast_forward(network)
     n_outputs = len(spec["features_per_stage"]) - 1

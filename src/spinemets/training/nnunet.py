@@ -33,7 +33,7 @@ from spinemets.errors import SpinemetsError
 from spinemets.fileio import read_json, write_json
 from spinemets.errors import one_line
 from spinemets.paths import PLANS, Workspace, workspace_of
-from spinemets.training.profiles import get_profile, profile_plans, stage_plan
+from spinemets.training.profiles import CPU_BF16_ENV, cpu_bf16_setting, get_profile, profile_plans, stage_plan
 from spinemets.training.programs import captured_output, children_cpu_seconds, cpu_environment, in_notebook, log_block, \
     run_nnunet, tool_output
 
@@ -258,6 +258,8 @@ def train(stage: str, profile: str = "demo", configurations: Sequence[str] | Non
     log_file = ws.results / name / "spinemets_train.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = cpu_environment(prof.get("omp_wait_policy", "PASSIVE")) if device == "cpu" else {}
+    if device == "cpu":
+        env[CPU_BF16_ENV] = cpu_bf16_setting(profile)  # honoured by the project's trainers
     if threads:
         env["SPINEMETS_TORCH_THREADS"] = str(int(threads))  # honoured by the project's trainers
     budget = entry.get("budget_s") if opts.budget_s is None else opts.budget_s

@@ -84,11 +84,12 @@ def cpu_bf16_supported() -> bool:
     return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
-def use_cpu_bf16(device: torch.device) -> bool:
-    """bfloat16 autocast for training on this device: ``SPINEMETS_CPU_BF16`` (0/1), else :func:`cpu_bf16_supported`."""
+def use_cpu_bf16(device: torch.device, setting: str | None = None) -> bool:
+    """bfloat16 autocast for training on this device: ``setting`` (default ``SPINEMETS_CPU_BF16``; 0/1, or
+    ``auto``: :func:`cpu_bf16_supported`)."""
     if device.type != "cpu":
         return False
-    setting = os.environ.get("SPINEMETS_CPU_BF16", "auto").strip().lower()
+    setting = (os.environ.get("SPINEMETS_CPU_BF16", "auto") if setting is None else setting).strip().lower()
     if setting in ("0", "false", "no", "off"):
         return False
     if setting in ("1", "true", "yes", "on"):
