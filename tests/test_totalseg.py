@@ -87,7 +87,11 @@ def test_unknown_source_and_missing_totalsegmentator_are_clear_errors(monkeypatc
 def test_a_failed_totalsegmentator_run_names_the_case_and_a_missing_map_is_an_error(monkeypatch, tmp_path):
     stage = object.__new__(totalseg.TotalSegmentatorStage)
     stage.device, stage.fast, stage.workspace = "cpu", False, Workspace(tmp_path / "ws")
-    monkeypatch.setattr(totalseg.shutil, "which", lambda *a, **k: "/bin/true")
+    from spinemets.training.programs import program_path
+
+    with pytest.raises(SpinemetsError, match=r"program no-such-program not found .*; pip install 'spinemets\[total"):
+        program_path("no-such-program", totalseg.INSTALL_HINT)
+    monkeypatch.setattr(totalseg, "program_path", lambda *a, **k: "/bin/true")
     image = sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16))
 
     def fails(program, args, workspace):

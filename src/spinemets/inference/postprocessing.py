@@ -110,10 +110,16 @@ def remove_lesions_outside_spine(lesions: np.ndarray, vertebrae: np.ndarray, spa
     if not lesions.any() or not vertebrae.any():
         return lesions, 0
     components, n = cc3d.connected_components(lesions > 0, connectivity=26, return_N=True)
-    distance = ndimage.distance_transform_edt(vertebrae == 0, sampling=np.asarray(spacing, dtype=float))
-    nearest = ndimage.minimum(distance, labels=components, index=np.arange(1, n + 1))
-    outside = np.zeros(n + 1, dtype=bool)
-    outside[1:] = np.asarray(nearest, dtype=float) > near_mm
+    # as localize decides: overlap first; the distance to the spine only for the lesions that overlap none
+    # (a distance transform of the whole CT, not computed when every lesion touches a vertebra or no
+    # distance is allowed)
+    outside = np.bincount(components[vertebrae > 0], minlength=n + 1) == 0
+    outside[0] = False
+    if outside.any() and near_mm > 0:
+        distance = ndimage.distance_transform_edt(vertebrae == 0, sampling=np.asarray(spacing, dtype=float))
+        candidates = np.flatnonzero(outside)
+        nearest = np.asarray(ndimage.minimum(distance, labels=components, index=candidates), dtype=float)
+        outside[candidates] = nearest > near_mm
     if not outside.any():
         return lesions, 0
     cleaned = lesions.copy()

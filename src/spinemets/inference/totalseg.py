@@ -23,11 +23,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
-import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -35,7 +32,7 @@ import SimpleITK as sitk
 from spinemets.errors import SpinemetsError, unknown_choice
 from spinemets.labels import TOTALSEGMENTATOR_TOTAL_TO_VERTEBRAE, VERTEBRA_SOURCES, VERTEBRAE
 from spinemets.paths import workspace_of
-from spinemets.training.programs import run_nnunet
+from spinemets.training.programs import program_path, run_nnunet
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +74,13 @@ def weights_folder() -> Path:
 
 def to_vertebrae(labels: np.ndarray, where: str = "TotalSegmentator output") -> np.ndarray:
     """A label map of TotalSegmentator's ``total`` task as our vertebra labels (1-25; everything else 0)."""
-    values = np.unique(labels)
-    if values.size and (values.min() < 0 or values.max() > 255):
-        raise SpinemetsError(f"{where}: label values {values.min()}..{values.max()} are no TotalSegmentator "
-                             "'total' labels (0-117)")
+    low, high = (labels.min(), labels.max()) if labels.size else (0, 0)
+    if low < 0 or high > 255:
+        raise SpinemetsError(f"{where}: label values {low}..{high} are no TotalSegmentator 'total' labels (0-117)")
     table = np.zeros(256, dtype=np.uint8)
     for theirs, ours in TOTALSEGMENTATOR_TOTAL_TO_VERTEBRAE.items():
         table[theirs] = ours
-    return table[labels.astype(np.int64)]
+    return table[labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64)]
 
 
 class TotalSegmentatorStage:
@@ -118,8 +114,10 @@ class TotalSegmentatorStage:
 
     def segment_image(self, image: sitk.Image, name: str = "CT") -> np.ndarray:
         """Our vertebra labels (z, y, x) of ``image`` from TotalSegmentator, on the image's grid."""
-        if shutil.which(PROGRAM, path=str(Path(sys.executable).parent)) is None and shutil.which(PROGRAM) is None:
-            raise SpinemetsError(f"{name}: TotalSegmentator's program {PROGRAM} is not found; {INSTALL_HINT}")
+        try:
+            program_path(PROGRAM, INSTALL_HINT)  # where run_nnunet looks: refused before the CT is copied
+        except SpinemetsError as exc:
+            raise SpinemetsError(f"{name}: {exc}") from None
         with tempfile.TemporaryDirectory(prefix="spinemets-totalseg-") as tmp:
             ct, out = Path(tmp) / "ct.nii.gz", Path(tmp) / "vertebrae.nii.gz"
             sitk.WriteImage(image, str(ct))
@@ -135,12 +133,6 @@ class TotalSegmentatorStage:
             # geometry (NIfTI keeps single precision) is put right by nearest-neighbour resampling
             seg = sitk.Resample(seg, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, seg.GetPixelID())
         return to_vertebrae(sitk.GetArrayFromImage(seg), f"{name}: TotalSegmentator output")
-
-    def __call__(self, array: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
-        """For callers that have an array only: the array as an image of that spacing, axes in LPS order."""
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing([float(s) for s in spacing_zyx][::-1])
-        return self.segment_image(image)
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:

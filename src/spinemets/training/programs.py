@@ -29,14 +29,15 @@ log = logging.getLogger(__name__)
 
 
 
-def program_path(name: str) -> str:
-    """Path of an nnU-Net console script: beside this Python first, then on PATH."""
+def program_path(name: str, install_hint: str = "is nnunetv2 installed?") -> str:
+    """Path of a console script (nnU-Net's, or another tool's run like them): beside this Python first,
+    then on PATH; ``install_hint`` ends the error when it is in neither."""
     beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise SpinemetsError(f"nnU-Net program {name} not found beside {sys.executable} or on PATH; is nnunetv2 installed?")
+        raise SpinemetsError(f"program {name} not found beside {sys.executable} or on PATH; {install_hint}")
     return found
 
 
